@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv when missing.
+# torch==2.13.0 is installed first when no torch is present: it is a CPU build served from
+# the local wheel cache; an open range would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.p2pdl-installed
+
+.PHONY: demo test install lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	MALLOC_MMAP_THRESHOLD_=268435456 $(PY) scripts/local_cluster.py configs/ring4.toml --out runs/demo
+
+test: $(STAMP)
+	MALLOC_MMAP_THRESHOLD_=268435456 $(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check p2pdl peers scripts benchmarks tests
+	$(VENV)/bin/ruff format --check p2pdl peers scripts benchmarks tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

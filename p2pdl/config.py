@@ -1,0 +1,460 @@
+"""Run configuration: one frozen, keyword-only dataclass per component, validated at the edge.
+
+A config is a TOML file read once by :func:`load_config`. Every section maps onto a dataclass
+below; unknown keys, wrong types and bad values are *all* collected and reported together in one
+:class:`~p2pdl.errors.ConfigError`, each message naming the key it is at (``transport.send_timeout``).
+Every duration is in seconds and every size says its unit in its name (``max_frame_mib``).
+
+The trade-off: configs are plain data (no exec'd Python, no ``opts: dict`` pass-throughs), so a
+workload that needs custom knobs reads them from its own file, not from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from p2pdl.errors import ConfigError
+from p2pdl.topology import TopologyKind, topology_problems
+
+OptimizerKind = Literal["sgd", "adam"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+StrategyKind = Literal["gossip", "allreduce"]
+Compression = Literal["auto", "always", "never"]
+
+MIB = 1024 * 1024
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) and check the port; raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r} has a non-numeric port") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port must be in 0..65535")
+    return host, port
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+class _Validated:
+    """Mixin: ``__post_init__`` raises one ConfigError listing every problem of the section."""
+
+    _section: typing.ClassVar[str] = ""
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        found = self.problems()
+        if found:
+            raise ConfigError(found)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig(_Validated):
+    """What to train and for how long. ``workload`` is a path relative to the config file."""
+
+    _section: typing.ClassVar[str] = "run"
+    workload: Path
+    steps: int = 600
+    seed: int = 0
+    batch_size: int = 32
+    optimizer: OptimizerKind = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    eval_every: int = 50  # steps; 0 disables periodic evaluation (a final one always runs)
+    device: DeviceChoice = "auto"
+    torch_threads: int = 0  # intra-op threads per peer; 0 leaves torch's default
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        _check(found, self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")
+        _check(found, self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
+        _check(found, self.batch_size >= 1, f"run.batch_size must be >= 1, got {self.batch_size}")
+        _check(found, self.lr > 0, f"run.lr must be > 0, got {self.lr}")
+        _check(found, 0 <= self.momentum < 1, f"run.momentum must be in [0, 1), got {self.momentum}")
+        _check(found, self.weight_decay >= 0, f"run.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(found, self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
+        _check(
+            found,
+            self.torch_threads >= 0,
+            f"run.torch_threads must be >= 0, got {self.torch_threads}",
+        )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StrategyConfig(_Validated):
+    """How peers share: ``gossip`` (D-PSGD over the topology) or ``allreduce`` (exact)."""
+
+    _section: typing.ClassVar[str] = "strategy"
+    kind: StrategyKind = "gossip"
+    local_steps: int = 1  # H: optimizer steps between communication rounds (gossip)
+    round_timeout: float = 10.0  # seconds a round waits for neighbours' contributions
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        _check(
+            found,
+            self.local_steps >= 1,
+            f"strategy.local_steps must be >= 1, got {self.local_steps}",
+        )
+        _check(
+            found,
+            self.round_timeout > 0,
+            f"strategy.round_timeout must be > 0 seconds, got {self.round_timeout}",
+        )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopologyConfig(_Validated):
+    """The communication graph over ``[[peers]]``; see :mod:`p2pdl.topology`."""
+
+    _section: typing.ClassVar[str] = "topology"
+    kind: TopologyKind = "ring"
+    rows: int | None = None  # torus only
+    cols: int | None = None  # torus only
+    center: str | None = None  # star only
+    edges: tuple[tuple[str, str], ...] | None = None  # explicit only
+
+    def problems(self) -> list[str]:
+        return []  # checked against the peer list in Config, where the names are known
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransportConfig(_Validated):
+    """Network limits and timeouts. Every ``*_timeout`` is in seconds."""
+
+    _section: typing.ClassVar[str] = "transport"
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    send_timeout: float = 30.0
+    startup_timeout: float = 60.0  # wait for every neighbour before the first step
+    shutdown_timeout: float = 5.0
+    heartbeat_interval: float = 5.0  # WebSocket ping period; a missing pong drops the link
+    reconnect_initial: float = 0.1  # first back-off delay, doubled up to reconnect_max
+    reconnect_max: float = 5.0
+    max_frame_mib: float = 512.0
+    max_decompressed_mib: float = 512.0
+    max_tensors: int = 4096
+    inbox_frames: int = 16  # buffered, unclaimed frames per neighbour before refusing more
+    compression: Compression = "auto"
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.max_frame_mib * MIB)
+
+    @property
+    def max_decompressed_bytes(self) -> int:
+        return int(self.max_decompressed_mib * MIB)
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        for name in (
+            "connect_timeout",
+            "handshake_timeout",
+            "send_timeout",
+            "startup_timeout",
+            "shutdown_timeout",
+            "heartbeat_interval",
+            "reconnect_initial",
+            "reconnect_max",
+        ):
+            value = getattr(self, name)
+            _check(found, value > 0, f"transport.{name} must be > 0 seconds, got {value}")
+        _check(
+            found,
+            self.reconnect_initial <= self.reconnect_max,
+            f"transport.reconnect_initial ({self.reconnect_initial}) must be <= "
+            f"transport.reconnect_max ({self.reconnect_max})",
+        )
+        _check(found, 0 < self.max_frame_mib <= 4095, "transport.max_frame_mib must be in (0, 4095]")
+        _check(
+            found,
+            0 < self.max_decompressed_mib <= 4095,
+            "transport.max_decompressed_mib must be in (0, 4095]",
+        )
+        _check(
+            found,
+            self.max_tensors >= 1,
+            f"transport.max_tensors must be >= 1, got {self.max_tensors}",
+        )
+        _check(
+            found,
+            self.inbox_frames >= 2,
+            f"transport.inbox_frames must be >= 2, got {self.inbox_frames}",
+        )
+        _check(
+            found,
+            self.handshake_timeout <= self.startup_timeout,
+            f"transport.handshake_timeout ({self.handshake_timeout}) must be <= "
+            f"transport.startup_timeout ({self.startup_timeout})",
+        )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerEntry(_Validated):
+    """One configured peer: its unique name and the ``host:port`` it listens on."""
+
+    _section: typing.ClassVar[str] = "peers"
+    name: str
+    address: str
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_address(self.address)[1]
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        valid_name = 1 <= len(self.name) <= 64 and all(c.isalnum() or c in "-_." for c in self.name)
+        _check(
+            found,
+            valid_name,
+            f"peers: name {self.name!r} must be 1-64 characters of letters, digits, '-', '_', '.'",
+        )
+        try:
+            parse_address(self.address)
+        except ValueError as exc:
+            found.append(f"peers.{self.name}.address: {exc}")
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config(_Validated):
+    """A whole run: what every peer of the swarm agrees on."""
+
+    run: RunConfig
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    peers: tuple[PeerEntry, ...] = ()
+
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.peers)
+
+    def peer(self, name: str) -> PeerEntry:
+        for entry in self.peers:
+            if entry.name == name:
+                return entry
+        raise ConfigError([f"--name {name!r} is not in [[peers]] (known: {', '.join(self.peer_names)})"])
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        _check(found, len(self.peers) >= 1, "peers: at least one [[peers]] entry is required")
+        seen_names: set[str] = set()
+        seen_addresses: dict[tuple[str, int], str] = {}
+        for entry in self.peers:
+            if entry.name in seen_names:
+                found.append(f"peers: duplicate name {entry.name!r}")
+            seen_names.add(entry.name)
+            try:
+                host, port = parse_address(entry.address)
+            except ValueError:
+                continue  # already reported by the entry itself
+            if port != 0 and (host, port) in seen_addresses:
+                found.append(
+                    f"peers.{entry.name}.address: {entry.address} is already used by "
+                    f"{seen_addresses[(host, port)]!r}"
+                )
+            seen_addresses[(host, port)] = entry.name
+        if self.peers and len(seen_names) == len(self.peers):
+            topo = self.topology
+            found.extend(
+                topology_problems(
+                    topo.kind,
+                    self.peer_names,
+                    rows=topo.rows,
+                    cols=topo.cols,
+                    center=topo.center,
+                    edges=topo.edges,
+                )
+            )
+        if not self.run.workload.is_file():
+            found.append(f"run.workload: file {str(self.run.workload)!r} does not exist")
+        if self.transport.send_timeout > self.strategy.round_timeout * 100:
+            found.append("transport.send_timeout is over 100x strategy.round_timeout; lower it")
+        return found
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_SECTIONS: dict[str, type[_Validated]] = {
+    "run": RunConfig,
+    "strategy": StrategyConfig,
+    "topology": TopologyConfig,
+    "transport": TransportConfig,
+}
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
+    """Check a TOML value against a field annotation; append a problem and return None if bad."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value in allowed and isinstance(value, str):
+            return value
+        problems.append(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return None
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], key, problems)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+    elif origin is tuple:
+        # only tuple[tuple[str, str], ...] (explicit edges) is used
+        if isinstance(value, list) and all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) for s in e) for e in value
+        ):
+            return tuple((e[0], e[1]) for e in value)
+        problems.append(f"{key}: expected a list of [name, name] pairs, got {value!r}")
+        return None
+    problems.append(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return None
+
+
+def _build_section(
+    cls: type[_Validated], table: Any, key: str, problems: list[str], base_dir: Path | None
+) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"{key}: expected a table, got {type(table).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    before = len(problems)
+    for name, value in table.items():
+        if name not in fields:
+            problems.append(f"{key}.{name}: unknown key (allowed: {', '.join(sorted(fields))})")
+            continue
+        coerced = _coerce(value, hints[name], f"{key}.{name}", problems)
+        if coerced is None:
+            continue
+        if isinstance(coerced, Path) and base_dir is not None and not coerced.is_absolute():
+            coerced = (base_dir / coerced).resolve()
+        kwargs[name] = coerced
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+        and f.name not in table
+    ]
+    for name in missing:
+        problems.append(f"{key}.{name}: required key is missing")
+    if len(problems) > before:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML; raises ConfigError with all problems."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for key in data:
+        if key not in _SECTIONS and key != "peers":
+            problems.append(f"{key}: unknown section (allowed: {', '.join([*_SECTIONS, 'peers'])})")
+    for key, cls in _SECTIONS.items():
+        if key in data:
+            built = _build_section(cls, data[key], key, problems, base_dir)
+            if built is not None:
+                sections[key] = built
+            else:
+                sections[key] = None
+    if "run" not in data:
+        problems.append("run: section is missing (it must name at least run.workload)")
+    peers: list[PeerEntry] = []
+    raw_peers = data.get("peers", [])
+    if not isinstance(raw_peers, list):
+        problems.append("peers: expected an array of tables ([[peers]])")
+        raw_peers = []
+    for position, table in enumerate(raw_peers):
+        entry = _build_section(PeerEntry, table, f"peers[{position}]", problems, None)
+        if entry is not None:
+            peers.append(entry)
+    if problems or any(v is None for v in sections.values()):
+        raise ConfigError(problems or ["config is invalid"])
+    try:
+        return Config(**sections, peers=tuple(peers))
+    except ConfigError as exc:
+        raise ConfigError([*problems, *exc.problems]) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML config file once. Relative paths inside it are relative to the file."""
+    config_path = Path(path)
+    try:
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {str(config_path)!r}: {exc.strerror}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{config_path}: not valid TOML: {exc}"]) from exc
+    return config_from_mapping(data, base_dir=config_path.resolve().parent)
+
+
+def with_overrides(config: Config, *, steps: int | None = None, device: str | None = None) -> Config:
+    """Apply CLI overrides, re-validating the changed section."""
+    run = config.run
+    if steps is not None or device is not None:
+        problems: list[str] = []
+        changes: dict[str, Any] = {}
+        if steps is not None:
+            changes["steps"] = steps
+        if device is not None:
+            coerced = _coerce(device, DeviceChoice, "--device", problems)
+            if problems:
+                raise ConfigError(problems)
+            changes["device"] = coerced
+        run = dataclasses.replace(run, **changes)
+    return dataclasses.replace(config, run=run)

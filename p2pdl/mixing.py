@@ -1,0 +1,116 @@
+"""Gossip and averaging math: pure torch, no I/O, testable without a socket.
+
+Everything here runs on whatever device the tensors live on (the GPU when the model is there),
+in place where it can, so a mixing round costs one pass over the parameters and no host
+round-trips beyond the wire buffers that the caller already moved to the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import torch
+
+
+def renormalized_row(row: Mapping[str, float], self_name: str, arrived: Collection[str]) -> dict[str, float]:
+    """The mixing row for a round in which only ``arrived`` neighbours contributed.
+
+    The weight of every missing neighbour moves onto ``self_name``, so the row still sums to one
+    (x_i stays a convex combination) and a slow neighbour can only slow consensus, never bias
+    the scale of the parameters.
+    """
+    result: dict[str, float] = {}
+    own = row.get(self_name, 0.0)
+    for name, weight in row.items():
+        if name == self_name:
+            continue
+        if name in arrived:
+            result[name] = weight
+        else:
+            own += weight
+    result[self_name] = own
+    return result
+
+
+@torch.no_grad()
+def mix_into(
+    local: Sequence[torch.Tensor],
+    self_weight: float,
+    contributions: Sequence[tuple[float, Sequence[torch.Tensor]]],
+) -> None:
+    """x_i <- w_ii x_i + sum_j w_ij x_j, in place on ``local``'s device.
+
+    ``contributions`` holds (w_ij, tensors of neighbour j) with tensors in the same order and
+    shapes as ``local``; they may be on the CPU (wire buffers) and are moved once each.
+    """
+    for position, tensor in enumerate(local):
+        tensor.mul_(self_weight)
+        for weight, tensors in contributions:
+            incoming = tensors[position]
+            if incoming.device != tensor.device or incoming.dtype != tensor.dtype:
+                incoming = incoming.to(device=tensor.device, dtype=tensor.dtype)
+            tensor.add_(incoming, alpha=weight)
+
+
+def chunk_bounds(total: int, parts: int) -> list[int]:
+    """Split ``total`` elements into ``parts`` contiguous chunks differing in size by at most one.
+
+    Returns ``parts + 1`` offsets; chunk k is ``[bounds[k], bounds[k + 1])``.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    base, extra = divmod(total, parts)
+    bounds = [0]
+    for k in range(parts):
+        bounds.append(bounds[-1] + base + (1 if k < extra else 0))
+    return bounds
+
+
+@torch.no_grad()
+def flatten_into(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Copy ``tensors`` into the 1-D buffer ``out`` (shape (sum numel,)) and return it."""
+    offset = 0
+    for tensor in tensors:
+        count = tensor.numel()
+        out[offset : offset + count].copy_(tensor.reshape(-1))
+        offset += count
+    assert offset == out.numel(), "flat buffer size does not match the tensors"
+    return out
+
+
+@torch.no_grad()
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy the 1-D buffer ``flat`` back into ``tensors`` (the inverse of :func:`flatten_into`)."""
+    offset = 0
+    for tensor in tensors:
+        count = tensor.numel()
+        tensor.copy_(flat[offset : offset + count].view_as(tensor))
+        offset += count
+    assert offset == flat.numel(), "flat buffer size does not match the tensors"
+
+
+@torch.no_grad()
+def exact_mean(chunks_in_rank_order: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """out <- mean of equally shaped chunks, summed in the given (rank) order.
+
+    A fixed order makes the result bit-identical wherever it is computed, which is what lets
+    every peer of an all-reduce end with exactly the same parameters.
+    """
+    out.copy_(chunks_in_rank_order[0])
+    for chunk in chunks_in_rank_order[1:]:
+        out.add_(chunk.to(device=out.device, dtype=out.dtype))
+    out.div_(len(chunks_in_rank_order))
+    return out
+
+
+@torch.no_grad()
+def consensus_distance(vectors: Sequence[torch.Tensor]) -> float:
+    """max_i ||x_i - mean|| / ||mean|| over flat parameter vectors of equal shape."""
+    if not vectors:
+        raise ValueError("consensus_distance needs at least one vector")
+    stacked = torch.stack([v.detach().reshape(-1).to(torch.float64) for v in vectors])
+    mean = stacked.mean(dim=0)
+    norm = float(mean.norm())
+    deviations = (stacked - mean).norm(dim=1)
+    worst = float(deviations.max())
+    return worst / norm if norm > 0 else worst

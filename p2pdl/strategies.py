@@ -1,0 +1,342 @@
+"""Training strategies: how a peer shares what it learned. One interface, pluggable parts.
+
+The node calls a strategy twice per step: ``reduce_gradients`` between backward and the optimizer
+step (where exact all-reduce works), and ``after_optimizer_step`` (where parameter gossip works).
+A strategy talks to the network only through the small :class:`Exchange` protocol, and to the
+model only through the parameters and a ``run_compute`` hook that runs heavy torch work on the
+peer's compute thread, never on the event loop.
+
+Strategies here:
+
+* ``gossip`` — D-PSGD (Lian et al. 2017): H local steps, then a synchronous round with the graph
+  neighbours, x_i <- sum_j W_ij x_j with Metropolis-Hastings weights. A neighbour whose frame
+  misses the ``round_timeout`` is left out and its weight moves to the peer itself; the round is
+  recorded as *partial*, with who was missing.
+* ``allreduce`` — exact data-parallel averaging of gradients, the same result as DDP. It runs a
+  reduce-scatter then an all-gather over the full mesh (each peer owns 1/n of the flat gradient),
+  so each peer sends 2(n-1)/n of the gradient, like a ring, but in two latency steps. Chunks are
+  summed in rank order, so every peer ends with bit-identical gradients. A missing contribution
+  raises :class:`~p2pdl.errors.AllReduceIncompleteError`; it never falls back to local values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from p2pdl.config import StrategyConfig
+from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError, TransportError
+from p2pdl.mixing import (
+    chunk_bounds,
+    exact_mean,
+    flatten_into,
+    mix_into,
+    renormalized_row,
+    unflatten_into,
+)
+from p2pdl.topology import Graph, mixing_weights
+from p2pdl.wire import Frame, TensorSpec
+
+T = TypeVar("T")
+RunCompute = Callable[[Callable[[], T]], Awaitable[T]]
+
+PARAMS = "params"
+REDUCE_SCATTER = "rs"
+ALL_GATHER = "ag"
+
+
+class Exchange(Protocol):
+    """What a strategy needs from the transport."""
+
+    async def encode(self, frame: Frame) -> bytes: ...
+
+    async def send_encoded(self, neighbor: str, data: bytes) -> None: ...
+
+    async def broadcast(self, frame: Frame, neighbors: Collection[str]) -> dict[str, TransportError]: ...
+
+    async def collect(
+        self, kind: str, round_index: int, senders: Collection[str], timeout: float
+    ) -> dict[str, Frame]: ...
+
+    def advance(self, kind: str, floor: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """One communication round as it really happened."""
+
+    round: int
+    complete: bool
+    missing: tuple[str, ...]
+    seconds: float
+
+
+@dataclass
+class RoundLedger:
+    """Complete versus partial rounds; a round missing any contribution is never 'complete'."""
+
+    complete: int = 0
+    partial: int = 0
+    missing_by_peer: Counter[str] = field(default_factory=Counter)
+    recent_partial: deque[tuple[int, tuple[str, ...]]] = field(default_factory=lambda: deque(maxlen=16))
+    last: RoundOutcome | None = None
+
+    def record(self, round_index: int, missing: Sequence[str], started: float) -> RoundOutcome:
+        outcome = RoundOutcome(
+            round=round_index,
+            complete=not missing,
+            missing=tuple(sorted(missing)),
+            seconds=time.perf_counter() - started,
+        )
+        if outcome.complete:
+            self.complete += 1
+        else:
+            self.partial += 1
+            self.missing_by_peer.update(outcome.missing)
+            self.recent_partial.append((round_index, outcome.missing))
+        self.last = outcome
+        return outcome
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "partial": self.partial,
+            "missing_by_peer": dict(self.missing_by_peer),
+            "recent_partial": [{"round": r, "missing": list(m)} for r, m in self.recent_partial],
+            "last_round_seconds": None if self.last is None else round(self.last.seconds, 6),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyContext:
+    """Everything a strategy may touch, handed over by the node."""
+
+    name: str
+    peers: tuple[str, ...]  # every configured peer, in rank order
+    graph: Graph
+    parameters: tuple[tuple[str, torch.nn.Parameter], ...]
+    device: torch.device
+    exchange: Exchange
+    run_compute: Callable[[Callable[[], Any]], Awaitable[Any]]
+    config: StrategyConfig
+    ledger: RoundLedger
+
+
+class Strategy(Protocol):
+    """The pluggable part of a peer that decides what is exchanged, when, and how it is mixed."""
+
+    name: str
+
+    def communication_peers(self) -> tuple[str, ...]:
+        """The peers this one keeps a link to."""
+        ...
+
+    def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
+        """The tensors a frame of ``kind`` from ``sender`` must carry; FrameSchemaError if unknown."""
+        ...
+
+    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        """Runs after backward, before the optimizer step."""
+        ...
+
+    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        """Runs after the optimizer step."""
+        ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def _parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, TensorSpec]:
+    return {name: TensorSpec.of_tensor(p) for name, p in parameters}
+
+
+class GossipStrategy:
+    """D-PSGD: synchronous parameter gossip with the graph neighbours every H local steps."""
+
+    name = "gossip"
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        self._ctx = ctx
+        self._neighbors = ctx.graph.neighbors[ctx.name]
+        self._row = mixing_weights(ctx.graph, ctx.name)
+        self._specs = _parameter_specs(ctx.parameters)
+        self._round = 0
+
+    def communication_peers(self) -> tuple[str, ...]:
+        return self._neighbors
+
+    def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
+        if kind != PARAMS:
+            raise FrameSchemaError(f"gossip peers exchange only {PARAMS!r} frames, got {kind!r}")
+        return self._specs
+
+    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        return None
+
+    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        if (step + 1) % self._ctx.config.local_steps != 0:
+            return None
+        round_index = step // self._ctx.config.local_steps
+        self._round = round_index
+        started = time.perf_counter()
+        ctx = self._ctx
+        # Training is paused while the round runs, so the parameters can be encoded in place.
+        frame = Frame(
+            kind=PARAMS,
+            sender=ctx.name,
+            round=round_index,
+            step=step,
+            meta={"degree": len(self._neighbors)},
+            tensors={name: p.detach() for name, p in ctx.parameters},
+        )
+        await ctx.exchange.broadcast(frame, self._neighbors)
+        arrived = await ctx.exchange.collect(PARAMS, round_index, self._neighbors, ctx.config.round_timeout)
+        ctx.exchange.advance(PARAMS, round_index + 1)
+        row = renormalized_row(self._row, ctx.name, arrived)
+        local = [p for _, p in ctx.parameters]
+        contributions = [
+            (row[sender], [arrived[sender].tensors[name] for name, _ in ctx.parameters])
+            for sender in self._neighbors
+            if sender in arrived
+        ]
+        if contributions:
+            await ctx.run_compute(lambda: mix_into(local, row[ctx.name], contributions))
+        missing = [n for n in self._neighbors if n not in arrived]
+        return ctx.ledger.record(round_index, missing, started)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.name,
+            "round": self._round,
+            "local_steps": self._ctx.config.local_steps,
+            "mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
+        }
+
+
+class AllReduceStrategy:
+    """Exact gradient averaging: reduce-scatter + all-gather over the full mesh."""
+
+    name = "allreduce"
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        self._ctx = ctx
+        self._rank = ctx.peers.index(ctx.name)
+        self._others = tuple(p for p in ctx.peers if p != ctx.name)
+        total = sum(p.numel() for _, p in ctx.parameters)
+        self._bounds = chunk_bounds(total, len(ctx.peers))
+        dtypes = {p.dtype for _, p in ctx.parameters}
+        if dtypes != {torch.float32}:
+            raise ValueError(f"allreduce supports float32 parameters only, got {sorted(map(str, dtypes))}")
+        # Host-side wire buffers, reused every step: the flat gradient (total,) and the result.
+        self._flat = torch.empty(total, dtype=torch.float32)
+        self._averaged = torch.empty(total, dtype=torch.float32)
+        self._round = 0
+
+    def _chunk(self, buffer: torch.Tensor, rank: int) -> torch.Tensor:
+        return buffer[self._bounds[rank] : self._bounds[rank + 1]]
+
+    def communication_peers(self) -> tuple[str, ...]:
+        return self._others
+
+    def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
+        if kind == REDUCE_SCATTER:
+            owner = self._rank  # the sender's slice of *my* chunk
+        elif kind == ALL_GATHER:
+            owner = self._ctx.peers.index(sender)  # the sender's averaged chunk
+        else:
+            raise FrameSchemaError(f"allreduce peers exchange only 'rs'/'ag' frames, got {kind!r}")
+        size = self._bounds[owner + 1] - self._bounds[owner]
+        return {"chunk": TensorSpec(dtype="float32", shape=(size,))}
+
+    def _gather_gradients(self) -> None:
+        grads = []
+        for _, p in self._ctx.parameters:
+            if p.grad is None:  # an unused parameter contributes zeros, as DDP does
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flatten_into(grads, self._flat)
+
+    def _scatter_gradients(self) -> None:
+        grads = [p.grad for _, p in self._ctx.parameters]
+        device = self._ctx.device
+        averaged = self._averaged.to(device, non_blocking=False) if device.type != "cpu" else self._averaged
+        unflatten_into(averaged, [g for g in grads if g is not None])
+
+    async def _exchange(self, kind: str, round_index: int, frames: Mapping[str, Frame]) -> dict[str, Frame]:
+        ctx = self._ctx
+        encoded = await asyncio.gather(*(ctx.exchange.encode(frames[n]) for n in self._others))
+        results = await asyncio.gather(
+            *(ctx.exchange.send_encoded(n, data) for n, data in zip(self._others, encoded, strict=True)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, TransportError):
+                raise result
+        arrived = await ctx.exchange.collect(kind, round_index, self._others, ctx.config.round_timeout)
+        ctx.exchange.advance(kind, round_index + 1)
+        return arrived
+
+    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        ctx = self._ctx
+        self._round = step
+        started = time.perf_counter()
+        await ctx.run_compute(self._gather_gradients)
+        if not self._others:
+            self._averaged.copy_(self._flat)
+            return ctx.ledger.record(step, [], started)
+        scatter = {
+            n: Frame(
+                kind=REDUCE_SCATTER,
+                sender=ctx.name,
+                round=step,
+                step=step,
+                tensors={"chunk": self._chunk(self._flat, ctx.peers.index(n))},
+            )
+            for n in self._others
+        }
+        arrived = await self._exchange(REDUCE_SCATTER, step, scatter)
+        missing = [n for n in self._others if n not in arrived]
+        if missing:
+            ctx.ledger.record(step, missing, started)
+            raise AllReduceIncompleteError(step, missing)
+        in_rank_order = [
+            self._chunk(self._flat, self._rank) if p == ctx.name else arrived[p].tensors["chunk"]
+            for p in ctx.peers
+        ]
+        own = self._chunk(self._averaged, self._rank)
+        await ctx.run_compute(lambda: exact_mean(in_rank_order, own))
+        gather_frame = Frame(kind=ALL_GATHER, sender=ctx.name, round=step, step=step, tensors={"chunk": own})
+        gathered = await self._exchange(ALL_GATHER, step, dict.fromkeys(self._others, gather_frame))
+        missing = [n for n in self._others if n not in gathered]
+        if missing:
+            ctx.ledger.record(step, missing, started)
+            raise AllReduceIncompleteError(step, missing)
+
+        def assemble() -> None:
+            for sender, frame in gathered.items():
+                self._chunk(self._averaged, ctx.peers.index(sender)).copy_(frame.tensors["chunk"])
+            self._scatter_gradients()
+
+        await ctx.run_compute(assemble)
+        return ctx.ledger.record(step, [], started)
+
+    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.name, "round": self._round, "world_size": len(self._ctx.peers)}
+
+
+def build_strategy(ctx: StrategyContext) -> Strategy:
+    kind = ctx.config.kind
+    if kind == "gossip":
+        return GossipStrategy(ctx)
+    if kind == "allreduce":
+        return AllReduceStrategy(ctx)
+    raise AssertionError(f"unhandled strategy kind {kind!r}")  # config validation makes this unreachable

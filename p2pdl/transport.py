@@ -1,0 +1,595 @@
+"""The network layer: one aiohttp server per peer and one persistent WebSocket per neighbour pair.
+
+For each pair of neighbours exactly one side dials: the peer whose name sorts first. The link
+carries frames both ways, so a pair costs one TCP connection and one handshake, and a dropped
+link is redialled by the same side with exponential back-off (``reconnect_initial`` doubling to
+``reconnect_max``). Received data frames land in a bounded :class:`Mailbox` keyed by
+(kind, round, sender); strategies ``collect`` from it with a deadline.
+
+Trade-offs:
+
+* Encoding and decoding of large frames run in a small codec thread pool, never on the event
+  loop, so heartbeats and other neighbours' frames keep flowing while a 45 MB frame is packed.
+* Every network await is bounded by a named timeout from :class:`~p2pdl.config.TransportConfig`
+  (``connect_timeout``, ``handshake_timeout``, ``send_timeout``; a silent link is dropped by the
+  WebSocket heartbeat, ``heartbeat_interval``). Every buffer is bounded (``inbox_frames``).
+* A refused frame is counted by reason and logged at most once per sender per
+  ``_LOG_INTERVAL`` seconds; it never closes the link and never reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+
+from p2pdl.config import TransportConfig
+from p2pdl.errors import (
+    FrameError,
+    FrameSchemaError,
+    InboxFullError,
+    PeerTimeoutError,
+    StaleFrameError,
+    TransportError,
+    UnknownSenderError,
+)
+from p2pdl.wire import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+
+LinkState = Literal["connecting", "connected", "disconnected", "left"]
+ExpectedTensors = Callable[[str, str], Mapping[str, TensorSpec]]
+StatusProvider = Callable[[], dict[str, Any]]
+
+HELLO = "hello"
+BYE = "bye"
+CONTROL_KINDS = frozenset({HELLO, BYE})
+
+# WebSocket close codes (4000-4999 are for applications, RFC 6455 section 7.4.2).
+CLOSE_PROTOCOL_ERROR = 4000
+CLOSE_NOT_A_NEIGHBOR = 4003
+
+# Frames under this many bytes are coded inline; larger ones go to the codec pool.
+_INLINE_CODEC_BYTES = 256 * 1024
+_LOG_INTERVAL = 10.0  # seconds between repeated "frame refused" warnings per sender
+
+
+@dataclass
+class TransportStats:
+    """Counters served by ``/status`` and written to the metrics. Bytes are wire bytes."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+    frames_rejected: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
+            "frames_rejected": {
+                "total": sum(self.frames_rejected.values()),
+                "by_reason": dict(self.frames_rejected),
+            },
+        }
+
+
+class _PeerGone(Exception):
+    """Resolves a pending mailbox slot whose sender left the swarm."""
+
+
+class Mailbox:
+    """Received data frames, keyed by (kind, round, sender), with bounded buffering.
+
+    A strategy ``collect``s the frames of one round; ``advance`` then marks earlier rounds of
+    that kind as finished, so late frames for them are refused as stale instead of piling up.
+    """
+
+    def __init__(self, per_sender_limit: int) -> None:
+        self._limit = per_sender_limit
+        self._slots: dict[tuple[str, int, str], asyncio.Future[Frame]] = {}
+        self._floor: dict[str, int] = {}
+        self._gone: set[str] = set()
+
+    def _slot(self, kind: str, round_index: int, sender: str) -> asyncio.Future[Frame]:
+        key = (kind, round_index, sender)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = asyncio.get_running_loop().create_future()
+            self._slots[key] = slot
+        return slot
+
+    def put(self, frame: Frame) -> None:
+        """File a decoded frame; raises StaleFrameError or InboxFullError when refused."""
+        floor = self._floor.get(frame.kind, 0)
+        if frame.round < floor:
+            raise StaleFrameError(
+                f"{frame.kind} frame for round {frame.round} from {frame.sender!r} arrived after "
+                f"the round closed (now at {floor})"
+            )
+        slot = self._slot(frame.kind, frame.round, frame.sender)
+        if slot.done():
+            raise StaleFrameError(
+                f"duplicate {frame.kind} frame for round {frame.round} from {frame.sender!r}"
+            )
+        unclaimed = sum(1 for (_, _, s), f in self._slots.items() if s == frame.sender and f.done())
+        if unclaimed >= self._limit:
+            del self._slots[(frame.kind, frame.round, frame.sender)]
+            raise InboxFullError(
+                f"{frame.sender!r} has {unclaimed} unclaimed frames buffered (limit {self._limit})"
+            )
+        slot.set_result(frame)
+
+    async def collect(
+        self, kind: str, round_index: int, senders: Collection[str], timeout: float
+    ) -> dict[str, Frame]:
+        """Wait up to ``timeout`` seconds for each sender's frame; return those that arrived."""
+        waiting = {s: self._slot(kind, round_index, s) for s in senders if s not in self._gone}
+        pending = [f for f in waiting.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        arrived: dict[str, Frame] = {}
+        for sender, slot in waiting.items():
+            if slot.done() and slot.exception() is None:
+                arrived[sender] = slot.result()
+                del self._slots[(kind, round_index, sender)]
+        return arrived
+
+    def advance(self, kind: str, floor: int) -> None:
+        """Rounds of ``kind`` below ``floor`` are finished: drop their slots, refuse late frames."""
+        self._floor[kind] = max(floor, self._floor.get(kind, 0))
+        for key in [k for k in self._slots if k[0] == kind and k[1] < floor]:
+            slot = self._slots.pop(key)
+            if not slot.done():
+                slot.cancel()
+
+    def mark_gone(self, sender: str) -> None:
+        """``sender`` left: wake every collect waiting on it instead of letting it time out."""
+        self._gone.add(sender)
+        for key, slot in list(self._slots.items()):
+            if key[2] == sender and not slot.done():
+                slot.set_exception(_PeerGone(sender))
+                slot.exception()  # mark retrieved: nobody else will look at it
+                del self._slots[key]
+
+    def mark_back(self, sender: str) -> None:
+        self._gone.discard(sender)
+
+    def pending_count(self) -> int:
+        return len(self._slots)
+
+
+WebSocket = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
+
+
+@dataclass
+class _Link:
+    """The one connection to one neighbour, whichever side dialled."""
+
+    name: str
+    address: str
+    dials: bool
+    state: LinkState = "connecting"
+    ws: WebSocket | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    connects: int = 0
+    last_error: str = ""
+
+    def has_left(self) -> bool:
+        # A method, not a comparison at the call site: the state changes across awaits.
+        return self.state == "left"
+
+
+class Transport:
+    """aiohttp server plus one WebSocket link per neighbour; sends and collects frames."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        listen_host: str,
+        listen_port: int,
+        addresses: Mapping[str, str],
+        config: TransportConfig,
+        expected_tensors: ExpectedTensors,
+        status: StatusProvider,
+    ) -> None:
+        self.name = name
+        self._listen = (listen_host, listen_port)
+        self._addresses = dict(addresses)
+        self._config = config
+        self._expected = expected_tensors
+        self._status = status
+        self._limits = Limits(
+            max_frame_bytes=config.max_frame_bytes,
+            max_decompressed_bytes=config.max_decompressed_bytes,
+            max_tensors=config.max_tensors,
+        )
+        self.stats = TransportStats()
+        self.mailbox = Mailbox(config.inbox_frames)
+        self._links: dict[str, _Link] = {}
+        self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"p2pdl-codec-{name}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._app = web.Application(client_max_size=config.max_frame_bytes)
+        self._app.router.add_get("/healthz", self._healthz)
+        self._app.router.add_get("/status", self._status_handler)
+        self._app.router.add_get("/ws", self._accept)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        self._last_warning: dict[str, float] = {}
+        self.port = listen_port
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def add_route(
+        self,
+        method: str,
+        path: str,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> None:
+        """Let the node serve more endpoints on the same server (call before ``start``)."""
+        self._app.router.add_route(method, path, handler)
+
+    async def start(self) -> int:
+        """Bind the server, start dialling neighbours; returns the bound port."""
+        self._runner = web.AppRunner(
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self._config.shutdown_timeout,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._listen[0], self._listen[1], reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self._config.connect_timeout,
+                sock_connect=self._config.connect_timeout,
+            )
+        )
+        for link in self._links.values():
+            if link.dials:
+                self._spawn(self._dial_forever(link), f"dial-{link.name}")
+        log.info("%s listening on %s:%d", self.name, self._listen[0], self.port)
+        return self.port
+
+    async def close(self, *, announce: bool = True) -> None:
+        """Say goodbye to neighbours (bounded), close every link, stop the server."""
+        if self._closing:
+            return
+        self._closing = True
+        if announce:
+            bye = Frame(kind=BYE, sender=self.name, round=0, step=0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.shutdown_timeout):
+                    await self.broadcast(bye, [n for n, lk in self._links.items() if lk.ws is not None])
+        for task in self._tasks:
+            task.cancel()
+        for link in self._links.values():
+            if link.ws is not None and not link.ws.closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._config.shutdown_timeout):
+                        await link.ws.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self._config.shutdown_timeout)
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._codec.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Transport:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ membership of links
+
+    def set_neighbors(self, neighbors: Collection[str]) -> None:
+        """Declare the peers to keep links with (before ``start``)."""
+        assert self._runner is None, "set_neighbors must be called before start"
+        for neighbor in neighbors:
+            if neighbor not in self._links:
+                self._add_link(neighbor)
+
+    def _add_link(self, neighbor: str) -> _Link:
+        if neighbor == self.name:
+            raise ValueError("a peer is not its own neighbour")
+        link = _Link(
+            name=neighbor,
+            address=self._addresses.get(neighbor, ""),
+            dials=self.name < neighbor,
+        )
+        self._links[neighbor] = link
+        return link
+
+    def update_address(self, neighbor: str, address: str) -> None:
+        """Point future dials at a new address (a peer restarted elsewhere, or bound port 0)."""
+        self._addresses[neighbor] = address
+        if neighbor in self._links:
+            self._links[neighbor].address = address
+
+    @property
+    def neighbors(self) -> tuple[str, ...]:
+        return tuple(self._links)
+
+    def connected_neighbors(self) -> tuple[str, ...]:
+        return tuple(n for n, lk in self._links.items() if lk.state == "connected")
+
+    def left_neighbors(self) -> tuple[str, ...]:
+        return tuple(n for n, lk in self._links.items() if lk.state == "left")
+
+    def neighbor_states(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": lk.name,
+                "address": lk.address,
+                "state": lk.state,
+                "dials": lk.dials,
+                "connects": lk.connects,
+                "last_error": lk.last_error,
+            }
+            for lk in self._links.values()
+        ]
+
+    async def wait_connected(self, timeout: float) -> tuple[str, ...]:
+        """Wait until every neighbour is connected or left; return those still missing."""
+        waits = [
+            asyncio.ensure_future(lk.connected.wait()) for lk in self._links.values() if lk.state != "left"
+        ]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        return tuple(n for n, lk in self._links.items() if lk.state not in ("connected", "left"))
+
+    # ------------------------------------------------------------------ dialling and accepting
+
+    async def _dial_forever(self, link: _Link) -> None:
+        backoff = self._config.reconnect_initial
+        assert self._session is not None
+        while not self._closing and not link.has_left():
+            try:
+                url = f"http://{link.address}/ws"
+                async with asyncio.timeout(self._config.connect_timeout):
+                    ws = await self._session.ws_connect(
+                        url,
+                        max_msg_size=self._limits.max_frame_bytes,
+                        heartbeat=self._config.heartbeat_interval,
+                        compress=0,
+                    )
+                async with asyncio.timeout(self._config.handshake_timeout):
+                    await self._send_on(ws, Frame(kind=HELLO, sender=self.name, round=0, step=0))
+                    reply = await ws.receive()
+                if reply.type != aiohttp.WSMsgType.BINARY:
+                    code = ws.close_code
+                    raise TransportError(f"{link.name} refused the handshake (close code {code})")
+                frame = self._decode_small(reply.data, link.name)
+                if frame.kind != HELLO:
+                    raise TransportError(f"{link.name} answered the handshake with {frame.kind!r}")
+                backoff = self._config.reconnect_initial
+                await self._serve_link(link, ws)
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, OSError, TimeoutError, FrameError, TransportError) as exc:
+                link.last_error = f"{type(exc).__name__}: {exc}"
+                log.debug("%s: dial %s failed: %s", self.name, link.name, link.last_error)
+            if self._closing or link.has_left():
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._config.reconnect_max)
+
+    async def _accept(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            max_msg_size=self._limits.max_frame_bytes,
+            heartbeat=self._config.heartbeat_interval,
+            compress=False,
+        )
+        await ws.prepare(request)
+        try:
+            async with asyncio.timeout(self._config.handshake_timeout):
+                first = await ws.receive()
+        except TimeoutError:
+            await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"handshake timeout")
+            return ws
+        if first.type != aiohttp.WSMsgType.BINARY:
+            await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"expected a binary hello frame")
+            return ws
+        try:
+            hello = self._decode_small(first.data, None)
+        except FrameError as exc:
+            self._reject(exc, request.remote or "?")
+            await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"bad hello frame")
+            return ws
+        link = self._links.get(hello.sender)
+        if hello.kind != HELLO or link is None or link.dials:
+            self._reject(
+                UnknownSenderError(f"{hello.sender!r} is not a neighbour that dials here"),
+                hello.sender,
+            )
+            await ws.close(code=CLOSE_NOT_A_NEIGHBOR, message=b"not a neighbour")
+            return ws
+        if link.state == "left":
+            link.state = "connecting"
+            self.mailbox.mark_back(link.name)
+        try:
+            async with asyncio.timeout(self._config.handshake_timeout):
+                await self._send_on(ws, Frame(kind=HELLO, sender=self.name, round=0, step=0))
+        except (TimeoutError, ConnectionError, aiohttp.ClientError):
+            return ws
+        old = link.ws
+        if old is not None and not old.closed:
+            await old.close()
+        await self._serve_link(link, ws)
+        return ws
+
+    async def _serve_link(self, link: _Link, ws: WebSocket) -> None:
+        link.ws = ws
+        link.state = "connected"
+        link.connects += 1
+        link.connected.set()
+        log.info("%s: link to %s up (%s)", self.name, link.name, "dialled" if link.dials else "accepted")
+        try:
+            await self._read_loop(link, ws)
+        finally:
+            if link.ws is ws:
+                link.ws = None
+                link.connected.clear()
+                if not link.has_left():
+                    link.state = "disconnected"
+                log.info("%s: link to %s down", self.name, link.name)
+
+    async def _read_loop(self, link: _Link, ws: WebSocket) -> None:
+        # Bounded by the heartbeat: aiohttp closes the socket when a ping gets no pong.
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                await self._on_bytes(link, message.data)
+            elif message.type == aiohttp.WSMsgType.TEXT:
+                self.stats.frames_rejected["format"] += 1
+            else:
+                break
+            if link.has_left():
+                await ws.close()
+                break
+
+    async def _on_bytes(self, link: _Link, data: bytes) -> None:
+        self.stats.bytes_received += len(data)
+        try:
+            if len(data) > _INLINE_CODEC_BYTES:
+                frame = await asyncio.get_running_loop().run_in_executor(
+                    self._codec, self._decode_data, data, link.name
+                )
+            else:
+                frame = self._decode_data(data, link.name)
+            if frame.kind == BYE:
+                link.state = "left"
+                self.mailbox.mark_gone(link.name)
+                log.info("%s: %s announced its leave", self.name, link.name)
+                return
+            self.mailbox.put(frame)
+            self.stats.frames_received += 1
+        except FrameError as exc:
+            self._reject(exc, link.name)
+
+    def _decode_small(self, data: bytes, sender: str | None) -> Frame:
+        known = None if sender is None else (sender,)
+        frame = decode_frame(data, limits=self._limits, known_senders=known)
+        if frame.tensors:
+            raise FrameSchemaError(f"{frame.kind!r} control frame must not carry tensors")
+        return frame
+
+    def _decode_data(self, data: bytes, sender: str) -> Frame:
+        """Decode and validate a frame from ``sender`` (runs in the codec pool when large)."""
+        frame = decode_frame(data, limits=self._limits, known_senders=(sender,))
+        if frame.kind in CONTROL_KINDS:
+            if frame.tensors:
+                raise FrameSchemaError(f"{frame.kind!r} control frame must not carry tensors")
+            return frame
+        check_tensors(frame, self._expected(frame.kind, sender))
+        return frame
+
+    def _reject(self, exc: FrameError, sender: str) -> None:
+        self.stats.frames_rejected[exc.reason] += 1
+        now = time.monotonic()
+        if now - self._last_warning.get(sender, -_LOG_INTERVAL) >= _LOG_INTERVAL:
+            self._last_warning[sender] = now
+            log.warning("%s: refused a frame from %s (%s): %s", self.name, sender, exc.reason, exc)
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send_on(self, ws: WebSocket, frame: Frame) -> None:
+        data = encode_frame(frame, compression="never")
+        await ws.send_bytes(data)
+        self.stats.bytes_sent += len(data)
+        self.stats.frames_sent += 1
+
+    async def encode(self, frame: Frame) -> bytes:
+        """Encode off the event loop when the frame is large."""
+        size = sum(t.numel() * t.element_size() for t in frame.tensors.values())
+        if size > _INLINE_CODEC_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._codec,
+                functools.partial(encode_frame, frame, compression=self._config.compression),
+            )
+        return encode_frame(frame, compression=self._config.compression)
+
+    async def send_encoded(self, neighbor: str, data: bytes) -> None:
+        """Send one encoded frame; raises TransportError if the link is down or too slow."""
+        link = self._links.get(neighbor)
+        if link is None:
+            raise TransportError(f"{neighbor!r} is not a neighbour of {self.name!r}")
+        ws = link.ws
+        if ws is None or ws.closed:
+            raise TransportError(f"link to {neighbor!r} is {link.state}")
+        try:
+            async with asyncio.timeout(self._config.send_timeout), link.send_lock:
+                await ws.send_bytes(data)
+        except TimeoutError as exc:
+            raise PeerTimeoutError(
+                f"send to {neighbor!r} took longer than send_timeout={self._config.send_timeout}s"
+            ) from exc
+        except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+            raise TransportError(f"send to {neighbor!r} failed: {exc}") from exc
+        self.stats.bytes_sent += len(data)
+        self.stats.frames_sent += 1
+
+    async def send(self, neighbor: str, frame: Frame) -> None:
+        await self.send_encoded(neighbor, await self.encode(frame))
+
+    async def broadcast(self, frame: Frame, neighbors: Collection[str]) -> dict[str, TransportError]:
+        """Encode once, send to each neighbour concurrently; return the failures by neighbour."""
+        if not neighbors:
+            return {}
+        data = await self.encode(frame)
+        results = await asyncio.gather(
+            *(self.send_encoded(n, data) for n in neighbors), return_exceptions=True
+        )
+        failures: dict[str, TransportError] = {}
+        for neighbor, result in zip(neighbors, results, strict=True):
+            if isinstance(result, TransportError):
+                failures[neighbor] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return failures
+
+    async def collect(
+        self, kind: str, round_index: int, senders: Collection[str], timeout: float
+    ) -> dict[str, Frame]:
+        return await self.mailbox.collect(kind, round_index, senders, timeout)
+
+    def advance(self, kind: str, floor: int) -> None:
+        self.mailbox.advance(kind, floor)
+
+    # ------------------------------------------------------------------ HTTP endpoints
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "name": self.name})
+
+    async def _status_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status())

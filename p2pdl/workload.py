@@ -1,0 +1,157 @@
+"""Workloads: the model, data and loss a peer trains, loaded from a Python file.
+
+A workload is a plain Python file (see ``peers/``) that a config names by path. It is
+imported with :func:`importlib.util.spec_from_file_location` under a private module name,
+never ``exec``'d from config text, and must define four module-level functions::
+
+    build_model() -> torch.nn.Module
+    load_shard(shard_index: int, shard_count: int) -> tuple[torch.Tensor, torch.Tensor]
+    loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor
+    evaluate(model: torch.nn.Module, device: torch.device) -> dict[str, float]
+
+and may define ``DESCRIPTION: str``. p2pdl calls ``torch.manual_seed(seed)`` right before
+``build_model()`` so every peer starts from identical weights. ``load_shard`` returns this
+peer's CPU training inputs and int64 targets; ``loss_fn`` averages over the batch;
+``evaluate`` scores held-out data under ``torch.no_grad()`` in eval mode, restores the
+model's previous mode, and returns at least ``test_accuracy`` (a fraction in 0..1) and
+``test_loss``.
+
+Trade-off: a workload is arbitrary trusted code on the local disk, which keeps models and
+data pipelines unconstrained; the price is that loading one runs it, so only the operator's
+own files are ever named (never anything received from the network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import torch
+
+from p2pdl.errors import WorkloadError
+
+__all__ = [
+    "REQUIRED_FUNCTIONS",
+    "BuildModel",
+    "Evaluate",
+    "LoadShard",
+    "LoadedWorkload",
+    "LossFn",
+    "Workload",
+    "load_workload",
+]
+
+BuildModel = Callable[[], torch.nn.Module]
+LoadShard = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Evaluate = Callable[[torch.nn.Module, torch.device], dict[str, float]]
+
+REQUIRED_FUNCTIONS: tuple[str, ...] = ("build_model", "load_shard", "loss_fn", "evaluate")
+
+
+class Workload(Protocol):
+    """What p2pdl needs from a workload. A loaded workload module satisfies it."""
+
+    @property
+    def build_model(self) -> BuildModel: ...
+
+    @property
+    def load_shard(self) -> LoadShard: ...
+
+    @property
+    def loss_fn(self) -> LossFn: ...
+
+    @property
+    def evaluate(self) -> Evaluate: ...
+
+
+@dataclass(frozen=True)
+class LoadedWorkload:
+    """A workload file after loading and checking; satisfies :class:`Workload`."""
+
+    path: Path
+    name: str
+    description: str
+    build_model: BuildModel
+    load_shard: LoadShard
+    loss_fn: LossFn
+    evaluate: Evaluate
+
+
+def _module_name(path: Path) -> str:
+    # One private name per file, so two workloads never clobber each other in sys.modules
+    # and a workload named like a real package (``peers/torch.py``) cannot shadow it.
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return f"_p2pdl_workload_{path.stem}_{digest}"
+
+
+def _import_file(path: Path) -> ModuleType:
+    module_name = _module_name(path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise WorkloadError(f"workload {path}: not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before execution because dataclasses and typing look the module up there.
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(module_name, None)
+        if isinstance(exc, Exception):
+            raise WorkloadError(f"workload {path}: import failed: {type(exc).__name__}: {exc}") from exc
+        raise
+    return module
+
+
+def _description(module: ModuleType, path: Path) -> str:
+    description = getattr(module, "DESCRIPTION", None)
+    if description is None:
+        doc = module.__doc__ or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+    if not isinstance(description, str):
+        raise WorkloadError(f"workload {path}: DESCRIPTION must be a str, got {type(description).__name__}")
+    return description
+
+
+def load_workload(path: str | Path) -> LoadedWorkload:
+    """Import the workload file at ``path`` and check it defines every required function.
+
+    Raises :class:`WorkloadError` when the file is missing, fails to import (the original
+    exception is chained), or lacks any of :data:`REQUIRED_FUNCTIONS` as a callable; the
+    message names the path and every missing or non-callable attribute at once.
+    """
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise WorkloadError(f"workload {resolved}: no such file")
+    if resolved.suffix != ".py":
+        raise WorkloadError(f"workload {resolved}: expected a .py file")
+
+    module = _import_file(resolved)
+
+    problems: list[str] = []
+    for name in REQUIRED_FUNCTIONS:
+        if not hasattr(module, name):
+            problems.append(f"{name} (missing)")
+        elif not callable(getattr(module, name)):
+            problems.append(f"{name} (not callable: {type(getattr(module, name)).__name__})")
+    if problems:
+        raise WorkloadError(
+            f"workload {resolved}: must define module-level functions "
+            f"{', '.join(REQUIRED_FUNCTIONS)}; problems: {'; '.join(problems)}"
+        )
+
+    return LoadedWorkload(
+        path=resolved,
+        name=resolved.stem,
+        description=_description(module, resolved),
+        build_model=module.build_model,
+        load_shard=module.load_shard,
+        loss_fn=module.loss_fn,
+        evaluate=module.evaluate,
+    )
