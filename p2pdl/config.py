@@ -11,6 +11,7 @@ workload that needs custom knobs reads them from its own file, not from here.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import tomllib
 import types
@@ -52,6 +53,11 @@ def _check(problems: list[str], ok: bool, message: str) -> None:
         problems.append(message)
 
 
+# While a whole file is loaded, sections add their problems here instead of raising one by one,
+# so the user sees every problem of every section in a single message.
+_collector: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("p2pdl_config", default=None)
+
+
 class _Validated:
     """Mixin: ``__post_init__`` raises one ConfigError listing every problem of the section."""
 
@@ -62,8 +68,12 @@ class _Validated:
 
     def __post_init__(self) -> None:
         found = self.problems()
-        if found:
+        if not found:
+            return
+        collector = _collector.get()
+        if collector is None:
             raise ConfigError(found)
+        collector.extend(found)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -383,50 +393,46 @@ def _build_section(
         if f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
         and f.name not in kwargs
-        and f.name not in table
     ]
-    for name in missing:
-        problems.append(f"{key}.{name}: required key is missing")
-    if len(problems) > before:
+    if missing:
+        if len(problems) == before:  # a bad value already explains why the key is absent
+            problems.extend(f"{key}.{name}: required key is missing" for name in missing)
         return None
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        return None
+    return cls(**kwargs)
 
 
 def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
     """Build and validate a :class:`Config` from parsed TOML; raises ConfigError with all problems."""
     problems: list[str] = []
-    sections: dict[str, Any] = {}
-    for key in data:
-        if key not in _SECTIONS and key != "peers":
-            problems.append(f"{key}: unknown section (allowed: {', '.join([*_SECTIONS, 'peers'])})")
-    for key, cls in _SECTIONS.items():
-        if key in data:
-            built = _build_section(cls, data[key], key, problems, base_dir)
-            if built is not None:
-                sections[key] = built
-            else:
-                sections[key] = None
-    if "run" not in data:
-        problems.append("run: section is missing (it must name at least run.workload)")
-    peers: list[PeerEntry] = []
-    raw_peers = data.get("peers", [])
-    if not isinstance(raw_peers, list):
-        problems.append("peers: expected an array of tables ([[peers]])")
-        raw_peers = []
-    for position, table in enumerate(raw_peers):
-        entry = _build_section(PeerEntry, table, f"peers[{position}]", problems, None)
-        if entry is not None:
-            peers.append(entry)
-    if problems or any(v is None for v in sections.values()):
-        raise ConfigError(problems or ["config is invalid"])
+    token = _collector.set(problems)
     try:
-        return Config(**sections, peers=tuple(peers))
-    except ConfigError as exc:
-        raise ConfigError([*problems, *exc.problems]) from None
+        for key in data:
+            if key not in _SECTIONS and key != "peers":
+                problems.append(f"{key}: unknown section (allowed: {', '.join([*_SECTIONS, 'peers'])})")
+        sections: dict[str, Any] = {}
+        for key, cls in _SECTIONS.items():
+            table = data.get(key, {})
+            if key == "run" and key not in data:
+                problems.append("run: section is missing (it must name at least run.workload)")
+                continue
+            sections[key] = _build_section(cls, table, key, problems, base_dir)
+        peers: list[PeerEntry] = []
+        raw_peers = data.get("peers", [])
+        if not isinstance(raw_peers, list):
+            problems.append("peers: expected an array of tables ([[peers]])")
+            raw_peers = []
+        for position, table in enumerate(raw_peers):
+            entry = _build_section(PeerEntry, table, f"peers[{position}]", problems, None)
+            if entry is not None:
+                peers.append(entry)
+        config: Config | None = None
+        if all(v is not None for v in sections.values()) and "run" in sections:
+            config = Config(**sections, peers=tuple(peers))
+    finally:
+        _collector.reset(token)
+    if problems or config is None:
+        raise ConfigError(problems or ["config is invalid"])
+    return config
 
 
 def load_config(path: str | Path) -> Config:

@@ -5,7 +5,7 @@ Peers never touch the network for data. MNIST-1D is generated from its procedura
 the package. Generating MNIST-1D takes a second or two, and a local cluster starts several
 peers at once, so the arrays are cached as ``.npz`` keyed by a hash of the generator's
 arguments. The cache is written atomically (temp file in the same directory, fsync,
-``os.replace``) so a concurrent reader sees either no file or a whole one; an unreadable
+rename over) so a concurrent reader sees either no file or a whole one; an unreadable
 or corrupt file is simply rebuilt. Nothing here uses pickle.
 
 Every function returns fresh, writable numpy arrays (``x`` float32, ``y`` int64) under the
@@ -85,10 +85,16 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp_path = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as tmp_file:
-            np.savez(tmp_file, **arrays)
+            np.savez(
+                tmp_file,
+                x=arrays["x"],
+                y=arrays["y"],
+                x_test=arrays["x_test"],
+                y_test=arrays["y_test"],
+            )
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
-        os.replace(tmp_path, path)
+        tmp_path.replace(path)
     except OSError as exc:
         logger.warning("cannot write dataset cache %s (%s); continuing uncached", path, exc)
         tmp_path.unlink(missing_ok=True)

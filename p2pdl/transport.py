@@ -246,7 +246,9 @@ class Transport:
         self._app.router.add_route(method, path, handler)
 
     async def start(self) -> int:
-        """Bind the server, start dialling neighbours; returns the bound port."""
+        """Bind the server, start dialling neighbours; returns the bound port. Idempotent."""
+        if self._runner is not None:
+            return self.port
         self._runner = web.AppRunner(
             self._app,
             handle_signals=False,

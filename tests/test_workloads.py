@@ -123,9 +123,7 @@ def test_workload_shards_and_forward(workload: LoadedWorkload) -> None:
 
 @pytest.mark.parametrize("workload", WORKLOAD_FILES, indirect=True)
 @pytest.mark.parametrize("training", [True, False])
-def test_evaluate_reports_metrics_and_restores_mode(
-    workload: LoadedWorkload, training: bool
-) -> None:
+def test_evaluate_reports_metrics_and_restores_mode(workload: LoadedWorkload, training: bool) -> None:
     torch.manual_seed(0)
     model = workload.build_model()
     model.train(training)
@@ -188,9 +186,7 @@ def test_load_workload_missing_file(tmp_path: Path) -> None:
     ("source", "cause"),
     [("x = 1 / 0\n", ZeroDivisionError), ("def broken(:\n", SyntaxError)],
 )
-def test_load_workload_chains_import_failure(
-    tmp_path: Path, source: str, cause: type[BaseException]
-) -> None:
+def test_load_workload_chains_import_failure(tmp_path: Path, source: str, cause: type[BaseException]) -> None:
     path = _write(tmp_path / "broken.py", source)
     with pytest.raises(WorkloadError, match="import failed") as info:
         load_workload(path)
@@ -200,8 +196,7 @@ def test_load_workload_chains_import_failure(
 
 def test_load_workload_description(tmp_path: Path) -> None:
     functions = "".join(
-        f"def {name}(*args):\n    pass\n"
-        for name in ("build_model", "load_shard", "loss_fn", "evaluate")
+        f"def {name}(*args):\n    pass\n" for name in ("build_model", "load_shard", "loss_fn", "evaluate")
     )
     with_constant = _write(tmp_path / "a.py", f'DESCRIPTION = "from constant"\n{functions}')
     with_docstring = _write(tmp_path / "b.py", f'"""From docstring.\n\nMore."""\n{functions}')
@@ -219,8 +214,7 @@ def test_two_workloads_with_same_stem_do_not_collide(tmp_path: Path) -> None:
         folder.mkdir()
         _write(
             folder / "same.py",
-            f"def build_model():\n    return {value}\n"
-            "load_shard = loss_fn = evaluate = build_model\n",
+            f"def build_model():\n    return {value}\nload_shard = loss_fn = evaluate = build_model\n",
         )
         loaded.append(load_workload(folder / "same.py"))
     assert [w.build_model() for w in loaded] == [1, 2]
@@ -239,9 +233,7 @@ def test_mnist1d_layout(cache_dir: Path) -> None:
     assert arrays["x"].flags.writeable
 
 
-def test_mnist1d_cache_hit_does_not_rebuild(
-    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mnist1d_cache_hit_does_not_rebuild(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(args: object) -> dict[str, np.ndarray]:
         raise AssertionError("cache hit expected")
 
@@ -321,7 +313,7 @@ def test_digits_layout_and_fixed_split() -> None:
     assert first["x"].shape == (1437, 64) and first["x"].dtype == np.float32
     assert first["x_test"].shape == (360, 64)
     assert first["y"].dtype == np.int64 and first["y_test"].shape == (360,)
-    assert 0.0 <= first["x"].min() and first["x"].max() <= 1.0
+    assert first["x"].min() >= 0.0 and first["x"].max() <= 1.0
     assert all(np.array_equal(first[key], second[key]) for key in first)
 
 
@@ -329,9 +321,7 @@ def test_digits_layout_and_fixed_split() -> None:
 
 
 @pytest.mark.parametrize(("num_examples", "shard_count"), [(4000, 4), (1797, 5), (7, 7), (10, 1)])
-def test_shards_are_disjoint_cover_everything_and_balanced(
-    num_examples: int, shard_count: int
-) -> None:
+def test_shards_are_disjoint_cover_everything_and_balanced(num_examples: int, shard_count: int) -> None:
     shards = [shard_indices_of(num_examples, k, shard_count) for k in range(shard_count)]
     joined = np.concatenate(shards)
     assert joined.dtype == np.int64
@@ -364,9 +354,7 @@ def test_shard_seed_changes_assignment() -> None:
         (0, 0, 1, "num_examples must be >= 1"),
     ],
 )
-def test_bad_shard_requests(
-    num_examples: int, shard_index: int, shard_count: int, match: str
-) -> None:
+def test_bad_shard_requests(num_examples: int, shard_index: int, shard_count: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         datasets.shard_indices(num_examples, shard_index, shard_count)
 

@@ -1,0 +1,192 @@
+"""Config validation at the edge, and the CLI's exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pdl.cli import main
+from p2pdl.config import Config, config_from_mapping, load_config, parse_address, with_overrides
+from p2pdl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOAD = str(REPO / "peers" / "mnist1d_cnn.py")
+
+
+def peers(n: int, base: int = 29700) -> list[dict[str, str]]:
+    return [{"name": f"p{i}", "address": f"127.0.0.1:{base + i}"} for i in range(n)]
+
+
+def problems_of(data: dict[str, object]) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(data)
+    return info.value.problems
+
+
+def test_every_shipped_config_loads() -> None:
+    configs = sorted((REPO / "configs").glob("*.toml"))
+    assert configs, "configs/ is empty"
+    for path in configs:
+        config = load_config(path)
+        assert isinstance(config, Config)
+        assert config.run.workload.is_file()
+
+
+def test_defaults_are_sane() -> None:
+    config = config_from_mapping({"run": {"workload": WORKLOAD}, "peers": peers(3)})
+    assert config.strategy.kind == "gossip" and config.strategy.local_steps == 1
+    assert config.topology.kind == "ring"
+    # aiohttp's defaults (1 MiB bodies, 4 MiB WebSocket messages) would break real models.
+    assert config.transport.max_frame_bytes >= 256 * 1024 * 1024
+
+
+def test_all_problems_reported_together_with_their_keys() -> None:
+    found = problems_of(
+        {
+            "run": {"workload": "/nonexistent/workload.py", "steps": 0, "colour": "blue"},
+            "strategy": {"kind": "telepathy"},
+            "topology": {"kind": "hypercube"},
+            "transport": {"send_timeout": -1},
+            "peers": [
+                {"name": "a", "address": "127.0.0.1:1"},
+                {"name": "a", "address": "127.0.0.1:1"},
+            ],
+            "extra": {},
+        }
+    )
+    text = "\n".join(found)
+    for fragment in (
+        "run.steps",
+        "run.colour: unknown key",
+        "strategy.kind",
+        "'telepathy'",
+        "topology.kind",
+        "transport.send_timeout",
+        "extra: unknown section",
+    ):
+        assert fragment in text, f"{fragment!r} missing from:\n{text}"
+
+
+def test_duplicate_names_ports_and_missing_workload() -> None:
+    found = problems_of(
+        {
+            "run": {"workload": "/nonexistent/w.py"},
+            "peers": [
+                {"name": "a", "address": "127.0.0.1:5000"},
+                {"name": "a", "address": "127.0.0.1:5001"},
+                {"name": "b", "address": "127.0.0.1:5000"},
+            ],
+        }
+    )
+    text = "\n".join(found)
+    assert "duplicate name 'a'" in text
+    assert "127.0.0.1:5000 is already used" in text
+    assert "run.workload" in text and "does not exist" in text
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "fragment"),
+    [
+        ("run", {"lr": "fast"}, "run.lr: expected float"),
+        ("run", {"steps": True}, "run.steps: expected int"),
+        ("run", {"optimizer": "lbfgs"}, "run.optimizer"),
+        ("strategy", {"round_timeout": 0}, "strategy.round_timeout must be > 0"),
+        ("transport", {"reconnect_initial": 9.0, "reconnect_max": 1.0}, "transport.reconnect_initial"),
+        ("transport", {"max_frame_mib": 0}, "transport.max_frame_mib"),
+        ("topology", {"kind": "torus", "rows": 5}, "topology"),
+        ("topology", {"kind": "explicit", "edges": [["p0", "zz"]]}, "zz"),
+    ],
+)
+def test_bad_values_name_the_key(section: str, values: dict[str, object], fragment: str) -> None:
+    data: dict[str, object] = {"run": {"workload": WORKLOAD}, "peers": peers(4)}
+    data[section] = {**data.get(section, {}), **values}  # type: ignore[dict-item]
+    assert any(fragment in p for p in problems_of(data)), problems_of(data)
+
+
+def test_bad_addresses() -> None:
+    with pytest.raises(ValueError, match="port"):
+        parse_address("host:99999")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_address("nocolon")
+    assert parse_address("[::1]:80") == ("::1", 80)
+    found = problems_of({"run": {"workload": WORKLOAD}, "peers": [{"name": "x y", "address": "h"}]})
+    assert len(found) == 2
+
+
+def test_overrides_revalidate() -> None:
+    config = config_from_mapping({"run": {"workload": WORKLOAD}, "peers": peers(2)})
+    assert with_overrides(config, steps=7).run.steps == 7
+    with pytest.raises(ConfigError, match="--device"):
+        with_overrides(config, device="tpu")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cli_bad_config_exits_2_listing_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        """
+[run]
+workload = "missing.py"
+steps = -3
+[topology]
+kind = "moebius"
+[[peers]]
+name = "a"
+address = "127.0.0.1:1"
+[[peers]]
+name = "a"
+address = "127.0.0.1:1"
+""",
+    )
+    code = main(["peer", "--config", str(path), "--name", "a"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for fragment in ("run.workload", "run.steps", "topology.kind", "duplicate name"):
+        assert fragment in err
+    assert "Traceback" not in err
+
+
+def test_cli_rejects_unknown_name_and_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = REPO / "configs" / "ring4.toml"
+    assert main(["peer", "--config", str(good), "--name", "nobody"]) == 2
+    assert "nobody" in capsys.readouterr().err
+    assert main(["peer", "--config", str(write(tmp_path, "[run\n")), "--name", "a"]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["peer", "--config", str(tmp_path / "absent.toml"), "--name", "a"]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+    assert main(["peer", "--config", str(good), "--name", "p0", "--listen", "nonsense"]) == 2
+    assert main(["peer", "--config", str(good), "--name", "p0", "--steps", "0"]) == 2
+
+
+def test_cli_topology_prints_weights_and_spectral_gap(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["topology", str(REPO / "configs" / "ring8.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "0.8047" in out  # λ2 of the ring of 8: (1 + 2 cos(2π/8)) / 3
+    assert "gap" in out.lower()
+
+
+def test_cli_status_of_unreachable_peer_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "127.0.0.1:9", "--timeout", "1"]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pdl.cli", "topology", str(REPO / "configs" / "torus16.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "0.6000" in result.stdout  # λ2 of the 4x4 torus

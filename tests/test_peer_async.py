@@ -1,0 +1,157 @@
+"""In-process tier: real Peers with real aiohttp servers on 127.0.0.1:0 in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import torch
+
+from p2pdl import Peer
+from p2pdl.config import config_from_mapping
+from p2pdl.transport import CLOSE_NOT_A_NEIGHBOR
+from p2pdl.wire import Frame, encode_frame
+
+PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
+
+
+def two_peer_config(**strategy: object) -> object:
+    return config_from_mapping(
+        {
+            "run": {"workload": str(PEERS_DIR / "mnist1d_cnn.py"), "lr": 0.1, "momentum": 0.0},
+            "strategy": {"kind": "gossip", "round_timeout": 5.0, **strategy},
+            "topology": {"kind": "ring"},
+            "transport": {"startup_timeout": 10.0, "heartbeat_interval": 1.0},
+            "peers": [{"name": "a", "address": "127.0.0.1:0"}, {"name": "b", "address": "127.0.0.1:0"}],
+        }
+    )
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def zero_closure() -> torch.Tensor:
+    """No gradients: the optimizer leaves parameters alone, so only mixing moves them."""
+    return torch.zeros(())
+
+
+@contextlib.asynccontextmanager
+async def two_peers(seed_a: int = 1, seed_b: int = 2) -> AsyncIterator[tuple[Peer, Peer]]:
+    config = two_peer_config()
+    model_a, model_b = make_model(seed_a), make_model(seed_b)
+    a = Peer(config, "a", model_a, torch.optim.SGD(model_a.parameters(), lr=0.1))  # type: ignore[arg-type]
+    b = Peer(config, "b", model_b, torch.optim.SGD(model_b.parameters(), lr=0.1))  # type: ignore[arg-type]
+    try:
+        # "a" sorts first, so it dials "b": bind b on port 0 and tell a where it landed.
+        port_b = await b.transport.start()
+        a.transport.update_address("b", f"127.0.0.1:{port_b}")
+        await asyncio.gather(a.start(), b.start())
+        yield a, b
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+async def test_two_peers_exchange_a_round() -> None:
+    async with two_peers() as (a, b):
+        before_a, before_b = flat(a.model).clone(), flat(b.model).clone()
+        ra, rb = await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
+        assert ra.parameter_round is not None and ra.parameter_round.complete
+        assert rb.parameter_round is not None and rb.parameter_round.complete
+        # Two peers on a ring: w_ab = 1/(1+1) = 0.5, so both land exactly on the average.
+        expected = (before_a + before_b) / 2
+        torch.testing.assert_close(flat(a.model), expected)
+        torch.testing.assert_close(flat(b.model), expected)
+        status = a.status()
+        assert status["bytes_sent"] > 0 and status["bytes_received"] > 0
+        assert status["rounds"]["complete"] == 1 and status["rounds"]["partial"] == 0
+        assert {n["name"]: n["state"] for n in status["neighbors"]} == {"b": "connected"}
+
+
+async def test_malformed_and_poisoned_frames_are_rejected_and_peer_keeps_working() -> None:
+    async with two_peers() as (a, b):
+        await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
+        before_b = flat(b.model).clone()
+        # Garbage, then a well-formed frame for the next round full of NaN, over the real link.
+        await a.transport.send_encoded("b", b"definitely not a frame")
+        poisoned = {name: torch.full_like(p, float("nan")) for name, p in a.model.named_parameters()}
+        await a.transport.send_encoded(
+            "b", encode_frame(Frame(kind="params", sender="a", round=1, step=1, tensors=poisoned))
+        )
+        wrong_shape = {name: torch.zeros(7) for name, _ in a.model.named_parameters()}
+        await a.transport.send_encoded(
+            "b", encode_frame(Frame(kind="params", sender="a", round=1, step=1, tensors=wrong_shape))
+        )
+        for _ in range(100):
+            rejected = b.status()["frames_rejected"]
+            if rejected["total"] >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert rejected["by_reason"] == {"format": 1, "non_finite": 1, "shape": 1}
+        torch.testing.assert_close(flat(b.model), before_b, rtol=0, atol=0)
+        # The link survived and the next real round still completes with a's honest frame.
+        ra, rb = await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
+        assert rb.parameter_round is not None and rb.parameter_round.complete
+        assert torch.isfinite(flat(b.model)).all()
+
+
+async def test_outsider_is_refused_with_a_close_code() -> None:
+    async with two_peers() as (a, b):
+        url = f"http://127.0.0.1:{b.transport.port}/ws"
+        hello = encode_frame(Frame(kind="hello", sender="mallory", round=0, step=0))
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            await ws.send_bytes(hello)
+            message = await ws.receive(timeout=5)
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == CLOSE_NOT_A_NEIGHBOR
+        assert b.status()["frames_rejected"]["by_reason"].get("unknown_sender") == 1
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{b.transport.port}/healthz") as response:
+                assert response.status == 200
+            async with session.get(f"http://127.0.0.1:{b.transport.port}/status") as response:
+                body = await response.json()
+        for key in ("name", "step", "round", "neighbors", "loss", "test_accuracy"):
+            assert key in body
+        for key in ("bytes_sent", "bytes_received", "frames_rejected"):
+            assert key in body
+
+
+async def test_missing_neighbour_makes_a_partial_round_not_a_complete_one() -> None:
+    config = config_from_mapping(
+        {
+            "run": {"workload": str(PEERS_DIR / "mnist1d_cnn.py")},
+            "strategy": {"kind": "gossip", "round_timeout": 0.3},
+            "transport": {"startup_timeout": 0.5, "handshake_timeout": 0.2},
+            "peers": [{"name": "a", "address": "127.0.0.1:0"}, {"name": "b", "address": "127.0.0.1:9"}],
+        }
+    )
+    model = make_model(1)
+    before = flat(model).clone()
+    async with Peer(config, "a", model, torch.optim.SGD(model.parameters(), lr=0.1)) as a:  # type: ignore[arg-type]
+        result = await a.step(zero_closure)
+    outcome = result.parameter_round
+    assert outcome is not None
+    assert not outcome.complete and outcome.missing == ("b",)
+    assert a.ledger.partial == 1 and a.ledger.complete == 0
+    assert a.ledger.as_dict()["recent_partial"] == [{"round": 0, "missing": ["b"]}]
+    # Its weight moved to itself: the parameters are unchanged, not scaled down.
+    torch.testing.assert_close(flat(model), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gossip", "allreduce"])
+async def test_step_requires_a_started_peer(kind: str) -> None:
+    config = two_peer_config(kind=kind)
+    model = make_model(0)
+    peer = Peer(config, "a", model, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="async with"):
+        await peer.step(zero_closure)
+    await peer.close()
