@@ -242,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     png = plot(out, names, consensus)
     failed = [p["name"] for p in peers if p["exit_code"] != 0]
+    mean_accuracy = result["mean_test_accuracy"] if accuracies else float("nan")
+    consensus_text = f"{final_consensus:.3g}" if final_consensus is not None else "n/a"
     print(
-        f"{len(names)} peers, {steps} steps in {wall:.1f}s: mean test accuracy "
-        f"{result['mean_test_accuracy'] if accuracies else float('nan'):.4f}, consensus distance "
-        f"{final_consensus if final_consensus is not None else float('nan'):.3g}; wrote {out / 'summary.json'} and {png}"
+        f"{len(names)} peers, {steps} steps in {wall:.1f}s: mean test accuracy {mean_accuracy:.4f}, "
+        f"consensus distance {consensus_text}; wrote {out / 'summary.json'} and {png}"
     )
     if failed:
         print(

@@ -99,13 +99,13 @@ async def test_malformed_and_poisoned_frames_are_rejected_and_peer_keeps_working
         assert rejected["by_reason"] == {"format": 1, "non_finite": 1, "shape": 1}
         torch.testing.assert_close(flat(b.model), before_b, rtol=0, atol=0)
         # The link survived and the next real round still completes with a's honest frame.
-        ra, rb = await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
+        _, rb = await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
         assert rb.parameter_round is not None and rb.parameter_round.complete
         assert torch.isfinite(flat(b.model)).all()
 
 
 async def test_outsider_is_refused_with_a_close_code() -> None:
-    async with two_peers() as (a, b):
+    async with two_peers() as (_, b):
         url = f"http://127.0.0.1:{b.transport.port}/ws"
         hello = encode_frame(Frame(kind="hello", sender="mallory", round=0, step=0))
         async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:

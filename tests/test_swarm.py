@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PEER_ENV, REPO, PeerProcesses, free_ports
+
 from p2pdl.mixing import consensus_distance
 
 pytestmark = pytest.mark.slow
@@ -38,11 +38,11 @@ def test_ring_of_four_learns_mnist1d_and_agrees(tmp_path: Path, config_writer: C
         topology={"kind": "ring"},
     )
     out = tmp_path / "run"
+    script = str(REPO / "scripts" / "local_cluster.py")
+    command = [sys.executable, script, str(config), "--out", str(out), "--no-progress", "--threads", "1"]
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "local_cluster.py"), str(config), "--out", str(out), "--no-progress",
-         "--threads", "1", "--timeout", "400"],
-        capture_output=True, text=True, timeout=450, env={**os.environ, **PEER_ENV}, check=False,
-    )  # fmt: skip
+        command, capture_output=True, text=True, timeout=450, env={**os.environ, **PEER_ENV}, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["peers"]) == 4
@@ -59,7 +59,8 @@ def test_ring_of_four_learns_mnist1d_and_agrees(tmp_path: Path, config_writer: C
         torch.cat([v.reshape(-1) for v in torch.load(out / n / "model.pt", weights_only=True).values()])
         for n in names
     ]
-    assert consensus_distance(vectors) == pytest.approx(summary["final_consensus_distance"], rel=1e-6)
+    recomputed = consensus_distance(vectors)
+    assert recomputed == pytest.approx(summary["final_consensus_distance"], rel=1e-6)
     metrics = [json.loads(line) for line in (out / "p0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1500))
 
