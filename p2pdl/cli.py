@@ -22,6 +22,7 @@ from pathlib import Path
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.topology import build_graph, describe
+from p2pdl.train import PeerOptions, run_peer
 
 log = logging.getLogger("p2pdl")
 
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     peer.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override run.device")
     peer.add_argument("--steps", type=int, help="override run.steps")
     peer.add_argument("--out", type=Path, help="output directory (default runs/NAME)")
+    peer.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
+    peer.add_argument("--bootstrap", action="append", default=[], help="HOST:PORT of a live peer (repeatable)")
+    peer.add_argument("--join", action="store_true", help="download the swarm's current state before training")
+    peer.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
     peer.add_argument(
         "--snapshot-every",
         type=int,
@@ -103,17 +108,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _run_peer(config: Config, name: str, out: Path, listen: str | None, snapshot_every: int) -> int:
-    from p2pdl.train import run_peer  # imports torch and the workload: only for `peer`
+async def _run_peer(config: Config, name: str, options: PeerOptions) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        summary = await run_peer(
-            config, name, out_dir=out, listen=listen, stop=stop, snapshot_every=snapshot_every
-        )
+        summary = await run_peer(config, name, options, stop)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -129,18 +131,41 @@ async def _run_peer(config: Config, name: str, out: Path, listen: str | None, sn
 
 def _cmd_peer(args: argparse.Namespace) -> int:
     config = _load(args.config, steps=args.steps, device=args.device)
-    config.peer(args.name)  # a clear ConfigError for an unknown name
-    if args.listen is not None:
-        try:
-            parse_address(args.listen)
-        except ValueError as exc:
-            raise ConfigError([f"--listen: {exc}"]) from None
+    problems = []
+    if config.peer(args.name) is None and args.listen is None:
+        problems.append(
+            f"--name {args.name!r} is not in [[peers]] (known: {', '.join(config.peer_names) or 'none'}); "
+            "a joining peer needs --listen HOST:PORT and a bootstrap address"
+        )
+    for flag, values in (
+        ("--listen", [args.listen]),
+        ("--advertise", [args.advertise]),
+        ("--bootstrap", args.bootstrap),
+    ):
+        for value in values:
+            if value is None:
+                continue
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                problems.append(f"{flag}: {exc}")
+    if problems:
+        raise ConfigError(problems)
     if args.snapshot_every < 0:
         raise ConfigError([f"--snapshot-every must be >= 0, got {args.snapshot_every}"])
     out = args.out if args.out is not None else Path("runs") / args.name
     runner = _event_loop_runner()
     with runner:
-        return runner.run(_run_peer(config, args.name, out, args.listen, args.snapshot_every))
+        options = PeerOptions(
+            out_dir=out,
+            listen=args.listen,
+            advertise=args.advertise,
+            bootstrap=tuple(args.bootstrap),
+            join=args.join,
+            resume=args.resume,
+            snapshot_every=args.snapshot_every,
+        )
+        return runner.run(_run_peer(config, args.name, options))
 
 
 def _event_loop_runner() -> asyncio.Runner:

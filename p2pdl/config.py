@@ -92,6 +92,7 @@ class RunConfig(_Validated):
     eval_every: int = 50  # steps; 0 disables periodic evaluation (a final one always runs)
     device: DeviceChoice = "auto"
     torch_threads: int = 0  # intra-op threads per peer; 0 leaves torch's default
+    data_shards: int = 0  # shards the training set is cut into; 0 means one per configured peer
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -159,6 +160,7 @@ class TransportConfig(_Validated):
     send_timeout: float = 30.0
     startup_timeout: float = 60.0  # wait for every neighbour before the first step
     shutdown_timeout: float = 5.0
+    state_timeout: float = 120.0  # a joiner's whole state download
     heartbeat_interval: float = 5.0  # WebSocket ping period; a missing pong drops the link
     reconnect_initial: float = 0.1  # first back-off delay, doubled up to reconnect_max
     reconnect_max: float = 5.0
@@ -184,6 +186,7 @@ class TransportConfig(_Validated):
             "send_timeout",
             "startup_timeout",
             "shutdown_timeout",
+            "state_timeout",
             "heartbeat_interval",
             "reconnect_initial",
             "reconnect_max",
@@ -219,6 +222,60 @@ class TransportConfig(_Validated):
             f"transport.startup_timeout ({self.startup_timeout})",
         )
         return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MembershipConfig(_Validated):
+    """Discovery and failure detection. Every duration is in seconds."""
+
+    _section: typing.ClassVar[str] = "membership"
+    bootstrap: tuple[str, ...] = ()  # HOST:PORT of any live peers; configured peers are seeds too
+    gossip_interval: float = 1.0  # period of heartbeats and membership push-pull
+    gossip_timeout: float = 2.0  # one push-pull exchange
+    fanout: int = 8  # members contacted per period (all of them in swarms up to this size)
+    suspect_after: float = 5.0  # no fresh heartbeat for this long: suspect (still a neighbour)
+    dead_after: float = 10.0  # no fresh heartbeat for this long: dead, rewired around
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        for address in self.bootstrap:
+            try:
+                parse_address(address)
+            except ValueError as exc:
+                found.append(f"membership.bootstrap: {exc}")
+        for name in ("gossip_interval", "gossip_timeout", "suspect_after", "dead_after"):
+            value = getattr(self, name)
+            _check(found, value > 0, f"membership.{name} must be > 0 seconds, got {value}")
+        _check(found, self.fanout >= 1, f"membership.fanout must be >= 1, got {self.fanout}")
+        _check(
+            found,
+            self.suspect_after >= 2 * self.gossip_interval,
+            f"membership.suspect_after ({self.suspect_after}) must be >= 2 x membership.gossip_interval "
+            f"({self.gossip_interval}), or one lost heartbeat makes a live peer suspect",
+        )
+        _check(
+            found,
+            self.dead_after > self.suspect_after,
+            f"membership.dead_after ({self.dead_after}) must be > membership.suspect_after ({self.suspect_after})",
+        )
+        _check(
+            found,
+            self.gossip_timeout <= self.suspect_after,
+            f"membership.gossip_timeout ({self.gossip_timeout}) must be <= membership.suspect_after "
+            f"({self.suspect_after})",
+        )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig(_Validated):
+    """Periodic checkpoints under the peer's ``--out`` directory, written atomically."""
+
+    _section: typing.ClassVar[str] = "checkpoint"
+    every: int = 200  # steps between checkpoints; 0 keeps only the final one
+
+    def problems(self) -> list[str]:
+        return [] if self.every >= 0 else [f"checkpoint.every must be >= 0, got {self.every}"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -260,21 +317,33 @@ class Config(_Validated):
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     peers: tuple[PeerEntry, ...] = ()
 
     @property
     def peer_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.peers)
 
-    def peer(self, name: str) -> PeerEntry:
+    def peer(self, name: str) -> PeerEntry | None:
+        """The configured entry for ``name``, or None for a peer that joins by bootstrap."""
         for entry in self.peers:
             if entry.name == name:
                 return entry
-        raise ConfigError([f"--name {name!r} is not in [[peers]] (known: {', '.join(self.peer_names)})"])
+        return None
+
+    @property
+    def shard_count(self) -> int:
+        return self.run.data_shards or len(self.peers)
 
     def problems(self) -> list[str]:
         found: list[str] = []
-        _check(found, len(self.peers) >= 1, "peers: at least one [[peers]] entry is required")
+        _check(
+            found,
+            len(self.peers) >= 1 or bool(self.membership.bootstrap),
+            "peers: at least one [[peers]] entry or a membership.bootstrap address is required",
+        )
+        _check(found, self.shard_count >= 1, "run.data_shards must be >= 1 when there are no [[peers]]")
         seen_names: set[str] = set()
         seen_addresses: dict[tuple[str, int], str] = {}
         for entry in self.peers:
@@ -287,8 +356,7 @@ class Config(_Validated):
                 continue  # already reported by the entry itself
             if port != 0 and (host, port) in seen_addresses:
                 found.append(
-                    f"peers.{entry.name}.address: {entry.address} is already used by "
-                    f"{seen_addresses[(host, port)]!r}"
+                    f"peers.{entry.name}.address: {entry.address} is already used by {seen_addresses[(host, port)]!r}"
                 )
             seen_addresses[(host, port)] = entry.name
         if self.peers and len(seen_names) == len(self.peers):
@@ -307,6 +375,8 @@ class Config(_Validated):
             found.append(f"run.workload: file {str(self.run.workload)!r} does not exist")
         if self.transport.send_timeout > self.strategy.round_timeout * 100:
             found.append("transport.send_timeout is over 100x strategy.round_timeout; lower it")
+        if self.membership.gossip_timeout > self.transport.startup_timeout:
+            found.append("membership.gossip_timeout must be <= transport.startup_timeout")
         return found
 
 
@@ -318,6 +388,8 @@ _SECTIONS: dict[str, type[_Validated]] = {
     "strategy": StrategyConfig,
     "topology": TopologyConfig,
     "transport": TransportConfig,
+    "membership": MembershipConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
@@ -355,8 +427,13 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
     elif annotation is Path:
         if isinstance(value, str) and value:
             return Path(value)
+    elif origin is tuple and get_args(annotation) == (str, ...):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        problems.append(f"{key}: expected a list of strings, got {value!r}")
+        return None
     elif origin is tuple:
-        # only tuple[tuple[str, str], ...] (explicit edges) is used
+        # tuple[tuple[str, str], ...]: explicit edges
         if isinstance(value, list) and all(
             isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) for s in e) for e in value
         ):
@@ -367,9 +444,7 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
     return None
 
 
-def _build_section(
-    cls: type[_Validated], table: Any, key: str, problems: list[str], base_dir: Path | None
-) -> Any:
+def _build_section(cls: type[_Validated], table: Any, key: str, problems: list[str], base_dir: Path | None) -> Any:
     if not isinstance(table, dict):
         problems.append(f"{key}: expected a table, got {type(table).__name__}")
         return None
@@ -390,9 +465,7 @@ def _build_section(
     missing = [
         f.name
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-        and f.name not in kwargs
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
     ]
     if missing:
         if len(problems) == before:  # a bad value already explains why the key is absent

@@ -31,9 +31,7 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     count = num_examples // batch_size
     if count < 1:
-        raise ValueError(
-            f"batch_size {batch_size} exceeds num_examples {num_examples}: no full batch fits in an epoch"
-        )
+        raise ValueError(f"batch_size {batch_size} exceeds num_examples {num_examples}: no full batch fits in an epoch")
     return count
 
 

@@ -174,9 +174,7 @@ def shard_indices(num_examples: int, shard_index: int, shard_count: int, *, seed
     if shard_count < 1:
         problems.append(f"shard_count must be >= 1, got {shard_count}")
     elif num_examples >= 1 and shard_count > num_examples:
-        problems.append(
-            f"shard_count {shard_count} exceeds num_examples {num_examples}; some shards would be empty"
-        )
+        problems.append(f"shard_count {shard_count} exceeds num_examples {num_examples}; some shards would be empty")
     if shard_count >= 1 and not 0 <= shard_index < shard_count:
         problems.append(f"shard_index must be in [0, {shard_count - 1}], got {shard_index}")
     if problems:

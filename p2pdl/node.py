@@ -10,26 +10,35 @@ step. The node itself holds no mixing math and no wire format: those live in the
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import math
 import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
+from aiohttp import web
 
 from p2pdl.config import Config, parse_address
-from p2pdl.errors import ConfigError, TransportError
+from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TransportError
+from p2pdl.membership import MembershipError, MembershipView, Timing, parse_members
+from p2pdl.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
 from p2pdl.strategies import RoundLedger, RoundOutcome, Strategy, StrategyContext, build_strategy
-from p2pdl.topology import build_graph
+from p2pdl.topology import Graph, build_graph
 from p2pdl.transport import Transport
+from p2pdl.wire import decode_frame
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_MAX_GOSSIP_BYTES = 1024 * 1024
+_STATE_CHUNK_BYTES = 16 * 1024 * 1024
 PeerState = Literal["created", "starting", "training", "stopping", "closed"]
 
 
@@ -57,12 +66,14 @@ class Peer:
 
     Args:
         config: the swarm's validated config.
-        name: this peer's name; must be in ``config.peers``.
+        name: this peer's name; a name not in ``config.peers`` joins by bootstrap and needs ``listen``.
         model: any ``nn.Module``, already on ``device`` and identically initialised on every peer.
         optimizer: any torch optimizer over ``model``'s parameters.
         device: where the model lives; mixing runs there.
         listen: ``host:port`` to bind instead of the configured address (e.g. ``0.0.0.0:29500``).
-        start_step: the step to start counting from.
+        advertise: ``host:port`` other peers should dial (default: the configured or listen address).
+        bootstrap: extra ``host:port`` addresses of live peers to learn the membership from.
+        start_step: the step to start counting from (e.g. after resuming a checkpoint).
     """
 
     def __init__(
@@ -74,49 +85,69 @@ class Peer:
         *,
         device: torch.device | None = None,
         listen: str | None = None,
+        advertise: str | None = None,
+        bootstrap: tuple[str, ...] = (),
         start_step: int = 0,
     ) -> None:
         entry = config.peer(name)
+        if entry is None and listen is None:
+            known = ", ".join(config.peer_names) or "none"
+            raise ConfigError(
+                [f"--name {name!r} is not in [[peers]] (known: {known}); a joining peer needs --listen HOST:PORT"]
+            )
+        bind = listen or (entry.address if entry is not None else "")
+        try:
+            host, port = parse_address(bind)
+            if advertise is not None:
+                parse_address(advertise)
+        except ValueError as exc:
+            raise ConfigError([f"--listen/--advertise: {exc}"]) from exc
         self.config = config
         self.name = name
         self.model = model
         self.optimizer = optimizer
         self.device = device or next(model.parameters()).device
-        bind = listen or entry.address
-        try:
-            host, port = parse_address(bind)
-        except ValueError as exc:
-            raise ConfigError([f"--listen: {exc}"]) from exc
         self.step_index = start_step
         self.state: PeerState = "created"
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.ledger = RoundLedger()
+        self.rewires: list[dict[str, Any]] = []
         self._started_at = time.monotonic()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"p2pdl-compute-{name}")
-        graph = build_graph(
-            config.topology.kind,
-            config.peer_names,
-            rows=config.topology.rows,
-            cols=config.topology.cols,
-            center=config.topology.center,
-            edges=config.topology.edges,
+        membership = config.membership
+        self.membership = MembershipView(
+            name=name,
+            address=advertise or (entry.address if entry is not None and listen is None else bind),
+            configured=[(p.name, p.address) for p in config.peers],
+            timing=Timing(
+                gossip_interval=membership.gossip_interval,
+                suspect_after=membership.suspect_after,
+                dead_after=membership.dead_after,
+            ),
         )
-        self.graph = graph
+        self._seeds = tuple(dict.fromkeys([*membership.bootstrap, *bootstrap]))
+        self._graph = self._graph_over(self.membership.live_names())
+        self._tasks: set[asyncio.Task[None]] = set()
         self.transport = Transport(
             name=name,
             listen_host=host,
             listen_port=port,
-            addresses={p.name: p.address for p in config.peers},
+            addresses=self.membership.addresses(),
             config=config.transport,
             expected_tensors=lambda kind, sender: self.strategy.expected_tensors(kind, sender),
             status=self.status,
+            admit=lambda other: other in self._graph.names,
+            on_peer_left=self._on_peer_left,
+            on_heard=self.membership.touch,
         )
+        self.transport.add_route("POST", "/gossip", self._gossip_handler)
+        self.transport.add_route("GET", "/members", self._members_handler)
+        self.transport.add_route("GET", "/state", self._state_handler)
         self._strategy: Strategy = build_strategy(
             StrategyContext(
                 name=name,
-                peers=config.peer_names,
-                graph=graph,
+                topology=lambda: self._graph,
                 parameters=tuple((n, p) for n, p in model.named_parameters() if p.requires_grad),
                 device=self.device,
                 exchange=self.transport,
@@ -131,13 +162,36 @@ class Peer:
     def strategy(self) -> Strategy:
         return self._strategy
 
+    @property
+    def graph(self) -> Graph:
+        """The communication graph over the live members, as this peer sees it now."""
+        return self._graph
+
+    def live_members(self) -> tuple[str, ...]:
+        return self._graph.names
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Bind, connect to neighbours and wait for them (bounded by ``startup_timeout``)."""
+        """Bind, learn the membership, connect to neighbours (all bounded by ``startup_timeout``)."""
         self.state = "starting"
-        await self.transport.start()
-        missing = await self.transport.wait_connected(self.config.transport.startup_timeout)
+        deadline = time.monotonic() + self.config.transport.startup_timeout
+        port = await self.transport.start()
+        own = self.membership.member(self.name)
+        assert own is not None
+        host, advertised_port = parse_address(own.address)
+        if advertised_port == 0:
+            self.membership.set_own_address(f"{host}:{port}")
+        self._spawn(self._membership_loop(), "membership")
+        configured = [n for n in self.config.peer_names if n != self.name]
+        while time.monotonic() < deadline:
+            heard = [n for n in configured if self.membership.heard_from(n)]
+            others = [n for n in self.membership.live_names() if n != self.name]
+            if len(heard) == len(configured) and (configured or others or not self._seeds):
+                break
+            await asyncio.sleep(0.05)
+        self._rewire(reason="startup")
+        missing = await self.transport.wait_connected(max(0.0, deadline - time.monotonic()))
         if missing:
             message = (
                 f"{self.name}: no link to {', '.join(missing)} after "
@@ -150,11 +204,19 @@ class Peer:
         self.state = "training"
 
     async def close(self) -> None:
-        """Announce the leave, close every link, stop the compute thread."""
+        """Announce the leave (membership and links), close every link, stop the compute thread."""
         if self.state == "closed":
             return
+        announce = self.state in ("training", "starting")
         self.state = "stopping"
         try:
+            if announce:
+                self.membership.leave()
+                await self._gossip_once(include_seeds=False)
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.config.transport.shutdown_timeout)
             await self.transport.close(announce=True)
         finally:
             self._compute.shutdown(wait=True)
@@ -166,6 +228,189 @@ class Peer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ membership
+
+    def _graph_over(self, live: Sequence[str]) -> Graph:
+        """The configured topology kind over the live members, adapted where it must be."""
+        topo = self.config.topology
+        names = list(live)
+        if len(names) < 2:
+            return build_graph("full", names)
+        try:
+            if topo.kind == "torus":
+                fits = topo.rows is not None and topo.cols is not None and topo.rows * topo.cols == len(names)
+                return build_graph("torus", names, rows=topo.rows if fits else None, cols=topo.cols if fits else None)
+            if topo.kind == "star":
+                center = topo.center if topo.center in names else names[0]
+                return build_graph("star", names, center=center)
+            if topo.kind == "explicit":
+                edges = [(a, b) for a, b in topo.edges or () if a in names and b in names]
+                return build_graph("explicit", names, edges=edges)
+            return build_graph(topo.kind, names)
+        except ConfigError as exc:
+            log.warning("%s: %s over %s is invalid (%s); using a ring", self.name, topo.kind, names, exc)
+            return build_graph("ring", names)
+
+    def _rewire(self, *, reason: str) -> None:
+        live = self.membership.live_names()
+        graph = self._graph_over(live)
+        for member, address in self.membership.addresses().items():
+            if member != self.name:
+                self.transport.update_address(member, address)
+        before = set(self.transport.neighbors)
+        self._graph = graph
+        self.transport.set_neighbors(self._strategy.communication_peers())
+        after = set(self.transport.neighbors)
+        if after != before:
+            record = {
+                "time": time.time(),
+                "step": self.step_index,
+                "reason": reason,
+                "removed": sorted(before - after),
+                "added": sorted(after - before),
+                "neighbors": sorted(after),
+            }
+            self.rewires.append(record)
+            del self.rewires[:-50]
+            log.info("%s: rewired (%s): -%s +%s", self.name, reason, record["removed"], record["added"])
+
+    def _on_peer_left(self, name: str) -> None:
+        if self.membership.mark_left(name):
+            self._rewire(reason=f"{name} left")
+
+    async def _membership_loop(self) -> None:
+        interval = self.config.membership.gossip_interval
+        while True:
+            self.membership.beat()
+            await self._gossip_once(include_seeds=True)
+            if self.membership.tick() and self.state == "training":
+                self._rewire(reason="membership")
+            await asyncio.sleep(interval)
+
+    async def _gossip_once(self, *, include_seeds: bool) -> None:
+        """Push-pull the membership digest with up to ``fanout`` live members (and seeds)."""
+        cfg = self.config.membership
+        live = [n for n in self.membership.live_names() if n != self.name]
+        targets = {self.membership.addresses()[n] for n in random.sample(live, min(cfg.fanout, len(live)))}
+        if include_seeds:
+            # Bootstrap addresses and members believed dead are retried every period: this is
+            # how a joiner finds the swarm and how two sides of a healed partition merge.
+            unreachable = [
+                m["address"] for m in self.membership.snapshot() if m["state"] == "dead" and m["name"] != self.name
+            ]
+            pool = [a for a in (*self._seeds, *unreachable) if a not in targets]
+            targets.update(random.sample(pool, min(cfg.fanout, len(pool))))
+        if not targets:
+            return
+        payload = {"sender": self.name, "members": self.membership.digest()}
+        results = await asyncio.gather(
+            *(
+                self.transport.request_json(a, "POST", "/gossip", payload, cfg.gossip_timeout, _MAX_GOSSIP_BYTES)
+                for a in targets
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, TransportError):
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            try:
+                self._merge_digest(result)
+            except MembershipError as exc:
+                self.transport.stats.frames_rejected["membership"] += 1
+                log.debug("%s: bad membership reply: %s", self.name, exc)
+
+    def _merge_digest(self, body: Any) -> None:
+        if not isinstance(body, dict) or "members" not in body:
+            raise MembershipError("gossip body must be an object with 'members'")
+        if self.membership.merge(parse_members(body["members"])) and self.state == "training":
+            self._rewire(reason="membership")
+
+    async def _gossip_handler(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > _MAX_GOSSIP_BYTES:
+            return web.json_response({"error": "gossip body too large"}, status=413)
+        try:
+            body = json.loads(await request.content.read(_MAX_GOSSIP_BYTES + 1))
+            self._merge_digest(body)
+        except (ValueError, MembershipError) as exc:
+            self.transport.stats.frames_rejected["membership"] += 1
+            return web.json_response({"error": f"bad gossip: {exc}"[:200]}, status=400)
+        return web.json_response({"members": self.membership.digest()})
+
+    async def _members_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "name": self.name,
+                "incarnation": self.membership.incarnation,
+                "live": list(self.live_members()),
+                "neighbors": list(self._graph.neighbors.get(self.name, ())),
+                "members": self.membership.snapshot(),
+            }
+        )
+
+    # ------------------------------------------------------------------ state transfer
+
+    async def _state_handler(self, request: web.Request) -> web.StreamResponse:
+        snapshot = await self.run_compute(lambda: snapshot_state(self.model, self.optimizer, self.step_index))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-p2pdl-state"})
+        await response.prepare(request)
+        timeout = self.config.transport.send_timeout
+        for frame in state_frames(snapshot, self.name, chunk_bytes=_STATE_CHUNK_BYTES):
+            data = await self.transport.encode(frame)
+            async with asyncio.timeout(timeout):
+                await response.write(LENGTH.pack(len(data)))
+                await response.write(data)
+        await response.write_eof()
+        return response
+
+    async def fetch_state(self, donor: str | None = None) -> int:
+        """Download parameters, optimizer state and step from a live neighbour; returns the step."""
+        candidates = [donor] if donor else [n for n in self._graph.neighbors.get(self.name, ())]
+        candidates += [n for n in self.live_members() if n != self.name and n not in candidates]
+        errors = []
+        for name in candidates:
+            address = self.membership.addresses().get(name)
+            if not address:
+                continue
+            try:
+                step = await self._fetch_state_from(name, address)
+            except (P2PDLError, OSError, asyncio.IncompleteReadError) as exc:
+                errors.append(f"{name}: {exc}")
+                continue
+            self.step_index = step
+            log.info("%s: loaded state of step %d from %s", self.name, step, name)
+            return step
+        raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
+
+    async def _fetch_state_from(self, donor: str, address: str) -> int:
+        limits = self.transport.limits
+        assembler = StateAssembler(self.model, self.optimizer)
+        loop = asyncio.get_running_loop()
+        timeout = self.config.transport.state_timeout
+        async with (
+            asyncio.timeout(timeout),
+            self.transport.open_stream(address, "/state", timeout) as response,
+        ):
+            if response.status != 200:
+                raise TransportError(f"GET {address}/state: HTTP {response.status}")
+            while not assembler.complete:
+                (length,) = LENGTH.unpack(await response.content.readexactly(LENGTH.size))
+                if length > limits.max_frame_bytes:
+                    raise FrameTooLargeError(f"state frame of {length} bytes is over the cap")
+                data = await response.content.readexactly(length)
+                frame = await loop.run_in_executor(
+                    None, functools.partial(decode_frame, data, limits=limits, known_senders=(donor,))
+                )
+                assembler.feed(frame)
+        return await self.run_compute(assembler.apply)
 
     # ------------------------------------------------------------------ training
 
@@ -195,10 +440,11 @@ class Peer:
         await self.run_compute(self.optimizer.step)
         parameter_round = await self.strategy.after_optimizer_step(step)
         self.step_index = step + 1
+        if parameter_round is not None:
+            # A peer behind its neighbours (a joiner, a restarted peer) skips ahead to their round.
+            self.step_index = max(self.step_index, (parameter_round.round + 1) * self.config.strategy.local_steps)
         self.last_loss = loss
-        return StepResult(
-            step=step, loss=loss, gradient_round=gradient_round, parameter_round=parameter_round
-        )
+        return StepResult(step=step, loss=loss, gradient_round=gradient_round, parameter_round=parameter_round)
 
     def record_eval(self, metrics: dict[str, float]) -> None:
         """Publish evaluation results (e.g. ``test_accuracy``) in ``/status``."""
@@ -222,6 +468,9 @@ class Peer:
             "test_accuracy": self.last_eval.get("test_accuracy"),
             "eval": self.last_eval,
             "rounds": self.ledger.as_dict(),
+            "incarnation": self.membership.incarnation,
+            "live_members": list(self.live_members()),
+            "rewires": self.rewires[-5:],
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             **self.transport.stats.as_dict(),
         }

@@ -37,10 +37,9 @@ from p2pdl.mixing import (
     exact_mean,
     flatten_into,
     mix_into,
-    renormalized_row,
     unflatten_into,
 )
-from p2pdl.topology import Graph, mixing_weights
+from p2pdl.topology import Graph, mh_weight
 from p2pdl.wire import Frame, TensorSpec
 
 T = TypeVar("T")
@@ -65,6 +64,8 @@ class Exchange(Protocol):
     ) -> dict[str, Frame]: ...
 
     def advance(self, kind: str, floor: int) -> None: ...
+
+    def highest_round(self, kind: str, senders: Collection[str]) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +119,7 @@ class StrategyContext:
     """Everything a strategy may touch, handed over by the node."""
 
     name: str
-    peers: tuple[str, ...]  # every configured peer, in rank order
-    graph: Graph
+    topology: Callable[[], Graph]  # the graph over the live members, in agreed (rank) order, now
     parameters: tuple[tuple[str, torch.nn.Parameter], ...]
     device: torch.device
     exchange: Exchange
@@ -157,19 +157,26 @@ def _parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> di
 
 
 class GossipStrategy:
-    """D-PSGD: synchronous parameter gossip with the graph neighbours every H local steps."""
+    """D-PSGD: synchronous parameter gossip with the graph neighbours every H local steps.
+
+    Under churn the neighbours are re-read from the live graph every round, and the
+    Metropolis-Hastings weight of each neighbour uses the degree it reports in its frame, so the
+    weights stay symmetric and doubly stochastic after every membership change.
+    """
 
     name = "gossip"
 
     def __init__(self, ctx: StrategyContext) -> None:
         self._ctx = ctx
-        self._neighbors = ctx.graph.neighbors[ctx.name]
-        self._row = mixing_weights(ctx.graph, ctx.name)
         self._specs = _parameter_specs(ctx.parameters)
         self._round = 0
+        self._row: dict[str, float] = {}
+
+    def _neighbors(self) -> tuple[str, ...]:
+        return self._ctx.topology().neighbors.get(self._ctx.name, ())
 
     def communication_peers(self) -> tuple[str, ...]:
-        return self._neighbors
+        return self._neighbors()
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         if kind != PARAMS:
@@ -179,35 +186,51 @@ class GossipStrategy:
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         return None
 
+    def _row_for(self, neighbors: Sequence[str], arrived: Mapping[str, Frame]) -> dict[str, float]:
+        """This round's weights: MH from reported degrees; missing neighbours' weight stays home."""
+        own_degree = len(neighbors)
+        graph = self._ctx.topology()
+        row: dict[str, float] = {}
+        for sender, frame in arrived.items():
+            reported = frame.meta.get("degree")
+            valid = isinstance(reported, int) and not isinstance(reported, bool) and 1 <= reported <= 4096
+            degree = reported if valid else graph.degree(sender) if sender in graph.names else own_degree
+            row[sender] = mh_weight(own_degree, int(degree))  # type: ignore[arg-type]
+        row[self._ctx.name] = 1.0 - sum(row.values())
+        return row
+
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
         if (step + 1) % self._ctx.config.local_steps != 0:
             return None
-        round_index = step // self._ctx.config.local_steps
+        ctx = self._ctx
+        neighbors = self._neighbors()
+        round_index = step // ctx.config.local_steps
+        ahead = ctx.exchange.highest_round(PARAMS, neighbors)
+        if ahead is not None and ahead > round_index:
+            round_index = ahead  # behind the swarm (joined or restarted): catch up to its round
         self._round = round_index
         started = time.perf_counter()
-        ctx = self._ctx
         # Training is paused while the round runs, so the parameters can be encoded in place.
         frame = Frame(
             kind=PARAMS,
             sender=ctx.name,
             round=round_index,
             step=step,
-            meta={"degree": len(self._neighbors)},
+            meta={"degree": len(neighbors)},
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
-        await ctx.exchange.broadcast(frame, self._neighbors)
-        arrived = await ctx.exchange.collect(PARAMS, round_index, self._neighbors, ctx.config.round_timeout)
+        await ctx.exchange.broadcast(frame, neighbors)
+        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, ctx.config.round_timeout)
         ctx.exchange.advance(PARAMS, round_index + 1)
-        row = renormalized_row(self._row, ctx.name, arrived)
+        row = self._row_for(neighbors, arrived)
+        self._row = row
         local = [p for _, p in ctx.parameters]
         contributions = [
-            (row[sender], [arrived[sender].tensors[name] for name, _ in ctx.parameters])
-            for sender in self._neighbors
-            if sender in arrived
+            (row[sender], [arrived[sender].tensors[name] for name, _ in ctx.parameters]) for sender in arrived
         ]
         if contributions:
             await ctx.run_compute(lambda: mix_into(local, row[ctx.name], contributions))
-        missing = [n for n in self._neighbors if n not in arrived]
+        missing = [n for n in neighbors if n not in arrived]
         return ctx.ledger.record(round_index, missing, started)
 
     def status(self) -> dict[str, Any]:
@@ -215,44 +238,56 @@ class GossipStrategy:
             "kind": self.name,
             "round": self._round,
             "local_steps": self._ctx.config.local_steps,
-            "mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
+            "neighbors": list(self._neighbors()),
+            "last_mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
         }
 
 
 class AllReduceStrategy:
-    """Exact gradient averaging: reduce-scatter + all-gather over the full mesh."""
+    """Exact gradient averaging: reduce-scatter + all-gather over the full mesh of live members.
+
+    The participants are the live members at the step, in the agreed order; rank r owns chunk r
+    of the flat gradient. If any participant's contribution is missing the step fails.
+    """
 
     name = "allreduce"
 
     def __init__(self, ctx: StrategyContext) -> None:
         self._ctx = ctx
-        self._rank = ctx.peers.index(ctx.name)
-        self._others = tuple(p for p in ctx.peers if p != ctx.name)
-        total = sum(p.numel() for _, p in ctx.parameters)
-        self._bounds = chunk_bounds(total, len(ctx.peers))
+        self._total = sum(p.numel() for _, p in ctx.parameters)
         dtypes = {p.dtype for _, p in ctx.parameters}
         if dtypes != {torch.float32}:
             raise ValueError(f"allreduce supports float32 parameters only, got {sorted(map(str, dtypes))}")
         # Host-side wire buffers, reused every step: the flat gradient (total,) and the result.
-        self._flat = torch.empty(total, dtype=torch.float32)
-        self._averaged = torch.empty(total, dtype=torch.float32)
+        self._flat = torch.empty(self._total, dtype=torch.float32)
+        self._averaged = torch.empty(self._total, dtype=torch.float32)
         self._round = 0
 
-    def _chunk(self, buffer: torch.Tensor, rank: int) -> torch.Tensor:
-        return buffer[self._bounds[rank] : self._bounds[rank + 1]]
+    def _participants(self) -> tuple[str, ...]:
+        return self._ctx.topology().names
+
+    def _bounds(self, peers: Sequence[str]) -> list[int]:
+        return chunk_bounds(self._total, len(peers))
+
+    @staticmethod
+    def _chunk(buffer: torch.Tensor, bounds: Sequence[int], rank: int) -> torch.Tensor:
+        return buffer[bounds[rank] : bounds[rank + 1]]
 
     def communication_peers(self) -> tuple[str, ...]:
-        return self._others
+        return tuple(p for p in self._participants() if p != self._ctx.name)
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
+        peers = self._participants()
+        if sender not in peers or self._ctx.name not in peers:
+            raise FrameSchemaError(f"{sender!r} is not an all-reduce participant")
         if kind == REDUCE_SCATTER:
-            owner = self._rank  # the sender's slice of *my* chunk
+            owner = peers.index(self._ctx.name)  # the sender's slice of *my* chunk
         elif kind == ALL_GATHER:
-            owner = self._ctx.peers.index(sender)  # the sender's averaged chunk
+            owner = peers.index(sender)  # the sender's averaged chunk
         else:
             raise FrameSchemaError(f"allreduce peers exchange only 'rs'/'ag' frames, got {kind!r}")
-        size = self._bounds[owner + 1] - self._bounds[owner]
-        return {"chunk": TensorSpec(dtype="float32", shape=(size,))}
+        bounds = self._bounds(peers)
+        return {"chunk": TensorSpec(dtype="float32", shape=(bounds[owner + 1] - bounds[owner],))}
 
     def _gather_gradients(self) -> None:
         grads = []
@@ -263,22 +298,24 @@ class AllReduceStrategy:
         flatten_into(grads, self._flat)
 
     def _scatter_gradients(self) -> None:
-        grads = [p.grad for _, p in self._ctx.parameters]
+        grads = [p.grad for _, p in self._ctx.parameters if p.grad is not None]
         device = self._ctx.device
-        averaged = self._averaged.to(device, non_blocking=False) if device.type != "cpu" else self._averaged
-        unflatten_into(averaged, [g for g in grads if g is not None])
+        averaged = self._averaged.to(device) if device.type != "cpu" else self._averaged
+        unflatten_into(averaged, grads)
 
-    async def _exchange(self, kind: str, round_index: int, frames: Mapping[str, Frame]) -> dict[str, Frame]:
+    async def _exchange(
+        self, kind: str, round_index: int, others: Sequence[str], frames: Mapping[str, Frame]
+    ) -> dict[str, Frame]:
         ctx = self._ctx
-        encoded = await asyncio.gather(*(ctx.exchange.encode(frames[n]) for n in self._others))
+        encoded = await asyncio.gather(*(ctx.exchange.encode(frames[n]) for n in others))
         results = await asyncio.gather(
-            *(ctx.exchange.send_encoded(n, data) for n, data in zip(self._others, encoded, strict=True)),
+            *(ctx.exchange.send_encoded(n, data) for n, data in zip(others, encoded, strict=True)),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, TransportError):
                 raise result
-        arrived = await ctx.exchange.collect(kind, round_index, self._others, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(kind, round_index, others, ctx.config.round_timeout)
         ctx.exchange.advance(kind, round_index + 1)
         return arrived
 
@@ -286,8 +323,12 @@ class AllReduceStrategy:
         ctx = self._ctx
         self._round = step
         started = time.perf_counter()
+        peers = self._participants()
+        rank = peers.index(ctx.name)
+        others = tuple(p for p in peers if p != ctx.name)
+        bounds = self._bounds(peers)
         await ctx.run_compute(self._gather_gradients)
-        if not self._others:
+        if not others:
             self._averaged.copy_(self._flat)
             return ctx.ledger.record(step, [], started)
         scatter = {
@@ -296,31 +337,30 @@ class AllReduceStrategy:
                 sender=ctx.name,
                 round=step,
                 step=step,
-                tensors={"chunk": self._chunk(self._flat, ctx.peers.index(n))},
+                tensors={"chunk": self._chunk(self._flat, bounds, peers.index(n))},
             )
-            for n in self._others
+            for n in others
         }
-        arrived = await self._exchange(REDUCE_SCATTER, step, scatter)
-        missing = [n for n in self._others if n not in arrived]
+        arrived = await self._exchange(REDUCE_SCATTER, step, others, scatter)
+        missing = [n for n in others if n not in arrived]
         if missing:
             ctx.ledger.record(step, missing, started)
             raise AllReduceIncompleteError(step, missing)
         in_rank_order = [
-            self._chunk(self._flat, self._rank) if p == ctx.name else arrived[p].tensors["chunk"]
-            for p in ctx.peers
+            self._chunk(self._flat, bounds, rank) if p == ctx.name else arrived[p].tensors["chunk"] for p in peers
         ]
-        own = self._chunk(self._averaged, self._rank)
+        own = self._chunk(self._averaged, bounds, rank)
         await ctx.run_compute(lambda: exact_mean(in_rank_order, own))
         gather_frame = Frame(kind=ALL_GATHER, sender=ctx.name, round=step, step=step, tensors={"chunk": own})
-        gathered = await self._exchange(ALL_GATHER, step, dict.fromkeys(self._others, gather_frame))
-        missing = [n for n in self._others if n not in gathered]
+        gathered = await self._exchange(ALL_GATHER, step, others, dict.fromkeys(others, gather_frame))
+        missing = [n for n in others if n not in gathered]
         if missing:
             ctx.ledger.record(step, missing, started)
             raise AllReduceIncompleteError(step, missing)
 
         def assemble() -> None:
             for sender, frame in gathered.items():
-                self._chunk(self._averaged, ctx.peers.index(sender)).copy_(frame.tensors["chunk"])
+                self._chunk(self._averaged, bounds, peers.index(sender)).copy_(frame.tensors["chunk"])
             self._scatter_gradients()
 
         await ctx.run_compute(assemble)
@@ -330,7 +370,7 @@ class AllReduceStrategy:
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"kind": self.name, "round": self._round, "world_size": len(self._ctx.peers)}
+        return {"kind": self.name, "round": self._round, "world_size": len(self._participants())}
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:

@@ -464,9 +464,7 @@ def describe(graph: Graph) -> str:
     else:
         for i, name in enumerate(names):
             entries = ", ".join(
-                f"{names[j]}={_format_weight(float(weights[i, j]))}"
-                for j in range(len(names))
-                if weights[i, j] != 0.0
+                f"{names[j]}={_format_weight(float(weights[i, j]))}" for j in range(len(names)) if weights[i, j] != 0.0
             )
             lines.append(f"  {name + ':':<{name_width + 1}} [{entries}]")
 

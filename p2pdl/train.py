@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,7 @@ log = logging.getLogger(__name__)
 def build_optimizer(run: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer every peer (and the DDP reference) uses for a run config."""
     if run.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay
-        )
+        return torch.optim.SGD(model.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
 
 
@@ -93,89 +92,206 @@ class MetricsWriter:
         self._handle.close()
 
 
-def _batches(stream: BatchStream, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for inputs, targets in stream:
-        yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+def assigned_shards(live: Sequence[str], name: str, shard_count: int) -> list[int]:
+    """The data rule under churn: shard s belongs to the live member at position s mod L.
+
+    ``live`` is the agreed order of live members (configured peers in config order, then joiners
+    by name), so every peer computes the same assignment: the live set always covers all
+    ``shard_count`` shards and each shard has exactly one owner. A peer that rejoins under its
+    old name takes its old position back, so no shard is trained twice at double weight.
+    """
+    if name not in live:
+        return []
+    position, members = live.index(name), len(live)
+    return [shard for shard in range(shard_count) if shard % members == position]
+
+
+class ShardedBatches:
+    """This peer's batches, re-cut whenever the live membership changes its shard assignment."""
+
+    def __init__(self, workload: LoadedWorkload, run: RunConfig, shard_count: int, device: torch.device) -> None:
+        self._workload = workload
+        self._run = run
+        self._shard_count = shard_count
+        self._device = device
+        self._shards: list[int] | None = None
+        self._stream: BatchStream | None = None
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def shards(self) -> list[int]:
+        return list(self._shards or [])
+
+    def _load(self, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if shard not in self._cache:
+            self._cache[shard] = self._workload.load_shard(shard, self._shard_count)
+        return self._cache[shard]
+
+    def batch(self, shards: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch for ``step`` from ``shards``; None when this peer owns no data right now."""
+        if not shards:
+            self._shards, self._stream = shards, None
+            return None
+        if shards != self._shards or self._stream is None or self._stream.step != step:
+            parts = [self._load(s) for s in shards]
+            inputs = torch.cat([x for x, _ in parts])
+            targets = torch.cat([y for _, y in parts])
+            self._stream = BatchStream(
+                inputs, targets, self._run.batch_size, seed=data_seed(self._run, shards[0]), start_step=step
+            )
+            self._shards = shards
+        inputs, targets = next(self._stream)
+        return inputs.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True)
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
+    """Model, optimizer, step and RNG state, written atomically (temp file, fsync, rename)."""
+    state = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint` (a local file; weights_only load)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerOptions:
+    """How this process runs its peer (the CLI flags of ``p2pdl peer``)."""
+
+    out_dir: Path
+    listen: str | None = None
+    advertise: str | None = None
+    bootstrap: tuple[str, ...] = ()
+    join: bool = False  # download the swarm's current state before training
+    resume: bool = False  # continue from OUT/checkpoint.pt when it exists
+    snapshot_every: int = 0
 
 
 async def run_peer(
-    config: Config,
-    name: str,
-    *,
-    out_dir: Path,
-    listen: str | None = None,
-    stop: asyncio.Event | None = None,
-    snapshot_every: int = 0,
+    config: Config, name: str, options: PeerOptions, stop: asyncio.Event | None = None
 ) -> dict[str, Any]:
     """Train this peer to ``config.run.steps`` (or until ``stop`` is set); return the summary."""
     run = config.run
+    out_dir = options.out_dir
     device = resolve_device(run.device)
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     workload = load_workload(run.workload)
-    shard_index = config.peer_names.index(name)
     model = build_model(workload, run.seed, device)
     optimizer = build_optimizer(run, model)
-    inputs, targets = workload.load_shard(shard_index, len(config.peers))
-    stream = BatchStream(inputs, targets, run.batch_size, seed=data_seed(run, shard_index), start_step=0)
-    batches = _batches(stream, device)
+    checkpoint = out_dir / CHECKPOINT
+    start_step = 0
+    resumed = options.resume and checkpoint.exists()
+    if resumed:
+        start_step = await asyncio.to_thread(load_checkpoint, model, optimizer, checkpoint)
+        log.info("%s resumed from %s at step %d", name, checkpoint, start_step)
+    data = ShardedBatches(workload, run, config.shard_count, device)
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     started = time.perf_counter()
     stopped_early = False
     result: StepResult | None = None
+    peer = Peer(
+        config,
+        name,
+        model,
+        optimizer,
+        device=device,
+        listen=options.listen,
+        advertise=options.advertise,
+        bootstrap=options.bootstrap,
+        start_step=start_step,
+    )
     try:
-        async with Peer(config, name, model, optimizer, device=device, listen=listen) as peer:
-            log.info("%s training %s for %d steps on %s", name, workload.name, run.steps, device)
-            for _ in range(run.steps):
+        async with peer:
+            if not resumed and (options.join or config.peer(name) is None):
+                fetch_started = time.perf_counter()
+                await peer.fetch_state()
+                metrics.write(
+                    {"event": "joined", "step": peer.step_index, "seconds": time.perf_counter() - fetch_started}
+                )
+            log.info("%s training %s from step %d to %d on %s", name, workload.name, peer.step_index, run.steps, device)
+            next_eval = _next_multiple(peer.step_index, run.eval_every)
+            next_checkpoint = _next_multiple(peer.step_index, config.checkpoint.every)
+            next_snapshot = _next_multiple(peer.step_index, options.snapshot_every)
+            while peer.step_index < run.steps:
                 if stop is not None and stop.is_set():
                     stopped_early = True
                     break
-                batch_inputs, batch_targets = next(batches)
+                shards = assigned_shards(peer.live_members(), name, config.shard_count)
+                batch = data.batch(shards, peer.step_index)
 
-                def closure(x: torch.Tensor = batch_inputs, y: torch.Tensor = batch_targets) -> torch.Tensor:
-                    loss = workload.loss_fn(model(x), y)
+                def closure(batch: tuple[torch.Tensor, torch.Tensor] | None = batch) -> torch.Tensor:
+                    if batch is None:  # no shard assigned right now: only mix with neighbours
+                        return torch.zeros(())
+                    loss = workload.loss_fn(model(batch[0]), batch[1])
                     torch.autograd.backward(loss)
                     return loss
 
                 result = await peer.step(closure)
+                done = peer.step_index
                 record: dict[str, Any] = {
                     "step": result.step,
                     "time": round(time.perf_counter() - started, 4),
+                    "wall": round(time.time(), 3),
                     "loss": result.loss,
                     "bytes_sent": peer.transport.stats.bytes_sent,
                     "bytes_received": peer.transport.stats.bytes_received,
                     "rounds_partial": peer.ledger.partial,
+                    "shards": len(shards),
                 }
                 for outcome in (result.gradient_round, result.parameter_round):
                     if outcome is not None:
                         record["round"] = outcome.round
                         record["round_seconds"] = round(outcome.seconds, 5)
+                        record["complete"] = outcome.complete
                         if outcome.missing:
                             record["missing"] = list(outcome.missing)
-                done = result.step + 1
-                if run.eval_every and done % run.eval_every == 0 and done != run.steps:
+                if next_eval is not None and done >= next_eval and done < run.steps:
                     evaluation = await peer.run_compute(lambda: workload.evaluate(model, device))
                     peer.record_eval(evaluation)
                     record.update(evaluation)
+                    next_eval = _next_multiple(done, run.eval_every)
                 metrics.write(record)
-                if snapshot_every and done % snapshot_every == 0:
+                if next_snapshot is not None and done >= next_snapshot:
                     await peer.run_compute(functools.partial(save_snapshot, model, out_dir, done))
+                    next_snapshot = _next_multiple(done, options.snapshot_every)
+                if next_checkpoint is not None and done >= next_checkpoint:
+                    await peer.run_compute(functools.partial(save_checkpoint, model, optimizer, done, checkpoint))
+                    next_checkpoint = _next_multiple(done, config.checkpoint.every)
             evaluation = await peer.run_compute(lambda: workload.evaluate(model, device))
             peer.record_eval(evaluation)
             final_step = peer.step_index
             metrics.write(
-                {
-                    "step": final_step - 1,
-                    "time": round(time.perf_counter() - started, 4),
-                    "final": True,
-                    **evaluation,
-                }
+                {"step": final_step - 1, "time": round(time.perf_counter() - started, 4), "final": True, **evaluation}
             )
             status = peer.status()
     finally:
         metrics.close()
-    save_model(model, out_dir / "model.pt")
+    await asyncio.to_thread(save_checkpoint, model, optimizer, final_step, checkpoint)
+    await asyncio.to_thread(save_model, model, out_dir / "model.pt")
     summary = {
         "name": name,
         "steps": final_step,
@@ -187,9 +303,15 @@ async def run_peer(
         "bytes_received": status["bytes_received"],
         "frames_rejected": status["frames_rejected"],
         "rounds": status["rounds"],
+        "rewires": peer.rewires,
         "strategy": config.strategy.kind,
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _next_multiple(step: int, every: int) -> int | None:
+    """The first multiple of ``every`` after ``step`` (None when ``every`` is 0: disabled)."""
+    return (step // every + 1) * every if every else None

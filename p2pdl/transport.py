@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections import Counter
@@ -122,20 +123,14 @@ class Mailbox:
             )
         slot = self._slot(frame.kind, frame.round, frame.sender)
         if slot.done():
-            raise StaleFrameError(
-                f"duplicate {frame.kind} frame for round {frame.round} from {frame.sender!r}"
-            )
+            raise StaleFrameError(f"duplicate {frame.kind} frame for round {frame.round} from {frame.sender!r}")
         unclaimed = sum(1 for (_, _, s), f in self._slots.items() if s == frame.sender and f.done())
         if unclaimed >= self._limit:
             del self._slots[(frame.kind, frame.round, frame.sender)]
-            raise InboxFullError(
-                f"{frame.sender!r} has {unclaimed} unclaimed frames buffered (limit {self._limit})"
-            )
+            raise InboxFullError(f"{frame.sender!r} has {unclaimed} unclaimed frames buffered (limit {self._limit})")
         slot.set_result(frame)
 
-    async def collect(
-        self, kind: str, round_index: int, senders: Collection[str], timeout: float
-    ) -> dict[str, Frame]:
+    async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
         """Wait up to ``timeout`` seconds for each sender's frame; return those that arrived."""
         waiting = {s: self._slot(kind, round_index, s) for s in senders if s not in self._gone}
         pending = [f for f in waiting.values() if not f.done()]
@@ -165,6 +160,11 @@ class Mailbox:
                 slot.exception()  # mark retrieved: nobody else will look at it
                 del self._slots[key]
 
+    def highest_round(self, kind: str, senders: Collection[str]) -> int | None:
+        """The latest round of ``kind`` already buffered from any of ``senders``."""
+        rounds = [r for (k, r, s), f in self._slots.items() if k == kind and s in senders and f.done()]
+        return max(rounds, default=None)
+
     def mark_back(self, sender: str) -> None:
         self._gone.discard(sender)
 
@@ -188,6 +188,7 @@ class _Link:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connects: int = 0
     last_error: str = ""
+    dialer: asyncio.Task[None] | None = None
 
     def has_left(self) -> bool:
         # A method, not a comparison at the call site: the state changes across awaits.
@@ -207,6 +208,9 @@ class Transport:
         config: TransportConfig,
         expected_tensors: ExpectedTensors,
         status: StatusProvider,
+        admit: Callable[[str], bool] | None = None,
+        on_peer_left: Callable[[str], None] | None = None,
+        on_heard: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self._listen = (listen_host, listen_port)
@@ -214,6 +218,9 @@ class Transport:
         self._config = config
         self._expected = expected_tensors
         self._status = status
+        self._admit = admit or (lambda name: False)
+        self._on_peer_left = on_peer_left or (lambda name: None)
+        self._on_heard = on_heard or (lambda name: None)
         self._limits = Limits(
             max_frame_bytes=config.max_frame_bytes,
             max_decompressed_bytes=config.max_decompressed_bytes,
@@ -267,8 +274,7 @@ class Transport:
             )
         )
         for link in self._links.values():
-            if link.dials:
-                self._spawn(self._dial_forever(link), f"dial-{link.name}")
+            self._start_dialing(link)
         log.info("%s listening on %s:%d", self.name, self._listen[0], self.port)
         return self.port
 
@@ -304,20 +310,43 @@ class Transport:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         task.set_name(f"{self.name}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------------ membership of links
 
     def set_neighbors(self, neighbors: Collection[str]) -> None:
-        """Declare the peers to keep links with (before ``start``)."""
-        assert self._runner is None, "set_neighbors must be called before start"
-        for neighbor in neighbors:
-            if neighbor not in self._links:
-                self._add_link(neighbor)
+        """Keep links with exactly ``neighbors``: dial new ones, close links no longer wanted.
+
+        Safe to call at any time; membership changes call it to rewire only the changed edges.
+        """
+        wanted = set(neighbors) - {self.name}
+        for name in wanted - set(self._links):
+            link = self._add_link(name)
+            if self._runner is not None:
+                self._start_dialing(link)
+        for name in set(self._links) - wanted:
+            link = self._links.pop(name)
+            if link.dialer is not None:
+                link.dialer.cancel()
+            if link.ws is not None and not link.ws.closed:
+                self._spawn(self._close_quietly(link.ws), f"unlink-{name}")
+            self.mailbox.mark_gone(name)
+        for name in wanted:
+            self.mailbox.mark_back(name)
+
+    def _start_dialing(self, link: _Link) -> None:
+        if link.dials and not self._closing and (link.dialer is None or link.dialer.done()):
+            link.dialer = self._spawn(self._dial_forever(link), f"dial-{link.name}")
+
+    async def _close_quietly(self, ws: WebSocket) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._config.shutdown_timeout):
+                await ws.close()
 
     def _add_link(self, neighbor: str) -> _Link:
         if neighbor == self.name:
@@ -333,8 +362,20 @@ class Transport:
     def update_address(self, neighbor: str, address: str) -> None:
         """Point future dials at a new address (a peer restarted elsewhere, or bound port 0)."""
         self._addresses[neighbor] = address
-        if neighbor in self._links:
-            self._links[neighbor].address = address
+        link = self._links.get(neighbor)
+        if link is not None and link.address != address:
+            link.address = address
+            if link.ws is not None and not link.ws.closed:
+                self._spawn(self._close_quietly(link.ws), f"readdress-{neighbor}")
+            elif link.dialer is not None and self._runner is not None:
+                # Redial now instead of after the back-off accumulated against the old address.
+                link.dialer.cancel()
+                link.dialer = None
+                self._start_dialing(link)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     @property
     def neighbors(self) -> tuple[str, ...]:
@@ -361,9 +402,7 @@ class Transport:
 
     async def wait_connected(self, timeout: float) -> tuple[str, ...]:
         """Wait until every neighbour is connected or left; return those still missing."""
-        waits = [
-            asyncio.ensure_future(lk.connected.wait()) for lk in self._links.values() if lk.state != "left"
-        ]
+        waits = [asyncio.ensure_future(lk.connected.wait()) for lk in self._links.values() if lk.state != "left"]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=timeout)
             for task in pending:
@@ -430,6 +469,10 @@ class Transport:
             await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"bad hello frame")
             return ws
         link = self._links.get(hello.sender)
+        if link is None and hello.kind == HELLO and self._admit(hello.sender):
+            # A member this peer does not link to yet (its view may lag a rewiring): accept, so
+            # both ends converge without a refused-and-retried dial.
+            link = self._add_link(hello.sender)
         if hello.kind != HELLO or link is None or link.dials:
             self._reject(
                 UnknownSenderError(f"{hello.sender!r} is not a neighbour that dials here"),
@@ -493,7 +536,9 @@ class Transport:
                 link.state = "left"
                 self.mailbox.mark_gone(link.name)
                 log.info("%s: %s announced its leave", self.name, link.name)
+                self._on_peer_left(link.name)
                 return
+            self._on_heard(link.name)
             self.mailbox.put(frame)
             self.stats.frames_received += 1
         except FrameError as exc:
@@ -569,9 +614,7 @@ class Transport:
         if not neighbors:
             return {}
         data = await self.encode(frame)
-        results = await asyncio.gather(
-            *(self.send_encoded(n, data) for n in neighbors), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self.send_encoded(n, data) for n in neighbors), return_exceptions=True)
         failures: dict[str, TransportError] = {}
         for neighbor, result in zip(neighbors, results, strict=True):
             if isinstance(result, TransportError):
@@ -580,13 +623,42 @@ class Transport:
                 raise result
         return failures
 
-    async def collect(
-        self, kind: str, round_index: int, senders: Collection[str], timeout: float
-    ) -> dict[str, Frame]:
+    async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
         return await self.mailbox.collect(kind, round_index, senders, timeout)
 
     def advance(self, kind: str, floor: int) -> None:
         self.mailbox.advance(kind, floor)
+
+    def highest_round(self, kind: str, senders: Collection[str]) -> int | None:
+        return self.mailbox.highest_round(kind, senders)
+
+    async def request_json(
+        self, address: str, method: str, path: str, payload: Any | None, timeout: float, max_bytes: int
+    ) -> Any:
+        """One small JSON request to a peer, bounded by ``timeout`` seconds and ``max_bytes``."""
+        if self._session is None:
+            raise TransportError("transport is not started")
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._session.request(method, f"http://{address}{path}", json=payload) as response:
+                    if response.status != 200:
+                        raise TransportError(f"{method} {address}{path}: HTTP {response.status}")
+                    body = await response.content.read(max_bytes + 1)
+            if len(body) > max_bytes:
+                raise TransportError(f"{method} {address}{path}: response over {max_bytes} bytes")
+            return json.loads(body)
+        except TimeoutError as exc:
+            raise PeerTimeoutError(f"{method} {address}{path} took longer than {timeout}s") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise TransportError(f"{method} {address}{path} failed: {exc}") from exc
+
+    def open_stream(self, address: str, path: str, timeout: float) -> Any:
+        """A streamed GET (an aiohttp response context manager); the caller bounds its reads."""
+        if self._session is None:
+            raise TransportError("transport is not started")
+        return self._session.get(
+            f"http://{address}{path}", timeout=aiohttp.ClientTimeout(total=timeout, sock_read=timeout)
+        )
 
     # ------------------------------------------------------------------ HTTP endpoints
 

@@ -455,9 +455,7 @@ def _check_body(obj: object, limits: Limits) -> Frame:
     for name, dtype_name, shape, data in parsed:
         nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype_name].itemsize
         if len(data) != nbytes:
-            raise FrameSchemaError(
-                f"tensor {name!r}: {len(data)} data bytes, {dtype_name}{list(shape)} needs {nbytes}"
-            )
+            raise FrameSchemaError(f"tensor {name!r}: {len(data)} data bytes, {dtype_name}{list(shape)} needs {nbytes}")
 
     tensors = {name: _tensor_from_bytes(data, dtype, shape) for name, dtype, shape, data in parsed}
     return Frame(kind=kind, sender=sender, round=round_, step=step, meta=meta, tensors=tensors)
@@ -541,9 +539,7 @@ def _check_meta(meta: object) -> None:
             if not -(2**63) <= value < 2**64:
                 raise FrameSchemaError(f"meta[{key!r}] does not fit a 64-bit integer")
         elif value is not None and kind not in (float, bool):
-            raise FrameSchemaError(
-                f"meta[{key!r}] is a {kind.__name__}; allowed: int, float, str, bool, None"
-            )
+            raise FrameSchemaError(f"meta[{key!r}] is a {kind.__name__}; allowed: int, float, str, bool, None")
 
 
 def _check_tensor_name(name: object) -> None:

@@ -129,9 +129,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_cli_bad_config_exits_2_listing_every_problem(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_bad_config_exits_2_listing_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(
         tmp_path,
         """

@@ -45,12 +45,13 @@ def zero_closure() -> torch.Tensor:
 async def two_peers(seed_a: int = 1, seed_b: int = 2) -> AsyncIterator[tuple[Peer, Peer]]:
     config = two_peer_config()
     model_a, model_b = make_model(seed_a), make_model(seed_b)
-    a = Peer(config, "a", model_a, torch.optim.SGD(model_a.parameters(), lr=0.1))  # type: ignore[arg-type]
     b = Peer(config, "b", model_b, torch.optim.SGD(model_b.parameters(), lr=0.1))  # type: ignore[arg-type]
+    # Both bind port 0: b binds first and a learns where it landed as a bootstrap address.
+    port_b = await b.transport.start()
+    a = Peer(  # type: ignore[arg-type]
+        config, "a", model_a, torch.optim.SGD(model_a.parameters(), lr=0.1), bootstrap=(f"127.0.0.1:{port_b}",)
+    )
     try:
-        # "a" sorts first, so it dials "b": bind b on port 0 and tell a where it landed.
-        port_b = await b.transport.start()
-        a.transport.update_address("b", f"127.0.0.1:{port_b}")
         await asyncio.gather(a.start(), b.start())
         yield a, b
     finally:
@@ -131,6 +132,7 @@ async def test_missing_neighbour_makes_a_partial_round_not_a_complete_one() -> N
             "run": {"workload": str(PEERS_DIR / "mnist1d_cnn.py")},
             "strategy": {"kind": "gossip", "round_timeout": 0.3},
             "transport": {"startup_timeout": 0.5, "handshake_timeout": 0.2},
+            "membership": {"gossip_interval": 0.1, "gossip_timeout": 0.2, "suspect_after": 0.3, "dead_after": 0.6},
             "peers": [{"name": "a", "address": "127.0.0.1:0"}, {"name": "b", "address": "127.0.0.1:9"}],
         }
     )

@@ -56,8 +56,7 @@ def test_ring_of_four_learns_mnist1d_and_agrees(tmp_path: Path, config_writer: C
     assert (out / "training.png").stat().st_size > 10_000
     # The consensus figure is recomputed from the peers' own model files, not trusted from the script.
     vectors = [
-        torch.cat([v.reshape(-1) for v in torch.load(out / n / "model.pt", weights_only=True).values()])
-        for n in names
+        torch.cat([v.reshape(-1) for v in torch.load(out / n / "model.pt", weights_only=True).values()]) for n in names
     ]
     recomputed = consensus_distance(vectors)
     assert recomputed == pytest.approx(summary["final_consensus_distance"], rel=1e-6)
@@ -65,9 +64,7 @@ def test_ring_of_four_learns_mnist1d_and_agrees(tmp_path: Path, config_writer: C
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1500))
 
 
-def wait_for_status(
-    port: int, predicate: Callable[[dict[str, object]], bool], timeout: float
-) -> dict[str, object]:
+def wait_for_status(port: int, predicate: Callable[[dict[str, object]], bool], timeout: float) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     last: dict[str, object] = {}
     while time.monotonic() < deadline:

@@ -425,9 +425,7 @@ def test_torus_shape_mismatch_message() -> None:
         ("explicit", ["a", "b"], {}, "topology.edges: required for kind 'explicit'"),
     ],
 )
-def test_each_problem_names_its_key(
-    kind: str, names: list[str], kwargs: dict[str, object], expected: str
-) -> None:
+def test_each_problem_names_its_key(kind: str, names: list[str], kwargs: dict[str, object], expected: str) -> None:
     problems = problems_of(kind, names, **kwargs)
     assert len(problems) == 1, problems
     assert problems[0].startswith(expected), problems

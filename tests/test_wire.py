@@ -508,9 +508,7 @@ def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
     st.one_of(st.none(), st.integers(0, 10_000)),
 )
-def test_fuzz_mutated_valid_frame(
-    valid: bytes, mutations: list[tuple[int, int]], truncate_at: int | None
-) -> None:
+def test_fuzz_mutated_valid_frame(valid: bytes, mutations: list[tuple[int, int]], truncate_at: int | None) -> None:
     data = bytearray(valid)
     for position, value in mutations:
         data[position % len(data)] = value

@@ -339,9 +339,7 @@ def shard_indices_of(num_examples: int, shard_index: int, shard_count: int) -> n
 
 
 def test_shard_seed_changes_assignment() -> None:
-    assert not np.array_equal(
-        datasets.shard_indices(100, 0, 2, seed=0), datasets.shard_indices(100, 0, 2, seed=1)
-    )
+    assert not np.array_equal(datasets.shard_indices(100, 0, 2, seed=0), datasets.shard_indices(100, 0, 2, seed=1))
 
 
 @pytest.mark.parametrize(

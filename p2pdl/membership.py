@@ -1,0 +1,265 @@
+"""Who is in the swarm: a gossip-style membership view with heartbeat failure detection.
+
+Pure state, no I/O: the node feeds it what it hears and asks it who is live. Each member carries
+a name, an address, an *incarnation* and a *heartbeat* counter. A member bumps its own heartbeat
+every gossip period; views are merged by keeping, per member, the highest (incarnation,
+heartbeat) pair (van Renesse et al. 1998). Each peer decides **locally** that a member is
+``suspect`` when its counter has not advanced for ``suspect_after`` seconds and ``dead`` after
+``dead_after``; death is therefore never gossiped, so a healed partition or a restarted peer is
+alive again as soon as fresh counters arrive. ``left`` *is* gossiped: a clean leave is announced
+and every peer rewires at once.
+
+The incarnation is the wall-clock start time of the peer process in milliseconds, so a peer that
+restarts under the same name is newer than any state of its previous life without storing
+anything. Trade-off: peers need loosely synchronised clocks only across restarts of one name.
+
+Peers agree on the graph without a coordinator because the ordering of live members is
+deterministic: configured peers in config order first, then joiners by name.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+MemberState = Literal["alive", "suspect", "left", "dead"]
+_LIVE: frozenset[str] = frozenset({"alive", "suspect"})
+MAX_MEMBERS = 4096
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of a view. ``heard_at`` is local monotonic time of the last counter increase."""
+
+    name: str
+    address: str
+    incarnation: int
+    heartbeat: int
+    left: bool = False
+    heard_at: float = 0.0
+
+    @property
+    def version(self) -> tuple[int, int, bool]:
+        # A leave outranks a heartbeat of the same incarnation: it is the member's last word.
+        return (self.incarnation, self.heartbeat if not self.left else 2**62, self.left)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "address": self.address,
+            "incarnation": self.incarnation,
+            "heartbeat": self.heartbeat,
+            "left": self.left,
+        }
+
+
+class MembershipError(ValueError):
+    """A remote view is malformed; the caller turns it into a typed protocol error."""
+
+
+def parse_members(payload: Any) -> list[Member]:
+    """Validate a gossiped view (JSON list of member dicts) from an untrusted peer."""
+    if not isinstance(payload, list) or len(payload) > MAX_MEMBERS:
+        raise MembershipError(f"members must be a list of at most {MAX_MEMBERS} entries")
+    members = []
+    for entry in payload:
+        if not isinstance(entry, dict) or set(entry) != {
+            "name",
+            "address",
+            "incarnation",
+            "heartbeat",
+            "left",
+        }:
+            raise MembershipError("each member needs exactly name, address, incarnation, heartbeat, left")
+        name, address = entry["name"], entry["address"]
+        incarnation, heartbeat, left = entry["incarnation"], entry["heartbeat"], entry["left"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise MembershipError(f"bad member name {name!r}")
+        if not isinstance(address, str) or not 3 <= len(address) <= 300 or ":" not in address:
+            raise MembershipError(f"bad address for {name!r}")
+        for label, value in (("incarnation", incarnation), ("heartbeat", heartbeat)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
+                raise MembershipError(f"bad {label} for {name!r}")
+        if not isinstance(left, bool):
+            raise MembershipError(f"bad left flag for {name!r}")
+        members.append(Member(name, address, incarnation, heartbeat, left))
+    return members
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """'p2' < 'p10': digits compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timing:
+    """Failure-detector timing in seconds; validated by the config."""
+
+    gossip_interval: float
+    suspect_after: float
+    dead_after: float
+    tombstone_after: float = 600.0  # forget dead/left members after this long
+
+
+class MembershipView:
+    """This peer's view of the swarm."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        address: str,
+        configured: Sequence[tuple[str, str]],
+        timing: Timing,
+        incarnation: int | None = None,
+        now: float | None = None,
+    ) -> None:
+        self.name = name
+        self.timing = timing
+        start = time.monotonic() if now is None else now
+        self._configured_order = {n: i for i, (n, _) in enumerate(configured)}
+        own = Member(
+            name=name,
+            address=address,
+            incarnation=incarnation if incarnation is not None else int(time.time() * 1000),
+            heartbeat=0,
+            heard_at=start,
+        )
+        self._members: dict[str, Member] = {name: own}
+        # Configured peers start as alive with heartbeat -1 (never heard): if they never show up,
+        # the detector declares them dead; the first real heartbeat replaces the placeholder.
+        for peer_name, peer_address in configured:
+            if peer_name != name:
+                self._members[peer_name] = Member(peer_name, peer_address, 0, 0, heard_at=start)
+        self._heard: set[str] = {name}
+        self._last_live: tuple[str, ...] = ()
+        self.changes = 0  # bumped whenever the live set changes, so callers can rewire cheaply
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def incarnation(self) -> int:
+        return self._members[self.name].incarnation
+
+    def member(self, name: str) -> Member | None:
+        return self._members.get(name)
+
+    def state_of(self, name: str, now: float | None = None) -> MemberState:
+        member = self._members[name]
+        if member.left:
+            return "left"
+        if name == self.name:
+            return "alive"
+        silent = (time.monotonic() if now is None else now) - member.heard_at
+        if silent >= self.timing.dead_after:
+            return "dead"
+        if silent >= self.timing.suspect_after:
+            return "suspect"
+        return "alive"
+
+    def order_key(self, name: str) -> tuple[int, tuple[Any, ...]]:
+        return (self._configured_order.get(name, len(self._configured_order)), natural_key(name))
+
+    def live_names(self, now: float | None = None) -> tuple[str, ...]:
+        """Alive and suspect members in the agreed order (config order, then joiners by name)."""
+        live = [n for n in self._members if self.state_of(n, now) in _LIVE]
+        return tuple(sorted(live, key=self.order_key))
+
+    def heard_from(self, name: str) -> bool:
+        """Has ``name`` ever been heard from directly or through gossip (beyond config)?"""
+        return name in self._heard
+
+    def addresses(self) -> dict[str, str]:
+        return {m.name: m.address for m in self._members.values()}
+
+    def snapshot(self, now: float | None = None) -> list[dict[str, Any]]:
+        """The view as served by ``GET /members``."""
+        at = time.monotonic() if now is None else now
+        return [
+            {
+                **m.to_wire(),
+                "state": self.state_of(m.name, at),
+                "silent_seconds": round(at - m.heard_at, 3),
+            }
+            for m in sorted(self._members.values(), key=lambda m: self.order_key(m.name))
+        ]
+
+    def digest(self) -> list[dict[str, Any]]:
+        """What this peer gossips: every member it knows, with its latest version."""
+        return [m.to_wire() for m in self._members.values() if m.name in self._heard or m.left]
+
+    # ------------------------------------------------------------------ writing
+
+    def beat(self) -> None:
+        """Advance this peer's own heartbeat (once per gossip period)."""
+        own = self._members[self.name]
+        self._members[self.name] = replace(own, heartbeat=own.heartbeat + 1, heard_at=time.monotonic())
+
+    def touch(self, name: str, now: float | None = None) -> None:
+        """Direct evidence of life (a frame arrived on a link): as good as a fresh heartbeat."""
+        member = self._members.get(name)
+        if member is not None and not member.left and name in self._heard:
+            self._members[name] = replace(member, heard_at=time.monotonic() if now is None else now)
+
+    def set_own_address(self, address: str) -> None:
+        """The address to advertise, once known (e.g. after binding port 0)."""
+        self._members[self.name] = replace(self._members[self.name], address=address)
+
+    def leave(self) -> None:
+        own = self._members[self.name]
+        self._members[self.name] = replace(own, left=True)
+
+    def mark_left(self, name: str) -> bool:
+        """``name`` said goodbye on a direct link; returns True when the live set changed."""
+        member = self._members.get(name)
+        if member is None or member.left or name == self.name:
+            return False
+        self._members[name] = replace(member, left=True)
+        self._heard.add(name)
+        self.changes += 1
+        return True
+
+    def merge(self, remote: Iterable[Member], now: float | None = None) -> bool:
+        """Fold a remote view in; returns True when the live set changed."""
+        at = time.monotonic() if now is None else now
+        before = self.live_names(at)
+        for incoming in remote:
+            if incoming.name == self.name:
+                continue  # only this process speaks for itself
+            current = self._members.get(incoming.name)
+            if current is not None and incoming.version <= current.version and incoming.name in self._heard:
+                continue
+            if current is not None and incoming.version <= current.version and current.left:
+                continue
+            if len(self._members) >= MAX_MEMBERS and current is None:
+                continue
+            self._members[incoming.name] = replace(incoming, heard_at=at)
+            self._heard.add(incoming.name)
+        self._forget_tombstones(at)
+        changed = self.live_names(at) != before
+        if changed:
+            self.changes += 1
+        return changed
+
+    def tick(self, now: float | None = None) -> bool:
+        """Re-evaluate timeouts; returns True when the live set changed since the last call."""
+        live = self.live_names(now)
+        changed = live != self._last_live
+        self._last_live = live
+        if changed:
+            self.changes += 1
+        return changed
+
+    def _forget_tombstones(self, now: float) -> None:
+        limit = self.timing.tombstone_after
+        for name in [
+            n
+            for n, m in self._members.items()
+            if n != self.name and n not in self._configured_order and now - m.heard_at > limit
+        ]:
+            del self._members[name]
+            self._heard.discard(name)

@@ -1,0 +1,153 @@
+"""State transfer for a peer that joins mid-training: parameters, optimizer state and step.
+
+The donor takes a consistent snapshot at a step boundary (a CPU copy made on its compute thread,
+so it keeps training while the copy streams out) and serves it as a sequence of ordinary wire
+frames: one ``state_meta`` frame announcing the step and the tensor list, then ``state`` frames
+of at most ``chunk_bytes`` of tensors each. On HTTP the stream is ``[u32 little-endian length]
+[frame]`` repeated. The joiner validates every tensor against its *own* model and optimizer
+(names, shapes, dtypes, finite values) before loading anything, so a hostile donor can at worst
+refuse service; it cannot corrupt the joiner's model.
+
+Trade-off: the snapshot doubles the donor's host memory for the duration of one transfer, in
+exchange for never pausing its training.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from p2pdl.errors import FrameSchemaError, ShapeMismatchError
+from p2pdl.wire import Frame, TensorSpec
+
+STATE_META = "state_meta"
+STATE = "state"
+LENGTH = struct.Struct("<I")
+MODEL_PREFIX = "model/"
+OPTIMIZER_PREFIX = "opt/"
+# Optimizer state entries p2pdl knows how to validate: param-shaped buffers and scalar counters.
+_PARAM_SHAPED = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg"})
+_SCALAR = frozenset({"step"})
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """CPU copies of everything a joiner needs, taken at one step boundary."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]  # "model/<name>" and "opt/<param index>/<key>"
+
+
+@torch.no_grad()
+def snapshot_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> StateSnapshot:
+    """Copy parameters and optimizer state to host memory (run on the compute thread)."""
+    tensors: dict[str, torch.Tensor] = {
+        MODEL_PREFIX + name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
+    }
+    state = optimizer.state_dict()["state"]
+    for index, entries in state.items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIMIZER_PREFIX}{index}/{key}"] = value.detach().to("cpu", copy=True)
+            elif isinstance(value, int | float):
+                tensors[f"{OPTIMIZER_PREFIX}{index}/{key}"] = torch.tensor(float(value))
+    return StateSnapshot(step=step, tensors=tensors)
+
+
+def state_frames(snapshot: StateSnapshot, sender: str, *, chunk_bytes: int) -> Iterator[Frame]:
+    """The snapshot as a meta frame and chunks of whole tensors."""
+    names = list(snapshot.tensors)
+    yield Frame(
+        kind=STATE_META,
+        sender=sender,
+        round=0,
+        step=snapshot.step,
+        meta={
+            "tensors": len(names),
+            "bytes": sum(t.numel() * t.element_size() for t in snapshot.tensors.values()),
+        },
+    )
+    batch: dict[str, torch.Tensor] = {}
+    size = 0
+    for name in names:
+        tensor = snapshot.tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        if batch and size + nbytes > chunk_bytes:
+            yield Frame(kind=STATE, sender=sender, round=0, step=snapshot.step, tensors=batch)
+            batch, size = {}, 0
+        batch[name] = tensor
+        size += nbytes
+    if batch:
+        yield Frame(kind=STATE, sender=sender, round=0, step=snapshot.step, tensors=batch)
+
+
+def expected_state_specs(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, TensorSpec]:
+    """Every tensor a valid state stream may carry for this model and optimizer."""
+    params = dict(model.named_parameters())
+    specs = {MODEL_PREFIX + name: TensorSpec.of_tensor(p) for name, p in params.items()}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(ordered):
+        for key in _PARAM_SHAPED:
+            specs[f"{OPTIMIZER_PREFIX}{index}/{key}"] = TensorSpec(dtype="float32", shape=tuple(param.shape))
+        for key in _SCALAR:
+            specs[f"{OPTIMIZER_PREFIX}{index}/{key}"] = TensorSpec(dtype="float32", shape=())
+    return specs
+
+
+class StateAssembler:
+    """Collects validated state frames from a donor, then loads them in one go."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        self._specs = expected_state_specs(model, optimizer)
+        self._received: dict[str, torch.Tensor] = {}
+        self.step: int | None = None
+        self._announced: int | None = None
+
+    def feed(self, frame: Frame) -> None:
+        if frame.kind == STATE_META:
+            count = frame.meta.get("tensors")
+            if self.step is not None or not isinstance(count, int) or not 0 < count <= len(self._specs):
+                raise FrameSchemaError("state stream: bad or repeated state_meta frame")
+            self.step, self._announced = frame.step, count
+            return
+        if frame.kind != STATE or self.step is None or frame.step != self.step:
+            raise FrameSchemaError(f"state stream: unexpected {frame.kind!r} frame")
+        for name, tensor in frame.tensors.items():
+            spec = self._specs.get(name)
+            if spec is None:
+                raise ShapeMismatchError(f"state stream: unknown tensor {name!r}")
+            if TensorSpec.of_tensor(tensor) != spec:
+                raise ShapeMismatchError(f"state stream: {name!r} is {TensorSpec.of_tensor(tensor)}, expected {spec}")
+            if name in self._received:
+                raise FrameSchemaError(f"state stream: {name!r} sent twice")
+            self._received[name] = tensor
+
+    @property
+    def complete(self) -> bool:
+        return self._announced is not None and len(self._received) == self._announced
+
+    @torch.no_grad()
+    def apply(self) -> int:
+        """Load the received state into the model and optimizer; returns the donor's step."""
+        if not self.complete or self.step is None:
+            raise FrameSchemaError(f"state stream ended early: {len(self._received)} of {self._announced} tensors")
+        missing = [n for n in (MODEL_PREFIX + k for k, _ in self._model.named_parameters()) if n not in self._received]
+        if missing:
+            raise FrameSchemaError(f"state stream lacks parameters: {', '.join(missing[:5])}")
+        for name, param in self._model.named_parameters():
+            param.copy_(self._received[MODEL_PREFIX + name])
+        state: dict[int, dict[str, Any]] = {}
+        for name, tensor in self._received.items():
+            if not name.startswith(OPTIMIZER_PREFIX):
+                continue
+            index_text, key = name[len(OPTIMIZER_PREFIX) :].split("/", 1)
+            state.setdefault(int(index_text), {})[key] = tensor.clone()
+        current = self._optimizer.state_dict()
+        self._optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+        return self.step
