@@ -26,7 +26,9 @@ from p2pdl.topology import TopologyKind, topology_problems
 
 OptimizerKind = Literal["sgd", "adam"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
-StrategyKind = Literal["gossip", "allreduce"]
+StrategyKind = Literal["gossip", "allreduce", "async-gossip", "ps", "push-sum"]
+OuterKind = Literal["none", "diloco"]
+PsMode = Literal["sync", "async"]
 Compression = Literal["auto", "always", "never"]
 
 MIB = 1024 * 1024
@@ -113,24 +115,57 @@ class RunConfig(_Validated):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StrategyConfig(_Validated):
-    """How peers share: ``gossip`` (D-PSGD over the topology) or ``allreduce`` (exact)."""
+    """How peers share what they learn. See docs/CONFIG.md for when to choose each kind.
+
+    * ``gossip``: synchronous D-PSGD over the topology (parameters, every H steps).
+    * ``allreduce``: exact averaging of gradients every step (H = 1), or of parameters every H steps.
+    * ``async-gossip``: AD-PSGD; mixes with the latest parameters from each neighbour, never waits.
+    * ``ps``: a parameter server (``server``) holds the model; workers push gradients, pull parameters.
+    * ``push-sum``: SGP over the one-peer exponential graph (directed, time-varying).
+    """
 
     _section: typing.ClassVar[str] = "strategy"
     kind: StrategyKind = "gossip"
-    local_steps: int = 1  # H: optimizer steps between communication rounds (gossip)
-    round_timeout: float = 10.0  # seconds a round waits for neighbours' contributions
+    local_steps: int = 1  # H: local optimizer steps between communication rounds
+    round_timeout: float = 10.0  # seconds a round waits for contributions
+    max_staleness: int = 20  # async-gossip: drop neighbour parameters older than this many steps
+    outer: OuterKind = "none"  # "diloco": Nesterov outer step on the averaged change after each sync
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    server: str | None = None  # ps: the name of the server peer (default: the first configured peer)
+    ps_mode: PsMode = "sync"
+    ps_quorum: int = 0  # ps sync: gradients the server waits for per round; 0 = every live worker
 
     def problems(self) -> list[str]:
         found: list[str] = []
+        _check(found, self.local_steps >= 1, f"strategy.local_steps must be >= 1, got {self.local_steps}")
+        _check(found, self.round_timeout > 0, f"strategy.round_timeout must be > 0 seconds, got {self.round_timeout}")
+        _check(found, self.max_staleness >= 0, f"strategy.max_staleness must be >= 0, got {self.max_staleness}")
+        _check(found, self.outer_lr > 0, f"strategy.outer_lr must be > 0, got {self.outer_lr}")
+        _check(
+            found, 0 <= self.outer_momentum < 1, f"strategy.outer_momentum must be in [0, 1), got {self.outer_momentum}"
+        )
+        _check(found, self.ps_quorum >= 0, f"strategy.ps_quorum must be >= 0, got {self.ps_quorum}")
         _check(
             found,
-            self.local_steps >= 1,
-            f"strategy.local_steps must be >= 1, got {self.local_steps}",
+            self.kind == "ps" or (self.server is None and self.ps_quorum == 0),
+            "strategy.server and strategy.ps_quorum apply only to kind = 'ps'",
         )
         _check(
             found,
-            self.round_timeout > 0,
-            f"strategy.round_timeout must be > 0 seconds, got {self.round_timeout}",
+            self.kind != "ps" or self.local_steps == 1,
+            "strategy.local_steps must be 1 for kind = 'ps' (workers push every gradient)",
+        )
+        _check(
+            found,
+            self.outer == "none" or self.kind in ("gossip", "allreduce", "push-sum", "async-gossip"),
+            "strategy.outer = 'diloco' needs a parameter-averaging kind (gossip, allreduce, push-sum, async-gossip)",
+        )
+        _check(
+            found,
+            self.outer == "none" or self.kind != "allreduce" or self.local_steps > 1,
+            "strategy.outer = 'diloco' with kind = 'allreduce' needs local_steps > 1 (parameters are averaged "
+            "every H steps; with H = 1 gradients are averaged and there is no outer step)",
         )
         return found
 
@@ -375,6 +410,10 @@ class Config(_Validated):
             found.append(f"run.workload: file {str(self.run.workload)!r} does not exist")
         if self.transport.send_timeout > self.strategy.round_timeout * 100:
             found.append("transport.send_timeout is over 100x strategy.round_timeout; lower it")
+        if self.strategy.kind == "ps" and self.strategy.server is not None and self.peer(self.strategy.server) is None:
+            found.append(f"strategy.server: {self.strategy.server!r} is not in [[peers]]")
+        if self.strategy.kind == "ps" and not self.peers:
+            found.append("strategy.kind = 'ps' needs the server among [[peers]]")
         if self.membership.gossip_timeout > self.transport.startup_timeout:
             found.append("membership.gossip_timeout must be <= transport.startup_timeout")
         return found

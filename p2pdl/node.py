@@ -28,6 +28,7 @@ from aiohttp import web
 from p2pdl.config import Config, parse_address
 from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TransportError
 from p2pdl.membership import MembershipError, MembershipView, Timing, parse_members
+from p2pdl.outer import OuterOptimizer
 from p2pdl.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
 from p2pdl.strategies import RoundLedger, RoundOutcome, Strategy, StrategyContext, build_strategy
 from p2pdl.topology import Graph, build_graph
@@ -149,6 +150,8 @@ class Peer:
                 name=name,
                 topology=lambda: self._graph,
                 parameters=tuple((n, p) for n, p in model.named_parameters() if p.requires_grad),
+                optimizer=optimizer,
+                configured=config.peer_names,
                 device=self.device,
                 exchange=self.transport,
                 run_compute=self.run_compute,
@@ -157,6 +160,16 @@ class Peer:
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())
+        self._outer: OuterOptimizer | None = None
+        if config.strategy.outer == "diloco":
+            self._outer = OuterOptimizer(
+                [p for _, p in self._strategy_parameters()],
+                lr=config.strategy.outer_lr,
+                momentum=config.strategy.outer_momentum,
+            )
+
+    def _strategy_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
     def strategy(self) -> Strategy:
@@ -217,6 +230,7 @@ class Peer:
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.config.transport.shutdown_timeout)
+            await self._strategy.close()
             await self.transport.close(announce=True)
         finally:
             self._compute.shutdown(wait=True)
@@ -349,6 +363,7 @@ class Peer:
         return web.json_response(
             {
                 "name": self.name,
+                "frames_superseded": self.transport.mailbox.superseded,
                 "incarnation": self.membership.incarnation,
                 "live": list(self.live_members()),
                 "neighbors": list(self._graph.neighbors.get(self.name, ())),
@@ -386,6 +401,8 @@ class Peer:
                 errors.append(f"{name}: {exc}")
                 continue
             self.step_index = step
+            if self._outer is not None:
+                self._outer.reset_anchor()
             log.info("%s: loaded state of step %d from %s", self.name, step, name)
             return step
         raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
@@ -437,8 +454,12 @@ class Peer:
         step = self.step_index
         loss = await self.run_compute(lambda: self._forward_backward(closure))
         gradient_round = await self.strategy.reduce_gradients(step)
-        await self.run_compute(self.optimizer.step)
+        if self.strategy.wants_local_step():
+            await self.run_compute(self.optimizer.step)
         parameter_round = await self.strategy.after_optimizer_step(step)
+        if parameter_round is not None and self._outer is not None:
+            # DiLoCo: the change since the last sync, averaged, is the outer pseudo-gradient.
+            await self.run_compute(self._outer.step)
         self.step_index = step + 1
         if parameter_round is not None:
             # A peer behind its neighbours (a joiner, a restarted peer) skips ahead to their round.
@@ -468,6 +489,7 @@ class Peer:
             "test_accuracy": self.last_eval.get("test_accuracy"),
             "eval": self.last_eval,
             "rounds": self.ledger.as_dict(),
+            "frames_superseded": self.transport.mailbox.superseded,
             "incarnation": self.membership.incarnation,
             "live_members": list(self.live_members()),
             "rewires": self.rewires[-5:],

@@ -67,6 +67,12 @@ class Exchange(Protocol):
 
     def highest_round(self, kind: str, senders: Collection[str]) -> int | None: ...
 
+    def take_latest(self, kind: str, sender: str) -> Frame | None: ...
+
+    async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]: ...
+
+    def is_connected(self, neighbor: str) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class RoundOutcome:
@@ -121,6 +127,8 @@ class StrategyContext:
     name: str
     topology: Callable[[], Graph]  # the graph over the live members, in agreed (rank) order, now
     parameters: tuple[tuple[str, torch.nn.Parameter], ...]
+    optimizer: torch.optim.Optimizer
+    configured: tuple[str, ...]  # the [[peers]] names, in config order
     device: torch.device
     exchange: Exchange
     run_compute: Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -145,15 +153,36 @@ class Strategy(Protocol):
         """Runs after backward, before the optimizer step."""
         ...
 
+    def wants_local_step(self) -> bool:
+        """Whether the node should run the local optimizer step after ``reduce_gradients``."""
+        ...
+
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
         """Runs after the optimizer step."""
         ...
 
     def status(self) -> dict[str, Any]: ...
 
+    def swarm_step(self) -> int | None:
+        """For strategies without a barrier: the furthest step seen from other peers (else None)."""
+        ...
 
-def _parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, TensorSpec]:
+    async def close(self) -> None:
+        """Cancel background work (the node calls this before closing the transport)."""
+        ...
+
+
+def parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, TensorSpec]:
+    """What a parameter frame must carry: every trainable parameter, with its dtype and shape."""
     return {name: TensorSpec.of_tensor(p) for name, p in parameters}
+
+
+def reported_degree(frame: Frame, graph: Graph, sender: str, fallback: int) -> int:
+    """The degree a neighbour reports in its frame (for MH weights), or the graph's when absent/bad."""
+    reported = frame.meta.get("degree")
+    if isinstance(reported, int) and not isinstance(reported, bool) and 1 <= reported <= 4096:
+        return reported
+    return graph.degree(sender) if sender in graph.names else fallback
 
 
 class GossipStrategy:
@@ -168,7 +197,7 @@ class GossipStrategy:
 
     def __init__(self, ctx: StrategyContext) -> None:
         self._ctx = ctx
-        self._specs = _parameter_specs(ctx.parameters)
+        self._specs = parameter_specs(ctx.parameters)
         self._round = 0
         self._row: dict[str, float] = {}
 
@@ -186,16 +215,20 @@ class GossipStrategy:
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         return None
 
+    def wants_local_step(self) -> bool:
+        return True
+
+    def swarm_step(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
     def _row_for(self, neighbors: Sequence[str], arrived: Mapping[str, Frame]) -> dict[str, float]:
         """This round's weights: MH from reported degrees; missing neighbours' weight stays home."""
         own_degree = len(neighbors)
         graph = self._ctx.topology()
-        row: dict[str, float] = {}
-        for sender, frame in arrived.items():
-            reported = frame.meta.get("degree")
-            valid = isinstance(reported, int) and not isinstance(reported, bool) and 1 <= reported <= 4096
-            degree = reported if valid else graph.degree(sender) if sender in graph.names else own_degree
-            row[sender] = mh_weight(own_degree, int(degree))  # type: ignore[arg-type]
+        row = {s: mh_weight(own_degree, reported_degree(f, graph, s, own_degree)) for s, f in arrived.items()}
         row[self._ctx.name] = 1.0 - sum(row.values())
         return row
 
@@ -289,19 +322,19 @@ class AllReduceStrategy:
         bounds = self._bounds(peers)
         return {"chunk": TensorSpec(dtype="float32", shape=(bounds[owner + 1] - bounds[owner],))}
 
-    def _gather_gradients(self) -> None:
+    def _gradients(self) -> list[torch.Tensor]:
         grads = []
         for _, p in self._ctx.parameters:
             if p.grad is None:  # an unused parameter contributes zeros, as DDP does
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        flatten_into(grads, self._flat)
+        return grads
 
-    def _scatter_gradients(self) -> None:
-        grads = [p.grad for _, p in self._ctx.parameters if p.grad is not None]
+    def _write_back(self, tensors: Sequence[torch.Tensor]) -> None:
         device = self._ctx.device
         averaged = self._averaged.to(device) if device.type != "cpu" else self._averaged
-        unflatten_into(averaged, grads)
+        with torch.no_grad():
+            unflatten_into(averaged, tensors)
 
     async def _exchange(
         self, kind: str, round_index: int, others: Sequence[str], frames: Mapping[str, Frame]
@@ -319,54 +352,76 @@ class AllReduceStrategy:
         ctx.exchange.advance(kind, round_index + 1)
         return arrived
 
-    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+    async def _average(self, round_index: int, tensors: Callable[[], list[torch.Tensor]]) -> RoundOutcome:
+        """Replace ``tensors()`` by their exact mean over the live participants, in place."""
         ctx = self._ctx
-        self._round = step
         started = time.perf_counter()
         peers = self._participants()
         rank = peers.index(ctx.name)
         others = tuple(p for p in peers if p != ctx.name)
         bounds = self._bounds(peers)
-        await ctx.run_compute(self._gather_gradients)
+        await ctx.run_compute(lambda: flatten_into(tensors(), self._flat))
         if not others:
-            self._averaged.copy_(self._flat)
-            return ctx.ledger.record(step, [], started)
+            return ctx.ledger.record(round_index, [], started)
         scatter = {
             n: Frame(
                 kind=REDUCE_SCATTER,
                 sender=ctx.name,
-                round=step,
-                step=step,
+                round=round_index,
+                step=round_index,
                 tensors={"chunk": self._chunk(self._flat, bounds, peers.index(n))},
             )
             for n in others
         }
-        arrived = await self._exchange(REDUCE_SCATTER, step, others, scatter)
+        arrived = await self._exchange(REDUCE_SCATTER, round_index, others, scatter)
         missing = [n for n in others if n not in arrived]
         if missing:
-            ctx.ledger.record(step, missing, started)
-            raise AllReduceIncompleteError(step, missing)
+            ctx.ledger.record(round_index, missing, started)
+            raise AllReduceIncompleteError(round_index, missing)
         in_rank_order = [
             self._chunk(self._flat, bounds, rank) if p == ctx.name else arrived[p].tensors["chunk"] for p in peers
         ]
         own = self._chunk(self._averaged, bounds, rank)
         await ctx.run_compute(lambda: exact_mean(in_rank_order, own))
-        gather_frame = Frame(kind=ALL_GATHER, sender=ctx.name, round=step, step=step, tensors={"chunk": own})
-        gathered = await self._exchange(ALL_GATHER, step, others, dict.fromkeys(others, gather_frame))
+        gather_frame = Frame(
+            kind=ALL_GATHER, sender=ctx.name, round=round_index, step=round_index, tensors={"chunk": own}
+        )
+        gathered = await self._exchange(ALL_GATHER, round_index, others, dict.fromkeys(others, gather_frame))
         missing = [n for n in others if n not in gathered]
         if missing:
-            ctx.ledger.record(step, missing, started)
-            raise AllReduceIncompleteError(step, missing)
+            ctx.ledger.record(round_index, missing, started)
+            raise AllReduceIncompleteError(round_index, missing)
 
         def assemble() -> None:
             for sender, frame in gathered.items():
                 self._chunk(self._averaged, bounds, peers.index(sender)).copy_(frame.tensors["chunk"])
-            self._scatter_gradients()
+            self._write_back(tensors())
 
         await ctx.run_compute(assemble)
-        return ctx.ledger.record(step, [], started)
+        return ctx.ledger.record(round_index, [], started)
+
+    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        """H = 1: average gradients before the optimizer step (what DDP does)."""
+        if self._ctx.config.local_steps != 1:
+            return None
+        self._round = step
+        return await self._average(step, self._gradients)
 
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        """H > 1 (local SGD): average the parameters exactly every H steps."""
+        local_steps = self._ctx.config.local_steps
+        if local_steps == 1 or (step + 1) % local_steps != 0:
+            return None
+        self._round = step // local_steps
+        return await self._average(self._round, lambda: [p.data for _, p in self._ctx.parameters])
+
+    def wants_local_step(self) -> bool:
+        return True
+
+    def swarm_step(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
         return None
 
     def status(self) -> dict[str, Any]:
@@ -374,9 +429,17 @@ class AllReduceStrategy:
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
-    kind = ctx.config.kind
-    if kind == "gossip":
-        return GossipStrategy(ctx)
-    if kind == "allreduce":
-        return AllReduceStrategy(ctx)
-    raise AssertionError(f"unhandled strategy kind {kind!r}")  # config validation makes this unreachable
+    """The strategy named by ``ctx.config.kind`` (the config has validated the kind)."""
+    # Imported here: these modules build on the protocol and helpers defined above.
+    from p2pdl.strategy_async import AsyncGossipStrategy
+    from p2pdl.strategy_ps import ParameterServerStrategy
+    from p2pdl.strategy_pushsum import PushSumStrategy
+
+    kinds: dict[str, Callable[[StrategyContext], Strategy]] = {
+        "gossip": GossipStrategy,
+        "allreduce": AllReduceStrategy,
+        "async-gossip": AsyncGossipStrategy,
+        "ps": ParameterServerStrategy,
+        "push-sum": PushSumStrategy,
+    }
+    return kinds[ctx.config.kind](ctx)

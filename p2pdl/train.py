@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import logging
 import os
@@ -202,6 +203,9 @@ async def run_peer(
     workload = load_workload(run.workload)
     model = build_model(workload, run.seed, device)
     optimizer = build_optimizer(run, model)
+    # torch.optim imports torch._dynamo on the first optimizer step (2-4 s here). Pay that before
+    # joining the swarm, so the first step after the start barrier does not stall the neighbours.
+    await asyncio.to_thread(importlib.import_module, "torch._dynamo")
     checkpoint = out_dir / CHECKPOINT
     start_step = 0
     resumed = options.resume and checkpoint.exists()
@@ -239,6 +243,10 @@ async def run_peer(
             while peer.step_index < run.steps:
                 if stop is not None and stop.is_set():
                     stopped_early = True
+                    break
+                swarm_step = peer.strategy.swarm_step()
+                if swarm_step is not None and swarm_step >= run.steps - 1:
+                    log.info("%s: the swarm reached step %d; a straggler stops with it", name, swarm_step)
                     break
                 shards = assigned_shards(peer.live_members(), name, config.shard_count)
                 batch = data.batch(shards, peer.step_index)

@@ -104,6 +104,8 @@ class Mailbox:
         self._slots: dict[tuple[str, int, str], asyncio.Future[Frame]] = {}
         self._floor: dict[str, int] = {}
         self._gone: set[str] = set()
+        self._arrival = asyncio.Event()  # set on every accepted frame; waiters clear and re-check
+        self.superseded = 0  # frames replaced by a newer one from the same sender before use
 
     def _slot(self, kind: str, round_index: int, sender: str) -> asyncio.Future[Frame]:
         key = (kind, round_index, sender)
@@ -124,11 +126,55 @@ class Mailbox:
         slot = self._slot(frame.kind, frame.round, frame.sender)
         if slot.done():
             raise StaleFrameError(f"duplicate {frame.kind} frame for round {frame.round} from {frame.sender!r}")
-        unclaimed = sum(1 for (_, _, s), f in self._slots.items() if s == frame.sender and f.done())
-        if unclaimed >= self._limit:
-            del self._slots[(frame.kind, frame.round, frame.sender)]
-            raise InboxFullError(f"{frame.sender!r} has {unclaimed} unclaimed frames buffered (limit {self._limit})")
+        unclaimed = [key for key, f in self._slots.items() if key[2] == frame.sender and f.done()]
+        if len(unclaimed) >= self._limit:
+            # A sender that outpaces this peer (it started later, or runs without a round barrier)
+            # supersedes its own oldest frame of the same kind; anything else is refused.
+            older = [key for key in unclaimed if key[0] == frame.kind and key[1] < frame.round]
+            if not older:
+                del self._slots[(frame.kind, frame.round, frame.sender)]
+                raise InboxFullError(
+                    f"{frame.sender!r} has {len(unclaimed)} unclaimed frames buffered (limit {self._limit})"
+                )
+            del self._slots[min(older, key=lambda key: key[1])]
+            self.superseded += 1
         slot.set_result(frame)
+        self._arrival.set()
+
+    def _done_keys(self, kind: str, sender: str) -> list[tuple[str, int, str]]:
+        return [
+            key
+            for key, slot in self._slots.items()
+            if key[0] == kind and key[2] == sender and slot.done() and slot.exception() is None
+        ]
+
+    def take_latest(self, kind: str, sender: str) -> Frame | None:
+        """The newest buffered frame of ``kind`` from ``sender``; older ones are dropped."""
+        keys = self._done_keys(kind, sender)
+        if not keys:
+            return None
+        newest = max(keys, key=lambda key: key[1])
+        frame = self._slots[newest].result()
+        for key in keys:
+            del self._slots[key]
+        return frame
+
+    async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]:
+        """Wait up to ``timeout`` seconds until ``count`` of ``senders`` have a frame of ``kind`` buffered.
+
+        Returns the senders that have one (possibly fewer than ``count`` on timeout). Rounds do not
+        matter here: used by strategies without a round barrier (async gossip, parameter server).
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            self._arrival.clear()  # before checking, so an arrival after the check is not missed
+            ready = {s for s in senders if self._done_keys(kind, s)}
+            remaining = deadline - asyncio.get_running_loop().time()
+            if len(ready) >= count or remaining <= 0:
+                return ready
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._arrival.wait()
 
     async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
         """Wait up to ``timeout`` seconds for each sender's frame; return those that arrived."""
@@ -631,6 +677,16 @@ class Transport:
 
     def highest_round(self, kind: str, senders: Collection[str]) -> int | None:
         return self.mailbox.highest_round(kind, senders)
+
+    def take_latest(self, kind: str, sender: str) -> Frame | None:
+        return self.mailbox.take_latest(kind, sender)
+
+    async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]:
+        return await self.mailbox.wait_for_senders(kind, senders, count, timeout)
+
+    def is_connected(self, neighbor: str) -> bool:
+        link = self._links.get(neighbor)
+        return link is not None and link.ws is not None and not link.ws.closed
 
     async def request_json(
         self, address: str, method: str, path: str, payload: Any | None, timeout: float, max_bytes: int

@@ -58,6 +58,8 @@ def write_config(
     strategy: dict[str, object] | None = None,
     topology: dict[str, object] | None = None,
     transport: dict[str, object] | None = None,
+    membership: dict[str, object] | None = None,
+    checkpoint: dict[str, object] | None = None,
 ) -> Path:
     """Write a TOML config for peers on 127.0.0.1."""
 
@@ -73,10 +75,15 @@ def write_config(
     def table(name: str, values: dict[str, object]) -> list[str]:
         return [f"[{name}]", *(f"{k} = {value(v)}" for k, v in values.items()), ""]
 
-    lines = table("run", {"workload": str(PEERS_DIR / workload), "eval_every": 0, **(run or {})})
+    workload_path = Path(workload) if Path(workload).is_absolute() else PEERS_DIR / workload
+    lines = table("run", {"workload": str(workload_path), "eval_every": 0, **(run or {})})
     lines += table("strategy", strategy or {})
     lines += table("topology", topology or {"kind": "ring"})
     lines += table("transport", {"startup_timeout": 60.0, **(transport or {})})
+    if membership:
+        lines += table("membership", membership)
+    if checkpoint:
+        lines += table("checkpoint", checkpoint)
     for name, port in zip(names, ports, strict=True):
         lines += ["[[peers]]", f'name = "{name}"', f'address = "127.0.0.1:{port}"', ""]
     path.write_text("\n".join(lines))
@@ -91,7 +98,9 @@ class PeerProcesses:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[object] = []
 
-    def start(self, config: Path, name: str, *extra: str, out: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, config: Path, name: str, *extra: str, out: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         out = out or self._tmp / name
         out.mkdir(parents=True, exist_ok=True)
         log = open(out / "peer.log", "ab")  # noqa: SIM115 - closed in close()

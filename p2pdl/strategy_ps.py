@@ -1,0 +1,256 @@
+"""``ps``: a parameter server. One configured peer holds the model and the optimizer.
+
+Workers push their gradient every step and pull the server's parameters, which replace their
+own; the server also trains on its own shard. Two modes:
+
+* ``sync`` (bulk-synchronous, K-of-N): each server round waits for ``ps_quorum`` workers (all
+  live workers by default) or ``round_timeout``, averages their gradients with its own, takes one
+  optimizer step and sends the new parameters to every connected worker. Gradients computed on
+  older parameters are dropped. Consistency: with K = N every step is an exact synchronous
+  average, like all-reduce through a hub; with K < N, stragglers' gradients are dropped.
+* ``async``: the server applies each worker gradient as it arrives, with a staleness-aware
+  learning rate lr / (1 + staleness) (Zhang et al. 2016), and answers that worker with the
+  parameters it produced. Consistency: asynchronous SGD; a worker's gradient may be computed on
+  parameters that are ``staleness`` updates old.
+
+Fault tolerance: a dead worker is just a missing contribution; the server never waits past the
+round timeout. When the server is unreachable, workers keep training locally (their own
+optimizer step) and resume pushing when it is back; a restarted server resumes from its own
+checkpoint (``--resume``) and its parameters overwrite the workers' local drift on the next pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from p2pdl.errors import FrameSchemaError, TransportError
+from p2pdl.strategies import RoundOutcome, StrategyContext, parameter_specs
+from p2pdl.wire import Frame, TensorSpec
+
+log = logging.getLogger(__name__)
+
+GRADIENT = "ps_grad"
+PARAMETERS = "ps_params"
+
+
+class ParameterServerStrategy:
+    name = "ps"
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        self._ctx = ctx
+        self.server = ctx.config.server or (ctx.configured[0] if ctx.configured else ctx.name)
+        self.is_server = ctx.name == self.server
+        self._specs = parameter_specs(ctx.parameters)
+        self._version = 0  # server: updates applied; worker: the server version its parameters are
+        self._local_step = True
+        self._consumer: asyncio.Task[None] | None = None
+        self._replies: set[asyncio.Task[None]] = set()
+        self.pushes = 0
+        self.pulls = 0
+        self.server_unreachable = 0
+        self.applied = 0
+        self.dropped_stale = 0
+        self._staleness_sum = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _workers(self) -> tuple[str, ...]:
+        return tuple(n for n in self._ctx.topology().names if n != self.server)
+
+    def communication_peers(self) -> tuple[str, ...]:
+        if self.is_server:
+            return self._workers()
+        return (self.server,) if self.server in self._ctx.topology().names else ()
+
+    def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
+        if self.is_server and kind == GRADIENT:
+            return self._specs
+        if not self.is_server and kind == PARAMETERS and sender == self.server:
+            return self._specs
+        raise FrameSchemaError(f"ps {'server' if self.is_server else 'worker'} does not take {kind!r} from {sender!r}")
+
+    async def _send(self, to: str, frame: Frame) -> None:
+        data = await self._ctx.exchange.encode(frame)
+        await self._ctx.exchange.send_encoded(to, data)
+
+    def _parameters_frame(self, step: int) -> Frame:
+        return Frame(
+            kind=PARAMETERS,
+            sender=self._ctx.name,
+            round=self._version,
+            step=step,
+            tensors={name: p.detach() for name, p in self._ctx.parameters},
+        )
+
+    def _own_gradients(self) -> dict[str, torch.Tensor]:
+        return {
+            name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach() for name, p in self._ctx.parameters
+        }
+
+    def wants_local_step(self) -> bool:
+        return self._local_step
+
+    # ------------------------------------------------------------------ worker
+
+    async def _worker_round(self, step: int) -> RoundOutcome:
+        ctx = self._ctx
+        started = time.perf_counter()
+        self._local_step = True
+        if not ctx.exchange.is_connected(self.server):
+            self.server_unreachable += 1
+            return ctx.ledger.record(step, [self.server], started)
+        ctx.exchange.take_latest(PARAMETERS, self.server)  # discard replies to earlier pushes
+        push = Frame(kind=GRADIENT, sender=ctx.name, round=self._version, step=step, tensors=self._own_gradients())
+        try:
+            await self._send(self.server, push)
+        except TransportError:
+            self.server_unreachable += 1
+            return ctx.ledger.record(step, [self.server], started)
+        self.pushes += 1
+        await ctx.exchange.wait_for_senders(PARAMETERS, (self.server,), 1, ctx.config.round_timeout)
+        reply = ctx.exchange.take_latest(PARAMETERS, self.server)
+        if reply is None:
+            self.server_unreachable += 1
+            return ctx.ledger.record(step, [self.server], started)
+
+        @torch.no_grad()
+        def load() -> None:
+            for name, p in ctx.parameters:
+                p.copy_(reply.tensors[name])
+
+        await ctx.run_compute(load)
+        self._version = reply.round
+        self._local_step = False  # the server's step replaced ours
+        self.pulls += 1
+        return ctx.ledger.record(step, [], started)
+
+    # ------------------------------------------------------------------ server
+
+    async def _server_sync_round(self, step: int) -> RoundOutcome:
+        ctx = self._ctx
+        started = time.perf_counter()
+        workers = [w for w in self._workers() if ctx.exchange.is_connected(w)]
+        quorum = min(ctx.config.ps_quorum or len(workers), len(workers))
+        ready = await ctx.exchange.wait_for_senders(GRADIENT, workers, quorum, ctx.config.round_timeout)
+        used: list[Frame] = []
+        for worker in sorted(ready):
+            frame = ctx.exchange.take_latest(GRADIENT, worker)
+            if frame is None:
+                continue
+            if self._version - frame.round > 0:
+                self.dropped_stale += 1  # computed on parameters this server has replaced
+                continue
+            used.append(frame)
+
+        @torch.no_grad()
+        def average_into_grads() -> None:
+            count = 1 + len(used)
+            for name, p in ctx.parameters:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                for frame in used:
+                    p.grad.add_(frame.tensors[name].to(p.grad.device))
+                p.grad.div_(count)
+
+        await ctx.run_compute(average_into_grads)
+        self.applied += len(used)
+        missing = [w for w in self._workers() if w not in {f.sender for f in used}]
+        return ctx.ledger.record(step, missing, started)
+
+    async def _consume_async(self) -> None:
+        """Async mode: apply each worker gradient on arrival and answer that worker."""
+        ctx = self._ctx
+        while True:
+            ready = await ctx.exchange.wait_for_senders(GRADIENT, self._workers(), 1, 1.0)
+            for worker in sorted(ready):
+                frame = ctx.exchange.take_latest(GRADIENT, worker)
+                if frame is None:
+                    continue
+                staleness = max(0, self._version - frame.round)
+                await ctx.run_compute(functools.partial(self._apply_one, frame, staleness))
+                self._version += 1
+                self.applied += 1
+                self._staleness_sum += staleness
+                reply = self._parameters_frame(frame.step)
+                task = asyncio.ensure_future(self._reply(worker, reply))
+                self._replies.add(task)
+                task.add_done_callback(self._replies.discard)
+
+    async def _reply(self, worker: str, frame: Frame) -> None:
+        with contextlib.suppress(TransportError):
+            await self._send(worker, frame)
+
+    @torch.no_grad()
+    def _apply_one(self, frame: Frame, staleness: int) -> None:
+        """One optimizer step with a worker's gradient at lr / (1 + staleness); own grads kept aside."""
+        optimizer = self._ctx.optimizer
+        saved = [p.grad for _, p in self._ctx.parameters]
+        rates = [group["lr"] for group in optimizer.param_groups]
+        try:
+            for name, p in self._ctx.parameters:
+                p.grad = frame.tensors[name].to(device=p.device, dtype=p.dtype)
+            for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate / (1 + staleness)
+            optimizer.step()
+        finally:
+            for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+            for (_, p), grad in zip(self._ctx.parameters, saved, strict=True):
+                p.grad = grad
+
+    # ------------------------------------------------------------------ the Strategy protocol
+
+    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        if not self.is_server:
+            return await self._worker_round(step)
+        self._local_step = True
+        if self._ctx.config.ps_mode == "async":
+            if self._consumer is None or self._consumer.done():
+                self._consumer = asyncio.ensure_future(self._consume_async())
+            return None
+        return await self._server_sync_round(step)
+
+    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        if not self.is_server:
+            return None
+        self._version += 1
+        if self._ctx.config.ps_mode == "sync":
+            workers = [w for w in self._workers() if self._ctx.exchange.is_connected(w)]
+            if workers:
+                await self._ctx.exchange.broadcast(self._parameters_frame(step), workers)
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.name,
+            "round": self._version,
+            "role": "server" if self.is_server else "worker",
+            "server": self.server,
+            "mode": self._ctx.config.ps_mode,
+            "version": self._version,
+            "pushes": self.pushes,
+            "pulls": self.pulls,
+            "server_unreachable": self.server_unreachable,
+            "applied": self.applied,
+            "dropped_stale": self.dropped_stale,
+            "mean_staleness": self._staleness_sum / self.applied if self.applied and self.is_server else None,
+        }
+
+    def swarm_step(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._consumer, *self._replies) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await task
