@@ -79,8 +79,7 @@ def test_survivors_of_two_sigkills_keep_training_and_match_a_fault_free_run(tmp_
                 procs.start(config, name)
             victims = ("p2", "p5")
             if label == "faulty":
-                victim_port = ports[2]
-                wait_for(lambda: status(victim_port)["step"] >= 150, 180, "p2 to reach step 150")
+                wait_for(lambda port=ports[2]: status(port)["step"] >= 150, 180, "p2 to reach step 150")
                 for victim in victims:
                     procs.procs[victim].send_signal(signal.SIGKILL)
             codes = procs.wait_all(timeout=400)
