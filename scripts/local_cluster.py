@@ -32,8 +32,9 @@ from p2pdl.config import load_config
 from p2pdl.errors import ConfigError
 from p2pdl.mixing import consensus_distance
 
-# glibc maps every buffer of 32 MiB or more freshly; this keeps big frame copies fast.
-PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "PYTHONUNBUFFERED": "1"}
+# glibc maps big buffers freshly and trims the heap after each free without these, so every
+# round page-faults its frame buffers back in; see p2pdl/_malloc.py.
+PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824", "PYTHONUNBUFFERED": "1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
