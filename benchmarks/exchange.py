@@ -213,7 +213,7 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
 
     def reset_labels() -> None:
         nonlocal compute_labels
-        compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(copy+unflatten)"))
+        compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(unflatten_chunks)"))
 
     timeline.reset_labels = reset_labels  # type: ignore[attr-defined]
     transport.encode = timeline.wrap_async("encode(await)", transport.encode)
@@ -231,7 +231,9 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     transport._on_bytes = on_bytes
     wire_module._all_finite = timeline.wrap_sync("  finite check", wire_module._all_finite)
     wire_module.encode_frame = timeline.wrap_sync("  encode_frame(codec thread)", wire_module.encode_frame)
-    strategies_module.unflatten_into = timeline.wrap_sync("  unflatten_into", strategies_module.unflatten_into)
+    strategies_module.unflatten_chunks_into = timeline.wrap_sync(
+        "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
+    )
     # transport.py imported encode_frame by name; point it at the timed one too.
     import p2pdl.transport as transport_module
 
