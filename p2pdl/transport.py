@@ -587,7 +587,7 @@ class Transport:
                 await ws.close()
                 break
 
-    async def _on_bytes(self, link: _Link, data: bytes | bytearray) -> None:
+    async def _on_bytes(self, link: _Link, data: bytes) -> None:
         self.stats.bytes_received += len(data)
         try:
             if len(data) > _INLINE_CODEC_BYTES:
@@ -615,7 +615,7 @@ class Transport:
             raise FrameSchemaError(f"{frame.kind!r} control frame must not carry tensors")
         return frame
 
-    def _decode_data(self, data: bytes | bytearray, sender: str) -> Frame:
+    def _decode_data(self, data: bytes, sender: str) -> Frame:
         """Decode and validate a frame from ``sender`` (runs in the codec pool when large)."""
         frame = decode_frame(data, limits=self._limits, known_senders=(sender,))
         if frame.kind in CONTROL_KINDS:
@@ -744,16 +744,17 @@ class Transport:
         return web.json_response(self._status())
 
 
-async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytearray | None:
-    """The next ``length`` body bytes in one fresh buffer (one copy), or None if the body ends early."""
-    buffer = bytearray(length)
-    view = memoryview(buffer)
-    filled = 0
-    while filled < length:
+async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | None:
+    """The next ``length`` body bytes as one ``bytes`` (one copy), or None if the body ends early.
+
+    ``bytes``, not a reused or mutable buffer: the decoder wraps tensors around it in place.
+    """
+    chunks: list[bytes] = []
+    remaining = length
+    while remaining > 0:
         chunk = await content.readany()
         if not chunk:
             return None
-        size = min(len(chunk), length - filled)
-        view[filled : filled + size] = chunk[:size]
-        filled += size
-    return buffer
+        chunks.append(chunk[:remaining] if len(chunk) > remaining else chunk)
+        remaining -= len(chunks[-1])
+    return b"".join(chunks)
