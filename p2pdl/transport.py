@@ -462,7 +462,10 @@ class Transport:
                 token = frame.meta.get(FRAMES_TOKEN_META)
                 link.frames_token = token if isinstance(token, str) else ""
                 backoff = self._config.reconnect_initial
-                await self._serve_link(link, ws)
+                try:
+                    await self._serve_link(link, ws)
+                finally:
+                    link.frames_token = ""
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError, FrameError, TransportError) as exc:
@@ -512,17 +515,22 @@ class Transport:
             self.mailbox.mark_back(link.name)
         token = secrets.token_hex(16)
         reply = Frame(kind=HELLO, sender=self.name, round=0, step=0, meta={FRAMES_TOKEN_META: token})
-        try:
-            async with asyncio.timeout(self._config.handshake_timeout):
-                await self._send_on(ws, reply)
-        except (TimeoutError, ConnectionError, aiohttp.ClientError):
-            return ws
-        old = link.ws
-        if old is not None and not old.closed:
-            await old.close()
+        # Valid before the reply leaves: the dialer may POST the moment it reads the token.
         link.frames_token = token
-        await self._serve_link(link, ws)
-        return ws
+        try:
+            try:
+                async with asyncio.timeout(self._config.handshake_timeout):
+                    await self._send_on(ws, reply)
+            except (TimeoutError, ConnectionError, aiohttp.ClientError):
+                return ws
+            old = link.ws
+            if old is not None and not old.closed:
+                await old.close()
+            await self._serve_link(link, ws)
+            return ws
+        finally:
+            if link.frames_token == token:  # a newer connection may already hold its own
+                link.frames_token = ""
 
     async def _accept_frame(self, request: web.Request) -> web.StreamResponse:
         """POST /frames: one frame from the dialer of a live link, as a plain HTTP body."""
@@ -532,7 +540,6 @@ class Transport:
         if (
             link is None
             or link.dials
-            or link.ws is None
             or not link.frames_token
             or not hmac.compare_digest(token, link.frames_token.encode())
         ):
@@ -568,7 +575,6 @@ class Transport:
         finally:
             if link.ws is ws:
                 link.ws = None
-                link.frames_token = ""
                 link.connected.clear()
                 if not link.has_left():
                     link.state = "disconnected"
