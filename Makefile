@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.p2pdl-installed
+# glibc allocator settings for processes that churn 20-50 MB buffers; see p2pdl/_malloc.py.
+MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
 
 .PHONY: demo test install lint clean
 
@@ -19,10 +21,10 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	MALLOC_MMAP_THRESHOLD_=268435456 $(PY) scripts/local_cluster.py configs/ring4.toml --out runs/demo
+	$(MALLOC_ENV) $(PY) scripts/local_cluster.py configs/ring4.toml --out runs/demo
 
 test: $(STAMP)
-	MALLOC_MMAP_THRESHOLD_=268435456 $(PY) -m pytest
+	$(MALLOC_ENV) $(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check p2pdl peers scripts benchmarks tests

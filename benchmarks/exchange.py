@@ -2,7 +2,7 @@
 
 Each system runs as ``n`` real processes on loopback, started by this script (the parent) and
 reaped by it. Both see the same model, ``nn.Linear(3342, 3342)`` (11,172,306 parameters incl.
-bias, 44.7 MB of fp32 gradients), the same environment (``MALLOC_MMAP_THRESHOLD_``,
+bias, 44.7 MB of fp32 gradients), the same environment (``MALLOC_*_THRESHOLD_``,
 ``OMP_NUM_THREADS=1``) and the same barrier (a gloo ``barrier`` before every round), and the runs
 alternate gloo, p2pdl, p2pdl, gloo per process count so that machine noise hits both alike.
 
@@ -46,7 +46,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = REPO / "peers" / "mnist1d_cnn.py"
 FEATURES = 3342  # nn.Linear(3342, 3342): 3342 * 3342 + 3342 = 11,172,306 parameters
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CHILD_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "268435456",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 WORKER_TIMEOUT = 600.0  # seconds one group of worker processes may take
 
 
@@ -208,7 +213,7 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
 
     def reset_labels() -> None:
         nonlocal compute_labels
-        compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(copy+unflatten)"))
+        compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(unflatten_chunks)"))
 
     timeline.reset_labels = reset_labels  # type: ignore[attr-defined]
     transport.encode = timeline.wrap_async("encode(await)", transport.encode)
@@ -226,7 +231,9 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     transport._on_bytes = on_bytes
     wire_module._all_finite = timeline.wrap_sync("  finite check", wire_module._all_finite)
     wire_module.encode_frame = timeline.wrap_sync("  encode_frame(codec thread)", wire_module.encode_frame)
-    strategies_module.unflatten_into = timeline.wrap_sync("  unflatten_into", strategies_module.unflatten_into)
+    strategies_module.unflatten_chunks_into = timeline.wrap_sync(
+        "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
+    )
     # transport.py imported encode_frame by name; point it at the timed one too.
     import p2pdl.transport as transport_module
 
@@ -367,6 +374,10 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
 
 def p2pdl_worker(args: argparse.Namespace) -> dict[str, Any]:
     import uvloop
+
+    from p2pdl._malloc import tune_allocator
+
+    tune_allocator()  # a no-op under CHILD_ENV, which already sets both thresholds
 
     _init_dist(args.rank, args.world, args.dist_port)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -527,8 +538,11 @@ def main() -> int:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is None:
-        if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-            print("note: set MALLOC_MMAP_THRESHOLD_=268435456 for this process too", file=sys.stderr)
+        if os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
+            print(
+                "note: set MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 for this process too",
+                file=sys.stderr,
+            )
         return main_parent(args)
     worker = gloo_worker if args.worker == "gloo" else p2pdl_worker
     result = worker(args)

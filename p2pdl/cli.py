@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from p2pdl._malloc import tune_allocator
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.topology import build_graph, describe
@@ -178,6 +179,8 @@ def _event_loop_runner() -> asyncio.Runner:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First, before any large buffer exists: see p2pdl._malloc for why.
+    tune_allocator()
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -90,6 +90,40 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
+def unflatten_chunks_into(chunks: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:
+    """:func:`unflatten_into` of ``torch.cat(chunks)``, without building the concatenation.
+
+    ``chunks`` are consecutive 1-D pieces of the flat buffer (e.g. all-gathered chunks in rank
+    order). Each element is copied once, straight into its tensor, on the tensor's device.
+    """
+    pieces = [c for c in chunks if c.numel() > 0]
+    index, position = 0, 0  # the next unread element is pieces[index][position]
+    for tensor in tensors:
+        needed = tensor.numel()
+        parts: list[torch.Tensor] = []
+        while needed > 0:
+            assert index < len(pieces), "chunks hold fewer elements than the tensors"
+            chunk = pieces[index]
+            count = min(needed, chunk.numel() - position)
+            parts.append(chunk[position : position + count])
+            needed -= count
+            position += count
+            if position == chunk.numel():
+                index, position = index + 1, 0
+        if len(parts) == 1:
+            tensor.copy_(parts[0].view_as(tensor))
+        elif tensor.is_contiguous():  # spans a chunk boundary: fill it piece by piece
+            flat = tensor.view(-1)  # (numel,)
+            offset = 0
+            for part in parts:
+                flat[offset : offset + part.numel()].copy_(part)
+                offset += part.numel()
+        elif parts:
+            tensor.copy_(torch.cat(parts).view_as(tensor))
+    assert index == len(pieces), "chunks hold more elements than the tensors"
+
+
+@torch.no_grad()
 def exact_mean(chunks_in_rank_order: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """out <- mean of equally shaped chunks, summed in the given (rank) order.
 

@@ -37,7 +37,7 @@ from p2pdl.mixing import (
     exact_mean,
     flatten_into,
     mix_into,
-    unflatten_into,
+    unflatten_chunks_into,
 )
 from p2pdl.topology import Graph, mh_weight
 from p2pdl.wire import Frame, TensorSpec
@@ -330,22 +330,28 @@ class AllReduceStrategy:
             grads.append(p.grad)
         return grads
 
-    def _write_back(self, tensors: Sequence[torch.Tensor]) -> None:
-        device = self._ctx.device
-        averaged = self._averaged.to(device) if device.type != "cpu" else self._averaged
-        with torch.no_grad():
-            unflatten_into(averaged, tensors)
+    @staticmethod
+    @torch.no_grad()
+    def _write_back(chunks_in_rank_order: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:
+        """Copy the averaged chunks straight into the tensors: one copy, no flat intermediate."""
+        unflatten_chunks_into(chunks_in_rank_order, tensors)
 
     async def _exchange(
         self, kind: str, round_index: int, others: Sequence[str], frames: Mapping[str, Frame]
     ) -> dict[str, Frame]:
         ctx = self._ctx
-        encoded = await asyncio.gather(*(ctx.exchange.encode(frames[n]) for n in others))
-        results = await asyncio.gather(
-            *(ctx.exchange.send_encoded(n, data) for n, data in zip(others, encoded, strict=True)),
-            return_exceptions=True,
-        )
-        for result in results:
+        # Each distinct frame is encoded once (the all-gather sends one frame to everyone) and
+        # sent as soon as its own encoding is done, while the others are still being encoded.
+        recipients: dict[int, list[str]] = {}
+        for n in others:
+            recipients.setdefault(id(frames[n]), []).append(n)
+
+        async def encode_and_send(names: list[str]) -> list[BaseException | None]:
+            data = await ctx.exchange.encode(frames[names[0]])
+            return await asyncio.gather(*(ctx.exchange.send_encoded(n, data) for n in names), return_exceptions=True)
+
+        results = await asyncio.gather(*(encode_and_send(names) for names in recipients.values()))
+        for result in (r for group in results for r in group):
             if isinstance(result, BaseException) and not isinstance(result, TransportError):
                 raise result
         arrived = await ctx.exchange.collect(kind, round_index, others, ctx.config.round_timeout)
@@ -392,12 +398,8 @@ class AllReduceStrategy:
             ctx.ledger.record(round_index, missing, started)
             raise AllReduceIncompleteError(round_index, missing)
 
-        def assemble() -> None:
-            for sender, frame in gathered.items():
-                self._chunk(self._averaged, bounds, peers.index(sender)).copy_(frame.tensors["chunk"])
-            self._write_back(tensors())
-
-        await ctx.run_compute(assemble)
+        averaged_in_rank_order = [own if p == ctx.name else gathered[p].tensors["chunk"] for p in peers]
+        await ctx.run_compute(lambda: self._write_back(averaged_in_rank_order, tensors()))
         return ctx.ledger.record(round_index, [], started)
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:

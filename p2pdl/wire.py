@@ -24,9 +24,14 @@ Trade-offs:
   ratio 1.00), so compressing them costs CPU time for nothing; int8 or sparse payloads
   shrink by ~1.3x or more. ``"auto"`` decides from a 64 KiB sample, which is cheap, and
   the body is sent raw whenever compression would not shrink it.
-* Tensor bytes are copied once on each side. Encoding gathers the msgpack pieces and the
-  tensors' own memory into the output with a single ``bytes.join``; decoding lets msgpack
-  copy each ``bin`` out of the input and then wraps those bytes with ``torch.frombuffer``.
+* Tensor bytes are copied once when encoding and not at all when decoding ``bytes``.
+  Encoding gathers the msgpack pieces and the tensors' own memory into the output with a
+  single ``bytes.join``. Decoding walks the msgpack structure by hand just far enough to find
+  each tensor's ``bin`` and wraps it in place with ``torch.frombuffer`` (``bytes`` are
+  immutable, so the views are safe); everything else is still decoded by msgpack, and any
+  body the walk does not recognise goes through the plain ``msgpack.unpackb`` path instead,
+  so hostile input meets exactly the same checks. A mutable input (``bytearray``,
+  ``memoryview``) is copied once first, since its owner may reuse it.
 * Everything here is pure (no I/O, no asyncio). Encoding and decoding large frames takes
   tens of milliseconds, so callers on the event loop run them in a thread executor.
 
@@ -318,12 +323,14 @@ def decode_frame(
     ``known_senders``, and finally that floating-point tensors are finite.
 
     Raises only :class:`~p2pdl.errors.FrameError` subclasses. The returned tensors are
-    read-only views of bytes owned by the frame, never of ``data``, which the caller may
-    reuse.
+    read-only views of ``data`` when it is ``bytes`` (immutable, so nothing can change them),
+    and of a private copy otherwise, never of a buffer the caller may reuse.
     """
     view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
     if view.nbytes > limits.max_frame_bytes:
         raise FrameTooLargeError(f"frame is {view.nbytes} bytes; max_frame_bytes is {limits.max_frame_bytes}")
+    if not isinstance(data, bytes):
+        view = memoryview(view.tobytes())  # the tensors will view this private copy
     body = _read_body(view, limits)
     obj = _unpack(body, limits)
     frame = _check_body(obj, limits)
@@ -380,26 +387,166 @@ def _read_body(view: memoryview, limits: Limits) -> bytes | memoryview:
 
 def _unpack(body: bytes | memoryview, limits: Limits) -> object:
     size = len(body) if isinstance(body, bytes) else body.nbytes
+    # Every container element or byte takes at least one byte of input, so bounds derived
+    # from the body size stop a short buffer from declaring a huge length. Schema limits
+    # (tensor count, meta size) are checked afterwards with typed errors.
+    options: dict[str, Any] = {
+        "raw": False,
+        "strict_map_key": True,
+        "use_list": True,
+        "object_pairs_hook": _unique_map,
+        "max_str_len": min(size, _MAX_STR_BYTES),
+        "max_bin_len": size,
+        "max_array_len": size,
+        "max_map_len": size // 2,
+        "max_ext_len": size,
+    }
+    walked = _unpack_in_place(memoryview(body), limits, options)
+    if walked is not None:
+        return walked
     try:
-        # Every container element or byte takes at least one byte of input, so bounds
-        # derived from the body size stop a short buffer from declaring a huge length.
-        # Schema limits (tensor count, meta size) are checked afterwards with typed errors.
-        return msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            object_pairs_hook=_unique_map,
-            max_str_len=min(size, _MAX_STR_BYTES),
-            max_bin_len=size,
-            max_array_len=size,
-            max_map_len=size // 2,
-            max_ext_len=size,
-        )
+        return msgpack.unpackb(body, **options)
     except _DuplicateKeyError as exc:
         raise FrameSchemaError("a msgpack map repeats a key") from exc
     except Exception as exc:  # ValueError, StackError, UnicodeDecodeError, TypeError, ...
         raise FrameFormatError(f"bad msgpack body: {type(exc).__name__}: {exc}") from exc
+
+
+class _NotCanonical(Exception):
+    """The in-place walk met something it leaves to the plain msgpack path."""
+
+
+# msgpack lead bytes whose object has a fixed size, and the size-prefixed ones:
+# lead byte -> (bytes in the length field, bytes after the length that are not counted by it).
+_FIXED_SIZE: Final[Mapping[int, int]] = {
+    0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,
+    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18,
+}  # fmt: skip
+_SIZED: Final[Mapping[int, tuple[int, int]]] = {
+    0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),  # bin
+    0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),  # ext: the type byte follows the length
+    0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),  # str
+}  # fmt: skip
+_CONTAINERS: Final[Mapping[int, tuple[int, int]]] = {
+    0xDC: (2, 1), 0xDD: (4, 1),  # array: length field bytes, objects per element
+    0xDE: (2, 2), 0xDF: (4, 2),  # map
+}  # fmt: skip
+
+
+def _unpack_in_place(body: memoryview, limits: Limits, options: Mapping[str, Any]) -> object | None:
+    """Decode a body of the usual shape with each tensor's data as a view of ``body``.
+
+    Returns what ``msgpack.unpackb(body, **options)`` would, except that each tensor entry's
+    ``bin`` is a memoryview slice instead of a copy; or None whenever the body strays from
+    ``{..., "tensors": [[name, dtype, shape, bin], ...], ...}`` in any way (bad msgpack
+    included), so the caller decodes it the plain way and raises the usual error.
+    """
+    size = body.nbytes
+    # Legitimate bodies need a few objects per tensor; a bound keeps hostile ones from making
+    # this pure-Python walk slow (they go to msgpack's C decoder instead).
+    budget = [64 + 2 * _MAX_META_ENTRIES + 16 * limits.max_tensors]
+
+    def skip(start: int) -> int:
+        """The end offset of the object that starts at ``start``."""
+        position, pending = start, 1
+        while pending:
+            budget[0] -= 1
+            if budget[0] < 0 or position >= size:
+                raise _NotCanonical
+            lead = body[position]
+            pending -= 1
+            if lead <= 0x7F or lead >= 0xE0:  # fixint
+                position += 1
+            elif lead <= 0x8F:  # fixmap
+                pending += 2 * (lead & 0x0F)
+                position += 1
+            elif lead <= 0x9F:  # fixarray
+                pending += lead & 0x0F
+                position += 1
+            elif lead <= 0xBF:  # fixstr
+                position += 1 + (lead & 0x1F)
+            elif lead in _FIXED_SIZE:
+                position += _FIXED_SIZE[lead]
+            elif lead in _SIZED:
+                width, extra = _SIZED[lead]
+                position += 1 + width + extra + _read_length(position + 1, width)
+            elif lead in _CONTAINERS:
+                width, per_element = _CONTAINERS[lead]
+                pending += per_element * _read_length(position + 1, width)
+                position += 1 + width
+            else:  # 0xC1, never used
+                raise _NotCanonical
+        if position > size:
+            raise _NotCanonical
+        return position
+
+    def _read_length(start: int, width: int) -> int:
+        if start + width > size:
+            raise _NotCanonical
+        return int.from_bytes(body[start : start + width], "big")
+
+    def header(start: int, fixed_base: int, wide: tuple[int, int]) -> tuple[int, int]:
+        """(count, offset after the header) of a map (0x80) or array (0x90) header."""
+        if start >= size:
+            raise _NotCanonical
+        lead = body[start]
+        if fixed_base <= lead <= fixed_base + 0x0F:
+            return lead & 0x0F, start + 1
+        for lead_byte, width in zip(wide, (2, 4), strict=True):
+            if lead == lead_byte:
+                return _read_length(start + 1, width), start + 1 + width
+        raise _NotCanonical
+
+    def plain(start: int, end: int) -> Any:
+        return msgpack.unpackb(body[start:end], **options)
+
+    def tensor_entries(start: int) -> tuple[list[list[Any]], int]:
+        count, position = header(start, 0x90, (0xDC, 0xDD))
+        if count > limits.max_tensors:
+            raise _NotCanonical
+        entries: list[list[Any]] = []
+        for _ in range(count):
+            fields, position = header(position, 0x90, (0xDC, 0xDD))
+            if fields != 4:
+                raise _NotCanonical
+            entry: list[Any] = []
+            for _ in range(3):  # name, dtype, shape
+                end = skip(position)
+                entry.append(plain(position, end))
+                position = end
+            if position >= size or body[position] not in (0xC4, 0xC5, 0xC6):
+                raise _NotCanonical
+            width = _SIZED[body[position]][0]
+            length = _read_length(position + 1, width)
+            position += 1 + width
+            if position + length > size:
+                raise _NotCanonical
+            entry.append(body[position : position + length])
+            position += length
+            entries.append(entry)
+        return entries, position
+
+    try:
+        count, position = header(0, 0x80, (0xDE, 0xDF))
+        pairs: list[tuple[Any, Any]] = []
+        for _ in range(count):
+            end = skip(position)
+            key = plain(position, end)
+            if type(key) is not str:
+                raise _NotCanonical
+            if key == "tensors":
+                value, position = tensor_entries(end)
+            else:
+                position = skip(end)
+                value = plain(end, position)
+            pairs.append((key, value))
+        if position != size:
+            raise _NotCanonical
+        return _unique_map(pairs)
+    except (_NotCanonical, _DuplicateKeyError):
+        return None
+    except Exception:  # msgpack's own errors on a piece: the plain path reports them
+        return None
 
 
 def _check_body(obj: object, limits: Limits) -> Frame:
@@ -431,7 +578,7 @@ def _check_body(obj: object, limits: Limits) -> Frame:
     if len(entries) > limits.max_tensors:
         raise FrameSchemaError(f"{len(entries)} tensors; max_tensors is {limits.max_tensors}")
     # Passes over all tensors, so the error reported does not depend on tensor order.
-    parsed: list[tuple[str, str, tuple[int, ...], bytes]] = []
+    parsed: list[tuple[str, str, tuple[int, ...], bytes | memoryview]] = []
     names: set[str] = set()
     for entry in entries:
         if type(entry) is not list or len(entry) != 4:
@@ -446,7 +593,7 @@ def _check_body(obj: object, limits: Limits) -> Frame:
         if type(shape) is not list or not all(type(d) is int for d in shape):
             raise FrameSchemaError(f"tensor {name!r}: shape is not an array of ints")
         _check_shape(name, tuple(shape))
-        if type(data) is not bytes:
+        if type(data) is not bytes and type(data) is not memoryview:  # memoryview: see _unpack_in_place
             raise FrameSchemaError(f"tensor {name!r}: data is a {type(data).__name__}, not bin")
         parsed.append((name, dtype_name, tuple(shape), data))
     for name, dtype_name, _, _ in parsed:
@@ -461,7 +608,7 @@ def _check_body(obj: object, limits: Limits) -> Frame:
     return Frame(kind=kind, sender=sender, round=round_, step=step, meta=meta, tensors=tensors)
 
 
-def _tensor_from_bytes(data: bytes, dtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _tensor_from_bytes(data: bytes | memoryview, dtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:
     dtype = ALLOWED_DTYPES[dtype_name]
     if not data:  # frombuffer refuses an empty buffer
         return torch.empty(shape, dtype=dtype)

@@ -32,14 +32,13 @@ from p2pdl.config import load_config
 from p2pdl.errors import ConfigError
 from p2pdl.mixing import consensus_distance
 
-# glibc maps every buffer of 32 MiB or more freshly; this keeps big frame copies fast.
-PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "PYTHONUNBUFFERED": "1"}
+# glibc maps big buffers freshly and trims the heap after each free without these, so every
+# round page-faults its frame buffers back in; see p2pdl/_malloc.py.
+PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824", "PYTHONUNBUFFERED": "1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path)
     parser.add_argument("--steps", type=int, help="override run.steps")
     parser.add_argument("--out", type=Path, help="output directory (default runs/CONFIG_STEM)")
@@ -108,8 +107,7 @@ def plot(out: Path, names: list[str], consensus: list[tuple[int, float]]) -> Pat
         if losses:
             window = max(1, len(losses) // 50)
             smoothed = [
-                sum(v for _, v in losses[max(0, i - window + 1) : i + 1])
-                / len(losses[max(0, i - window + 1) : i + 1])
+                sum(v for _, v in losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
                 for i in range(len(losses))
             ]
             axes[0].plot([s for s, _ in losses], smoothed, label=name, linewidth=1)
@@ -163,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device:
             command += ["--device", args.device]
         logs[entry.name] = open(peer_out / "peer.log", "wb")  # noqa: SIM115 - closed below
-        procs[entry.name] = subprocess.Popen(
-            command, stdout=logs[entry.name], stderr=subprocess.STDOUT, env=env
-        )
+        procs[entry.name] = subprocess.Popen(command, stdout=logs[entry.name], stderr=subprocess.STDOUT, env=env)
 
     bar = tqdm(total=steps, desc="swarm", unit="step", disable=args.no_progress, dynamic_ncols=True)
     interrupted = False

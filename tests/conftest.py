@@ -15,9 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / "peers"
 
-# glibc maps big buffers freshly without this; set before any peer process starts.
+# glibc maps big buffers freshly and trims the heap without these; set before any peer starts.
 PEER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "268435456",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
     "PYTHONUNBUFFERED": "1",
     "OMP_NUM_THREADS": "1",
 }

@@ -157,3 +157,53 @@ async def test_step_requires_a_started_peer(kind: str) -> None:
     with pytest.raises(RuntimeError, match="async with"):
         await peer.step(zero_closure)
     await peer.close()
+
+
+async def test_large_frames_from_the_dialer_go_as_post_bodies_through_the_same_checks() -> None:
+    async with two_peers() as (a, b):
+        assert a.transport._links["b"].dials and a.transport._links["b"].frames_token
+        posted: list[int] = []
+        original = a.transport._post_frame
+
+        async def counting_post(link: object, data: bytes) -> None:
+            posted.append(len(data))
+            await original(link, data)  # type: ignore[arg-type]
+
+        a.transport._post_frame = counting_post  # type: ignore[method-assign]
+        received_before = b.status()["bytes_received"]
+        # 256 KiB of the wrong shape: big enough for POST, refused by b's schema check as usual.
+        frame = Frame(kind="params", sender="a", round=5, step=5, tensors={"x": torch.zeros(65536)})
+        big = encode_frame(frame, compression="never")
+        await a.transport.send_encoded("b", big)
+        assert posted == [len(big)]
+        assert b.status()["bytes_received"] - received_before == len(big)
+        assert b.status()["frames_rejected"]["by_reason"] == {"shape": 1}
+        # The link is intact and rounds still complete in both directions.
+        ra, rb = await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
+        assert ra.parameter_round is not None and ra.parameter_round.complete
+        assert rb.parameter_round is not None and rb.parameter_round.complete
+
+
+async def test_frames_post_needs_the_live_links_token() -> None:
+    async with two_peers() as (a, b):
+        url = f"http://127.0.0.1:{b.transport.port}/frames"
+        body = encode_frame(Frame(kind="params", sender="a", round=9, step=9))
+        token = a.transport._links["b"].frames_token
+        async with aiohttp.ClientSession() as session:
+            for headers in (
+                {},
+                {"X-P2PDL-Sender": "a", "X-P2PDL-Frames-Token": "0" * 32},
+                {"X-P2PDL-Sender": "mallory", "X-P2PDL-Frames-Token": token},
+                {"X-P2PDL-Sender": "a", "X-P2PDL-Frames-Token": "é"},
+            ):
+                async with session.post(url, data=body, headers=headers) as response:
+                    assert response.status == 403
+            # b dials nobody; a, as the acceptor of nothing, hands out no token for b to use.
+            async with session.post(
+                f"http://127.0.0.1:{a.transport.port}/frames",
+                data=body,
+                headers={"X-P2PDL-Sender": "b", "X-P2PDL-Frames-Token": token},
+            ) as response:
+                assert response.status == 403
+        assert b.status()["frames_rejected"]["by_reason"] == {"unknown_sender": 4}
+        assert b.status()["frames_received"] == 0

@@ -18,7 +18,7 @@ from conftest import PEER_ENV, REPO, PeerProcesses, free_ports
 
 from p2pdl.mixing import consensus_distance
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_ring_of_four_learns_mnist1d_and_agrees(tmp_path: Path, config_writer: Callable[..., Path]) -> None:
@@ -101,9 +101,12 @@ def test_sigterm_stops_a_peer_cleanly_and_neighbours_see_the_leave(
     assert all(torch.isfinite(v).all() for v in state.values())
     status = wait_for_status(
         ports[0],
-        lambda s: any(n["name"] == "p1" and n["state"] == "left" for n in s["neighbors"]),  # type: ignore[attr-defined]
+        lambda s: "p1" not in s["strategy"]["neighbors"],  # type: ignore[index, operator]
         timeout=10,
     )
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/members", timeout=2) as response:
+        members = {m["name"]: m["state"] for m in json.loads(response.read())["members"]}
+    assert members["p1"] == "left"
     assert status["state"] == "training"
 
 

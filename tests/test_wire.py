@@ -33,6 +33,8 @@ from p2pdl.wire import (
     Limits,
     TensorSpec,
     _swap_bytes,
+    _unpack,
+    _unpack_in_place,
     decode_frame,
     encode_frame,
 )
@@ -128,6 +130,15 @@ def test_decoded_tensors_do_not_alias_the_input_buffer() -> None:
     decoded = decode_frame(memoryview(buffer), limits=LIMITS)
     buffer[:] = bytes(len(buffer))
     assert torch.equal(decoded.tensors["t"], torch.ones(4))
+
+
+def test_decoded_tensors_view_immutable_input_without_a_copy() -> None:
+    encoded = encode_frame(_frame(t=torch.arange(1000, dtype=torch.float32)), compression="never")
+    decoded = decode_frame(encoded, limits=LIMITS)
+    address = memoryview(encoded).cast("B")  # where the bytes object's data lives
+    start = torch.frombuffer(address, dtype=torch.uint8).data_ptr()
+    assert start < decoded.tensors["t"].data_ptr() < start + len(encoded)
+    assert torch.equal(decoded.tensors["t"], torch.arange(1000, dtype=torch.float32))
 
 
 def test_tensor_spec_of_tensor() -> None:
@@ -565,3 +576,71 @@ def test_fuzz_msgpack_objects_in_valid_header(obj: object, compress: bool) -> No
     else:
         data = _wrap(body)
     _decode_or_frame_error(data)
+
+
+def _plain_or_error(body: bytes) -> object:
+    try:
+        return msgpack.unpackb(body, **_unpack_options(len(body)))
+    except Exception as exc:
+        return type(exc)
+
+
+def _unpack_options(size: int) -> dict[str, Any]:  # mirrors wire._unpack's options
+    return {
+        "raw": False,
+        "strict_map_key": True,
+        "use_list": True,
+        "max_str_len": min(size, 1024),
+        "max_bin_len": size,
+        "max_array_len": size,
+        "max_map_len": size // 2,
+        "max_ext_len": size,
+    }
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as msgpack values (NaN included)."""
+    return not isinstance(b, type) and msgpack.packb(a, use_bin_type=True) == msgpack.packb(b, use_bin_type=True)
+
+
+def _as_bytes(obj: object) -> object:
+    if isinstance(obj, memoryview):
+        return obj.tobytes()
+    if isinstance(obj, list):
+        return [_as_bytes(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _as_bytes(v) for k, v in obj.items()}
+    return obj
+
+
+@FUZZ
+@given(
+    st.one_of(st.sampled_from(_VALID).map(lambda f: f[HEADER_SIZE:]), _NEAR_VALID_BODIES.map(msgpack.packb)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.one_of(st.none(), st.integers(0, 10_000)),
+)
+def test_in_place_walk_agrees_with_msgpack(body: bytes, mutations: list[tuple[int, int]], cut: int | None) -> None:
+    mutated = bytearray(body)
+    for position, value in mutations:
+        mutated[position % len(mutated)] = value
+    data = bytes(mutated[:cut])
+    walked = _unpack_in_place(memoryview(data), LIMITS, {**_unpack_options(len(data)), "object_pairs_hook": dict})
+    if walked is not None:
+        # Whatever the walk accepts, msgpack decodes to the same thing (bins as bytes).
+        assert _same(_as_bytes(walked), _plain_or_error(data))
+    # And the decoder's combined result is what the plain path alone would give.
+    try:
+        combined: object = _as_bytes(_unpack(data, LIMITS))
+    except FrameError as exc:
+        combined = type(exc)
+    if not isinstance(combined, type):
+        assert _same(combined, _plain_or_error(data))
+
+
+def test_in_place_walk_takes_every_valid_uncompressed_frame() -> None:
+    for frame in _VALID:
+        if not _flags(frame) & FLAG_LZ4:
+            body = memoryview(frame)[HEADER_SIZE:]
+            walked = _unpack_in_place(body, LIMITS, _unpack_options(body.nbytes))
+            assert isinstance(walked, dict) and walked.keys() >= {"tensors"}
+            assert all(isinstance(entry[3], memoryview) for entry in walked["tensors"])
