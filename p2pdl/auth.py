@@ -71,7 +71,19 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from p2pdl.errors import ConfigError, P2PDLError
+from p2pdl.errors import (
+    AuthConfigError,
+    AuthError,
+    BadMacError,
+    MissingTokenError,
+    ReplayCacheFullError,
+    TokenExpiredError,
+    TokenFormatError,
+    TokenReplayedError,
+    UnknownPeerError,
+    WrongPurposeError,
+    WrongTargetError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,55 +100,6 @@ MAX_PURPOSE_CHARS: Final = 256
 
 # Set by auth_middleware on every authenticated request.
 PEER_KEY: Final = web.RequestKey("p2pdl_auth_peer", str)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class AuthConfigError(ConfigError):
-    """The secret or a TLS file is missing, unreadable or unusable. Never quotes the secret."""
-
-
-class AuthError(P2PDLError):
-    """A credential was refused. The peer keeps running; the client gets a bare 401."""
-
-    reason = "unauthorized"
-
-
-class TokenFormatError(AuthError):
-    reason = "malformed"
-
-
-class MissingTokenError(AuthError):
-    reason = "missing"
-
-
-class BadMacError(AuthError):
-    reason = "bad_mac"
-
-
-class UnknownPeerError(AuthError):
-    reason = "unknown_peer"
-
-
-class WrongTargetError(AuthError):
-    reason = "wrong_target"
-
-
-class WrongPurposeError(AuthError):
-    reason = "wrong_purpose"
-
-
-class TokenExpiredError(AuthError):
-    reason = "expired"
-
-
-class TokenReplayedError(AuthError):
-    reason = "replayed"
-
-
-class ReplayCacheFullError(AuthError):
-    reason = "replay_cache_full"
 
 
 # --------------------------------------------------------------------------- the secret
@@ -286,9 +249,8 @@ class AuthToken:
     mac: str
 
     def __post_init__(self) -> None:
-        problems = [
-            p for p in (_name_problem("name", self.name), _name_problem("target", self.target)) if p is not None
-        ]
+        target_problem = None if self.target == ANY_TARGET else _name_problem("target", self.target)
+        problems = [p for p in (_name_problem("name", self.name), target_problem) if p is not None]
         if not isinstance(self.purpose, str) or not 1 <= len(self.purpose) <= MAX_PURPOSE_CHARS:
             problems.append(f"purpose must be a str of 1-{MAX_PURPOSE_CHARS} characters")
         elif not self.purpose.isprintable():
@@ -393,6 +355,9 @@ def token_from_header(text: str) -> AuthToken:
     )
 
 
+ANY_TARGET = "*"  # a token for whichever peer answers: only for the purposes a verifier allows it
+
+
 class TokenVerifier:
     """The accepting side: checks MAC, peer, target, purpose, age and single use, in that order.
 
@@ -408,6 +373,7 @@ class TokenVerifier:
         max_skew: float = 30.0,
         replay_cache_size: int = 100_000,
         known_peers: Collection[str] | None = None,
+        any_target_purposes: Collection[str] = (),
     ) -> None:
         problem = _name_problem("self_name", self_name)
         if problem is not None:
@@ -421,6 +387,9 @@ class TokenVerifier:
         self.max_skew = max_skew  # seconds
         self._capacity = replay_cache_size
         self._known = None if known_peers is None else frozenset(known_peers)
+        # Requests to an address whose peer name is not known yet (a bootstrap address, the CLI's
+        # `status`) may carry target "*" for these purposes; the nonce is still single-use here.
+        self._any_target_purposes = frozenset(any_target_purposes)
         # nonce -> the last moment (Unix seconds) its token could still be accepted, plus a
         # min-heap of the same pairs to drop expired nonces in order.
         self._seen: dict[str, float] = {}
@@ -451,7 +420,7 @@ class TokenVerifier:
             raise UnknownPeerError(f"{token.name!r} is not a known peer")
         if expected_name is not None and token.name != expected_name:
             raise UnknownPeerError(f"token is from {token.name!r}, expected {expected_name!r}")
-        if token.target != self.self_name:
+        if token.target != self.self_name and not (token.target == ANY_TARGET and purpose in self._any_target_purposes):
             raise WrongTargetError(f"token is for {token.target!r}, this is {self.self_name!r}")
         if token.purpose != purpose:
             raise WrongPurposeError(f"token is for {token.purpose!r}, not {purpose!r}")
@@ -694,3 +663,57 @@ def cert_names(peercert: Mapping[str, Any] | None) -> frozenset[str]:
         if kind == "DNS":
             names.add(value)
     return frozenset(names)
+
+
+# --------------------------------------------------------------------------- one peer's setup
+
+# Requests that may be addressed to "whoever answers": membership gossip to a bootstrap address,
+# and the read-only views an operator's CLI asks for.
+ANY_TARGET_PURPOSES = frozenset({"POST /gossip", "GET /status", "GET /members"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerSecurity:
+    """Everything one peer needs to authenticate and encrypt: built once from the config."""
+
+    name: str
+    secret: Secret | None = None
+    verifier: TokenVerifier | None = None
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.client_ssl is not None else "http"
+
+    def headers(self, *, target: str | None, method: str, path: str) -> dict[str, str]:
+        """A fresh single-use token for one request (no header when the swarm has no secret)."""
+        if self.secret is None:
+            return {}
+        token = make_token(self.secret, name=self.name, target=target or ANY_TARGET, purpose=f"{method} {path}")
+        return {HEADER: token_to_header(token)}
+
+
+def build_peer_security(
+    name: str,
+    *,
+    secret_env: str | None,
+    secret_file: Path | None,
+    max_clock_skew: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    require_client_cert: bool,
+) -> PeerSecurity:
+    """Load the secret and TLS material named by the config (errors name the file or variable)."""
+    secret = load_secret(env=secret_env, file=secret_file) if (secret_env or secret_file) else None
+    verifier = (
+        TokenVerifier(secret, self_name=name, max_skew=max_clock_skew, any_target_purposes=ANY_TARGET_PURPOSES)
+        if secret is not None
+        else None
+    )
+    server_ssl = client_ssl = None
+    if tls_cert is not None and tls_key is not None and tls_ca is not None:
+        server_ssl = server_ssl_context(tls_cert, tls_key, tls_ca, require_client_cert=require_client_cert)
+        client_ssl = client_ssl_context(tls_ca, tls_cert, tls_key)
+    return PeerSecurity(name=name, secret=secret, verifier=verifier, server_ssl=server_ssl, client_ssl=client_ssl)

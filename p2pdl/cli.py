@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pdl._malloc import tune_allocator
+from p2pdl.auth import build_peer_security
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.topology import build_graph, describe
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print a peer's /status")
     status.add_argument("url", help="http://HOST:PORT of a peer, or HOST:PORT")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    status.add_argument("--config", type=Path, help="the swarm's config, for its secret and TLS files")
 
     topology = sub.add_parser("topology", help="print a config's graph, weights and spectral gap")
     topology.add_argument("config", type=Path)
@@ -98,9 +100,27 @@ def _cmd_topology(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    url = args.url if args.url.startswith(("http://", "https://")) else f"http://{args.url}"
+    headers: dict[str, str] = {}
+    context = None
+    scheme = "http"
+    if args.config is not None:
+        security = _load(args.config).security
+        peer_security = build_peer_security(
+            "p2pdl-cli",
+            secret_env=security.secret_env,
+            secret_file=security.secret_file,
+            max_clock_skew=security.max_clock_skew,
+            tls_cert=security.tls_cert,
+            tls_key=security.tls_key,
+            tls_ca=security.tls_ca,
+            require_client_cert=security.require_client_cert,
+        )
+        headers = peer_security.headers(target=None, method="GET", path="/status")
+        context, scheme = peer_security.client_ssl, peer_security.scheme
+    url = args.url if args.url.startswith(("http://", "https://")) else f"{scheme}://{args.url}"
+    request = urllib.request.Request(url.rstrip("/") + "/status", headers=headers)
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=args.timeout) as response:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
             body = json.loads(response.read())
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
         print(f"p2pdl status: cannot read {url}/status: {exc}", file=sys.stderr)

@@ -204,6 +204,12 @@ class TransportConfig(_Validated):
     max_tensors: int = 4096
     inbox_frames: int = 16  # buffered, unclaimed frames per neighbour before refusing more
     compression: Compression = "auto"
+    max_connections: int = 512  # open TCP connections to this peer's server, in total
+    # Per remote IP. Every peer of a one-machine swarm connects from 127.0.0.1, so this must allow
+    # a few connections per other peer (its link, pooled HTTP requests, a status poller).
+    max_connections_per_address: int = 128
+    request_timeout: float = 10.0  # a connection must deliver a complete request head in this time
+    max_frames_per_second: float = 500.0  # per neighbour; a burst of twice this is allowed
 
     @property
     def max_frame_bytes(self) -> int:
@@ -249,6 +255,22 @@ class TransportConfig(_Validated):
             found,
             self.inbox_frames >= 2,
             f"transport.inbox_frames must be >= 2, got {self.inbox_frames}",
+        )
+        _check(found, self.max_connections >= 1, f"transport.max_connections must be >= 1, got {self.max_connections}")
+        _check(
+            found,
+            1 <= self.max_connections_per_address <= self.max_connections,
+            "transport.max_connections_per_address must be in [1, transport.max_connections]",
+        )
+        _check(
+            found,
+            self.request_timeout > 0,
+            f"transport.request_timeout must be > 0 seconds, got {self.request_timeout}",
+        )
+        _check(
+            found,
+            self.max_frames_per_second > 0,
+            f"transport.max_frames_per_second must be > 0, got {self.max_frames_per_second}",
         )
         _check(
             found,
@@ -299,6 +321,51 @@ class MembershipConfig(_Validated):
             f"membership.gossip_timeout ({self.gossip_timeout}) must be <= membership.suspect_after "
             f"({self.suspect_after})",
         )
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecurityConfig(_Validated):
+    """Who may talk to a peer. Paths are relative to the config file.
+
+    With a secret (from ``secret_env`` or ``secret_file``) every request except ``GET /healthz``
+    carries a single-use HMAC-SHA256 token; without one the swarm is open to anyone who can reach
+    its ports (fine on a private network or loopback only). TLS needs all of cert, key and CA.
+    """
+
+    _section: typing.ClassVar[str] = "security"
+    secret_env: str | None = None  # name of the environment variable holding the swarm secret
+    secret_file: Path | None = None  # or a file holding it (>= 16 bytes)
+    max_clock_skew: float = 30.0  # seconds a token's timestamp may differ from this peer's clock
+    tls_cert: Path | None = None  # this peer's certificate (PEM), with an IP/DNS SAN for its address
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # the swarm CA that signs every peer's certificate
+    require_client_cert: bool = True  # mutual TLS: dialers must present a certificate from tls_ca
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        _check(
+            found,
+            self.secret_env is None or self.secret_file is None,
+            "security: set secret_env or secret_file, not both",
+        )
+        _check(
+            found, self.max_clock_skew > 0, f"security.max_clock_skew must be > 0 seconds, got {self.max_clock_skew}"
+        )
+        tls = [self.tls_cert, self.tls_key, self.tls_ca]
+        _check(
+            found,
+            all(v is None for v in tls) or all(v is not None for v in tls),
+            "security: tls_cert, tls_key and tls_ca go together (set all three or none)",
+        )
+        for name in ("secret_file", "tls_cert", "tls_key", "tls_ca"):
+            value = getattr(self, name)
+            if value is not None and not value.is_file():
+                found.append(f"security.{name}: file {str(value)!r} does not exist")
         return found
 
 
@@ -354,6 +421,7 @@ class Config(_Validated):
     transport: TransportConfig = field(default_factory=TransportConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     peers: tuple[PeerEntry, ...] = ()
 
     @property
@@ -429,6 +497,7 @@ _SECTIONS: dict[str, type[_Validated]] = {
     "transport": TransportConfig,
     "membership": MembershipConfig,
     "checkpoint": CheckpointConfig,
+    "security": SecurityConfig,
 }
 
 

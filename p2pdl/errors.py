@@ -6,6 +6,7 @@ never need to know which library sits underneath::
 
     P2PDLError
     ├── ConfigError                 bad config file or CLI value; lists every problem
+    │   └── AuthConfigError         the secret or a TLS file is missing or unusable
     ├── WorkloadError               a workload file is missing or lacks a required function
     ├── FrameError                  a frame from the network was refused (never fatal to a peer)
     │   ├── FrameTooLargeError      frame bytes or declared decompressed size over the cap
@@ -17,7 +18,11 @@ never need to know which library sits underneath::
     │   ├── NonFiniteError          NaN or Inf in a floating-point tensor
     │   ├── UnknownSenderError      sender is not a configured/known peer
     │   ├── StaleFrameError         round/step already finished, or a duplicate
-    │   └── InboxFullError          too many unclaimed frames buffered from one sender
+    │   ├── InboxFullError          too many unclaimed frames buffered from one sender
+    │   └── RateLimitedError        a neighbour sends more than max_frames_per_second
+    ├── AuthError                   a credential was refused (the client gets a bare 401)
+    │   ├── TokenFormatError, MissingTokenError, BadMacError, UnknownPeerError,
+    │   └── WrongTargetError, WrongPurposeError, TokenExpiredError, TokenReplayedError, ReplayCacheFullError
     ├── TransportError              connection-level failure (connect, send, handshake)
     │   └── PeerTimeoutError        a named timeout expired while talking to a peer
     └── RoundError                  a communication round could not complete
@@ -99,6 +104,56 @@ class StaleFrameError(FrameError):
 
 class InboxFullError(FrameError):
     reason = "inbox_full"
+
+
+class RateLimitedError(FrameError):
+    reason = "rate_limited"
+
+
+class AuthConfigError(ConfigError):
+    """The secret or a TLS file is missing, unreadable or unusable. Never quotes the secret."""
+
+
+class AuthError(P2PDLError):
+    """A credential was refused. The peer keeps running; the client gets a bare 401."""
+
+    reason = "unauthorized"
+
+
+class TokenFormatError(AuthError):
+    reason = "malformed"
+
+
+class MissingTokenError(AuthError):
+    reason = "missing"
+
+
+class BadMacError(AuthError):
+    reason = "bad_mac"
+
+
+class UnknownPeerError(AuthError):
+    reason = "unknown_peer"
+
+
+class WrongTargetError(AuthError):
+    reason = "wrong_target"
+
+
+class WrongPurposeError(AuthError):
+    reason = "wrong_purpose"
+
+
+class TokenExpiredError(AuthError):
+    reason = "expired"
+
+
+class TokenReplayedError(AuthError):
+    reason = "replayed"
+
+
+class ReplayCacheFullError(AuthError):
+    reason = "replay_cache_full"
 
 
 class TransportError(P2PDLError):

@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from aiohttp import web
 
+from p2pdl.auth import build_peer_security
 from p2pdl.config import Config, parse_address
 from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TransportError
 from p2pdl.membership import MembershipError, MembershipView, Timing, parse_members
@@ -130,6 +131,17 @@ class Peer:
         self._seeds = tuple(dict.fromkeys([*membership.bootstrap, *bootstrap]))
         self._graph = self._graph_over(self.membership.live_names())
         self._tasks: set[asyncio.Task[None]] = set()
+        security = config.security
+        self.security = build_peer_security(
+            name,
+            secret_env=security.secret_env,
+            secret_file=security.secret_file,
+            max_clock_skew=security.max_clock_skew,
+            tls_cert=security.tls_cert,
+            tls_key=security.tls_key,
+            tls_ca=security.tls_ca,
+            require_client_cert=security.require_client_cert,
+        )
         self.transport = Transport(
             name=name,
             listen_host=host,
@@ -141,6 +153,7 @@ class Peer:
             admit=lambda other: other in self._graph.names,
             on_peer_left=self._on_peer_left,
             on_heard=self.membership.touch,
+            security=self.security,
         )
         self.transport.add_route("POST", "/gossip", self._gossip_handler)
         self.transport.add_route("GET", "/members", self._members_handler)
@@ -312,7 +325,9 @@ class Peer:
         """Push-pull the membership digest with up to ``fanout`` live members (and seeds)."""
         cfg = self.config.membership
         live = [n for n in self.membership.live_names() if n != self.name]
-        targets = {self.membership.addresses()[n] for n in random.sample(live, min(cfg.fanout, len(live)))}
+        addresses = self.membership.addresses()
+        # address -> the peer's name when known, so its token is valid for that peer only
+        targets: dict[str, str | None] = {addresses[n]: n for n in random.sample(live, min(cfg.fanout, len(live)))}
         if include_seeds:
             # Bootstrap addresses and members believed dead are retried every period: this is
             # how a joiner finds the swarm and how two sides of a healed partition merge.
@@ -320,14 +335,16 @@ class Peer:
                 m["address"] for m in self.membership.snapshot() if m["state"] == "dead" and m["name"] != self.name
             ]
             pool = [a for a in (*self._seeds, *unreachable) if a not in targets]
-            targets.update(random.sample(pool, min(cfg.fanout, len(pool))))
+            targets.update(dict.fromkeys(random.sample(pool, min(cfg.fanout, len(pool)))))
         if not targets:
             return
         payload = {"sender": self.name, "members": self.membership.digest()}
         results = await asyncio.gather(
             *(
-                self.transport.request_json(a, "POST", "/gossip", payload, cfg.gossip_timeout, _MAX_GOSSIP_BYTES)
-                for a in targets
+                self.transport.request_json(
+                    address, "POST", "/gossip", payload, cfg.gossip_timeout, _MAX_GOSSIP_BYTES, target=target
+                )
+                for address, target in targets.items()
             ),
             return_exceptions=True,
         )

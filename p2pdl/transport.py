@@ -47,14 +47,28 @@ from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
+from p2pdl.auth import (
+    PEER_KEY,
+    TOKEN_KEY,
+    PeerSecurity,
+    auth_middleware,
+    make_reply,
+    reply_from_meta,
+    reply_to_meta,
+    token_from_header,
+    verify_reply,
+)
 from p2pdl.config import TransportConfig
 from p2pdl.errors import (
+    AuthError,
     FrameError,
     FrameSchemaError,
     FrameTooLargeError,
     InboxFullError,
     PeerTimeoutError,
+    RateLimitedError,
     StaleFrameError,
     TransportError,
     UnknownSenderError,
@@ -95,6 +109,9 @@ class TransportStats:
     frames_sent: int = 0
     frames_received: int = 0
     frames_rejected: Counter[str] = field(default_factory=Counter)
+    auth_rejected: Counter[str] = field(default_factory=Counter)
+    connections_refused: int = 0
+    connections_timed_out: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +123,9 @@ class TransportStats:
                 "total": sum(self.frames_rejected.values()),
                 "by_reason": dict(self.frames_rejected),
             },
+            "auth_rejected": {"total": sum(self.auth_rejected.values()), "by_reason": dict(self.auth_rejected)},
+            "connections_refused": self.connections_refused,
+            "connections_timed_out": self.connections_timed_out,
         }
 
 
@@ -259,6 +279,8 @@ class _Link:
     # The POST /frames credential of the current connection: issued by the acceptor in its HELLO
     # reply, presented by the dialer; "" while down or when the acceptor offers none.
     frames_token: str = ""
+    bucket_tokens: float = 0.0  # rate limit: frames this link may still send now (token bucket)
+    bucket_time: float = 0.0
 
     def has_left(self) -> bool:
         # A method, not a comparison at the call site: the state changes across awaits.
@@ -281,8 +303,10 @@ class Transport:
         admit: Callable[[str], bool] | None = None,
         on_peer_left: Callable[[str], None] | None = None,
         on_heard: Callable[[str], None] | None = None,
+        security: PeerSecurity | None = None,
     ) -> None:
         self.name = name
+        self.security = security or PeerSecurity(name=name)
         self._listen = (listen_host, listen_port)
         self._addresses = dict(addresses)
         self._config = config
@@ -301,7 +325,16 @@ class Transport:
         self._links: dict[str, _Link] = {}
         self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"p2pdl-codec-{name}")
         self._tasks: set[asyncio.Task[None]] = set()
-        self._app = web.Application(client_max_size=config.max_frame_bytes)
+        self._guard = _ConnectionGuard(
+            max_connections=config.max_connections,
+            per_address=config.max_connections_per_address,
+            request_timeout=config.request_timeout,
+            stats=self.stats,
+        )
+        middlewares: list[Middleware] = [self._guard.middleware]
+        if self.security.verifier is not None:
+            middlewares.append(auth_middleware(self.security.verifier, on_reject=self._count_auth_reject))
+        self._app = web.Application(client_max_size=config.max_frame_bytes, middlewares=middlewares)
         self._app.router.add_get("/healthz", self._healthz)
         self._app.router.add_get("/status", self._status_handler)
         self._app.router.add_get("/ws", self._accept)
@@ -334,15 +367,23 @@ class Transport:
             shutdown_timeout=self._config.shutdown_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._listen[0], self._listen[1], reuse_address=True)
+        site = _GuardedSite(
+            self._runner,
+            self._listen[0],
+            self._listen[1],
+            guard=self._guard,
+            ssl_context=self.security.server_ssl,
+            reuse_address=True,
+        )
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.security.client_ssl or True, limit_per_host=8),
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 connect=self._config.connect_timeout,
                 sock_connect=self._config.connect_timeout,
-            )
+            ),
         )
         for link in self._links.values():
             self._start_dialing(link)
@@ -488,13 +529,15 @@ class Transport:
         assert self._session is not None
         while not self._closing and not link.has_left():
             try:
-                url = f"http://{link.address}/ws"
+                url = f"{self.security.scheme}://{link.address}/ws"
+                headers = self.security.headers(target=link.name, method="GET", path="/ws")
                 async with asyncio.timeout(self._config.connect_timeout):
                     ws = await self._session.ws_connect(
                         url,
                         max_msg_size=self._limits.max_frame_bytes,
                         heartbeat=self._config.heartbeat_interval,
                         compress=0,
+                        headers=headers,
                     )
                 async with asyncio.timeout(self._config.handshake_timeout):
                     await self._send_on(ws, Frame(kind=HELLO, sender=self.name, round=0, step=0))
@@ -505,6 +548,7 @@ class Transport:
                 frame = self._decode_small(reply.data, link.name)
                 if frame.kind != HELLO:
                     raise TransportError(f"{link.name} answered the handshake with {frame.kind!r}")
+                self._verify_acceptor(link.name, headers, frame)
                 token = frame.meta.get(FRAMES_TOKEN_META)
                 link.frames_token = token if isinstance(token, str) else ""
                 backoff = self._config.reconnect_initial
@@ -514,7 +558,9 @@ class Transport:
                     link.frames_token = ""
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, OSError, TimeoutError, FrameError, TransportError) as exc:
+            except (aiohttp.ClientError, OSError, TimeoutError, FrameError, TransportError, AuthError) as exc:
+                if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status == 401:
+                    exc = TransportError(f"{link.name} refused our credentials (HTTP 401): is the secret the same?")
                 link.last_error = f"{type(exc).__name__}: {exc}"
                 log.debug("%s: dial %s failed: %s", self.name, link.name, link.last_error)
             if self._closing or link.has_left():
@@ -544,6 +590,11 @@ class Transport:
             self._reject(exc, request.remote or "?")
             await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"bad hello frame")
             return ws
+        authenticated = request.get(PEER_KEY)
+        if self.security.verifier is not None and authenticated != hello.sender:
+            self._reject(UnknownSenderError(f"token of {authenticated!r} but hello from {hello.sender!r}"), "?")
+            await ws.close(code=CLOSE_NOT_A_NEIGHBOR, message=b"hello does not match the credentials")
+            return ws
         link = self._links.get(hello.sender)
         if link is None and hello.kind == HELLO and self._admit(hello.sender):
             # A member this peer does not link to yet (its view may lag a rewiring): accept, so
@@ -560,7 +611,11 @@ class Transport:
             link.state = "connecting"
             self.mailbox.mark_back(link.name)
         token = secrets.token_hex(16)
-        reply = Frame(kind=HELLO, sender=self.name, round=0, step=0, meta={FRAMES_TOKEN_META: token})
+        meta: dict[str, str | int | float | bool | None] = {FRAMES_TOKEN_META: token}
+        if self.security.secret is not None:
+            # Prove to the dialer that it reached a swarm member, bound to the dialer's own token.
+            meta.update(reply_to_meta(make_reply(self.security.secret, request[TOKEN_KEY], self_name=self.name)))
+        reply = Frame(kind=HELLO, sender=self.name, round=0, step=0, meta=meta)
         # Valid before the reply leaves: the dialer may POST the moment it reads the token.
         link.frames_token = token
         try:
@@ -584,7 +639,8 @@ class Transport:
         token = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
         link = self._links.get(sender)
         if (
-            link is None
+            (self.security.verifier is not None and request.get(PEER_KEY) != sender)
+            or link is None
             or link.dials
             or not link.frames_token
             or not hmac.compare_digest(token, link.frames_token.encode())
@@ -639,8 +695,25 @@ class Transport:
                 await ws.close()
                 break
 
+    def _within_rate(self, link: _Link) -> bool:
+        """Token bucket per link: ``max_frames_per_second``, bursts of up to twice that."""
+        rate = self._config.max_frames_per_second
+        now = time.monotonic()
+        if link.bucket_time == 0.0:
+            link.bucket_tokens, link.bucket_time = 2 * rate, now
+        link.bucket_tokens = min(2 * rate, link.bucket_tokens + (now - link.bucket_time) * rate)
+        link.bucket_time = now
+        if link.bucket_tokens < 1.0:
+            return False
+        link.bucket_tokens -= 1.0
+        return True
+
     async def _on_bytes(self, link: _Link, data: bytes) -> None:
         self.stats.bytes_received += len(data)
+        if not self._within_rate(link):
+            # Refused before decoding: a flood costs the receiver a counter increment, no parsing.
+            self._reject(RateLimitedError(f"{link.name} is over max_frames_per_second"), link.name)
+            return
         try:
             if len(data) > _INLINE_CODEC_BYTES:
                 frame = await asyncio.get_running_loop().run_in_executor(
@@ -659,6 +732,17 @@ class Transport:
             self.stats.frames_received += 1
         except FrameError as exc:
             self._reject(exc, link.name)
+
+    def _verify_acceptor(self, name: str, sent_headers: Mapping[str, str], hello: Frame) -> None:
+        """With a secret, the acceptor must prove it holds it too (no impostor answers a dial)."""
+        if self.security.verifier is None:
+            return
+        sent = token_from_header(next(iter(sent_headers.values())))
+        reply = reply_from_meta(hello.meta, sent=sent, sender=name)
+        verify_reply(self.security.verifier, reply, sent)
+
+    def _count_auth_reject(self, request: web.Request, exc: AuthError) -> None:
+        self.stats.auth_rejected[exc.reason] += 1
 
     def _decode_small(self, data: bytes, sender: str | None) -> Frame:
         known = None if sender is None else (sender,)
@@ -728,8 +812,13 @@ class Transport:
 
     async def _post_frame(self, link: _Link, data: bytes) -> None:
         assert self._session is not None
-        headers = {SENDER_HEADER: self.name, TOKEN_HEADER: link.frames_token}
-        async with self._session.post(f"http://{link.address}{FRAMES_PATH}", data=data, headers=headers) as response:
+        headers = {
+            SENDER_HEADER: self.name,
+            TOKEN_HEADER: link.frames_token,
+            **self.security.headers(target=link.name, method="POST", path=FRAMES_PATH),
+        }
+        url = f"{self.security.scheme}://{link.address}{FRAMES_PATH}"
+        async with self._session.post(url, data=data, headers=headers) as response:
             if response.status != 204:
                 raise TransportError(f"{link.name} refused a frame: HTTP {response.status}")
 
@@ -770,14 +859,27 @@ class Transport:
         return link is not None and link.ws is not None and not link.ws.closed
 
     async def request_json(
-        self, address: str, method: str, path: str, payload: Any | None, timeout: float, max_bytes: int
+        self,
+        address: str,
+        method: str,
+        path: str,
+        payload: Any | None,
+        timeout: float,
+        max_bytes: int,
+        *,
+        target: str | None = None,
     ) -> Any:
-        """One small JSON request to a peer, bounded by ``timeout`` seconds and ``max_bytes``."""
+        """One small JSON request to a peer, bounded by ``timeout`` seconds and ``max_bytes``.
+
+        ``target`` is the peer's name when known (its token then works for that peer only).
+        """
         if self._session is None:
             raise TransportError("transport is not started")
+        headers = self.security.headers(target=target, method=method, path=path)
+        url = f"{self.security.scheme}://{address}{path}"
         try:
             async with asyncio.timeout(timeout):
-                async with self._session.request(method, f"http://{address}{path}", json=payload) as response:
+                async with self._session.request(method, url, json=payload, headers=headers) as response:
                     if response.status != 200:
                         raise TransportError(f"{method} {address}{path}: HTTP {response.status}")
                     body = await response.content.read(max_bytes + 1)
@@ -789,18 +891,20 @@ class Transport:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise TransportError(f"{method} {address}{path} failed: {exc}") from exc
 
-    def open_stream(self, address: str, path: str, timeout: float) -> Any:
+    def open_stream(self, address: str, path: str, timeout: float, *, target: str | None = None) -> Any:
         """A streamed GET (an aiohttp response context manager); the caller bounds its reads."""
         if self._session is None:
             raise TransportError("transport is not started")
         return self._session.get(
-            f"http://{address}{path}", timeout=aiohttp.ClientTimeout(total=timeout, sock_read=timeout)
+            f"{self.security.scheme}://{address}{path}",
+            timeout=aiohttp.ClientTimeout(total=timeout, sock_read=timeout),
+            headers=self.security.headers(target=target, method="GET", path=path),
         )
 
     # ------------------------------------------------------------------ HTTP endpoints
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "name": self.name})
+        return web.json_response({"ok": True})
 
     async def _status_handler(self, request: web.Request) -> web.Response:
         return web.json_response(self._status())
@@ -820,3 +924,120 @@ async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | N
         chunks.append(chunk[:remaining] if len(chunk) > remaining else chunk)
         remaining -= len(chunks[-1])
     return b"".join(chunks)
+
+
+class _ConnectionGuard:
+    """Connection limits for the server: in total, per remote address, and a request deadline.
+
+    Enforced at the TCP level (a wrapper around aiohttp's protocol factory), before any byte is
+    parsed: a connection over a limit is aborted at once, and one that has not delivered a complete
+    request head within ``request_timeout`` seconds (a slowloris) is aborted by a timer. aiohttp has
+    no header-read timeout of its own.
+    """
+
+    def __init__(self, *, max_connections: int, per_address: int, request_timeout: float, stats: TransportStats):
+        self.max_connections = max_connections
+        self.per_address = per_address
+        self.request_timeout = request_timeout
+        self._stats = stats
+        self._by_address: Counter[str] = Counter()
+        self._served: set[int] = set()  # id() of transports that delivered at least one request
+
+    @property
+    def open_connections(self) -> int:
+        return sum(self._by_address.values())
+
+    def admit(self, address: str) -> bool:
+        if self.open_connections >= self.max_connections or self._by_address[address] >= self.per_address:
+            self._stats.connections_refused += 1
+            return False
+        self._by_address[address] += 1
+        return True
+
+    def release(self, address: str, transport: asyncio.BaseTransport) -> None:
+        self._by_address[address] -= 1
+        if self._by_address[address] <= 0:
+            del self._by_address[address]
+        self._served.discard(id(transport))
+
+    def served(self, transport: asyncio.BaseTransport) -> bool:
+        return id(transport) in self._served
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.transport is not None:
+            self._served.add(id(request.transport))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Wraps one aiohttp RequestHandler; counts the connection and enforces the request deadline."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: _ConnectionGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._address: str | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self._guard.admit(address):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._address, self._transport = address, transport
+        self._inner.connection_made(transport)
+        self._timer = asyncio.get_running_loop().call_later(self._guard.request_timeout, self._deadline)
+
+    def _deadline(self) -> None:
+        if self._transport is not None and not self._guard.served(self._transport):
+            self._guard._stats.connections_timed_out += 1
+            self._transport.abort()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._address is None or self._transport is None:
+            return  # refused in connection_made: aiohttp's handler never saw this connection
+        self._guard.release(self._address, self._transport)
+        self._inner.connection_lost(exc)
+
+
+class _GuardedSite(web.TCPSite):
+    """``web.TCPSite`` whose protocol factory is wrapped by a :class:`_ConnectionGuard`.
+
+    Mirrors ``TCPSite.start`` (aiohttp 3.9+), which has no hook for wrapping the factory.
+    """
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: _ConnectionGuard, **kwargs: Any):
+        super().__init__(runner, host, port, **kwargs)
+        self._guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        guard = self._guard
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _GuardedProtocol(server(), guard),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
