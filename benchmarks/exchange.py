@@ -284,12 +284,15 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
             "peers": [{"name": n, "address": f"127.0.0.1:{p}"} for n, p in zip(names, ports, strict=True)],
         }
     )
+    device = torch.device(args.device)
     model, grads = _model_and_grads(args.rank)
+    model = model.to(device)
+    grads = [g.to(device) for g in grads]
     params = list(model.parameters())
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    expected = _exact_mean(model, args.world)
+    expected = [e.to(device) for e in _exact_mean(model, args.world)]
     loop = asyncio.get_running_loop()
 
     async def barrier() -> None:
@@ -301,7 +304,7 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
     exact: bool | None = None
     max_error = 0.0
     profile_text = ""
-    async with Peer(config, names[args.rank], model, optimizer) as peer:
+    async with Peer(config, names[args.rank], model, optimizer, device=device) as peer:
         await barrier()
         step = 0
 
@@ -400,6 +403,7 @@ def run_group(system: str, world: int, args: argparse.Namespace, tmp: Path, *, p
                 "--warmup", str(args.warmup), "--dist-port", str(ports[-1]),
                 "--ports", ",".join(map(str, ports[:world])), "--result", str(outputs[rank]),
                 "--profile-rounds", str(args.profile_rounds if profile else 0),
+                "--device", args.device,
             ]  # fmt: skip
             env = {**os.environ, **CHILD_ENV, **dict(e.split("=", 1) for e in args.env)}
             procs.append(subprocess.Popen(command, env=env, cwd=REPO))
@@ -519,6 +523,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--device", default="cpu", help="where p2pdl's model and gradients live (cuda: on the GPU); gloo stays on CPU"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="ABBA runs per system and process count")
     parser.add_argument("--profile-rounds", type=int, default=3, help="instrumented p2pdl rounds")

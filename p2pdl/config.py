@@ -29,6 +29,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 StrategyKind = Literal["gossip", "allreduce", "async-gossip", "ps", "push-sum"]
 OuterKind = Literal["none", "diloco"]
 PsMode = Literal["sync", "async"]
+RobustKind = Literal["none", "clip", "trimmed-mean"]
 Compression = Literal["auto", "always", "never"]
 
 MIB = 1024 * 1024
@@ -135,6 +136,11 @@ class StrategyConfig(_Validated):
     server: str | None = None  # ps: the name of the server peer (default: the first configured peer)
     ps_mode: PsMode = "sync"
     ps_quorum: int = 0  # ps sync: gradients the server waits for per round; 0 = every live worker
+    # Robust mixing against a faulty or malicious neighbour (gossip): "clip" is self-centred clipping
+    # (He, Karimireddy & Jaggi 2022), "trimmed-mean" a coordinate-wise trimmed mean over self + neighbours.
+    robust: RobustKind = "none"
+    clip_radius: float = 0.0  # clip: fixed radius (L2, whole model); 0 = adaptive, the median neighbour distance
+    trim: int = 1  # trimmed-mean: values dropped at each end, per coordinate
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -146,6 +152,13 @@ class StrategyConfig(_Validated):
             found, 0 <= self.outer_momentum < 1, f"strategy.outer_momentum must be in [0, 1), got {self.outer_momentum}"
         )
         _check(found, self.ps_quorum >= 0, f"strategy.ps_quorum must be >= 0, got {self.ps_quorum}")
+        _check(found, self.clip_radius >= 0, f"strategy.clip_radius must be >= 0, got {self.clip_radius}")
+        _check(found, self.trim >= 1, f"strategy.trim must be >= 1, got {self.trim}")
+        _check(
+            found,
+            self.robust == "none" or self.kind == "gossip",
+            "strategy.robust applies to kind = 'gossip' (parameter mixing with neighbours)",
+        )
         _check(
             found,
             self.kind == "ps" or (self.server is None and self.ps_quorum == 0),

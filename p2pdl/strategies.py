@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from p2pdl.aggregation import adaptive_radius, clipped_gossip, trimmed_mean
 from p2pdl.config import StrategyConfig
 from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError, TransportError
 from p2pdl.mixing import (
@@ -200,6 +201,7 @@ class GossipStrategy:
         self._specs = parameter_specs(ctx.parameters)
         self._round = 0
         self._row: dict[str, float] = {}
+        self.robust_stats: dict[str, float] = {"clipped": 0, "dropped": 0, "trimmed_rounds": 0, "last_radius": 0.0}
 
     def _neighbors(self) -> tuple[str, ...]:
         return self._ctx.topology().neighbors.get(self._ctx.name, ())
@@ -262,9 +264,29 @@ class GossipStrategy:
             (row[sender], [arrived[sender].tensors[name] for name, _ in ctx.parameters]) for sender in arrived
         ]
         if contributions:
-            await ctx.run_compute(lambda: mix_into(local, row[ctx.name], contributions))
+            await ctx.run_compute(lambda: self._mix(local, row[ctx.name], contributions))
         missing = [n for n in neighbors if n not in arrived]
         return ctx.ledger.record(round_index, missing, started)
+
+    def _mix(
+        self,
+        local: Sequence[torch.Tensor],
+        self_weight: float,
+        contributions: Sequence[tuple[float, Sequence[torch.Tensor]]],
+    ) -> None:
+        """Plain Metropolis-Hastings mixing, or one of the robust rules (runs on the compute thread)."""
+        config = self._ctx.config
+        if config.robust == "clip":
+            radius = config.clip_radius if config.clip_radius > 0 else adaptive_radius
+            report = clipped_gossip(local, self_weight, contributions, radius)
+            self.robust_stats["clipped"] += report.clipped_count
+            self.robust_stats["dropped"] += report.dropped_count
+            self.robust_stats["last_radius"] = report.radius
+        elif config.robust == "trimmed-mean" and 2 * config.trim < 1 + len(contributions):
+            trimmed_mean(local, [tensors for _, tensors in contributions], config.trim)
+            self.robust_stats["trimmed_rounds"] += 1
+        else:
+            mix_into(local, self_weight, contributions)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -273,6 +295,8 @@ class GossipStrategy:
             "local_steps": self._ctx.config.local_steps,
             "neighbors": list(self._neighbors()),
             "last_mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
+            "robust": self._ctx.config.robust,
+            "robust_stats": dict(self.robust_stats),
         }
 
 
