@@ -226,3 +226,60 @@ def trimmed_mean(local: Sequence[torch.Tensor], neighbours: Sequence[Sequence[to
         stacked = torch.stack([tensor, *(_matching(tensors[position], tensor) for tensors in neighbours)])
         kept = torch.sort(stacked, dim=0).values.narrow(0, trim, count - 2 * trim)
         tensor.copy_(kept.mean(dim=0))
+
+
+class OutlierClipper:
+    """Clipped gossip with a radius learnt from history, and rejection of far outliers.
+
+    Plain self-centred clipping with a radius taken from the current round (:func:`adaptive_radius`)
+    lets a neighbour that always pulls towards the same far point move this peer by ``w * radius``
+    every round, in the same direction: with a ring's two neighbours the radius then grows with the
+    drift and the honest peers are dragged away (measured here: 20% accuracy against 1 attacker in 8
+    sending its parameters x 1000). So the reference distance is the median of the last ``history``
+    *accepted* neighbour distances, a neighbour farther than ``reject_factor`` x reference is
+    dropped for the round (its weight stays home), and the others are clipped to ``radius``
+    (default: 2 x reference). Trade-off: an honest neighbour that is genuinely far (the other side
+    of a healed partition) is rejected too; robust mixing assumes honest neighbours stay close.
+    """
+
+    def __init__(self, *, radius: float = 0.0, reject_factor: float = 10.0, history: int = 64) -> None:
+        if radius < 0 or reject_factor <= 1 or history < 1:
+            raise ValueError("radius must be >= 0, reject_factor > 1 and history >= 1")
+        self.radius = radius
+        self.reject_factor = reject_factor
+        self._accepted: list[float] = []
+        self._history = history
+        self.rejected = 0
+        self.clipped = 0
+
+    def reference(self, norms: Sequence[float]) -> float:
+        if self._accepted:
+            ordered = sorted(self._accepted)
+            return ordered[len(ordered) // 2]
+        finite = sorted(n for n in norms if math.isfinite(n))
+        return finite[0] if finite else 0.0
+
+    @torch.no_grad()
+    def mix(
+        self,
+        local: Sequence[torch.Tensor],
+        self_weight: float,
+        contributions: Sequence[tuple[float, Sequence[torch.Tensor]]],
+    ) -> ClippingReport:
+        norms = difference_norms(local, [tensors for _, tensors in contributions])
+        reference = self.reference(norms)
+        limit = self.reject_factor * reference if reference > 0 else math.inf
+        kept: list[tuple[float, Sequence[torch.Tensor]]] = []
+        home = self_weight
+        for (weight, tensors), norm in zip(contributions, norms, strict=True):
+            if not math.isfinite(norm) or norm > limit:
+                home += weight  # rejected: its weight stays with this peer
+                self.rejected += 1
+                continue
+            kept.append((weight, tensors))
+            self._accepted.append(norm)
+        del self._accepted[: -self._history]
+        radius = self.radius if self.radius > 0 else max(2.0 * reference, 1e-12)
+        report = clipped_gossip(local, home, kept, radius)
+        self.clipped += report.clipped_count
+        return report

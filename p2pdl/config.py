@@ -139,7 +139,8 @@ class StrategyConfig(_Validated):
     # Robust mixing against a faulty or malicious neighbour (gossip): "clip" is self-centred clipping
     # (He, Karimireddy & Jaggi 2022), "trimmed-mean" a coordinate-wise trimmed mean over self + neighbours.
     robust: RobustKind = "none"
-    clip_radius: float = 0.0  # clip: fixed radius (L2, whole model); 0 = adaptive, the median neighbour distance
+    clip_radius: float = 0.0  # clip: fixed radius (L2, whole model); 0 = 2 x the median accepted neighbour distance
+    reject_factor: float = 10.0  # clip: a neighbour farther than this x the median accepted distance is ignored
     trim: int = 1  # trimmed-mean: values dropped at each end, per coordinate
 
     def problems(self) -> list[str]:
@@ -154,6 +155,7 @@ class StrategyConfig(_Validated):
         _check(found, self.ps_quorum >= 0, f"strategy.ps_quorum must be >= 0, got {self.ps_quorum}")
         _check(found, self.clip_radius >= 0, f"strategy.clip_radius must be >= 0, got {self.clip_radius}")
         _check(found, self.trim >= 1, f"strategy.trim must be >= 1, got {self.trim}")
+        _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
         _check(
             found,
             self.robust == "none" or self.kind == "gossip",

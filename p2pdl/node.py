@@ -131,6 +131,7 @@ class Peer:
         self._seeds = tuple(dict.fromkeys([*membership.bootstrap, *bootstrap]))
         self._graph = self._graph_over(self.membership.live_names())
         self._tasks: set[asyncio.Task[None]] = set()
+        self._gossip_inflight: dict[str, asyncio.Task[None]] = {}
         security = config.security
         self.security = build_peer_security(
             name,
@@ -238,11 +239,17 @@ class Peer:
         try:
             if announce:
                 self.membership.leave()
-                await self._gossip_once(include_seeds=False)
-            for task in self._tasks:
+                for task in list(self._gossip_inflight.values()):
+                    task.cancel()  # stale exchanges would carry the old view; announce the leave now
+                self._gossip_inflight.clear()
+                leaving = self._gossip_once(include_seeds=False)
+                if leaving:
+                    await asyncio.wait(leaving, timeout=self.config.transport.shutdown_timeout)
+            pending = [*self._tasks, *self._gossip_inflight.values()]
+            for task in pending:
                 task.cancel()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=self.config.transport.shutdown_timeout)
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.transport.shutdown_timeout)
             await self._strategy.close()
             await self.transport.close(announce=True)
         finally:
@@ -313,16 +320,19 @@ class Peer:
             self._rewire(reason=f"{name} left")
 
     async def _membership_loop(self) -> None:
+        # The beat and the failure detector run on their own clock: an exchange with an address
+        # that silently drops packets (a partition, a dead seed) runs on in its own task, bounded by
+        # gossip_timeout, and never stretches the gossip period.
         interval = self.config.membership.gossip_interval
         while True:
             self.membership.beat()
-            await self._gossip_once(include_seeds=True)
+            self._gossip_once(include_seeds=True)
             if self.membership.tick() and self.state == "training":
                 self._rewire(reason="membership")
             await asyncio.sleep(interval)
 
-    async def _gossip_once(self, *, include_seeds: bool) -> None:
-        """Push-pull the membership digest with up to ``fanout`` live members (and seeds)."""
+    def _gossip_targets(self, *, include_seeds: bool) -> dict[str, str | None]:
+        """Up to ``fanout`` live members, plus seeds and members believed dead (address -> name)."""
         cfg = self.config.membership
         live = [n for n in self.membership.live_names() if n != self.name]
         addresses = self.membership.addresses()
@@ -336,28 +346,37 @@ class Peer:
             ]
             pool = [a for a in (*self._seeds, *unreachable) if a not in targets]
             targets.update(dict.fromkeys(random.sample(pool, min(cfg.fanout, len(pool)))))
-        if not targets:
-            return
+        return targets
+
+    def _gossip_once(self, *, include_seeds: bool) -> list[asyncio.Task[None]]:
+        """Start one push-pull exchange per target that has none in flight; returns the new tasks."""
+        started = []
+        for address, target in self._gossip_targets(include_seeds=include_seeds).items():
+            if address in self._gossip_inflight:
+                continue  # the previous exchange with this address is still waiting: no pile-up
+            task = asyncio.ensure_future(self._exchange_digest(address, target))
+            self._gossip_inflight[address] = task
+            task.add_done_callback(functools.partial(self._gossip_done, address))
+            started.append(task)
+        return started
+
+    def _gossip_done(self, address: str, task: asyncio.Task[None]) -> None:
+        if self._gossip_inflight.get(address) is task:
+            del self._gossip_inflight[address]
+
+    async def _exchange_digest(self, address: str, target: str | None) -> None:
+        cfg = self.config.membership
         payload = {"sender": self.name, "members": self.membership.digest()}
-        results = await asyncio.gather(
-            *(
-                self.transport.request_json(
-                    address, "POST", "/gossip", payload, cfg.gossip_timeout, _MAX_GOSSIP_BYTES, target=target
-                )
-                for address, target in targets.items()
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, TransportError):
-                continue
-            if isinstance(result, BaseException):
-                raise result
-            try:
-                self._merge_digest(result)
-            except MembershipError as exc:
-                self.transport.stats.frames_rejected["membership"] += 1
-                log.debug("%s: bad membership reply: %s", self.name, exc)
+        try:
+            reply = await self.transport.request_json(
+                address, "POST", "/gossip", payload, cfg.gossip_timeout, _MAX_GOSSIP_BYTES, target=target
+            )
+            self._merge_digest(reply)
+        except TransportError:
+            return
+        except MembershipError as exc:
+            self.transport.stats.frames_rejected["membership"] += 1
+            log.debug("%s: bad membership reply from %s: %s", self.name, address, exc)
 
     def _merge_digest(self, body: Any) -> None:
         if not isinstance(body, dict) or "members" not in body:
@@ -371,7 +390,7 @@ class Peer:
         try:
             body = json.loads(await request.content.read(_MAX_GOSSIP_BYTES + 1))
             self._merge_digest(body)
-        except (ValueError, MembershipError) as exc:
+        except (ValueError, RecursionError, MembershipError) as exc:
             self.transport.stats.frames_rejected["membership"] += 1
             return web.json_response({"error": f"bad gossip: {exc}"[:200]}, status=400)
         return web.json_response({"members": self.membership.digest()})

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from p2pdl.aggregation import adaptive_radius, clipped_gossip, trimmed_mean
+from p2pdl.aggregation import OutlierClipper, trimmed_mean
 from p2pdl.config import StrategyConfig
 from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError, TransportError
 from p2pdl.mixing import (
@@ -47,6 +47,9 @@ T = TypeVar("T")
 RunCompute = Callable[[Callable[[], T]], Awaitable[T]]
 
 PARAMS = "params"
+# A peer behind its neighbours (a joiner, a restarted peer) catches up to their round, but never by
+# more than this: one bogus frame naming round 2**62 must not end everybody's training.
+MAX_ROUND_LEAD = 1000
 REDUCE_SCATTER = "rs"
 ALL_GATHER = "ag"
 
@@ -201,7 +204,8 @@ class GossipStrategy:
         self._specs = parameter_specs(ctx.parameters)
         self._round = 0
         self._row: dict[str, float] = {}
-        self.robust_stats: dict[str, float] = {"clipped": 0, "dropped": 0, "trimmed_rounds": 0, "last_radius": 0.0}
+        self.robust_stats: dict[str, float] = {"clipped": 0, "rejected": 0, "trimmed_rounds": 0, "last_radius": 0.0}
+        self._clipper = OutlierClipper(radius=ctx.config.clip_radius, reject_factor=ctx.config.reject_factor)
 
     def _neighbors(self) -> tuple[str, ...]:
         return self._ctx.topology().neighbors.get(self._ctx.name, ())
@@ -241,7 +245,7 @@ class GossipStrategy:
         neighbors = self._neighbors()
         round_index = step // ctx.config.local_steps
         ahead = ctx.exchange.highest_round(PARAMS, neighbors)
-        if ahead is not None and ahead > round_index:
+        if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
             round_index = ahead  # behind the swarm (joined or restarted): catch up to its round
         self._round = round_index
         started = time.perf_counter()
@@ -277,10 +281,9 @@ class GossipStrategy:
         """Plain Metropolis-Hastings mixing, or one of the robust rules (runs on the compute thread)."""
         config = self._ctx.config
         if config.robust == "clip":
-            radius = config.clip_radius if config.clip_radius > 0 else adaptive_radius
-            report = clipped_gossip(local, self_weight, contributions, radius)
-            self.robust_stats["clipped"] += report.clipped_count
-            self.robust_stats["dropped"] += report.dropped_count
+            report = self._clipper.mix(local, self_weight, contributions)
+            self.robust_stats["clipped"] = self._clipper.clipped
+            self.robust_stats["rejected"] = self._clipper.rejected
             self.robust_stats["last_radius"] = report.radius
         elif config.robust == "trimmed-mean" and 2 * config.trim < 1 + len(contributions):
             trimmed_mean(local, [tensors for _, tensors in contributions], config.trim)

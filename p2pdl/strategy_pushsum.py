@@ -27,7 +27,7 @@ from p2pdl.pushsum import (
     pushsum_outgoing,
     pushsum_schedule_period,
 )
-from p2pdl.strategies import RoundOutcome, StrategyContext, parameter_specs
+from p2pdl.strategies import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs
 from p2pdl.wire import Frame, TensorSpec
 
 PUSH = "pushsum"
@@ -92,7 +92,7 @@ class PushSumStrategy:
         started = time.perf_counter()
         target, sources = self._schedule(round_index)
         ahead = ctx.exchange.highest_round(PUSH, sources)
-        if ahead is not None and ahead > round_index:
+        if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
             round_index = ahead
             target, sources = self._schedule(round_index)
         self._round = round_index

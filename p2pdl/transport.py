@@ -732,6 +732,10 @@ class Transport:
             self.stats.frames_received += 1
         except FrameError as exc:
             self._reject(exc, link.name)
+        except Exception:
+            # A bug, not a typed refusal: keep the link and the peer alive, count it, log it loudly.
+            self.stats.frames_rejected["internal_error"] += 1
+            log.exception("%s: unexpected error handling a frame from %s", self.name, link.name)
 
     def _verify_acceptor(self, name: str, sent_headers: Mapping[str, str], hello: Frame) -> None:
         """With a secret, the acceptor must prove it holds it too (no impostor answers a dial)."""

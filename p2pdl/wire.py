@@ -694,8 +694,18 @@ def _check_tensor_name(name: object) -> None:
         raise FrameSchemaError(f"tensor name {name!r:.80} must be a str of 1..256 chars")
 
 
+_MAX_EXTENT = 2**40
+
+
 def _check_shape(name: str, shape: tuple[int, ...]) -> None:
     if len(shape) > _MAX_NDIM:
         raise FrameSchemaError(f"tensor {name!r} has {len(shape)} dims; at most {_MAX_NDIM}")
     if not all(0 <= d < _MAX_DIM for d in shape):
         raise FrameSchemaError(f"tensor {name!r}: every dim must be in [0, 2**31)")
+    # An empty tensor's byte count is 0 whatever its other dims, but torch still computes strides
+    # from them: [0, 2**31-1, 2**31-1, 2**31-1] would overflow int64 inside torch.empty.
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)
+    if extent >= _MAX_EXTENT:
+        raise FrameSchemaError(f"tensor {name!r}: shape {list(shape)} spans more than 2**40 elements")

@@ -204,3 +204,29 @@ def test_validation() -> None:
         clipped_gossip(local, 0.5, [(float("nan"), [torch.zeros(3)])], radius=1.0)
     with pytest.raises(ValueError, match="floating"):
         clipped_gossip([torch.zeros(3, dtype=torch.int64)], 1.0, [], radius=1.0)
+
+
+def test_outlier_clipper_rejects_a_far_neighbour_and_leaves_honest_mixing_alone() -> None:
+    from p2pdl.aggregation import OutlierClipper
+    from p2pdl.mixing import mix_into
+
+    torch.manual_seed(0)
+    init = [torch.randn(20, 10), torch.randn(10)]
+    local = [t + 0.01 * torch.randn_like(t) for t in init]
+    honest = [t + 0.01 * torch.randn_like(t) for t in init]
+    attacker = [t * 1000 for t in init]
+    clipper = OutlierClipper()
+    before = [t.clone() for t in local]
+    clipper.mix(local, 1 / 3, [(1 / 3, honest), (1 / 3, attacker)])
+    assert clipper.rejected == 1
+    # Only the honest neighbour moved it: at most its own weight times its distance.
+    moved = sum(float((a - b).norm() ** 2) for a, b in zip(local, before, strict=True)) ** 0.5
+    distance = sum(float((h - b).norm() ** 2) for h, b in zip(honest, before, strict=True)) ** 0.5
+    assert moved <= distance / 3 + 1e-6
+    # Between honest neighbours within the radius it is exactly plain mixing.
+    plain = [t.clone() for t in before]
+    robust = [t.clone() for t in before]
+    mix_into(plain, 0.5, [(0.5, honest)])
+    OutlierClipper().mix(robust, 0.5, [(0.5, honest)])
+    for a, b in zip(plain, robust, strict=True):
+        torch.testing.assert_close(a, b)
