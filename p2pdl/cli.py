@@ -46,7 +46,7 @@ def _setup_logging(verbosity: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pdl", description="Peer-to-peer decentralized training.")
-    parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging (default: info; -v: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     peer = sub.add_parser("peer", help="run one peer until its steps are done")

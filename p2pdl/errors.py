@@ -25,6 +25,7 @@ never need to know which library sits underneath::
     │   └── WrongTargetError, WrongPurposeError, TokenExpiredError, TokenReplayedError, ReplayCacheFullError
     ├── TransportError              connection-level failure (connect, send, handshake)
     │   └── PeerTimeoutError        a named timeout expired while talking to a peer
+    ├── TrainingDivergedError       the loss became NaN or Inf (e.g. after mixing in a poisoned model)
     └── RoundError                  a communication round could not complete
         └── AllReduceIncompleteError  exact averaging impossible: contributions missing
 
@@ -162,6 +163,10 @@ class TransportError(P2PDLError):
 
 class PeerTimeoutError(TransportError):
     """A named timeout (``connect_timeout``, ``send_timeout``, ...) expired."""
+
+
+class TrainingDivergedError(P2PDLError):
+    """The loss is not finite: training cannot continue from this state."""
 
 
 class RoundError(P2PDLError):

@@ -77,7 +77,7 @@ def parse_members(payload: Any) -> list[Member]:
             raise MembershipError("each member needs exactly name, address, incarnation, heartbeat, left")
         name, address = entry["name"], entry["address"]
         incarnation, heartbeat, left = entry["incarnation"], entry["heartbeat"], entry["left"]
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise MembershipError(f"bad member name {name!r}")
         if not isinstance(address, str) or not 3 <= len(address) <= 300 or ":" not in address:
             raise MembershipError(f"bad address for {name!r}")

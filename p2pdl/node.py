@@ -27,13 +27,13 @@ from aiohttp import web
 
 from p2pdl.auth import build_peer_security
 from p2pdl.config import Config, parse_address
-from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TransportError
+from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TrainingDivergedError, TransportError
 from p2pdl.membership import MembershipError, MembershipView, Timing, parse_members
 from p2pdl.outer import OuterOptimizer
 from p2pdl.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
 from p2pdl.strategies import RoundLedger, RoundOutcome, Strategy, StrategyContext, build_strategy
 from p2pdl.topology import Graph, build_graph
-from p2pdl.transport import Transport
+from p2pdl.transport import Transport, read_bounded
 from p2pdl.wire import decode_frame
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,16 @@ class Peer:
                 [f"--name {name!r} is not in [[peers]] (known: {known}); a joining peer needs --listen HOST:PORT"]
             )
         bind = listen or (entry.address if entry is not None else "")
+        advertised = advertise or (entry.address if entry is not None else bind)
         try:
             host, port = parse_address(bind)
-            if advertise is not None:
-                parse_address(advertise)
+            advertised_host, _ = parse_address(advertised)
         except ValueError as exc:
             raise ConfigError([f"--listen/--advertise: {exc}"]) from exc
+        if advertised_host in ("0.0.0.0", "::", ""):
+            raise ConfigError(
+                [f"{name!r} would advertise {advertised!r}, which no other machine can dial; pass --advertise"]
+            )
         self.config = config
         self.name = name
         self.model = model
@@ -120,7 +124,7 @@ class Peer:
         membership = config.membership
         self.membership = MembershipView(
             name=name,
-            address=advertise or (entry.address if entry is not None and listen is None else bind),
+            address=advertised,
             configured=[(p.name, p.address) for p in config.peers],
             timing=Timing(
                 gossip_interval=membership.gossip_interval,
@@ -388,9 +392,11 @@ class Peer:
         if request.content_length is not None and request.content_length > _MAX_GOSSIP_BYTES:
             return web.json_response({"error": "gossip body too large"}, status=413)
         try:
-            body = json.loads(await request.content.read(_MAX_GOSSIP_BYTES + 1))
+            async with asyncio.timeout(self.config.transport.request_timeout):
+                raw = await read_bounded(request.content, _MAX_GOSSIP_BYTES)
+            body = json.loads(raw)
             self._merge_digest(body)
-        except (ValueError, RecursionError, MembershipError) as exc:
+        except (ValueError, RecursionError, MembershipError, TimeoutError, TransportError) as exc:
             self.transport.stats.frames_rejected["membership"] += 1
             return web.json_response({"error": f"bad gossip: {exc}"[:200]}, status=400)
         return web.json_response({"members": self.membership.digest()})
@@ -450,7 +456,7 @@ class Peer:
         timeout = self.config.transport.state_timeout
         async with (
             asyncio.timeout(timeout),
-            self.transport.open_stream(address, "/state", timeout) as response,
+            self.transport.open_stream(address, "/state", timeout, target=donor) as response,
         ):
             if response.status != 200:
                 raise TransportError(f"GET {address}/state: HTTP {response.status}")
@@ -476,7 +482,7 @@ class Peer:
         loss = closure()
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"{self.name}: loss is {value} at step {self.step_index}")
+            raise TrainingDivergedError(f"{self.name}: loss is {value} at step {self.step_index}")
         return value
 
     async def step(self, closure: Callable[[], torch.Tensor]) -> StepResult:

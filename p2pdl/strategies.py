@@ -32,7 +32,13 @@ import torch
 
 from p2pdl.aggregation import OutlierClipper, trimmed_mean
 from p2pdl.config import StrategyConfig
-from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError, TransportError
+from p2pdl.errors import (
+    AllReduceIncompleteError,
+    ConfigError,
+    FrameSchemaError,
+    TransportError,
+    UnknownSenderError,
+)
 from p2pdl.mixing import (
     chunk_bounds,
     exact_mean,
@@ -216,6 +222,8 @@ class GossipStrategy:
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         if kind != PARAMS:
             raise FrameSchemaError(f"gossip peers exchange only {PARAMS!r} frames, got {kind!r}")
+        if sender not in self._neighbors():
+            raise UnknownSenderError(f"{sender!r} is not a current neighbour of {self._ctx.name!r}")
         return self._specs
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
@@ -317,7 +325,9 @@ class AllReduceStrategy:
         self._total = sum(p.numel() for _, p in ctx.parameters)
         dtypes = {p.dtype for _, p in ctx.parameters}
         if dtypes != {torch.float32}:
-            raise ValueError(f"allreduce supports float32 parameters only, got {sorted(map(str, dtypes))}")
+            raise ConfigError(
+                [f"strategy.kind = 'allreduce' needs float32 parameters, the model has {sorted(map(str, dtypes))}"]
+            )
         # Host-side wire buffers, reused every step: the flat gradient (total,) and the result.
         self._flat = torch.empty(self._total, dtype=torch.float32)
         self._averaged = torch.empty(self._total, dtype=torch.float32)

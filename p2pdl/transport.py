@@ -886,9 +886,7 @@ class Transport:
                 async with self._session.request(method, url, json=payload, headers=headers) as response:
                     if response.status != 200:
                         raise TransportError(f"{method} {address}{path}: HTTP {response.status}")
-                    body = await response.content.read(max_bytes + 1)
-            if len(body) > max_bytes:
-                raise TransportError(f"{method} {address}{path}: response over {max_bytes} bytes")
+                    body = await read_bounded(response.content, max_bytes)
             return json.loads(body)
         except TimeoutError as exc:
             raise PeerTimeoutError(f"{method} {address}{path} took longer than {timeout}s") from exc
@@ -928,6 +926,20 @@ async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | N
         chunks.append(chunk[:remaining] if len(chunk) > remaining else chunk)
         remaining -= len(chunks[-1])
     return b"".join(chunks)
+
+
+async def read_bounded(stream: aiohttp.StreamReader, max_bytes: int) -> bytes:
+    """Read a whole body, refusing it (TransportError) as soon as it passes ``max_bytes``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise TransportError(f"body over {max_bytes} bytes")
+        chunks.append(chunk)
 
 
 class _ConnectionGuard:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from p2pdl.auth import PeerSecurity, build_peer_security
 from p2pdl.config import load_config
 from p2pdl.errors import ConfigError
 from p2pdl.mixing import consensus_distance
@@ -54,9 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fetch_status(address: str) -> dict[str, Any] | None:
+def fetch_status(address: str, security: PeerSecurity) -> dict[str, Any] | None:
+    """One peer's /status (authenticated and over TLS when the swarm uses them)."""
+    headers = security.headers(target=None, method="GET", path="/status")
+    request = urllib.request.Request(f"{security.scheme}://{address}/status", headers=headers)
     try:
-        with urllib.request.urlopen(f"http://{address}/status", timeout=0.5) as response:
+        with urllib.request.urlopen(request, timeout=0.5, context=security.client_ssl) as response:
             data: dict[str, Any] = json.loads(response.read())
             return data
     except (urllib.error.URLError, TimeoutError, OSError, ValueError):
@@ -137,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"local_cluster: {exc}", file=sys.stderr)
         return 2
+    sec = config.security
+    security = build_peer_security(
+        "local-cluster",
+        secret_env=sec.secret_env,
+        secret_file=sec.secret_file,
+        max_clock_skew=sec.max_clock_skew,
+        tls_cert=sec.tls_cert,
+        tls_key=sec.tls_key,
+        tls_ca=sec.tls_ca,
+        require_client_cert=sec.require_client_cert,
+    )
     steps = args.steps or config.run.steps
     names = list(config.peer_names)
     out: Path = args.out or Path("runs") / args.config.stem
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.perf_counter() - started > args.timeout:
                 print(f"local_cluster: timeout after {args.timeout}s, stopping peers", file=sys.stderr)
                 break
-            statuses = [s for s in (fetch_status(e.address) for e in config.peers) if s]
+            statuses = [s for s in (fetch_status(e.address, security) for e in config.peers) if s]
             if statuses:
                 mean_step = sum(s["step"] for s in statuses) / len(statuses)
                 losses = [s["loss"] for s in statuses if s.get("loss") is not None]

