@@ -165,3 +165,15 @@ async def test_connection_limits_and_slow_clients(secret_env: str) -> None:
         assert b.status()["connections_refused"] >= 1
         for _, writer in held:
             writer.close()
+
+
+async def test_state_download_works_with_a_secret(secret_env: str) -> None:
+    async with swarm(config({"secret_env": secret_env})) as (a, b):
+        with torch.no_grad():
+            for p in b.model.parameters():
+                p.add_(1.0)
+        b.step_index = 7
+        step = await a.fetch_state("b")
+        assert step == 7
+        for mine, theirs in zip(a.model.parameters(), b.model.parameters(), strict=True):
+            assert torch.equal(mine, theirs)
