@@ -732,3 +732,60 @@ def simulate_gossip(
             xs = mixed_xs
         errors.append(error() / scale)
     return errors
+
+
+# --------------------------------------------------------------------------- named tensor streams
+
+
+class TensorCodec:
+    """Compression of one peer's stream of named tensors (its gradients, or its parameter deltas).
+
+    Each tensor gets the compressor its size calls for (``policy``), and its wire parts are named
+    ``"<tensor>.<part>"`` so a frame carries a whole model. With ``error_feedback`` each tensor
+    keeps a residual (:class:`ErrorFeedback`). Decoding is stateless, so the same codec decodes
+    what any peer sent with the same policy and shapes.
+    """
+
+    def __init__(
+        self, policy: CompressionPolicy, shapes: Mapping[str, tuple[int, ...]], *, error_feedback: bool
+    ) -> None:
+        self._shapes = dict(shapes)
+        self._compressors = {name: policy.for_tensor(math.prod(shape)) for name, shape in self._shapes.items()}
+        distinct = {id(c): c for c in self._compressors.values()}
+        self._feedback = {key: ErrorFeedback(c) for key, c in distinct.items()} if error_feedback else {}
+
+    def wire_specs(self) -> dict[str, TensorSpec]:
+        return {
+            f"{name}.{suffix}": spec
+            for name, shape in self._shapes.items()
+            for suffix, spec in self._compressors[name].wire_specs(shape).items()
+        }
+
+    @property
+    def raw_bytes(self) -> int:
+        """What one encoded stream would take as float32 (for the compression ratio)."""
+        return sum(4 * math.prod(shape) for shape in self._shapes.values())
+
+    @torch.no_grad()
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            compressor = self._compressors[name]
+            feedback = self._feedback.get(id(compressor))
+            source = tensor.detach().to(torch.float32)
+            parts = feedback.compress(name, source) if feedback else compressor.encode(name, source)
+            out.update({f"{name}.{suffix}": part for suffix, part in parts.items()})
+        return out
+
+    @torch.no_grad()
+    def decode(self, parts: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, shape in self._shapes.items():
+            compressor = self._compressors[name]
+            mine = {suffix: parts[f"{name}.{suffix}"] for suffix in compressor.wire_specs(shape)}
+            out[name] = compressor.decode(name, mine, shape, device)
+        return out
+
+    def reset(self) -> None:
+        for feedback in self._feedback.values():
+            feedback.reset()

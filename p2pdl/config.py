@@ -30,6 +30,7 @@ StrategyKind = Literal["gossip", "allreduce", "async-gossip", "ps", "push-sum"]
 OuterKind = Literal["none", "diloco"]
 PsMode = Literal["sync", "async"]
 RobustKind = Literal["none", "clip", "trimmed-mean"]
+CompressorKind = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
 Compression = Literal["auto", "always", "never"]
 
 MIB = 1024 * 1024
@@ -340,6 +341,33 @@ class MembershipConfig(_Validated):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class CompressionConfig(_Validated):
+    """What goes on the wire instead of fp32 tensors. See docs/CONFIG.md for when to use which.
+
+    ``allreduce`` (H = 1) and ``ps`` compress gradients with error feedback; ``gossip`` runs
+    CHOCO-gossip (compressed differences to public copies, consensus step ``choco_gamma``).
+    """
+
+    _section: typing.ClassVar[str] = "compression"
+    kind: CompressorKind = "none"
+    ratio: float = 0.01  # topk: fraction of entries kept
+    rank: int = 4  # powersgd: rank of the factors
+    chunk: int = 1024  # int8: elements per scale
+    min_numel: int = 4096  # tensors smaller than this go uncompressed (fp32)
+    error_feedback: bool = True  # gradient strategies: carry what compression dropped to the next step
+    choco_gamma: float = 0.03  # gossip: CHOCO consensus step size (top-1%: 0.02-0.04; int8: 0.5-1.0)
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        _check(found, 0 < self.ratio <= 1, f"compression.ratio must be in (0, 1], got {self.ratio}")
+        _check(found, self.rank >= 1, f"compression.rank must be >= 1, got {self.rank}")
+        _check(found, self.chunk >= 1, f"compression.chunk must be >= 1, got {self.chunk}")
+        _check(found, self.min_numel >= 0, f"compression.min_numel must be >= 0, got {self.min_numel}")
+        _check(found, 0 < self.choco_gamma <= 1, f"compression.choco_gamma must be in (0, 1], got {self.choco_gamma}")
+        return found
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SecurityConfig(_Validated):
     """Who may talk to a peer. Paths are relative to the config file.
 
@@ -437,6 +465,7 @@ class Config(_Validated):
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     peers: tuple[PeerEntry, ...] = ()
 
     @property
@@ -497,6 +526,15 @@ class Config(_Validated):
             found.append(f"strategy.server: {self.strategy.server!r} is not in [[peers]]")
         if self.strategy.kind == "ps" and not self.peers:
             found.append("strategy.kind = 'ps' needs the server among [[peers]]")
+        if self.compression.kind != "none":
+            kind, local = self.strategy.kind, self.strategy.local_steps
+            if kind not in ("gossip", "allreduce", "ps") or (kind == "allreduce" and local != 1):
+                found.append(
+                    "compression applies to gossip (CHOCO), allreduce with local_steps = 1 and ps; "
+                    f"not to kind = {kind!r} with local_steps = {local}"
+                )
+            if kind == "gossip" and self.strategy.robust != "none":
+                found.append("compression with gossip (CHOCO) cannot be combined with strategy.robust")
         if self.membership.gossip_timeout > self.transport.startup_timeout:
             found.append("membership.gossip_timeout must be <= transport.startup_timeout")
         return found
@@ -513,6 +551,7 @@ _SECTIONS: dict[str, type[_Validated]] = {
     "membership": MembershipConfig,
     "checkpoint": CheckpointConfig,
     "security": SecurityConfig,
+    "compression": CompressionConfig,
 }
 
 

@@ -175,6 +175,7 @@ class Peer:
                 run_compute=self.run_compute,
                 config=config.strategy,
                 ledger=self.ledger,
+                compression=config.compression,
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())
@@ -406,6 +407,7 @@ class Peer:
             {
                 "name": self.name,
                 "frames_superseded": self.transport.mailbox.superseded,
+            "compression": self._compression_status(),
                 "incarnation": self.membership.incarnation,
                 "live": list(self.live_members()),
                 "neighbors": list(self._graph.neighbors.get(self.name, ())),
@@ -515,6 +517,17 @@ class Peer:
 
     # ------------------------------------------------------------------ introspection
 
+    def _compression_status(self) -> dict[str, Any]:
+        """Wire bytes against what the same tensors would take as float32 (the honest ratio)."""
+        raw = getattr(self.strategy, "raw_bytes", 0)
+        sent = self.transport.stats.bytes_sent
+        return {
+            "kind": self.config.compression.kind,
+            "fp32_equivalent_bytes": raw,
+            "wire_bytes_sent": sent,
+            "ratio": round(raw / sent, 3) if raw and sent else None,
+        }
+
     def status(self) -> dict[str, Any]:
         strategy = self.strategy.status()
         return {
@@ -532,6 +545,7 @@ class Peer:
             "eval": self.last_eval,
             "rounds": self.ledger.as_dict(),
             "frames_superseded": self.transport.mailbox.superseded,
+            "compression": self._compression_status(),
             "incarnation": self.membership.incarnation,
             "live_members": list(self.live_members()),
             "rewires": self.rewires[-5:],

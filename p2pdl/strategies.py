@@ -31,7 +31,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from p2pdl.aggregation import OutlierClipper, trimmed_mean
-from p2pdl.config import StrategyConfig
+from p2pdl.compression import CompressionPolicy, TensorCodec, build_compressor
+from p2pdl.config import CompressionConfig, StrategyConfig
 from p2pdl.errors import (
     AllReduceIncompleteError,
     ConfigError,
@@ -57,6 +58,7 @@ PARAMS = "params"
 # more than this: one bogus frame naming round 2**62 must not end everybody's training.
 MAX_ROUND_LEAD = 1000
 REDUCE_SCATTER = "rs"
+COMPRESSED_GRADIENTS = "cgrad"
 ALL_GATHER = "ag"
 
 
@@ -144,6 +146,7 @@ class StrategyContext:
     run_compute: Callable[[Callable[[], Any]], Awaitable[Any]]
     config: StrategyConfig
     ledger: RoundLedger
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 class Strategy(Protocol):
@@ -180,6 +183,17 @@ class Strategy(Protocol):
     async def close(self) -> None:
         """Cancel background work (the node calls this before closing the transport)."""
         ...
+
+
+def build_codec(ctx: StrategyContext, *, error_feedback: bool) -> TensorCodec | None:
+    """The per-parameter codec of ``[compression]``, or None when it is off."""
+    config = ctx.compression
+    if config.kind == "none":
+        return None
+    compressor = build_compressor(config.kind, ratio=config.ratio, rank=config.rank, chunk=config.chunk)
+    policy = CompressionPolicy(compressor=compressor, min_numel=config.min_numel)
+    shapes = {name: tuple(p.shape) for name, p in ctx.parameters}
+    return TensorCodec(policy, shapes, error_feedback=error_feedback)
 
 
 def parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, TensorSpec]:
@@ -328,6 +342,9 @@ class AllReduceStrategy:
             raise ConfigError(
                 [f"strategy.kind = 'allreduce' needs float32 parameters, the model has {sorted(map(str, dtypes))}"]
             )
+        self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
+        self.raw_bytes = 0
+        self.payload_bytes = 0
         # Host-side wire buffers, reused every step: the flat gradient (total,) and the result.
         self._flat = torch.empty(self._total, dtype=torch.float32)
         self._averaged = torch.empty(self._total, dtype=torch.float32)
@@ -350,6 +367,8 @@ class AllReduceStrategy:
         peers = self._participants()
         if sender not in peers or self._ctx.name not in peers:
             raise FrameSchemaError(f"{sender!r} is not an all-reduce participant")
+        if kind == COMPRESSED_GRADIENTS and self._codec is not None:
+            return self._codec.wire_specs()
         if kind == REDUCE_SCATTER:
             owner = peers.index(self._ctx.name)  # the sender's slice of *my* chunk
         elif kind == ALL_GATHER:
@@ -444,7 +463,42 @@ class AllReduceStrategy:
         if self._ctx.config.local_steps != 1:
             return None
         self._round = step
+        if self._codec is not None:
+            return await self._average_compressed(step, self._codec)
         return await self._average(step, self._gradients)
+
+    async def _average_compressed(self, step: int, codec: TensorCodec) -> RoundOutcome:
+        """All-gather of compressed gradients (with error feedback); everyone averages the same
+        decoded values in rank order, so the result is identical on every peer."""
+        ctx = self._ctx
+        started = time.perf_counter()
+        peers = self._participants()
+        others = tuple(p for p in peers if p != ctx.name)
+        names = [name for name, _ in ctx.parameters]
+        own = await ctx.run_compute(lambda: codec.encode(dict(zip(names, self._gradients(), strict=True))))
+        frame = Frame(kind=COMPRESSED_GRADIENTS, sender=ctx.name, round=step, step=step, tensors=own)
+        await ctx.exchange.broadcast(frame, others)
+        self.raw_bytes += codec.raw_bytes * len(others)
+        self.payload_bytes += sum(t.numel() * t.element_size() for t in own.values()) * len(others)
+        arrived = await ctx.exchange.collect(COMPRESSED_GRADIENTS, step, others, ctx.config.round_timeout)
+        ctx.exchange.advance(COMPRESSED_GRADIENTS, step + 1)
+        missing = [n for n in others if n not in arrived]
+        if missing:
+            ctx.ledger.record(step, missing, started)
+            raise AllReduceIncompleteError(step, missing)
+
+        @torch.no_grad()
+        def average() -> None:
+            streams = [own if p == ctx.name else arrived[p].tensors for p in peers]
+            decoded = [codec.decode(stream, ctx.device) for stream in streams]
+            for (name, _), grad in zip(ctx.parameters, self._gradients(), strict=True):
+                grad.copy_(decoded[0][name])
+                for other in decoded[1:]:
+                    grad.add_(other[name])
+                grad.div_(len(peers))
+
+        await ctx.run_compute(average)
+        return ctx.ledger.record(step, [], started)
 
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
         """H > 1 (local SGD): average the parameters exactly every H steps."""
@@ -464,13 +518,20 @@ class AllReduceStrategy:
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"kind": self.name, "round": self._round, "world_size": len(self._participants())}
+        return {
+            "kind": self.name,
+            "round": self._round,
+            "world_size": len(self._participants()),
+            "compression": self._ctx.compression.kind,
+            "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
+        }
 
 
 def build_strategy(ctx: StrategyContext) -> Strategy:
     """The strategy named by ``ctx.config.kind`` (the config has validated the kind)."""
     # Imported here: these modules build on the protocol and helpers defined above.
     from p2pdl.strategy_async import AsyncGossipStrategy
+    from p2pdl.strategy_choco import ChocoGossipStrategy
     from p2pdl.strategy_ps import ParameterServerStrategy
     from p2pdl.strategy_pushsum import PushSumStrategy
 
@@ -481,4 +542,8 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
         "ps": ParameterServerStrategy,
         "push-sum": PushSumStrategy,
     }
+    if ctx.config.kind == "gossip":
+        codec = build_codec(ctx, error_feedback=False)  # CHOCO compensates through its public copies
+        if codec is not None:
+            return ChocoGossipStrategy(ctx, codec)
     return kinds[ctx.config.kind](ctx)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from p2pdl.errors import FrameSchemaError, TransportError
-from p2pdl.strategies import RoundOutcome, StrategyContext, parameter_specs
+from p2pdl.strategies import RoundOutcome, StrategyContext, build_codec, parameter_specs
 from p2pdl.wire import Frame, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class ParameterServerStrategy:
         self.server = ctx.config.server or (ctx.configured[0] if ctx.configured else ctx.name)
         self.is_server = ctx.name == self.server
         self._specs = parameter_specs(ctx.parameters)
+        # Workers may compress their gradients (with error feedback); parameters go back in fp32.
+        self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
         self._version = 0  # server: updates applied; worker: the server version its parameters are
         self._local_step = True
         self._consumer: asyncio.Task[None] | None = None
@@ -72,7 +74,7 @@ class ParameterServerStrategy:
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         if self.is_server and kind == GRADIENT:
-            return self._specs
+            return self._codec.wire_specs() if self._codec is not None else self._specs
         if not self.is_server and kind == PARAMETERS and sender == self.server:
             return self._specs
         raise FrameSchemaError(f"ps {'server' if self.is_server else 'worker'} does not take {kind!r} from {sender!r}")
@@ -89,6 +91,12 @@ class ParameterServerStrategy:
             step=step,
             tensors={name: p.detach() for name, p in self._ctx.parameters},
         )
+
+    def _gradients_of(self, frame: Frame) -> Mapping[str, torch.Tensor]:
+        """A worker's gradients as dense tensors (decoded when workers compress)."""
+        if self._codec is None:
+            return frame.tensors
+        return self._codec.decode(frame.tensors, self._ctx.device)
 
     def _own_gradients(self) -> dict[str, torch.Tensor]:
         return {
@@ -108,7 +116,11 @@ class ParameterServerStrategy:
             self.server_unreachable += 1
             return ctx.ledger.record(step, [self.server], started)
         ctx.exchange.take_latest(PARAMETERS, self.server)  # discard replies to earlier pushes
-        push = Frame(kind=GRADIENT, sender=ctx.name, round=self._version, step=step, tensors=self._own_gradients())
+        gradients = self._own_gradients()
+        if self._codec is not None:
+            codec = self._codec
+            gradients = await ctx.run_compute(lambda: codec.encode(gradients))
+        push = Frame(kind=GRADIENT, sender=ctx.name, round=self._version, step=step, tensors=gradients)
         try:
             await self._send(self.server, push)
         except TransportError:
@@ -153,11 +165,12 @@ class ParameterServerStrategy:
         @torch.no_grad()
         def average_into_grads() -> None:
             count = 1 + len(used)
+            dense = [self._gradients_of(frame) for frame in used]
             for name, p in ctx.parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                for frame in used:
-                    p.grad.add_(frame.tensors[name].to(p.grad.device))
+                for gradients in dense:
+                    p.grad.add_(gradients[name].to(p.grad.device))
                 p.grad.div_(count)
 
         await ctx.run_compute(average_into_grads)
@@ -195,8 +208,9 @@ class ParameterServerStrategy:
         saved = [p.grad for _, p in self._ctx.parameters]
         rates = [group["lr"] for group in optimizer.param_groups]
         try:
+            gradients = self._gradients_of(frame)
             for name, p in self._ctx.parameters:
-                p.grad = frame.tensors[name].to(device=p.device, dtype=p.dtype)
+                p.grad = gradients[name].to(device=p.device, dtype=p.dtype)
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate / (1 + staleness)
             optimizer.step()

@@ -310,6 +310,7 @@ async def run_peer(
         "bytes_sent": status["bytes_sent"],
         "bytes_received": status["bytes_received"],
         "frames_rejected": status["frames_rejected"],
+        "compression": status["compression"],
         "rounds": status["rounds"],
         "rewires": peer.rewires,
         "strategy": config.strategy.kind,

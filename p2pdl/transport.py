@@ -477,6 +477,8 @@ class Transport:
         link = self._links.get(neighbor)
         if link is not None and link.address != address:
             link.address = address
+            if not link.dials:
+                return  # the neighbour dials this peer: its address matters only to its own dialer
             if link.ws is not None and not link.ws.closed:
                 self._spawn(self._close_quietly(link.ws), f"readdress-{neighbor}")
             elif link.dialer is not None and self._runner is not None:

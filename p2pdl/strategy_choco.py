@@ -1,0 +1,179 @@
+"""``gossip`` with compression: CHOCO-gossip (Koloskova et al. 2019).
+
+Naively compressed parameter gossip (x_i <- sum_j W_ij Q(x_j)) does not converge to the average:
+compression error accumulates in the parameters themselves. CHOCO keeps *public copies*: every
+peer holds x̂_i of itself and x̂_j of each neighbour, sends only q_i = Q(x_i - x̂_i), updates
+x̂_i += q_i and x̂_j += q_j on receipt, and takes a consensus step
+x_i <- x_i + gamma * sum_j W_ij (x̂_j - x̂_i). Only compressed differences cross the wire.
+
+The public copies stay consistent only if every q_j reaches every neighbour. A round whose frame
+from j is missing (a timeout, a rewiring, a joiner) marks j *out of sync*: this peer leaves j out
+of the consensus step and asks j, in the ``resync`` meta of its next frame, for a full float32 copy
+of x̂_j, which j sends along with its next compressed frame. Trade-off: one missed frame costs one
+full-size message on that edge, instead of silently diverging copies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from p2pdl.compression import TensorCodec
+from p2pdl.errors import FrameSchemaError, UnknownSenderError
+from p2pdl.strategies import (
+    MAX_ROUND_LEAD,
+    RoundOutcome,
+    StrategyContext,
+    parameter_specs,
+    reported_degree,
+)
+from p2pdl.topology import mh_weight
+from p2pdl.wire import Frame, TensorSpec
+
+CHOCO = "choco"
+CHOCO_FULL = "choco_full"
+_MAX_META = 256
+
+
+class ChocoGossipStrategy:
+    name = "gossip"
+
+    def __init__(self, ctx: StrategyContext, codec: TensorCodec) -> None:
+        self._ctx = ctx
+        self._codec = codec
+        self._gamma = ctx.compression.choco_gamma
+        self._param_specs = parameter_specs(ctx.parameters)
+        self._wire_specs = codec.wire_specs()
+        device = ctx.device
+        self._public_self = {n: torch.zeros_like(p, device=device) for n, p in ctx.parameters}
+        self._public: dict[str, dict[str, torch.Tensor]] = {}
+        # Every peer starts with all public copies at zero, so the initial neighbours are in sync.
+        self._in_sync: set[str] = set(self._neighbors())
+        for neighbor in self._in_sync:
+            self._public[neighbor] = {n: torch.zeros_like(p, device=device) for n, p in ctx.parameters}
+        self._owe_full: set[str] = set()
+        self._round = 0
+        self.resyncs_requested = 0
+        self.resyncs_served = 0
+        self.raw_bytes = 0
+        self.payload_bytes = 0
+
+    def _neighbors(self) -> tuple[str, ...]:
+        return self._ctx.topology().neighbors.get(self._ctx.name, ())
+
+    def communication_peers(self) -> tuple[str, ...]:
+        return self._neighbors()
+
+    def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
+        if sender not in self._neighbors():
+            raise UnknownSenderError(f"{sender!r} is not a current neighbour of {self._ctx.name!r}")
+        if kind == CHOCO:
+            return self._wire_specs
+        if kind == CHOCO_FULL:
+            return self._param_specs
+        raise FrameSchemaError(f"compressed gossip exchanges {CHOCO!r}/{CHOCO_FULL!r} frames, got {kind!r}")
+
+    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        return None
+
+    def wants_local_step(self) -> bool:
+        return True
+
+    def swarm_step(self) -> int | None:
+        return None
+
+    @torch.no_grad()
+    def _compress_difference(self) -> dict[str, torch.Tensor]:
+        difference = {n: p.detach() - self._public_self[n] for n, p in self._ctx.parameters}
+        parts = self._codec.encode(difference)
+        for name, delta in self._codec.decode(parts, self._ctx.device).items():
+            self._public_self[name].add_(delta)
+        return parts
+
+    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        ctx = self._ctx
+        if (step + 1) % ctx.config.local_steps != 0:
+            return None
+        started = time.perf_counter()
+        neighbors = self._neighbors()
+        for gone in set(self._public) - set(neighbors):
+            del self._public[gone]
+            self._in_sync.discard(gone)
+        round_index = step // ctx.config.local_steps
+        ahead = ctx.exchange.highest_round(CHOCO, neighbors)
+        if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
+            round_index = ahead
+        self._round = round_index
+        parts = await ctx.run_compute(self._compress_difference)
+        wanted = [n for n in neighbors if n not in self._in_sync]
+        self.resyncs_requested += len(wanted)
+        meta: dict[str, str | int | float | bool | None] = {
+            "degree": len(neighbors),
+            "resync": ",".join(wanted)[:_MAX_META],
+        }
+        frame = Frame(kind=CHOCO, sender=ctx.name, round=round_index, step=step, meta=meta, tensors=parts)
+        await ctx.exchange.broadcast(frame, neighbors)
+        owed = [n for n in self._owe_full if n in neighbors]
+        if owed:
+            full = Frame(
+                kind=CHOCO_FULL, sender=ctx.name, round=round_index, step=step, tensors=dict(self._public_self)
+            )
+            await ctx.exchange.broadcast(full, owed)
+            self.resyncs_served += len(owed)
+        self._owe_full.clear()
+        payload = sum(t.numel() * t.element_size() for t in parts.values())
+        self.raw_bytes += self._codec.raw_bytes * len(neighbors)
+        self.payload_bytes += payload * len(neighbors)
+        arrived = await ctx.exchange.collect(CHOCO, round_index, neighbors, ctx.config.round_timeout)
+        ctx.exchange.advance(CHOCO, round_index + 1)
+        for sender, received in arrived.items():
+            asked = received.meta.get("resync")
+            if isinstance(asked, str) and ctx.name in asked.split(","):
+                self._owe_full.add(sender)
+        graph = ctx.topology()
+        own_degree = len(neighbors)
+        weights = {n: mh_weight(own_degree, reported_degree(f, graph, n, own_degree)) for n, f in arrived.items()}
+
+        @torch.no_grad()
+        def update_and_mix() -> None:
+            device = ctx.device
+            for sender, received in arrived.items():
+                full = ctx.exchange.take_latest(CHOCO_FULL, sender)
+                if full is not None:
+                    # The sender's public copy after this round's update: q_j is already in it.
+                    self._public[sender] = {n: t.to(device, copy=True) for n, t in full.tensors.items()}
+                    self._in_sync.add(sender)
+                elif sender in self._in_sync:
+                    for name, delta in self._codec.decode(received.tensors, device).items():
+                        self._public[sender][name].add_(delta)
+            for neighbor in neighbors:
+                if neighbor not in arrived:
+                    self._in_sync.discard(neighbor)  # its q for this round is lost to us
+            for name, p in ctx.parameters:
+                own = self._public_self[name]
+                for sender, weight in weights.items():
+                    if sender in self._in_sync:
+                        p.add_(self._public[sender][name] - own, alpha=self._gamma * weight)
+
+        await ctx.run_compute(update_and_mix)
+        missing = [n for n in neighbors if n not in arrived]
+        return ctx.ledger.record(round_index, missing, started)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.name,
+            "round": self._round,
+            "compression": self._ctx.compression.kind,
+            "choco_gamma": self._gamma,
+            "neighbors": list(self._neighbors()),
+            "in_sync": sorted(self._in_sync),
+            "resyncs_requested": self.resyncs_requested,
+            "resyncs_served": self.resyncs_served,
+            "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
+        }
+
+    async def close(self) -> None:
+        return None
