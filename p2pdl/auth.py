@@ -71,6 +71,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from p2pdl.config import SecurityConfig
 from p2pdl.errors import (
     AuthConfigError,
     AuthError,
@@ -692,6 +693,20 @@ class PeerSecurity:
             return {}
         token = make_token(self.secret, name=self.name, target=target or ANY_TARGET, purpose=f"{method} {path}")
         return {HEADER: token_to_header(token)}
+
+
+def security_from_config(config: SecurityConfig, name: str) -> PeerSecurity:
+    """:func:`build_peer_security` from a ``[security]`` section."""
+    return build_peer_security(
+        name,
+        secret_env=config.secret_env,
+        secret_file=config.secret_file,
+        max_clock_skew=config.max_clock_skew,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+        tls_ca=config.tls_ca,
+        require_client_cert=config.require_client_cert,
+    )
 
 
 def build_peer_security(

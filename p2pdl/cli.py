@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pdl._malloc import tune_allocator
-from p2pdl.auth import build_peer_security
+from p2pdl.auth import security_from_config
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.topology import build_graph, describe
@@ -105,16 +105,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     scheme = "http"
     if args.config is not None:
         security = _load(args.config).security
-        peer_security = build_peer_security(
-            "p2pdl-cli",
-            secret_env=security.secret_env,
-            secret_file=security.secret_file,
-            max_clock_skew=security.max_clock_skew,
-            tls_cert=security.tls_cert,
-            tls_key=security.tls_key,
-            tls_ca=security.tls_ca,
-            require_client_cert=security.require_client_cert,
-        )
+        peer_security = security_from_config(security, "p2pdl-cli")
         headers = peer_security.headers(target=None, method="GET", path="/status")
         context, scheme = peer_security.client_ssl, peer_security.scheme
     url = args.url if args.url.startswith(("http://", "https://")) else f"{scheme}://{args.url}"

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from aiohttp import web
 
-from p2pdl.auth import build_peer_security
+from p2pdl.auth import security_from_config
 from p2pdl.config import Config, parse_address
 from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TrainingDivergedError, TransportError
 from p2pdl.membership import MembershipError, MembershipView, Timing, parse_members
@@ -136,17 +136,7 @@ class Peer:
         self._graph = self._graph_over(self.membership.live_names())
         self._tasks: set[asyncio.Task[None]] = set()
         self._gossip_inflight: dict[str, asyncio.Task[None]] = {}
-        security = config.security
-        self.security = build_peer_security(
-            name,
-            secret_env=security.secret_env,
-            secret_file=security.secret_file,
-            max_clock_skew=security.max_clock_skew,
-            tls_cert=security.tls_cert,
-            tls_key=security.tls_key,
-            tls_ca=security.tls_ca,
-            require_client_cert=security.require_client_cert,
-        )
+        self.security = security_from_config(config.security, name)
         self.transport = Transport(
             name=name,
             listen_host=host,
@@ -407,7 +397,7 @@ class Peer:
             {
                 "name": self.name,
                 "frames_superseded": self.transport.mailbox.superseded,
-            "compression": self._compression_status(),
+                "compression": self._compression_status(),
                 "incarnation": self.membership.incarnation,
                 "live": list(self.live_members()),
                 "neighbors": list(self._graph.neighbors.get(self.name, ())),

@@ -26,14 +26,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from p2pdl.datasets import shard_indices
 from p2pdl.errors import WorkloadError
 
 __all__ = [
@@ -155,3 +157,46 @@ def load_workload(path: str | Path) -> LoadedWorkload:
         loss_fn=module.loss_fn,
         evaluate=module.evaluate,
     )
+
+
+# --------------------------------------------------------------------------- helpers for workload files
+
+
+def classification_shard(
+    data: Mapping[str, np.ndarray], shard_index: int, shard_count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard ``shard_index`` of ``data["x"]``/``data["y"]`` (see :func:`p2pdl.datasets.shard_indices`)."""
+    indices = shard_indices(len(data["y"]), shard_index, shard_count)
+    return torch.from_numpy(data["x"][indices]), torch.from_numpy(data["y"][indices])
+
+
+class HeldOutClassification:
+    """``evaluate`` for a classifier on ``x_test``/``y_test``: accuracy and cross-entropy, one batch.
+
+    The test tensors are built on first use per device and kept, so evaluation costs one forward.
+    """
+
+    def __init__(self, load: Callable[[], Mapping[str, np.ndarray]]) -> None:
+        self._load = load
+        self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _test_set(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._tensors:
+            data = self._load()
+            inputs = torch.from_numpy(data["x_test"]).to(device)
+            self._tensors[key] = (inputs, torch.from_numpy(data["y_test"]).to(device))
+        return self._tensors[key]
+
+    def __call__(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        inputs, targets = self._test_set(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                output = model(inputs)
+                test_loss = torch.nn.functional.cross_entropy(output, targets).item()
+                test_accuracy = (output.argmax(dim=1) == targets).float().mean().item()
+        finally:
+            model.train(was_training)
+        return {"test_accuracy": test_accuracy, "test_loss": test_loss}

@@ -6,20 +6,17 @@ checking that nothing in p2pdl is specific to MNIST-1D.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from p2pdl.datasets import digits, shard_indices
+from p2pdl.datasets import digits
+from p2pdl.workload import HeldOutClassification, classification_shard
 
 DESCRIPTION = "sklearn digits, MLP 64-128-10 (9,610 params), cross-entropy"
 
 _FEATURES = 64
 _CLASSES = 10
 _HIDDEN = 128
-
-# Held-out tensors per device, built on first use; evaluation runs as one batch.
-_test_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def build_model() -> nn.Module:
@@ -31,37 +28,11 @@ def build_model() -> nn.Module:
 
 
 def load_shard(shard_index: int, shard_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = digits()
-    indices = shard_indices(len(data["y"]), shard_index, shard_count)
-    inputs: np.ndarray = data["x"][indices]
-    targets: np.ndarray = data["y"][indices]
-    return torch.from_numpy(inputs), torch.from_numpy(targets)
+    return classification_shard(digits(), shard_index, shard_count)
 
 
 def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(output, target)
 
 
-def _test_set(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = str(device)
-    if key not in _test_tensors:
-        data = digits()
-        _test_tensors[key] = (
-            torch.from_numpy(data["x_test"]).to(device),
-            torch.from_numpy(data["y_test"]).to(device),
-        )
-    return _test_tensors[key]
-
-
-def evaluate(model: nn.Module, device: torch.device) -> dict[str, float]:
-    inputs, targets = _test_set(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(inputs)
-            test_loss = loss_fn(output, targets).item()
-            test_accuracy = (output.argmax(dim=1) == targets).float().mean().item()
-    finally:
-        model.train(was_training)
-    return {"test_accuracy": test_accuracy, "test_loss": test_loss}
+evaluate = HeldOutClassification(digits)

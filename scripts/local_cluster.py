@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from p2pdl.auth import PeerSecurity, build_peer_security
+from p2pdl.auth import PeerSecurity, security_from_config
 from p2pdl.config import load_config
 from p2pdl.errors import ConfigError
 from p2pdl.mixing import consensus_distance
@@ -142,16 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local_cluster: {exc}", file=sys.stderr)
         return 2
     sec = config.security
-    security = build_peer_security(
-        "local-cluster",
-        secret_env=sec.secret_env,
-        secret_file=sec.secret_file,
-        max_clock_skew=sec.max_clock_skew,
-        tls_cert=sec.tls_cert,
-        tls_key=sec.tls_key,
-        tls_ca=sec.tls_ca,
-        require_client_cert=sec.require_client_cert,
-    )
+    security = security_from_config(sec, "local-cluster")
     steps = args.steps or config.run.steps
     names = list(config.peer_names)
     out: Path = args.out or Path("runs") / args.config.stem
