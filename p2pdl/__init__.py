@@ -17,6 +17,7 @@ from p2pdl.errors import (
     FrameError,
     P2PDLError,
     RoundError,
+    TrainingDivergedError,
     TransportError,
     WorkloadError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "RoundError",
     "RoundOutcome",
     "StepResult",
+    "TrainingDivergedError",
     "TransportError",
     "WorkloadError",
     "load_config",

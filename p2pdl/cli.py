@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     peer.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override run.device")
     peer.add_argument("--steps", type=int, help="override run.steps")
     peer.add_argument("--out", type=Path, help="output directory (default runs/NAME)")
-    peer.add_argument("--advertise", help="HOST:PORT other peers dial (default: the listen address)")
+    peer.add_argument(
+        "--advertise", help="HOST:PORT other peers dial (default: the configured address; a joiner's listen address)"
+    )
     peer.add_argument("--bootstrap", action="append", default=[], help="HOST:PORT of a live peer (repeatable)")
     peer.add_argument("--join", action="store_true", help="download the swarm's current state before training")
     peer.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")

@@ -36,6 +36,7 @@ from p2pdl.config import CompressionConfig, StrategyConfig
 from p2pdl.errors import (
     AllReduceIncompleteError,
     ConfigError,
+    FrameError,
     FrameSchemaError,
     TransportError,
     UnknownSenderError,
@@ -489,8 +490,14 @@ class AllReduceStrategy:
 
         @torch.no_grad()
         def average() -> None:
-            streams = [own if p == ctx.name else arrived[p].tensors for p in peers]
-            decoded = [codec.decode(stream, ctx.device) for stream in streams]
+            decoded = []
+            for peer in peers:
+                stream = own if peer == ctx.name else arrived[peer].tensors
+                try:
+                    decoded.append(codec.decode(stream, ctx.device))
+                except FrameError as exc:
+                    # Undecodable contribution: the average cannot be exact, so fail loudly.
+                    raise AllReduceIncompleteError(step, [peer]) from exc
             for (name, _), grad in zip(ctx.parameters, self._gradients(), strict=True):
                 grad.copy_(decoded[0][name])
                 for other in decoded[1:]:

@@ -16,13 +16,14 @@ full-size message on that edge, instead of silently diverging copies.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from p2pdl.compression import TensorCodec
-from p2pdl.errors import FrameSchemaError, UnknownSenderError
+from p2pdl.errors import FrameError, FrameSchemaError, UnknownSenderError
 from p2pdl.strategies import (
     MAX_ROUND_LEAD,
     RoundOutcome,
@@ -55,7 +56,9 @@ class ChocoGossipStrategy:
         for neighbor in self._in_sync:
             self._public[neighbor] = {n: torch.zeros_like(p, device=device) for n, p in ctx.parameters}
         self._owe_full: set[str] = set()
+        self._asked: set[str] = set()  # neighbours asked for a full copy in the last frame sent
         self._round = 0
+        self.refused: Counter[str] = Counter()
         self.resyncs_requested = 0
         self.resyncs_served = 0
         self.raw_bytes = 0
@@ -129,6 +132,12 @@ class ChocoGossipStrategy:
         self.payload_bytes += payload * len(neighbors)
         arrived = await ctx.exchange.collect(CHOCO, round_index, neighbors, ctx.config.round_timeout)
         ctx.exchange.advance(CHOCO, round_index + 1)
+        # A neighbour asked for a full copy in the previous round sends it right after its compressed
+        # frame of this round; only a full copy of *this* round matches the compressed one we hold.
+        asked_last_round = [n for n in self._asked if n in arrived]
+        fulls = await ctx.exchange.collect(CHOCO_FULL, round_index, asked_last_round, ctx.config.round_timeout)
+        ctx.exchange.advance(CHOCO_FULL, round_index + 1)
+        self._asked = set(wanted)
         for sender, received in arrived.items():
             asked = received.meta.get("resync")
             if isinstance(asked, str) and ctx.name in asked.split(","):
@@ -141,13 +150,21 @@ class ChocoGossipStrategy:
         def update_and_mix() -> None:
             device = ctx.device
             for sender, received in arrived.items():
-                full = ctx.exchange.take_latest(CHOCO_FULL, sender)
+                full = fulls.get(sender)
                 if full is not None:
                     # The sender's public copy after this round's update: q_j is already in it.
                     self._public[sender] = {n: t.to(device, copy=True) for n, t in full.tensors.items()}
                     self._in_sync.add(sender)
                 elif sender in self._in_sync:
-                    for name, delta in self._codec.decode(received.tensors, device).items():
+                    try:
+                        deltas = self._codec.decode(received.tensors, device)
+                    except FrameError as exc:
+                        # Well-formed but undecodable (indices out of range, overflow): count it
+                        # and treat the neighbour as out of sync, so a full copy is requested.
+                        self.refused[exc.reason] += 1
+                        self._in_sync.discard(sender)
+                        continue
+                    for name, delta in deltas.items():
                         self._public[sender][name].add_(delta)
             for neighbor in neighbors:
                 if neighbor not in arrived:
@@ -172,6 +189,7 @@ class ChocoGossipStrategy:
             "in_sync": sorted(self._in_sync),
             "resyncs_requested": self.resyncs_requested,
             "resyncs_served": self.resyncs_served,
+            "undecodable_frames": dict(self.refused),
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
         }
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from p2pdl.errors import FrameSchemaError, TransportError
+from p2pdl.errors import FrameError, FrameSchemaError, TransportError
 from p2pdl.strategies import RoundOutcome, StrategyContext, build_codec, parameter_specs
 from p2pdl.wire import Frame, TensorSpec
 
@@ -60,6 +60,8 @@ class ParameterServerStrategy:
         self.server_unreachable = 0
         self.applied = 0
         self.dropped_stale = 0
+        self.undecodable = 0
+        self.raw_bytes = 0
         self._staleness_sum = 0
 
     # ------------------------------------------------------------------ plumbing
@@ -120,6 +122,7 @@ class ParameterServerStrategy:
         if self._codec is not None:
             codec = self._codec
             gradients = await ctx.run_compute(lambda: codec.encode(gradients))
+            self.raw_bytes += codec.raw_bytes
         push = Frame(kind=GRADIENT, sender=ctx.name, round=self._version, step=step, tensors=gradients)
         try:
             await self._send(self.server, push)
@@ -164,8 +167,13 @@ class ParameterServerStrategy:
 
         @torch.no_grad()
         def average_into_grads() -> None:
-            count = 1 + len(used)
-            dense = [self._gradients_of(frame) for frame in used]
+            dense = []
+            for frame in used:
+                try:
+                    dense.append(self._gradients_of(frame))
+                except FrameError:
+                    self.undecodable += 1  # a worker's compressed gradient that does not decode
+            count = 1 + len(dense)
             for name, p in ctx.parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -204,11 +212,15 @@ class ParameterServerStrategy:
     @torch.no_grad()
     def _apply_one(self, frame: Frame, staleness: int) -> None:
         """One optimizer step with a worker's gradient at lr / (1 + staleness); own grads kept aside."""
+        try:
+            gradients = self._gradients_of(frame)
+        except FrameError:
+            self.undecodable += 1
+            return
         optimizer = self._ctx.optimizer
         saved = [p.grad for _, p in self._ctx.parameters]
         rates = [group["lr"] for group in optimizer.param_groups]
         try:
-            gradients = self._gradients_of(frame)
             for name, p in self._ctx.parameters:
                 p.grad = gradients[name].to(device=p.device, dtype=p.dtype)
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
@@ -255,6 +267,7 @@ class ParameterServerStrategy:
             "server_unreachable": self.server_unreachable,
             "applied": self.applied,
             "dropped_stale": self.dropped_stale,
+            "undecodable": self.undecodable,
             "mean_staleness": self._staleness_sum / self.applied if self.applied and self.is_server else None,
         }
 

@@ -53,7 +53,7 @@ def swarm_config(path: Path, names: list[str], ports: list[int], **run: object) 
         path,
         names=names,
         ports=ports,
-        run={"steps": 600, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "eval_every": 0, **run},
+        run={"steps": 1000, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "eval_every": 0, **run},
         strategy={"kind": "gossip", "round_timeout": ROUND_TIMEOUT},
         topology={"kind": "ring"},
         transport={"startup_timeout": 90.0},
@@ -89,7 +89,7 @@ def test_survivors_of_two_sigkills_keep_training_and_match_a_fault_free_run(tmp_
         for name in survivors:
             assert codes[name] == 0, procs.log(name)
             result = summary(tmp_path / label / name)
-            assert result["steps"] == 600
+            assert result["steps"] == 1000
             if label == "faulty":
                 rows = [r for r in metrics(tmp_path / label / name) if "loss" in r]
                 gap = longest_gap_between_complete_rounds(rows)

@@ -107,3 +107,31 @@ async def test_choco_gossip_with_top_k_reaches_consensus() -> None:
         # CHOCO's consensus step is symmetric: the average is preserved up to rounding.
         torch.testing.assert_close(mean_after, mean_before, rtol=1e-4, atol=1e-4)
         assert all(p.ledger.partial == 0 for p in peers)
+
+
+async def test_choco_resyncs_a_neighbour_whose_frame_was_missed() -> None:
+    config = swarm_config(
+        3,
+        {"kind": "gossip", "round_timeout": 0.5},
+        {"kind": "topk", "ratio": 0.2, "min_numel": 0, "choco_gamma": 0.3},
+        "ring",
+    )
+    async with swarm(config, 3, lr=0.0) as peers:
+
+        def spread() -> float:
+            vectors = torch.stack([flat(p) for p in peers])
+            return float((vectors - vectors.mean(dim=0)).norm())
+
+        start = spread()
+        for _ in range(5):
+            await asyncio.gather(*(p.step(lambda: torch.zeros(())) for p in peers))
+        # p2 sits out one round: the others time out on its compressed frame and lose track of it.
+        await asyncio.gather(*(p.step(lambda: torch.zeros(())) for p in peers[:2]))
+        assert "p2" not in peers[0].strategy.status()["in_sync"]
+        for _ in range(40):
+            await asyncio.gather(*(p.step(lambda: torch.zeros(())) for p in peers))
+        assert peers[2].strategy.status()["resyncs_served"] >= 1
+        for peer in peers:
+            neighbours = set(peer.strategy.status()["neighbors"])
+            assert set(peer.strategy.status()["in_sync"]) == neighbours, peer.name
+        assert spread() < 0.1 * start, (start, spread())
