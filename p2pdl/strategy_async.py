@@ -3,8 +3,11 @@
 Every H steps a peer sends its parameters to its neighbours and mixes with the *latest* parameters
 it holds from each of them, without waiting for anybody. Sends run in the background, one in
 flight per neighbour at most (a newer frame never queues behind an older one to a slow peer), so
-a straggler slows only itself. A neighbour's parameters are used at most once and only while they
-are at most ``max_staleness`` steps behind this peer; older ones are dropped and counted.
+a straggler slows only itself. A neighbour's parameters are used at most once (mixing the same old
+copy round after round drags a peer back; measured here) and only while they are at most
+``max_staleness`` steps behind this peer; older ones are dropped and counted. Peers
+share one step clock: a peer more than ``max_staleness`` steps behind its neighbours moves its
+counter up (it trains fewer steps), so contributions stay fresh and everybody finishes together.
 
 Trade-off: no peer ever waits, so the swarm runs at the speed of its fast peers, but mixing is
 not synchronised: the average of the parameters is preserved only approximately (each peer mixes
@@ -21,7 +24,7 @@ from typing import Any
 
 from p2pdl.errors import FrameSchemaError, TransportError, UnknownSenderError
 from p2pdl.mixing import mix_into
-from p2pdl.strategies import RoundOutcome, StrategyContext, parameter_specs, reported_degree
+from p2pdl.strategies import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs, reported_degree
 from p2pdl.topology import mh_weight
 from p2pdl.wire import Frame, TensorSpec
 
@@ -36,6 +39,8 @@ class AsyncGossipStrategy:
         self._specs = parameter_specs(ctx.parameters)
         self._sends: dict[str, asyncio.Task[None]] = {}
         self._latest: dict[str, Frame] = {}
+        self._catch_up_to: int | None = None
+        self.catch_ups = 0
         self._round = 0
         self.used = 0
         self.dropped_stale = 0
@@ -81,7 +86,9 @@ class AsyncGossipStrategy:
             sender=ctx.name,
             round=step,  # the sender's step: receivers measure staleness against their own step
             step=step,
-            meta={"degree": len(neighbors)},
+            # The furthest step this peer knows of travels on, so the end of training reaches every
+            # peer, not only the neighbours of the first to finish.
+            meta={"degree": len(neighbors), "swarm_step": max(self._swarm_step, step)},
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         data = await ctx.exchange.encode(frame)
@@ -95,6 +102,15 @@ class AsyncGossipStrategy:
             newest = ctx.exchange.take_latest(ASYNC_PARAMS, neighbor)
             if newest is not None:
                 self._latest[neighbor] = newest
+        # The swarm shares one step clock (run.steps is a swarm-wide budget). A peer that has
+        # fallen more than max_staleness steps behind its neighbours (a straggler, a late starter)
+        # moves its clock up to stay within reach: it trains fewer steps, but its contributions
+        # stay fresh and it finishes with the others.
+        ahead = max((f.step for f in self._latest.values()), default=step)
+        if ahead - step > ctx.config.max_staleness:
+            self._catch_up_to = min(ahead - ctx.config.max_staleness // 2, step + MAX_ROUND_LEAD)
+            step = self._catch_up_to
+            self.catch_ups += 1
         usable: dict[str, Frame] = {}
         for neighbor in neighbors:
             candidate = self._latest.pop(neighbor, None)
@@ -117,7 +133,14 @@ class AsyncGossipStrategy:
             self.used += len(usable)
         missing = [n for n in neighbors if n not in usable]
         for frame in usable.values():
-            self._swarm_step = max(self._swarm_step, frame.step)
+            reported = frame.meta.get("swarm_step")
+            known = reported if isinstance(reported, int) and not isinstance(reported, bool) else frame.step
+            # A bogus horizon could end training early; never trust more than MAX_ROUND_LEAD ahead.
+            self._swarm_step = max(self._swarm_step, frame.step, min(known, step + MAX_ROUND_LEAD))
+        if self._catch_up_to is not None:
+            # Report the new clock as this round; the node moves its step counter to it.
+            self._round = self._catch_up_to // ctx.config.local_steps
+            self._catch_up_to = None
         return ctx.ledger.record(self._round, missing, started)
 
     def swarm_step(self) -> int | None:
@@ -135,6 +158,7 @@ class AsyncGossipStrategy:
             "dropped_stale": self.dropped_stale,
             "skipped_sends": self.skipped_sends,
             "failed_sends": self.failed_sends,
+            "catch_ups": self.catch_ups,
         }
 
     async def close(self) -> None:

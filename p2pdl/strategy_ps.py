@@ -9,8 +9,8 @@ own; the server also trains on its own shard. Two modes:
   older parameters are dropped. Consistency: with K = N every step is an exact synchronous
   average, like all-reduce through a hub; with K < N, stragglers' gradients are dropped.
 * ``async``: the server applies each worker gradient as it arrives, with a staleness-aware
-  learning rate lr / (1 + staleness) (Zhang et al. 2016), and answers that worker with the
-  parameters it produced. Consistency: asynchronous SGD; a worker's gradient may be computed on
+  learning rate lr / (n (1 + staleness)) for n gradient sources (Zhang et al. 2016), and answers
+  that worker with the parameters it produced. Consistency: asynchronous SGD; a worker's gradient may be computed on
   parameters that are ``staleness`` updates old.
 
 Fault tolerance: a dead worker is just a missing contribution; the server never waits past the
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from p2pdl.errors import FrameError, FrameSchemaError, TransportError
-from p2pdl.strategies import RoundOutcome, StrategyContext, build_codec, parameter_specs
+from p2pdl.strategies import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, build_codec, parameter_specs
 from p2pdl.wire import Frame, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ParameterServerStrategy:
         # Workers may compress their gradients (with error feedback); parameters go back in fp32.
         self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
         self._version = 0  # server: updates applied; worker: the server version its parameters are
+        self._server_step = 0  # server: its own step; worker: the latest the server reported
         self._local_step = True
         self._consumer: asyncio.Task[None] | None = None
         self._replies: set[asyncio.Task[None]] = set()
@@ -91,6 +92,8 @@ class ParameterServerStrategy:
             sender=self._ctx.name,
             round=self._version,
             step=step,
+            # The server's own step: workers stop when the server's run is over (async mode).
+            meta={"server_step": self._server_step},
             tensors={name: p.detach() for name, p in self._ctx.parameters},
         )
 
@@ -143,6 +146,9 @@ class ParameterServerStrategy:
 
         await ctx.run_compute(load)
         self._version = reply.round
+        reported = reply.meta.get("server_step")
+        if isinstance(reported, int) and not isinstance(reported, bool):
+            self._server_step = max(self._server_step, min(reported, step + MAX_ROUND_LEAD))
         self._local_step = False  # the server's step replaced ours
         self.pulls += 1
         return ctx.ledger.record(step, [], started)
@@ -224,7 +230,7 @@ class ParameterServerStrategy:
             for name, p in self._ctx.parameters:
                 p.grad = gradients[name].to(device=p.device, dtype=p.dtype)
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
-                group["lr"] = rate / (1 + staleness)
+                group["lr"] = rate * self._async_share() / (1 + staleness)
             optimizer.step()
         finally:
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
@@ -234,13 +240,29 @@ class ParameterServerStrategy:
 
     # ------------------------------------------------------------------ the Strategy protocol
 
+    def _async_share(self) -> float:
+        """Async mode: each of the n gradient sources (live workers + the server) steps with lr / n,
+        so n asynchronous updates move the model as far as one synchronous averaged step; applying
+        every gradient at the full lr (with momentum 0.9) diverged here."""
+        return 1.0 / (1 + len(self._workers()))
+
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         if not self.is_server:
             return await self._worker_round(step)
+        self._server_step = step
         self._local_step = True
         if self._ctx.config.ps_mode == "async":
             if self._consumer is None or self._consumer.done():
                 self._consumer = asyncio.ensure_future(self._consume_async())
+            share = self._async_share()
+
+            @torch.no_grad()
+            def scale_own() -> None:
+                for _, p in self._ctx.parameters:
+                    if p.grad is not None:
+                        p.grad.mul_(share)
+
+            await self._ctx.run_compute(scale_own)
             return None
         return await self._server_sync_round(step)
 
@@ -272,7 +294,10 @@ class ParameterServerStrategy:
         }
 
     def swarm_step(self) -> int | None:
-        return None
+        """Async workers follow the server's clock: when its run is over, theirs is too."""
+        if self.is_server or self._ctx.config.ps_mode != "async":
+            return None
+        return self._server_step
 
     async def close(self) -> None:
         tasks = [t for t in (self._consumer, *self._replies) if t is not None]
