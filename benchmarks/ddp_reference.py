@@ -2,6 +2,8 @@
 """The parity and benchmark reference: a p2pdl run config trained under ``torch.distributed`` DDP.
 
     python benchmarks/ddp_reference.py CONFIG --steps N --out DIR [--eval-every K] [--stop-at-accuracy A]
+        [--max-seconds S] [--comm-hook fp16|powersgd [--powersgd-rank R]]
+        [--rank-prefix "ip netns exec NS-{rank}" --master-addr 10.232.0.1 --gloo-ifname eth0]
 
 It starts one process per ``[[peers]]`` entry (rank r = peer index r) on 127.0.0.1, joined by a
 gloo process group (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), and trains exactly p2pdl's
@@ -23,14 +25,26 @@ Timing matches p2pdl's ``metrics.jsonl``: the clock starts once the model, optim
 built, so it includes the rendezvous (``init_process_group`` and DDP's initial broadcast), as
 p2pdl's includes connecting to its neighbours. Trade-off: every rank evaluates the (identical)
 model itself, which costs a little time but keeps every rank's metrics complete; with
-``--stop-at-accuracy`` rank 0's accuracy decides, broadcast so that all ranks stop at one step.
+``--stop-at-accuracy`` rank 0's accuracy decides, broadcast so that all ranks stop at one step;
+``--max-seconds`` does the same with rank 0's training clock (checked after every step, a 4-byte
+broadcast), so a time-boxed run still ends with a final evaluation on every rank.
+
+Benchmark options (off by default, so the parity run is plain DDP): ``--comm-hook`` registers
+DDP's ``fp16_compress_hook`` or PowerSGD (``--powersgd-rank``, vanilla all-reduce for the first
+``--powersgd-start-iter`` steps, error feedback and warm start on, as torch's defaults).
+``--rank-prefix`` runs each rank under a command prefix whose ``{rank}`` is replaced, e.g. to put
+rank r in network namespace r (``benchmarks/netns.py``); ``--master-addr`` is then rank 0's
+address there and ``--gloo-ifname`` the interface gloo binds to (default ``lo`` on Linux only
+when the master address is a loopback one).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -59,7 +73,13 @@ from p2pdl.workload import load_workload
 
 DEFAULT_THRESHOLDS = (0.90, 0.93)
 # glibc maps big buffers freshly without this; the same environment p2pdl's peers get.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "268435456",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+}
+COMM_HOOKS = ("none", "fp16", "powersgd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +105,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override run.device")
     parser.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the ranks are killed")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop every rank (with a final evaluation) once rank 0 has trained this many seconds",
+    )
+    parser.add_argument(
+        "--comm-hook", choices=COMM_HOOKS, default="none", help="DDP gradient compression hook (default none)"
+    )
+    parser.add_argument("--powersgd-rank", type=int, default=1, help="PowerSGD matrix_approximation_rank")
+    parser.add_argument(
+        "--powersgd-start-iter", type=int, default=2, help="PowerSGD start_powerSGD_iter (vanilla before; >= 2)"
+    )
+    parser.add_argument(
+        "--rank-prefix",
+        help="command prefix for each rank, '{rank}' replaced (e.g. 'ip netns exec NS-{rank}')",
+    )
+    parser.add_argument("--master-addr", default="127.0.0.1", help="rank 0's address for the rendezvous")
+    parser.add_argument(
+        "--gloo-ifname", help="GLOO_SOCKET_IFNAME for every rank (default: lo for a loopback --master-addr)"
+    )
     # Internal: set by the launcher for each worker process.
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -94,6 +134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.stop_at_accuracy is not None and not 0 < args.stop_at_accuracy <= 1:
         parser.error(f"--stop-at-accuracy must be in (0, 1], got {args.stop_at_accuracy}")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        parser.error(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if args.powersgd_rank < 1:
+        parser.error(f"--powersgd-rank must be >= 1, got {args.powersgd_rank}")
+    if args.powersgd_start_iter < 2:
+        parser.error(
+            f"--powersgd-start-iter must be >= 2 (error feedback and warm start), got {args.powersgd_start_iter}"
+        )
     return args
 
 
@@ -136,6 +184,7 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
     done = 0
     try:
         ddp = DistributedDataParallel(model, device_ids=None)
+        register_comm_hook(ddp, args)
         # Same parameter order as p2pdl's optimizer over the bare model.
         optimizer = build_optimizer(run, ddp)
         ddp.train()
@@ -165,6 +214,11 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
                     )
                     dist.broadcast(decision, src=0)
                     stopped_early = bool(decision.item())
+            if args.max_seconds is not None and not stopped_early and done != run.steps:
+                # Every rank joins every step's broadcast; rank 0's clock decides for all.
+                decision = torch.tensor([1 if record["time"] >= args.max_seconds else 0], dtype=torch.int32)
+                dist.broadcast(decision, src=0)
+                stopped_early = bool(decision.item())
             metrics.write(record)
             if stopped_early:
                 break
@@ -190,11 +244,29 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
         "test_loss": evaluation.get("test_loss"),
         "thresholds": reached,
         "backend": "gloo",
+        "comm_hook": args.comm_hook,
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_bytes(rank_out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def register_comm_hook(ddp: DistributedDataParallel, args: argparse.Namespace) -> None:
+    """Install ``--comm-hook`` on ``ddp``: fp16 casts each bucket, PowerSGD sends low-rank factors."""
+    if args.comm_hook == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+    elif args.comm_hook == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=args.powersgd_rank,
+            start_powerSGD_iter=args.powersgd_start_iter,
+        )
+        ddp.register_comm_hook(state=state, hook=powerSGD_hook.powerSGD_hook)
 
 
 def _note_thresholds(
@@ -227,8 +299,10 @@ def launch(args: argparse.Namespace, config: Config, argv: list[str]) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     port = args.master_port or free_port()
-    env = {**os.environ, **WORKER_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    if sys.platform.startswith("linux"):
+    env = {**os.environ, **WORKER_ENV, "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(port)}
+    if args.gloo_ifname:
+        env["GLOO_SOCKET_IFNAME"] = args.gloo_ifname
+    elif sys.platform.startswith("linux") and ipaddress.ip_address(args.master_addr).is_loopback:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback, whatever the hostname says
     # SIGTERM unwinds through the finally below, so the ranks are reaped, never orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -241,6 +315,8 @@ def launch(args: argparse.Namespace, config: Config, argv: list[str]) -> int:
             log = open(out / f"rank{rank}" / "worker.log", "wb")  # noqa: SIM115 - closed below
             logs.append(log)
             command = [sys.executable, str(Path(__file__).resolve()), *argv, "--rank", str(rank)]
+            if args.rank_prefix:
+                command = [part.replace("{rank}", str(rank)) for part in shlex.split(args.rank_prefix)] + command
             procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
         deadline = started + args.timeout
         while any(p.poll() is None for p in procs):
