@@ -202,6 +202,17 @@ def parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> dic
     return {name: TensorSpec.of_tensor(p) for name, p in parameters}
 
 
+def neighbour_frame_specs(
+    ctx: StrategyContext, kind: str, sender: str, accepted_kind: str, specs: Mapping[str, TensorSpec]
+) -> Mapping[str, TensorSpec]:
+    """``specs`` for a frame of ``accepted_kind`` from a current graph neighbour; refuse anything else."""
+    if kind != accepted_kind:
+        raise FrameSchemaError(f"{ctx.config.kind} peers exchange only {accepted_kind!r} frames, got {kind!r}")
+    if sender not in ctx.topology().neighbors.get(ctx.name, ()):
+        raise UnknownSenderError(f"{sender!r} is not a current neighbour of {ctx.name!r}")
+    return specs
+
+
 def reported_degree(frame: Frame, graph: Graph, sender: str, fallback: int) -> int:
     """The degree a neighbour reports in its frame (for MH weights), or the graph's when absent/bad."""
     reported = frame.meta.get("degree")
@@ -235,11 +246,7 @@ class GossipStrategy:
         return self._neighbors()
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
-        if kind != PARAMS:
-            raise FrameSchemaError(f"gossip peers exchange only {PARAMS!r} frames, got {kind!r}")
-        if sender not in self._neighbors():
-            raise UnknownSenderError(f"{sender!r} is not a current neighbour of {self._ctx.name!r}")
-        return self._specs
+        return neighbour_frame_specs(self._ctx, kind, sender, PARAMS, self._specs)
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         return None

@@ -22,9 +22,16 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from p2pdl.errors import FrameSchemaError, TransportError, UnknownSenderError
+from p2pdl.errors import TransportError
 from p2pdl.mixing import mix_into
-from p2pdl.strategies import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs, reported_degree
+from p2pdl.strategies import (
+    MAX_ROUND_LEAD,
+    RoundOutcome,
+    StrategyContext,
+    neighbour_frame_specs,
+    parameter_specs,
+    reported_degree,
+)
 from p2pdl.topology import mh_weight
 from p2pdl.wire import Frame, TensorSpec
 
@@ -56,11 +63,7 @@ class AsyncGossipStrategy:
         return self._neighbors()
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
-        if kind != ASYNC_PARAMS:
-            raise FrameSchemaError(f"async-gossip peers exchange only {ASYNC_PARAMS!r} frames, got {kind!r}")
-        if sender not in self._neighbors():
-            raise UnknownSenderError(f"{sender!r} is not a current neighbour of {self._ctx.name!r}")
-        return self._specs
+        return neighbour_frame_specs(self._ctx, kind, sender, ASYNC_PARAMS, self._specs)
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         return None
