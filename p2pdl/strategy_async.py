@@ -84,23 +84,6 @@ class AsyncGossipStrategy:
         started = time.perf_counter()
         neighbors = self._neighbors()
         self._round = step // ctx.config.local_steps
-        frame = Frame(
-            kind=ASYNC_PARAMS,
-            sender=ctx.name,
-            round=step,  # the sender's step: receivers measure staleness against their own step
-            step=step,
-            # The furthest step this peer knows of travels on, so the end of training reaches every
-            # peer, not only the neighbours of the first to finish.
-            meta={"degree": len(neighbors), "swarm_step": max(self._swarm_step, step)},
-            tensors={name: p.detach() for name, p in ctx.parameters},
-        )
-        data = await ctx.exchange.encode(frame)
-        for neighbor in neighbors:
-            previous = self._sends.get(neighbor)
-            if previous is not None and not previous.done():
-                self.skipped_sends += 1  # still sending an older copy to a slow peer: skip, never queue
-                continue
-            self._sends[neighbor] = asyncio.ensure_future(self._send(neighbor, data))
         for neighbor in neighbors:
             newest = ctx.exchange.take_latest(ASYNC_PARAMS, neighbor)
             if newest is not None:
@@ -140,6 +123,25 @@ class AsyncGossipStrategy:
             known = reported if isinstance(reported, int) and not isinstance(reported, bool) else frame.step
             # A bogus horizon could end training early; never trust more than MAX_ROUND_LEAD ahead.
             self._swarm_step = max(self._swarm_step, frame.step, min(known, step + MAX_ROUND_LEAD))
+        # Send after mixing: neighbours get the mixed copy, and the swarm horizon just learnt travels
+        # on at once (a peer that stops at the horizon has told its neighbours in its last frame).
+        frame = Frame(
+            kind=ASYNC_PARAMS,
+            sender=ctx.name,
+            round=step,  # the sender's (caught-up) step: receivers measure staleness against their own
+            step=step,
+            # The furthest step this peer knows of travels on, so the end of training reaches every
+            # peer, not only the neighbours of the first to finish.
+            meta={"degree": len(neighbors), "swarm_step": max(self._swarm_step, step)},
+            tensors={name: p.detach() for name, p in ctx.parameters},
+        )
+        data = await ctx.exchange.encode(frame)
+        for neighbor in neighbors:
+            previous = self._sends.get(neighbor)
+            if previous is not None and not previous.done():
+                self.skipped_sends += 1  # still sending an older copy to a slow peer: skip, never queue
+                continue
+            self._sends[neighbor] = asyncio.ensure_future(self._send(neighbor, data))
         if self._catch_up_to is not None:
             # Report the new clock as this round; the node moves its step counter to it.
             self._round = self._catch_up_to // ctx.config.local_steps

@@ -110,7 +110,9 @@ class PeerProcesses:
             sys.executable, "-m", "p2pdl.cli", "peer",
             "--config", str(config), "--name", name, "--out", str(out), *extra,
         ]  # fmt: skip
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **PEER_ENV}, cwd=REPO)
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **PEER_ENV, **(env or {})}, cwd=REPO
+        )
         self.procs[name] = proc
         return proc
 

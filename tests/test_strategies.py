@@ -19,14 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 RECIPE = {"batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
 STRATEGIES: dict[str, Any] = {
     # name: (strategy table, topology table, steps)
-    "async-gossip": pytest.param(
-        ({"kind": "async-gossip", "max_staleness": 20}, {"kind": "ring"}, 1500),
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="known bug: async gossip reaches 0.94 in most runs but one peer sometimes ends far below "
-            "(0.69-0.87 seen); the mixing of unsynchronised copies is not yet stable; see issue notes",
-        ),
-    ),
+    "async-gossip": ({"kind": "async-gossip", "max_staleness": 20}, {"kind": "ring"}, 1500),
     "ps-sync": ({"kind": "ps", "server": "p0", "ps_mode": "sync"}, {"kind": "full"}, 1000),
     "ps-async": pytest.param(
         ({"kind": "ps", "server": "p0", "ps_mode": "async"}, {"kind": "full"}, 1000),
@@ -83,21 +76,20 @@ def test_strategy_trains_mnist1d_to_90_percent(tmp_path: Path, spec: Any) -> Non
 
 
 def step_rate(out: Path, names: list[str]) -> float:
-    """Mean steps per second of ``names`` over the middle half of their runs."""
+    """Mean steps computed per second by ``names`` over the middle half of their runs.
+
+    Counts the steps a peer computed (one metrics row each), not its step index: a straggler moves
+    its index up to stay within ``max_staleness`` of the swarm, which is not speed.
+    """
     rates = []
     for name in names:
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        timed = [(r["step"], r["time"]) for r in rows if "loss" in r]
-        start, end = timed[len(timed) // 4], timed[3 * len(timed) // 4]
-        rates.append((end[0] - start[0]) / (end[1] - start[1]))
+        times = [r["time"] for r in rows if "loss" in r]
+        start, end = len(times) // 4, 3 * len(times) // 4
+        rates.append((end - start) / (times[end] - times[start]))
     return sum(rates) / len(rates)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: with a straggler, one fast peer sometimes ends below 0.90 (0.69 seen); same instability as "
-    "the async-gossip accuracy test",
-)
 def test_async_gossip_is_not_slowed_by_a_straggler(tmp_path: Path) -> None:
     names = [f"p{i}" for i in range(4)]
     fast = ["p0", "p1", "p3"]
