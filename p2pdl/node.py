@@ -10,6 +10,7 @@ step. The node itself holds no mixing math and no wire format: those live in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -233,6 +234,10 @@ class Peer:
         self.state = "stopping"
         try:
             if announce:
+                # The strategy's last word first, while every link is still up (leave rewires at once).
+                with contextlib.suppress(TimeoutError, TransportError):
+                    async with asyncio.timeout(self.config.transport.shutdown_timeout):
+                        await self._strategy.finish()
                 self.membership.leave()
                 for task in list(self._gossip_inflight.values()):
                     task.cancel()  # stale exchanges would carry the old view; announce the leave now

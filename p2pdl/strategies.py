@@ -181,6 +181,11 @@ class Strategy(Protocol):
         """For strategies without a barrier: the furthest step seen from other peers (else None)."""
         ...
 
+    async def finish(self) -> None:
+        """A last word before this peer leaves (the node calls it while links are still up, before
+        the leave is announced), e.g. a parameter server's final parameters to its workers."""
+        ...
+
     async def close(self) -> None:
         """Cancel background work (the node calls this before closing the transport)."""
         ...
@@ -255,6 +260,9 @@ class GossipStrategy:
         return True
 
     def swarm_step(self) -> int | None:
+        return None
+
+    async def finish(self) -> None:
         return None
 
     async def close(self) -> None:
@@ -526,6 +534,9 @@ class AllReduceStrategy:
         return True
 
     def swarm_step(self) -> int | None:
+        return None
+
+    async def finish(self) -> None:
         return None
 
     async def close(self) -> None:

@@ -166,6 +166,9 @@ class AsyncGossipStrategy:
             "catch_ups": self.catch_ups,
         }
 
+    async def finish(self) -> None:
+        return None
+
     async def close(self) -> None:
         for task in self._sends.values():
             task.cancel()

@@ -193,5 +193,8 @@ class ChocoGossipStrategy:
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
         }
 
+    async def finish(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

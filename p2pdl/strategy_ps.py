@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -117,10 +118,15 @@ class ParameterServerStrategy:
         ctx = self._ctx
         started = time.perf_counter()
         self._local_step = True
+        earlier = ctx.exchange.take_latest(PARAMETERS, self.server)  # replies to earlier pushes: dropped
+        if earlier is not None and earlier.meta.get("final") is True:
+            # The server has finished and said so: take its final model and its clock (async
+            # workers stop with it).
+            await self._load(earlier, step, final=True)
+            return ctx.ledger.record(step, [], started)
         if not ctx.exchange.is_connected(self.server):
             self.server_unreachable += 1
             return ctx.ledger.record(step, [self.server], started)
-        ctx.exchange.take_latest(PARAMETERS, self.server)  # discard replies to earlier pushes
         gradients = self._own_gradients()
         if self._codec is not None:
             codec = self._codec
@@ -138,6 +144,15 @@ class ParameterServerStrategy:
         if reply is None:
             self.server_unreachable += 1
             return ctx.ledger.record(step, [self.server], started)
+        await self._load(reply, step, final=reply.meta.get("final") is True)
+        return ctx.ledger.record(step, [], started)
+
+    async def _load(self, reply: Frame, step: int, *, final: bool = False) -> None:
+        """Replace this worker's parameters with the server's; the node then skips its local step.
+
+        The server's step is believed at most MAX_ROUND_LEAD ahead, except in its final frame.
+        """
+        ctx = self._ctx
 
         @torch.no_grad()
         def load() -> None:
@@ -148,10 +163,9 @@ class ParameterServerStrategy:
         self._version = reply.round
         reported = reply.meta.get("server_step")
         if isinstance(reported, int) and not isinstance(reported, bool):
-            self._server_step = max(self._server_step, min(reported, step + MAX_ROUND_LEAD))
+            self._server_step = max(self._server_step, reported if final else min(reported, step + MAX_ROUND_LEAD))
         self._local_step = False  # the server's step replaced ours
         self.pulls += 1
-        return ctx.ledger.record(step, [], started)
 
     # ------------------------------------------------------------------ server
 
@@ -217,26 +231,38 @@ class ParameterServerStrategy:
 
     @torch.no_grad()
     def _apply_one(self, frame: Frame, staleness: int) -> None:
-        """One optimizer step with a worker's gradient at lr / (1 + staleness); own grads kept aside."""
+        """One optimizer step with a worker's gradient; the server's own gradients are kept aside."""
         try:
             gradients = self._gradients_of(frame)
         except FrameError:
             self.undecodable += 1
             return
-        optimizer = self._ctx.optimizer
         saved = [p.grad for _, p in self._ctx.parameters]
-        rates = [group["lr"] for group in optimizer.param_groups]
         try:
             for name, p in self._ctx.parameters:
                 p.grad = gradients[name].to(device=p.device, dtype=p.dtype)
+            self._async_step(staleness)
+        finally:
+            for (_, p), grad in zip(self._ctx.parameters, saved, strict=True):
+                p.grad = grad
+
+    def _async_step(self, staleness: int) -> None:
+        """One optimizer step on the gradients in ``p.grad`` at lr / (n (1 + staleness)).
+
+        Every asynchronous update, the server's own included, scales the *learning rate*, never
+        the gradient: with momentum, a step applies the whole momentum buffer, so a pre-scaled
+        gradient stepped at the full lr moves the model n times too far (measured: async PS
+        collapsed to chance with momentum 0.9 until the server's own steps were changed to this).
+        """
+        optimizer = self._ctx.optimizer
+        rates = [group["lr"] for group in optimizer.param_groups]
+        try:
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate * self._async_share() / (1 + staleness)
             optimizer.step()
         finally:
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
-            for (_, p), grad in zip(self._ctx.parameters, saved, strict=True):
-                p.grad = grad
 
     # ------------------------------------------------------------------ the Strategy protocol
 
@@ -254,15 +280,10 @@ class ParameterServerStrategy:
         if self._ctx.config.ps_mode == "async":
             if self._consumer is None or self._consumer.done():
                 self._consumer = asyncio.ensure_future(self._consume_async())
-            share = self._async_share()
-
-            @torch.no_grad()
-            def scale_own() -> None:
-                for _, p in self._ctx.parameters:
-                    if p.grad is not None:
-                        p.grad.mul_(share)
-
-            await self._ctx.run_compute(scale_own)
+            # The server's own gradient is one more asynchronous update (staleness 0), at the same
+            # scaled learning rate as the workers'; the node's plain optimizer step is skipped.
+            await self._ctx.run_compute(functools.partial(self._async_step, 0))
+            self._local_step = False
             return None
         return await self._server_sync_round(step)
 
@@ -298,6 +319,16 @@ class ParameterServerStrategy:
         if self.is_server or self._ctx.config.ps_mode != "async":
             return None
         return self._server_step
+
+    async def finish(self) -> None:
+        """The server's last word: its final parameters and step to every connected worker, so
+        asynchronous workers stop with it and every worker ends on the server's final model."""
+        if not self.is_server:
+            return
+        workers = [w for w in self._workers() if self._ctx.exchange.is_connected(w)]
+        if workers:
+            final = self._parameters_frame(self._server_step)
+            await self._ctx.exchange.broadcast(dataclasses.replace(final, meta={**final.meta, "final": True}), workers)
 
     async def close(self) -> None:
         tasks = [t for t in (self._consumer, *self._replies) if t is not None]

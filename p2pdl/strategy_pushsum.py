@@ -142,5 +142,8 @@ class PushSumStrategy:
     def swarm_step(self) -> int | None:
         return None
 
+    async def finish(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -314,6 +314,7 @@ async def run_peer(
         "rounds": status["rounds"],
         "rewires": peer.rewires,
         "strategy": config.strategy.kind,
+        "strategy_status": status["strategy"],  # the strategy's own figures (staleness, push-sum weight, ...)
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }

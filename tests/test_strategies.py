@@ -21,14 +21,8 @@ STRATEGIES: dict[str, Any] = {
     # name: (strategy table, topology table, steps)
     "async-gossip": ({"kind": "async-gossip", "max_staleness": 20}, {"kind": "ring"}, 1500),
     "ps-sync": ({"kind": "ps", "server": "p0", "ps_mode": "sync"}, {"kind": "full"}, 1000),
-    "ps-async": pytest.param(
-        ({"kind": "ps", "server": "p0", "ps_mode": "async"}, {"kind": "full"}, 1000),
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="known bug: asynchronous PS with SGD momentum 0.9 diverges on MNIST-1D (~10% accuracy): "
-            "stale gradients add implicit momentum and the server outpaces its workers; see issue notes",
-        ),
-    ),
+    # The server counts steps of its own; at lr / (n (1 + staleness)) per update, 2500 of them reach ~93%.
+    "ps-async": ({"kind": "ps", "server": "p0", "ps_mode": "async"}, {"kind": "full"}, 2500),
     "push-sum": ({"kind": "push-sum"}, {"kind": "ring"}, 1000),
     "local-sgd": ({"kind": "allreduce", "local_steps": 8}, {"kind": "full"}, 1000),
     # The paper's outer lr 0.7 / momentum 0.9 diverges on top of inner momentum 0.9 (measured: 9.9%);
