@@ -214,7 +214,14 @@ class Peer:
                 break
             await asyncio.sleep(0.05)
         self._rewire(reason="startup")
-        missing = await self.transport.wait_connected(max(0.0, deadline - time.monotonic()))
+        # Wait in slices: the membership loop rewires meanwhile (a configured peer that is dead,
+        # e.g. when this peer restarts with --resume, drops out of the neighbours after dead_after).
+        while True:
+            missing = await self.transport.wait_connected(min(0.25, max(0.0, deadline - time.monotonic())))
+            if not missing or time.monotonic() >= deadline:
+                break
+            if self.membership.live_names() != self._graph.names:
+                self._rewire(reason="startup")
         if missing:
             message = (
                 f"{self.name}: no link to {', '.join(missing)} after "

@@ -118,58 +118,71 @@ def test_async_gossip_is_not_slowed_by_a_straggler(tmp_path: Path) -> None:
     assert min(accuracy["straggler"]) >= 0.90, accuracy
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: after the server is killed and resumed, workers did not reconnect to it in one run (they "
-    "trained alone from step 276 on, ending at 0.54-0.61); see issue notes",
-)
 def test_parameter_server_survives_worker_and_server_deaths(tmp_path: Path) -> None:
+    """A worker dies: the server goes on. The server dies: workers train locally, then reconnect to
+    the server restarted with --resume, and everybody ends on one good model.
+
+    Every step sleeps 10 ms, so the outage (a process restart, seconds) is a small part of the run
+    whatever the machine's speed, and workers are still running when the server is back.
+    """
     names = [f"p{i}" for i in range(4)]
     ports = free_ports(4)
     config = write_config(
         tmp_path / "ps.toml",
         names=names,
         ports=ports,
-        run={**RECIPE, "steps": 800},
+        workload=str(REPO / "tests" / "workloads" / "slow_cnn.py"),
+        run={**RECIPE, "steps": 2000},
         strategy={"kind": "ps", "server": "p0", "ps_mode": "sync", "round_timeout": 2.0},
         topology={"kind": "full"},
         membership={"gossip_interval": 0.25, "gossip_timeout": 1.0, "suspect_after": 1.5, "dead_after": 3.0},
         checkpoint={"every": 50},
     )
+    slow = {"P2PDL_TEST_STEP_SLEEP": "0.01"}
     procs = PeerProcesses(tmp_path)
-    try:
-        for name in names:
-            procs.start(config, name)
 
-        def server_step() -> int:
-            import urllib.request
+    def server_step() -> int:
+        import urllib.request
 
-            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/status", timeout=2) as response:
-                return int(json.loads(response.read())["step"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/status", timeout=2) as response:
+            return int(json.loads(response.read())["step"])
 
-        deadline = time.monotonic() + 180
+    def wait_for_server_step(target: int) -> int:
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if server_step() >= 200:
-                    break
+                step = server_step()
+                if step >= target:
+                    return step
             except OSError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
+        raise AssertionError(f"the server never reached step {target}")
+
+    try:
+        for name in names:
+            procs.start(config, name, env=slow)
+        wait_for_server_step(200)
         procs.procs["p3"].send_signal(signal.SIGKILL)  # a worker dies: the server goes on
-        time.sleep(5)
-        assert server_step() > 200
+        wait_for_server_step(400)
         procs.procs["p0"].send_signal(signal.SIGKILL)  # the server dies: workers train locally
         procs.procs["p0"].wait(timeout=30)
-        time.sleep(3)
-        procs.start(config, "p0", "--resume")  # and it comes back from its checkpoint
-        codes = {n: procs.procs[n].wait(timeout=400) for n in ("p0", "p1", "p2")}
+        time.sleep(2)
+        procs.start(config, "p0", "--resume", env=slow)  # and it comes back from its checkpoint
+        codes = {n: procs.procs[n].wait(timeout=600) for n in ("p0", "p1", "p2")}
     finally:
         procs.close()
     assert codes == {"p0": 0, "p1": 0, "p2": 0}, {n: procs.log(n)[-1500:] for n in names}
+    assert "resumed from" in procs.log("p0"), procs.log("p0")[-1500:]
     for name in ("p1", "p2"):
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert summary["test_accuracy"] >= 0.85, summary
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert any(r.get("missing") == ["p0"] for r in rows), "workers never noticed the server was gone"
-    server = json.loads((tmp_path / "p0" / "summary.json").read_text())
-    assert server["test_accuracy"] >= 0.85, server
+        steps = [r for r in rows if "loss" in r]
+        missing = [bool(r.get("missing")) for r in steps]
+        assert missing.count(True) >= 10, f"{name} never noticed the server was gone"
+        # The outage is the first long run of steps without the server; then it must be back.
+        start = next(i for i in range(len(missing) - 10) if all(missing[i : i + 10]))
+        end = missing.index(False, start)
+        back = missing[end:].count(False)
+        assert back >= 100, f"{name} did not go back to the restarted server ({back} steps with it)"
+    accuracies = {n: json.loads((tmp_path / n / "summary.json").read_text())["test_accuracy"] for n in names[:3]}
+    assert min(accuracies.values()) >= 0.85, accuracies
