@@ -25,6 +25,7 @@ import torch
 
 from p2pdl.config import Config, RunConfig
 from p2pdl.data import BatchStream
+from p2pdl.errors import AllReduceIncompleteError
 from p2pdl.node import Peer, StepResult, resolve_device
 from p2pdl.workload import LoadedWorkload, load_workload
 
@@ -258,7 +259,17 @@ async def run_peer(
                     torch.autograd.backward(loss)
                     return loss
 
-                result = await peer.step(closure)
+                try:
+                    result = await peer.step(closure)
+                except AllReduceIncompleteError as exc:
+                    if stop is None or not stop.is_set():
+                        raise
+                    # Told to stop while a round was in flight and its partners, also stopping,
+                    # left first: the unfinished round is dropped (no parameter was touched), and
+                    # this is the clean stop it was asked for, not a failure.
+                    log.info("%s: stopping; dropped the unfinished round (%s)", name, exc)
+                    stopped_early = True
+                    break
                 done = peer.step_index
                 record: dict[str, Any] = {
                     "step": result.step,

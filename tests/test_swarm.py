@@ -126,3 +126,30 @@ def test_allreduce_peer_alone_fails_loudly(
     log = peer_processes.log("p0")
     assert "exact all-reduce needs every peer" in log
     assert not (tmp_path / "p0" / "model.pt").exists()
+
+
+def test_allreduce_swarm_stopped_together_exits_cleanly(
+    tmp_path: Path, config_writer: Callable[..., Path], peer_processes: PeerProcesses
+) -> None:
+    """SIGTERM to every peer (the end of a time budget): a peer caught in a round whose partners
+    left first drops that round and stops cleanly (exit 0), with finite parameters."""
+    ports = free_ports(3)
+    config = config_writer(
+        names=["p0", "p1", "p2"],
+        ports=ports,
+        run={"steps": 100_000, "batch_size": 32},
+        strategy={"kind": "allreduce", "round_timeout": 5.0},
+        topology={"kind": "full"},
+    )
+    for name in ("p0", "p1", "p2"):
+        peer_processes.start(config, name)
+    wait_for_status(ports[0], lambda s: int(s["step"]) >= 20, timeout=90)  # type: ignore[call-overload]
+    for name in ("p2", "p1", "p0"):  # one after the other: the first to leave catches the others mid-round
+        peer_processes.procs[name].send_signal(signal.SIGTERM)
+    codes = {n: peer_processes.procs[n].wait(timeout=60) for n in ("p0", "p1", "p2")}
+    assert codes == {"p0": 0, "p1": 0, "p2": 0}, {n: peer_processes.log(n)[-1500:] for n in codes}
+    for name in codes:
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["stopped_early"] is True
+        state = torch.load(tmp_path / name / "model.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.values())
