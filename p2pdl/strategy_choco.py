@@ -109,6 +109,9 @@ class ChocoGossipStrategy:
         ahead = ctx.exchange.highest_round(CHOCO, neighbors)
         if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
             round_index = ahead
+            # The compressed differences of the rounds skipped are lost to our public copies of
+            # every neighbour: ask them all for full copies rather than drift silently.
+            self._in_sync.clear()
         self._round = round_index
         parts = await ctx.run_compute(self._compress_difference)
         wanted = [n for n in neighbors if n not in self._in_sync]
