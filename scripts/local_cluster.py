@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes_sent": summary.get("bytes_sent"),
                 "bytes_received": summary.get("bytes_received"),
                 "rounds": summary.get("rounds"),
+                "compression": summary.get("compression"),
             }
         )
     models = [out / n / "model.pt" for n in names]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +63,7 @@ def write_config(
     transport: dict[str, object] | None = None,
     membership: dict[str, object] | None = None,
     checkpoint: dict[str, object] | None = None,
+    compression: dict[str, object] | None = None,
 ) -> Path:
     """Write a TOML config for peers on 127.0.0.1."""
 
@@ -85,10 +88,28 @@ def write_config(
         lines += table("membership", membership)
     if checkpoint:
         lines += table("checkpoint", checkpoint)
+    if compression:
+        lines += table("compression", compression)
     for name, port in zip(names, ports, strict=True):
         lines += ["[[peers]]", f'name = "{name}"', f'address = "127.0.0.1:{port}"', ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def run_cluster(config: Path, out: Path, timeout: float = 600) -> dict[str, Any]:
+    """Run every peer of ``config`` through scripts/local_cluster.py; return its summary.json."""
+    command = [sys.executable, str(REPO / "scripts" / "local_cluster.py"), str(config), "--out", str(out)]
+    result = subprocess.run(
+        [*command, "--no-progress", "--threads", "1", "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 100,
+        env={**os.environ, **PEER_ENV},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return data
 
 
 class PeerProcesses:

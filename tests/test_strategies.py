@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PEER_ENV, REPO, PeerProcesses, free_ports, write_config
+from conftest import REPO, PeerProcesses, free_ports, run_cluster, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -33,21 +30,6 @@ STRATEGIES: dict[str, Any] = {
         1000,
     ),
 }
-
-
-def run_cluster(config: Path, out: Path) -> dict[str, Any]:
-    command = [sys.executable, str(REPO / "scripts" / "local_cluster.py"), str(config), "--out", str(out)]
-    result = subprocess.run(
-        [*command, "--no-progress", "--threads", "1", "--timeout", "600"],
-        capture_output=True,
-        text=True,
-        timeout=700,
-        env={**os.environ, **PEER_ENV},
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    data: dict[str, Any] = json.loads((out / "summary.json").read_text())
-    return data
 
 
 @pytest.mark.parametrize("spec", list(STRATEGIES.values()), ids=list(STRATEGIES))
