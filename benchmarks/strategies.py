@@ -58,7 +58,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,9 +91,15 @@ class Row:
     # Async PS counts the server's own steps, each a small update (lr / (n (1 + staleness))), so it
     # gets more of them; time and samples to X% stay comparable across rows.
     step_scale: int = 1
+    compression: dict[str, Any] = field(default_factory=dict)  # the [compression] table, if any
+    ddp_args: tuple[str, ...] = ()  # DDP rows: extra benchmarks/ddp_reference.py flags (comm hooks)
 
     def steps(self, setting: Setting) -> int:
         return setting.steps * self.step_scale
+
+    @property
+    def is_ddp(self) -> bool:
+        return self.key.startswith("ddp")
 
 
 ROWS = (
@@ -136,10 +142,17 @@ class Setting:
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(
+    argv: list[str] | None = None,
+    *,
+    rows: Sequence[Row] = ROWS,
+    description: str | None = __doc__,
+    results: Path = DEFAULT_RESULTS,
+    out: Path = REPO / "runs" / "strategies",
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", nargs="+", choices=["loopback", "netns"], default=["loopback", "netns"])
-    parser.add_argument("--only", nargs="+", choices=[r.key for r in ROWS], help="run only these rows")
+    parser.add_argument("--only", nargs="+", choices=[r.key for r in rows], help="run only these rows")
     parser.add_argument("--peers", type=int, default=8)
     parser.add_argument("--loopback-steps", type=int, default=1500)
     parser.add_argument("--loopback-eval-every", type=int, default=50)
@@ -149,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--netns-lr", type=float, default=0.1, help="SGD lr for the wide MLP (momentum 0.9)")
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--row-timeout", type=float, default=900.0, help="seconds before a row counts as hung")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "strategies", help="run outputs and logs")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--out", type=Path, default=out, help="run outputs and logs")
+    parser.add_argument("--results", type=Path, default=results)
     parser.add_argument(
         "--reanalyze",
         action="store_true",
@@ -167,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_config(setting: Setting, row: Row, addresses: Sequence[str], path: Path) -> Path:
     names = [f"p{i}" for i in range(len(addresses))]
-    strategy = {**row.strategy, "round_timeout": setting.round_timeout} if row.key != "ddp" else {"kind": "allreduce"}
+    strategy = {**row.strategy, "round_timeout": setting.round_timeout} if not row.is_ddp else {"kind": "allreduce"}
     if strategy.get("kind") == "async-gossip":
         strategy.pop("round_timeout")  # it never waits for a round
     data: dict[str, Any] = {
@@ -185,6 +198,7 @@ def write_config(setting: Setting, row: Row, addresses: Sequence[str], path: Pat
         "strategy": strategy,
         "topology": {"kind": row.topology},
         **setting.extra,
+        **({"compression": row.compression} if row.compression else {}),
         "peers": [{"name": n, "address": a} for n, a in zip(names, addresses, strict=True)],
     }
     write_toml(data, path)
@@ -277,10 +291,16 @@ def run_swarm(
 
 
 def run_ddp(
-    setting: Setting, config: Path, out: Path, count: int, lan: NetnsLan | None, row_timeout: float
+    setting: Setting,
+    config: Path,
+    out: Path,
+    count: int,
+    lan: NetnsLan | None,
+    row_timeout: float,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     command = [
-        sys.executable, str(REPO / "benchmarks" / "ddp_reference.py"), str(config),
+        sys.executable, str(REPO / "benchmarks" / "ddp_reference.py"), str(config), *extra_args,
         "--steps", str(setting.steps), "--out", str(out), "--eval-every", str(setting.eval_every),
         "--timeout", str(row_timeout), "--thresholds", *(str(t) for t in setting.thresholds),
     ]  # fmt: skip
@@ -406,14 +426,14 @@ def summarize(setting: Setting, row: Row, run: dict[str, Any], link_sent: dict[s
     if not curve and not run["budget_hit"]:
         problems.append("no evaluation reached by every peer")
     estimate = None
-    if row.key == "ddp" and link_sent is None and steps_done:
+    if row.is_ddp and not row.ddp_args and link_sent is None and steps_done:
         # gloo counts nothing; a ring all-reduce sends 2 (N-1)/N of the fp32 gradient per step.
         estimate = int(max(steps_done) * 2 * (count - 1) / count * 4 * PARAMETERS.get(setting.workload, 0))
     return {
         "row": row.key,
         "label": row.label,
-        "strategy": row.strategy if row.key != "ddp" else {"kind": "ddp", "backend": "gloo"},
-        "topology": row.topology if row.key != "ddp" else None,
+        "strategy": row.strategy if not row.is_ddp else {"kind": "ddp", "backend": "gloo"},
+        "topology": row.topology if not row.is_ddp else None,
         "status": "failed" if problems else ("time budget" if run["budget_hit"] else "ok"),
         "budget_hit": run["budget_hit"],
         "problems": problems,
@@ -443,8 +463,8 @@ def run_row(setting: Setting, row: Row, args: argparse.Namespace, lan: NetnsLan 
     addresses = addresses_for(setting, args.peers, lan)
     config = write_config(setting, row, addresses, out / "config.toml")
     before = lan.counters() if lan is not None else None
-    if row.key == "ddp":
-        run = run_ddp(setting, config, out / "ddp", args.peers, lan, args.row_timeout)
+    if row.is_ddp:
+        run = run_ddp(setting, config, out / "ddp", args.peers, lan, args.row_timeout, row.ddp_args)
     else:
         names = [f"p{i}" for i in range(args.peers)]
         run = run_swarm(setting, row, config, out, names, lan, args.row_timeout)
@@ -455,12 +475,12 @@ def run_row(setting: Setting, row: Row, args: argparse.Namespace, lan: NetnsLan 
     return summarize(setting, row, run, link_sent)
 
 
-def reanalyze(setting: Setting, previous: dict[str, Any], out: Path) -> dict[str, Any]:
+def reanalyze(setting: Setting, previous: dict[str, Any], out: Path, rows: Sequence[Row] = ROWS) -> dict[str, Any]:
     """Rebuild a row from its run directory and the exit codes, wall time and link bytes saved earlier."""
-    row = next(r for r in ROWS if r.key == previous["row"])
+    row = next(r for r in rows if r.key == previous["row"])
     folder = out / setting.name / row.key
     peers = previous["peers"]
-    if row.key == "ddp":
+    if row.is_ddp:
         files = [str(folder / "ddp" / f"rank{r}" / "metrics.jsonl") for r in range(len(peers))]
     else:
         files = [str(folder / p["name"] / "metrics.jsonl") for p in peers]
@@ -584,9 +604,22 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    rows = [r for r in ROWS if args.only is None or r.key in args.only]
+def main(
+    argv: list[str] | None = None,
+    *,
+    all_rows: Sequence[Row] = ROWS,
+    description: str | None = __doc__,
+    results_path: Path = DEFAULT_RESULTS,
+    script: str = "benchmarks/strategies.py",
+    out: Path = REPO / "runs" / "strategies",
+    extra_table: Callable[[Setting, list[dict[str, Any]]], str] | None = None,
+) -> int:
+    """Run the rows of ``all_rows`` in each chosen setting; write the results and print the tables.
+
+    ``extra_table`` renders a second table per setting from the same rows (kept as "extra_table").
+    """
+    args = parse_args(argv, rows=all_rows, description=description, results=results_path, out=out)
+    rows = [r for r in all_rows if args.only is None or r.key in args.only]
     chosen = settings(args)
     previous = json.loads(args.results.read_text()) if args.results.exists() else {}
     tables: dict[str, Any] = dict(previous.get("tables", {})) if args.only or args.reanalyze else {}
@@ -596,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         if args.reanalyze:
             rows_before = previous["tables"][name]["rows"]
-            results = [reanalyze(setting, r, args.out.resolve()) for r in rows_before]
+            results = [reanalyze(setting, r, args.out.resolve(), all_rows) for r in rows_before]
         for row in rows if not args.reanalyze else ():
             print(f"[{time.monotonic() - started:7.1f} s] {name}: {row.label} ...", flush=True)
             if setting.rate_mbit is None:
@@ -613,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name in tables and not args.reanalyze:  # merge the rerun rows into the earlier table
             merged = {r["row"]: r for r in tables[name]["rows"]}
             merged.update({r["row"]: r for r in results})
-            results = [merged[r.key] for r in ROWS if r.key in merged]
+            results = [merged[r.key] for r in all_rows if r.key in merged]
         tables[name] = {
             "setting": {
                 "workload": str(setting.workload.relative_to(REPO)),
@@ -630,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "rows": results,
             "table": markdown_table(setting, results),
+            **({"extra_table": extra_table(setting, results)} if extra_table is not None else {}),
         }
     cores = os.cpu_count()
     note = (
@@ -637,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         f"times are for {args.peers} processes on {cores} cores, not {args.peers} machines."
     )
     result = {
-        "command": "python benchmarks/strategies.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
         "host": {
             "cpu_count": cores,
             "platform": platform.platform(),
@@ -659,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         network = "loopback" if setting_info["rate_mbit"] is None else f"{setting_info['rate_mbit']:g} Mbit/s tbf links"
         print(f"\n### {args.peers} peers, {setting_info['workload']}, {network}\n")
         print(table["table"])
+        if "extra_table" in table:
+            print("\n" + table["extra_table"])
     print(f"\n{note}\nwrote {args.results}")
     return 0
 
