@@ -1,7 +1,7 @@
 """``async-gossip``: AD-PSGD (Lian et al. 2018), decentralized SGD without a round barrier.
 
-Every H steps a peer sends its parameters to its neighbours and mixes with the *latest* parameters
-it holds from each of them, without waiting for anybody. Sends run in the background, one in
+Every H steps a peer mixes with the *latest* parameters it holds from each neighbour, without
+waiting for anybody, then sends its mixed parameters to them. Sends run in the background, one in
 flight per neighbour at most (a newer frame never queues behind an older one to a slow peer), so
 a straggler slows only itself. A neighbour's parameters are used at most once (mixing the same old
 copy round after round drags a peer back; measured here) and only while they are at most

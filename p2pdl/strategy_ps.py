@@ -10,8 +10,10 @@ own; the server also trains on its own shard. Two modes:
   average, like all-reduce through a hub; with K < N, stragglers' gradients are dropped.
 * ``async``: the server applies each worker gradient as it arrives, with a staleness-aware
   learning rate lr / (n (1 + staleness)) for n gradient sources (Zhang et al. 2016), and answers
-  that worker with the parameters it produced. Consistency: asynchronous SGD; a worker's gradient may be computed on
-  parameters that are ``staleness`` updates old.
+  that worker with the parameters it produced; its own gradient is one more such update
+  (staleness 0). Consistency: asynchronous SGD; a worker's gradient may be computed on
+  parameters that are ``staleness`` updates old. The run's clock is the server's: when it
+  finishes it sends its final parameters (``final`` in the frame's meta) and workers stop on them.
 
 Fault tolerance: a dead worker is just a missing contribution; the server never waits past the
 round timeout. When the server is unreachable, workers keep training locally (their own
