@@ -237,7 +237,15 @@ async def run_peer(
                 metrics.write(
                     {"event": "joined", "step": peer.step_index, "seconds": time.perf_counter() - fetch_started}
                 )
-            log.info("%s training %s from step %d to %d on %s", name, workload.name, peer.step_index, run.steps, device)
+            log.info(
+                "%s training %s with strategy %s from step %d to %d on %s",
+                name,
+                workload.name,
+                peer.strategy.name,
+                peer.step_index,
+                run.steps,
+                device,
+            )
             next_eval = _next_multiple(peer.step_index, run.eval_every)
             next_checkpoint = _next_multiple(peer.step_index, config.checkpoint.every)
             next_snapshot = _next_multiple(peer.step_index, options.snapshot_every)
@@ -292,6 +300,7 @@ async def run_peer(
                     evaluation = await peer.run_compute(lambda: workload.evaluate(model, device))
                     peer.record_eval(evaluation)
                     record.update(evaluation)
+                    record["strategy"] = peer.strategy.status()  # its own figures: staleness, weight, ...
                     next_eval = _next_multiple(done, run.eval_every)
                 metrics.write(record)
                 if next_snapshot is not None and done >= next_snapshot:
