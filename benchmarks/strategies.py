@@ -151,11 +151,19 @@ def parse_args(
     out: Path = REPO / "runs" / "strategies",
 ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tables", nargs="+", choices=["loopback", "netns"], default=["loopback", "netns"])
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=["loopback", "netns", "mlp"],
+        default=["loopback", "netns"],
+        help="loopback: the CNN; netns: the wide MLP on rate-limited links; mlp: the wide MLP on loopback, "
+        "a fixed number of steps (accuracy at equal steps for large tensors)",
+    )
     parser.add_argument("--only", nargs="+", choices=[r.key for r in rows], help="run only these rows")
     parser.add_argument("--peers", type=int, default=8)
     parser.add_argument("--loopback-steps", type=int, default=1500)
     parser.add_argument("--loopback-eval-every", type=int, default=50)
+    parser.add_argument("--mlp-steps", type=int, default=150)
     parser.add_argument("--netns-steps", type=int, default=400)
     parser.add_argument("--netns-eval-every", type=int, default=10)
     parser.add_argument("--netns-seconds", type=float, default=120.0, help="training-clock budget per netns row")
@@ -588,6 +596,18 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             max_seconds=None,
             rate_mbit=None,
             extra={"transport": {"startup_timeout": 120.0}},
+        ),
+        "mlp": Setting(
+            name="mlp",
+            workload=WIDE_MLP,
+            steps=args.mlp_steps,
+            eval_every=25,
+            lr=args.netns_lr,
+            thresholds=(0.40, 0.50, 0.60),
+            max_seconds=None,
+            rate_mbit=None,
+            round_timeout=60.0,
+            extra={"transport": {"startup_timeout": 120.0, "send_timeout": 60.0}},
         ),
         "netns": Setting(
             name="netns",
