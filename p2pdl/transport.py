@@ -397,16 +397,12 @@ class Transport:
         self._closing = True
         if announce:
             bye = Frame(kind=BYE, sender=self.name, round=0, step=0)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.shutdown_timeout):
-                    await self.broadcast(bye, [n for n, lk in self._links.items() if lk.ws is not None])
+            await self._best_effort(self.broadcast(bye, [n for n, lk in self._links.items() if lk.ws is not None]))
         for task in self._tasks:
             task.cancel()
         for link in self._links.values():
             if link.ws is not None and not link.ws.closed:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self._config.shutdown_timeout):
-                        await link.ws.close()
+                await self._best_effort(link.ws.close())
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self._config.shutdown_timeout)
         if self._session is not None:
@@ -414,6 +410,23 @@ class Transport:
         if self._runner is not None:
             await self._runner.cleanup()
         self._codec.shutdown(wait=False, cancel_futures=True)
+
+    async def _best_effort(self, work: Awaitable[object]) -> None:
+        """A shutdown step that may fail, bounded by ``shutdown_timeout``; only our own cancellation escapes.
+
+        aiohttp cancels a pending write drain when the other side drops the connection first
+        (seen when a whole swarm stops at once): the link is gone either way, so that
+        CancelledError, which is not this task being cancelled, must not abort the shutdown.
+        """
+        try:
+            async with asyncio.timeout(self._config.shutdown_timeout):
+                await work
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:  # best effort: the peer is leaving whatever went wrong
+            log.debug("%s: shutdown step failed", self.name, exc_info=True)
 
     async def __aenter__(self) -> Transport:
         await self.start()

@@ -1,0 +1,72 @@
+"""Transport shutdown is best effort against a dropped connection, but never swallows its own cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from p2pdl.config import TransportConfig
+from p2pdl.errors import FrameSchemaError
+from p2pdl.transport import Transport, _Link
+
+
+def refuse(kind: str, sender: str) -> Any:
+    raise FrameSchemaError("no frames in this test")
+
+
+class DroppedSocket:
+    """What aiohttp does when the other side drops first: the pending drain is cancelled."""
+
+    closed = False
+
+    async def send_bytes(self, data: bytes) -> None:
+        raise asyncio.CancelledError
+
+    async def close(self) -> None:
+        raise asyncio.CancelledError
+
+
+class HangingSocket:
+    closed = False
+
+    async def send_bytes(self, data: bytes) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        await asyncio.Event().wait()
+
+
+def transport_with(socket: object, shutdown_timeout: float) -> Transport:
+    transport = Transport(
+        name="a",
+        listen_host="127.0.0.1",
+        listen_port=0,
+        addresses={"b": "127.0.0.1:9"},
+        config=TransportConfig(shutdown_timeout=shutdown_timeout),
+        expected_tensors=refuse,
+        status=dict,
+    )
+    transport._links["b"] = _Link(name="b", address="127.0.0.1:9", dials=False, state="connected", ws=socket)  # type: ignore[arg-type]
+    return transport
+
+
+async def test_close_completes_when_aiohttp_cancels_the_socket_writes() -> None:
+    transport = transport_with(DroppedSocket(), shutdown_timeout=1.0)
+    await transport.close(announce=True)  # the bye and the close both meet a CancelledError: no raise
+
+
+async def test_close_is_bounded_by_the_shutdown_timeout() -> None:
+    transport = transport_with(HangingSocket(), shutdown_timeout=0.2)
+    async with asyncio.timeout(5):
+        await transport.close(announce=True)
+
+
+async def test_cancelling_close_still_cancels() -> None:
+    transport = transport_with(HangingSocket(), shutdown_timeout=30.0)
+    task = asyncio.ensure_future(transport.close(announce=True))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
