@@ -10,13 +10,14 @@ It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per step), ``mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,12 @@ async def run_peer(
                     return loss
 
                 try:
-                    result = await peer.step(closure)
+                    stepped = await _step_unless_stopped(peer.step(closure), stop, config.transport.shutdown_timeout)
+                    if stepped is None:
+                        log.info("%s: stopping; abandoned a round still waiting on stopped partners", name)
+                        stopped_early = True
+                        break
+                    result = stepped
                 except AllReduceIncompleteError as exc:
                     if stop is None or not stop.is_set():
                         raise
@@ -340,6 +346,36 @@ async def run_peer(
     }
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+async def _step_unless_stopped(
+    step: Coroutine[Any, Any, StepResult], stop: asyncio.Event | None, grace: float
+) -> StepResult | None:
+    """Run one step; if a stop is requested meanwhile, give it ``grace`` seconds, then abandon it.
+
+    A step blocked in a round whose partners are stopping too would otherwise wait the full
+    ``round_timeout``. Abandoning it is safe: it is cancelled at an await, and every piece of work
+    on the compute thread (a mix, a write-back) runs whole or not at all, so the model is the one
+    before the step or a valid average; the step counter does not move.
+    """
+    task = asyncio.ensure_future(step)
+    if stop is None:
+        return await task
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
 
 
 def _next_multiple(step: int, every: int) -> int | None:

@@ -132,10 +132,18 @@ class PeerProcesses:
             "--config", str(config), "--name", name, "--out", str(out), *extra,
         ]  # fmt: skip
         proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **PEER_ENV, **(env or {})}, cwd=REPO
+            [*self.prefix(name), *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **PEER_ENV, **(env or {})},
+            cwd=REPO,
         )
         self.procs[name] = proc
         return proc
+
+    def prefix(self, name: str) -> list[str]:
+        """A command prefix for peer ``name`` (e.g. ``ip netns exec NS``); none by default."""
+        return []
 
     def wait_all(self, timeout: float) -> dict[str, int]:
         codes = {}

@@ -11,8 +11,6 @@ sides' models back together.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,8 +21,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import PEER_ENV, REPO, write_config
-from netns_util import NetnsLab, check_in_ns, run_in_ns
+from conftest import PeerProcesses, write_config
+from netns_util import NetnsLab, check_in_ns
 
 PORT = 29500
 NAMES = ["p0", "p1", "p2", "p3"]
@@ -56,45 +54,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class NamespacedPeers:
+class NamespacedPeers(PeerProcesses):
     """``p2pdl peer`` processes, each started inside its own namespace; every one is reaped."""
 
     def __init__(self, lab: NetnsLab, config: Path, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
         self.lab = lab
         self.config = config
-        self.tmp = tmp_path
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[Any] = []
 
-    def start(self, index: int, *extra: str) -> None:
-        name = NAMES[index]
-        out = self.tmp / name
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "peer.log", "ab")  # noqa: SIM115 - closed in close()
-        self._logs.append(log)
-        argv = [
-            sys.executable, "-m", "p2pdl.cli", "peer",
-            "--config", str(self.config), "--name", name, "--out", str(out), *extra,
-        ]  # fmt: skip
-        self.procs[name] = run_in_ns(
-            self.lab.names[index], argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **PEER_ENV}, cwd=REPO
-        )
+    def prefix(self, name: str) -> list[str]:
+        return ["ip", "netns", "exec", self.lab.names[NAMES.index(name)]]
 
-    def log(self, name: str) -> str:
-        return (self.tmp / name / "peer.log").read_text(errors="replace")
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in self._logs:
-            log.close()
+    def start_peer(self, index: int, *extra: str) -> None:
+        self.start(self.config, NAMES[index], *extra)
 
 
 @pytest.fixture
@@ -152,7 +124,7 @@ def test_partition_both_sides_train_then_views_and_models_merge(lab: NetnsLab, t
     peers = NamespacedPeers(lab, config, tmp_path)
     try:
         for index in range(len(NAMES)):
-            peers.start(index, "--snapshot-every", str(SNAPSHOT_EVERY))
+            peers.start_peer(index, "--snapshot-every", str(SNAPSHOT_EVERY))
 
         def steps() -> dict[str, int]:
             return {name: int(get_json(address[name], "/status")["step"]) for name in NAMES}
