@@ -341,6 +341,9 @@ class ParameterServerStrategy:
             return
         workers = [w for w in self._workers() if self._ctx.exchange.is_connected(w)]
         if workers:
+            # A round of its own: with the round of the last reply to a worker, the worker's
+            # transport refused it as a duplicate (seen: that worker then trained on alone).
+            self._version += 1
             final = self._parameters_frame(self._server_step)
             await self._ctx.exchange.broadcast(dataclasses.replace(final, meta={**final.meta, "final": True}), workers)
 
