@@ -358,24 +358,22 @@ async def _step_unless_stopped(
     on the compute thread (a mix, a write-back) runs whole or not at all, so the model is the one
     before the step or a valid average; the step counter does not move.
     """
-    task = asyncio.ensure_future(step)
     if stop is None:
-        return await task
+        return await step
+    task = asyncio.ensure_future(step)
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             await asyncio.wait({task}, timeout=grace)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
+        return task.result() if task.done() else None
     finally:
-        stopper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stopper
+        # Both tasks are owned here: neither outlives this call, also when the caller is cancelled.
+        for owned in (task, stopper):
+            if not owned.done():
+                owned.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await owned
 
 
 def _next_multiple(step: int, every: int) -> int | None:
