@@ -131,6 +131,9 @@ class StrategyConfig(_Validated):
     local_steps: int = 1  # H: local optimizer steps between communication rounds
     round_timeout: float = 10.0  # seconds a round waits for contributions
     max_staleness: int = 20  # async-gossip: drop neighbour parameters older than this many steps
+    # async-gossip: never run more than this many steps (plus local_steps) ahead of the fastest
+    # connected neighbour; beyond it, wait up to round_timeout for a newer copy from any (0: off)
+    max_lead: int = 4
     outer: OuterKind = "none"  # "diloco": Nesterov outer step on the averaged change after each sync
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -149,6 +152,11 @@ class StrategyConfig(_Validated):
         _check(found, self.local_steps >= 1, f"strategy.local_steps must be >= 1, got {self.local_steps}")
         _check(found, self.round_timeout > 0, f"strategy.round_timeout must be > 0 seconds, got {self.round_timeout}")
         _check(found, self.max_staleness >= 0, f"strategy.max_staleness must be >= 0, got {self.max_staleness}")
+        _check(
+            found,
+            self.max_lead >= 0,
+            f"strategy.max_lead must be >= 0, got {self.max_lead}",
+        )
         _check(found, self.outer_lr > 0, f"strategy.outer_lr must be > 0, got {self.outer_lr}")
         _check(
             found, 0 <= self.outer_momentum < 1, f"strategy.outer_momentum must be in [0, 1), got {self.outer_momentum}"

@@ -167,6 +167,7 @@ class Peer:
                 config=config.strategy,
                 ledger=self.ledger,
                 compression=config.compression,
+                last_step=config.run.steps - 1,
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())

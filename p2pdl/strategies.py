@@ -148,6 +148,7 @@ class StrategyContext:
     config: StrategyConfig
     ledger: RoundLedger
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    last_step: int | None = None  # run.steps - 1: the step the swarm's run ends on (None: unknown)
 
 
 class Strategy(Protocol):

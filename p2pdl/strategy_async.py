@@ -1,17 +1,30 @@
 """``async-gossip``: AD-PSGD (Lian et al. 2018), decentralized SGD without a round barrier.
 
 Every H steps a peer mixes with the *latest* parameters it holds from each neighbour, without
-waiting for anybody, then sends its mixed parameters to them. Sends run in the background, one in
-flight per neighbour at most (a newer frame never queues behind an older one to a slow peer), so
-a straggler slows only itself. A neighbour's parameters are used at most once (mixing the same old
-copy round after round drags a peer back; measured here) and only while they are at most
-``max_staleness`` steps behind this peer; older ones are dropped and counted. Peers
-share one step clock: a peer more than ``max_staleness`` steps behind its neighbours moves its
-counter up (it trains fewer steps), so contributions stay fresh and everybody finishes together.
+waiting for any particular one, then sends its mixed parameters to them. Sends run in the
+background, one in flight per neighbour at most (a newer frame never queues behind an older one
+to a slow peer), so a straggler slows only itself. A neighbour's parameters are used at most once
+(mixing the same old copy round after round drags a peer back; measured here) and only while
+they are at most ``max_staleness`` steps behind this peer; older ones are dropped and counted.
 
-Trade-off: no peer ever waits, so the swarm runs at the speed of its fast peers, but mixing is
-not synchronised: the average of the parameters is preserved only approximately (each peer mixes
-with slightly old copies), which is the price AD-PSGD pays for wait-freedom.
+Peers share one step clock: a peer more than ``max_staleness`` steps behind its neighbours moves
+its counter up (it trains fewer steps, and drops its optimizer state, which the swarm has left
+behind), so contributions stay fresh and everybody finishes together. The other way round, a
+peer never runs more than ``max_lead`` steps (plus H) ahead of its *fastest* connected
+neighbour: beyond that it waits (at most ``round_timeout``) for a newer copy from any of them.
+The fastest answers, so a straggler never holds it up, but no peer runs away from the swarm and
+trains alone.
+
+Every frame carries the furthest step its sender knows of (``swarm_step``); a peer stops when
+that horizon reaches the end of the run, and before it leaves it makes sure each neighbour got
+its last frame (a neighbour left without the horizon would train on alone). Horizons are read
+from every frame, stale ones and those of neighbours that have already left included. A peer
+that learns the swarm has finished while it is still behind (a straggler) ends on the average of
+its neighbours' latest copies, which are the swarm's final model, rather than on its own older one.
+
+Trade-off: mixing is not synchronised, so the swarm runs at the speed of its fast peers, but the
+average of the parameters is preserved only approximately (each peer mixes with slightly old
+copies), which is the price AD-PSGD pays for wait-freedom.
 """
 
 from __future__ import annotations
@@ -21,6 +34,8 @@ import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from p2pdl.errors import TransportError
 from p2pdl.mixing import mix_into
@@ -45,6 +60,9 @@ class AsyncGossipStrategy:
         self._ctx = ctx
         self._specs = parameter_specs(ctx.parameters)
         self._sends: dict[str, asyncio.Task[None]] = {}
+        self._sent: dict[str, bytes] = {}  # the frame last handed to each neighbour's send
+        self._last_frame: bytes | None = None
+        self._ever_neighbors: set[str] = set()
         self._latest: dict[str, Frame] = {}
         self._catch_up_to: int | None = None
         self.catch_ups = 0
@@ -55,6 +73,11 @@ class AsyncGossipStrategy:
         self.failed_sends = 0
         self._staleness_sum = 0
         self._swarm_step = 0
+        self.ended_on_swarm_model = 0  # copies averaged when it stopped behind the swarm (0: did not)
+        self._heard: dict[str, int] = {}  # the newest step seen from each neighbour
+        self._silent = False  # a lead wait timed out; no more waits until some neighbour is heard
+        self.waits = 0
+        self.wait_seconds = 0.0
 
     def _neighbors(self) -> tuple[str, ...]:
         return self._ctx.topology().neighbors.get(self._ctx.name, ())
@@ -77,6 +100,94 @@ class AsyncGossipStrategy:
         except TransportError:
             self.failed_sends += 1
 
+    def _take(self, neighbor: str, step: int) -> Frame | None:
+        """The newest unread frame from ``neighbor``; its step and horizon are noted."""
+        frame = self._ctx.exchange.take_latest(ASYNC_PARAMS, neighbor)
+        if frame is not None:
+            self._heard[neighbor] = max(self._heard.get(neighbor, frame.step), frame.step)
+            self._silent = False
+            self._learn_horizon(frame, step)
+        return frame
+
+    async def _keep_within_reach(self, neighbors: tuple[str, ...], step: int) -> None:
+        """Wait while this peer is more than ``max_lead`` (+ H) steps ahead of every connected neighbour.
+
+        Wait-free mixing has a runaway mode, measured here: a peer that finds no fresh copy skips
+        mixing, so its steps get cheaper (2 ms instead of 7), while its neighbours spend theirs
+        decoding the frames it floods them with; it runs further ahead, finds even fewer fresh
+        copies and ends up training alone on its shard. Its momentum buffer, built up against the
+        pull of mixing, then threw its loss from 0.05 to 1.8 within 20 steps (final accuracy 0.775
+        and 0.85 in two runs, while its neighbours had 0.89 to 0.92). The wait ends with a copy
+        from *any* neighbour, so the fastest one answers and a straggler never holds this peer up.
+        A wait that times out (neighbours connected but silent) is not repeated until one is
+        heard again, so a hung neighbour costs one ``round_timeout``, not one per step.
+        """
+        ctx = self._ctx
+        lead = ctx.config.max_lead
+        connected = [n for n in neighbors if ctx.exchange.is_connected(n)]
+        if not lead or not connected or self._silent:
+            return
+        floor = step - lead - ctx.config.local_steps
+
+        def within_reach() -> bool:
+            return max((self._heard.get(n, -1) for n in connected), default=-1) >= floor
+
+        if within_reach():
+            return
+        self.waits += 1
+        started = time.perf_counter()
+        deadline = started + ctx.config.round_timeout
+        try:
+            while not within_reach():
+                remaining = deadline - time.perf_counter()
+                ready = await ctx.exchange.wait_for_senders(ASYNC_PARAMS, connected, 1, max(remaining, 0.0))
+                if not ready:
+                    self._silent = True
+                    return
+                for neighbor in ready:
+                    frame = self._take(neighbor, step)
+                    if frame is not None:
+                        self._latest[neighbor] = frame
+        finally:
+            self.wait_seconds += time.perf_counter() - started
+
+    async def _end_on_the_swarms_model(self, copies: list[Frame], step: int) -> None:
+        """The swarm has finished and this peer is behind it: end on its neighbours' latest copies.
+
+        A peer behind the swarm's end (a straggler) holds parameters a few of the swarm's steps
+        old; keeping its MH share of them cost a 9x-slower straggler up to 9 points against its
+        neighbours' 0.93 (measured: 0.845, 0.897). Its last copies of the neighbours that are
+        at least as far on hold the swarm's final model, so it ends on their plain average, as
+        a parameter-server worker ends on the server's final frame. It is stopping: nobody mixes
+        with the result except through its own last frame.
+        """
+        ahead = [f for f in copies if f.step >= step]
+        if not ahead:
+            return
+        ctx = self._ctx
+
+        @torch.no_grad()
+        def adopt() -> None:
+            for name, p in ctx.parameters:
+                total = torch.zeros_like(p)
+                for frame in ahead:
+                    total.add_(frame.tensors[name].to(device=p.device, dtype=p.dtype))
+                p.copy_(total.div_(len(ahead)))
+
+        await ctx.run_compute(adopt)
+        self.ended_on_swarm_model = len(ahead)
+
+    def _start_send(self, neighbor: str, data: bytes) -> None:
+        self._sent[neighbor] = data
+        self._sends[neighbor] = asyncio.ensure_future(self._send(neighbor, data))
+
+    def _learn_horizon(self, frame: Frame, step: int) -> None:
+        """The furthest step the swarm has reached, as far as ``frame`` knows (stale frames too)."""
+        reported = frame.meta.get("swarm_step")
+        known = reported if isinstance(reported, int) and not isinstance(reported, bool) else frame.step
+        # A bogus horizon could end training early; never trust more than MAX_ROUND_LEAD ahead.
+        self._swarm_step = max(self._swarm_step, min(max(known, frame.step), step + MAX_ROUND_LEAD))
+
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
         if (step + 1) % ctx.config.local_steps != 0:
@@ -84,10 +195,23 @@ class AsyncGossipStrategy:
         started = time.perf_counter()
         neighbors = self._neighbors()
         self._round = step // ctx.config.local_steps
+        self._ever_neighbors.update(neighbors)
+        await self._keep_within_reach(neighbors, step)
         for neighbor in neighbors:
-            newest = ctx.exchange.take_latest(ASYNC_PARAMS, neighbor)
+            newest = self._take(neighbor, step)
             if newest is not None:
                 self._latest[neighbor] = newest
+        departed: list[Frame] = []
+        for gone in self._ever_neighbors.difference(neighbors):
+            # A neighbour that has left may have said in its last frame that the swarm is done; its
+            # leave can be processed before that frame is (seen: a straggler that missed it trained
+            # on alone and ended at 0.46). Its parameters are not mixed (it is no longer a
+            # neighbour), but the horizon it reported counts.
+            self._latest.pop(gone, None)
+            last = ctx.exchange.take_latest(ASYNC_PARAMS, gone)
+            if last is not None:
+                self._learn_horizon(last, step)
+                departed.append(last)
         # The swarm shares one step clock (run.steps is a swarm-wide budget). A peer that has
         # fallen more than max_staleness steps behind its neighbours (a straggler, a late starter)
         # moves its clock up to stay within reach: it trains fewer steps, but its contributions
@@ -97,6 +221,12 @@ class AsyncGossipStrategy:
             self._catch_up_to = min(ahead - ctx.config.max_staleness // 2, step + MAX_ROUND_LEAD)
             step = self._catch_up_to
             self.catch_ups += 1
+            # Its optimizer state (momentum) is an average over its own last steps, which the swarm
+            # left behind long ago: a straggler that kept it carried stale directions into every
+            # step and ended several points below its neighbours (0.875 against 0.93, measured).
+            # A peer that had really taken the steps it skipped would have decayed it by
+            # momentum^skipped, so it starts afresh, as a PS worker does on each pull.
+            await ctx.run_compute(ctx.optimizer.state.clear)
         usable: dict[str, Frame] = {}
         for neighbor in neighbors:
             candidate = self._latest.pop(neighbor, None)
@@ -118,11 +248,8 @@ class AsyncGossipStrategy:
             await ctx.run_compute(lambda: mix_into(local, self_weight, contributions))
             self.used += len(usable)
         missing = [n for n in neighbors if n not in usable]
-        for frame in usable.values():
-            reported = frame.meta.get("swarm_step")
-            known = reported if isinstance(reported, int) and not isinstance(reported, bool) else frame.step
-            # A bogus horizon could end training early; never trust more than MAX_ROUND_LEAD ahead.
-            self._swarm_step = max(self._swarm_step, frame.step, min(known, step + MAX_ROUND_LEAD))
+        if ctx.last_step is not None and step < ctx.last_step <= self._swarm_step:
+            await self._end_on_the_swarms_model([*usable.values(), *departed], step)
         # Send after mixing: neighbours get the mixed copy, and the swarm horizon just learnt travels
         # on at once (a peer that stops at the horizon has told its neighbours in its last frame).
         frame = Frame(
@@ -136,12 +263,13 @@ class AsyncGossipStrategy:
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         data = await ctx.exchange.encode(frame)
+        self._last_frame = data
         for neighbor in neighbors:
             previous = self._sends.get(neighbor)
             if previous is not None and not previous.done():
                 self.skipped_sends += 1  # still sending an older copy to a slow peer: skip, never queue
                 continue
-            self._sends[neighbor] = asyncio.ensure_future(self._send(neighbor, data))
+            self._start_send(neighbor, data)
         if self._catch_up_to is not None:
             # Report the new clock as this round; the node moves its step counter to it.
             self._round = self._catch_up_to // ctx.config.local_steps
@@ -164,10 +292,30 @@ class AsyncGossipStrategy:
             "skipped_sends": self.skipped_sends,
             "failed_sends": self.failed_sends,
             "catch_ups": self.catch_ups,
+            "max_lead": self._ctx.config.max_lead,
+            "lead_waits": self.waits,
+            "ended_on_swarm_model": self.ended_on_swarm_model,
+            "wait_seconds": round(self.wait_seconds, 3),
         }
 
     async def finish(self) -> None:
-        return None
+        """Make sure every neighbour gets this peer's last frame, which carries the swarm's horizon.
+
+        A send still in flight to a slow neighbour made the last frame skip it; that neighbour then
+        never learnt that the swarm was done and trained on alone (the node bounds this wait by
+        ``transport.shutdown_timeout``).
+        """
+        last = self._last_frame
+        if last is None:
+            return
+        in_flight = [task for task in self._sends.values() if not task.done()]
+        if in_flight:
+            await asyncio.wait(in_flight)
+        resend = [n for n in self._neighbors() if self._sent.get(n) is not last]
+        for neighbor in resend:
+            self._start_send(neighbor, last)
+        if resend:
+            await asyncio.wait([self._sends[n] for n in resend])
 
     async def close(self) -> None:
         for task in self._sends.values():

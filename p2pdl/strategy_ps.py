@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 GRADIENT = "ps_grad"
 PARAMETERS = "ps_params"
+FINAL_REPLY_GRACE = 2.0  # seconds replies in flight get to land before the server's final frame
 
 
 class ParameterServerStrategy:
@@ -60,6 +61,7 @@ class ParameterServerStrategy:
         self._local_step = True
         self._consumer: asyncio.Task[None] | None = None
         self._replies: set[asyncio.Task[None]] = set()
+        self._finishing = False  # server: the final frame is going out; no reply may follow it
         self.pushes = 0
         self.pulls = 0
         self.server_unreachable = 0
@@ -90,15 +92,17 @@ class ParameterServerStrategy:
         data = await self._ctx.exchange.encode(frame)
         await self._ctx.exchange.send_encoded(to, data)
 
-    def _parameters_frame(self, step: int) -> Frame:
+    def _parameters_frame(self, step: int, *, copy: bool = False, version: int | None = None) -> Frame:
+        """The server's parameters as a frame; ``copy`` snapshots them (run it on the compute thread)
+        for a frame that is encoded while the server goes on updating them."""
         return Frame(
             kind=PARAMETERS,
             sender=self._ctx.name,
-            round=self._version,
+            round=self._version if version is None else version,
             step=step,
             # The server's own step: workers stop when the server's run is over (async mode).
             meta={"server_step": self._server_step},
-            tensors={name: p.detach() for name, p in self._ctx.parameters},
+            tensors={name: p.detach().clone() if copy else p.detach() for name, p in self._ctx.parameters},
         )
 
     def _gradients_of(self, frame: Frame) -> Mapping[str, torch.Tensor]:
@@ -217,19 +221,21 @@ class ParameterServerStrategy:
     async def _consume_async(self) -> None:
         """Async mode: apply each worker gradient on arrival and answer that worker."""
         ctx = self._ctx
-        while True:
+        while not self._finishing:
             ready = await ctx.exchange.wait_for_senders(GRADIENT, self._workers(), 1, 1.0)
             for worker in sorted(ready):
                 frame = ctx.exchange.take_latest(GRADIENT, worker)
-                if frame is None:
+                if frame is None or self._finishing:
                     continue
                 staleness = max(0, self._version - frame.round)
                 self._note_worker_step(frame)
-                await ctx.run_compute(functools.partial(self._apply_one, frame, staleness))
-                self._version += 1
+                # The reply is a snapshot taken on the compute thread right after this update: the
+                # server's own steps go on while it is being encoded and sent.
+                self._version += 1  # on the event loop, like every other update of the version
+                apply = functools.partial(self._apply_one, frame, staleness, self._version)
+                reply = await ctx.run_compute(apply)
                 self.applied += 1
                 self._staleness_sum += staleness
-                reply = self._parameters_frame(frame.step)
                 task = asyncio.ensure_future(self._reply(worker, reply))
                 self._replies.add(task)
                 task.add_done_callback(self._replies.discard)
@@ -243,13 +249,14 @@ class ParameterServerStrategy:
             await self._send(worker, frame)
 
     @torch.no_grad()
-    def _apply_one(self, frame: Frame, staleness: int) -> None:
-        """One optimizer step with a worker's gradient; the server's own gradients are kept aside."""
+    def _apply_one(self, frame: Frame, staleness: int, version: int) -> Frame:
+        """One optimizer step with a worker's gradient (the server's own gradients are kept aside);
+        returns the reply: a copy of the parameters it produced."""
         try:
             gradients = self._gradients_of(frame)
         except FrameError:
             self.undecodable += 1
-            return
+            return self._parameters_frame(frame.step, copy=True, version=version)
         saved = [p.grad for _, p in self._ctx.parameters]
         try:
             for name, p in self._ctx.parameters:
@@ -258,6 +265,7 @@ class ParameterServerStrategy:
         finally:
             for (_, p), grad in zip(self._ctx.parameters, saved, strict=True):
                 p.grad = grad
+        return self._parameters_frame(frame.step, copy=True, version=version)
 
     def _async_step(self, staleness: int) -> None:
         """One optimizer step on the gradients in ``p.grad`` at lr / (n (1 + staleness)).
@@ -339,12 +347,26 @@ class ParameterServerStrategy:
         asynchronous workers stop with it and every worker ends on the server's final model."""
         if not self.is_server:
             return
+        # No reply may follow the final frame: a worker keeps only the newest frame, and a later
+        # reply (higher version, no "final") would hide it; that worker then trained on alone after
+        # the server left (seen: 0.64). Stop the consumer; let replies in flight land (they are
+        # older than the final frame), dropping any still stuck after FINAL_REPLY_GRACE.
+        self._finishing = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+        if self._replies:
+            _, stuck = await asyncio.wait(set(self._replies), timeout=FINAL_REPLY_GRACE)
+            for task in stuck:
+                task.cancel()
         workers = [w for w in self._workers() if self._ctx.exchange.is_connected(w)]
         if workers:
             # A round of its own: with the round of the last reply to a worker, the worker's
             # transport refused it as a duplicate (seen: that worker then trained on alone).
+            # The snapshot is taken on the compute thread, after any update still running there.
             self._version += 1
-            final = self._parameters_frame(self._server_step)
+            final = await self._ctx.run_compute(functools.partial(self._parameters_frame, self._server_step, copy=True))
             await self._ctx.exchange.broadcast(dataclasses.replace(final, meta={**final.meta, "final": True}), workers)
 
     async def close(self) -> None:

@@ -16,24 +16,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 RECIPE = {"batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
 STRATEGIES: dict[str, Any] = {
     # name: (strategy table, topology table, steps)
-    "async-gossip": pytest.param(
-        ({"kind": "async-gossip", "max_staleness": 20}, {"kind": "ring"}, 1500),
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="known bug (issue 4): passes in most runs (0.93-0.94 per peer), but in some one peer ends far "
-            "below (CI ring: 0.853; fully connected: 0.473 after its neighbours stopped); see issue notes",
-        ),
-    ),
+    "async-gossip": ({"kind": "async-gossip", "max_staleness": 20}, {"kind": "ring"}, 1500),
     "ps-sync": ({"kind": "ps", "server": "p0", "ps_mode": "sync"}, {"kind": "full"}, 1000),
     # The server counts steps of its own; at lr / (n (1 + staleness)) per update, 2500 of them reach ~93%.
-    "ps-async": pytest.param(
-        ({"kind": "ps", "server": "p0", "ps_mode": "async"}, {"kind": "full"}, 2500),
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="known bug (issue 4): the server and most workers end at ~0.92-0.94, but sometimes one worker "
-            "misses the server's final frame and trains on alone (0.64-0.66 seen); cause not found yet",
-        ),
-    ),
+    "ps-async": ({"kind": "ps", "server": "p0", "ps_mode": "async"}, {"kind": "full"}, 2500),
     "push-sum": ({"kind": "push-sum"}, {"kind": "ring"}, 1000),
     "local-sgd": ({"kind": "allreduce", "local_steps": 8}, {"kind": "full"}, 1000),
     # The paper's outer lr 0.7 / momentum 0.9 diverges on top of inner momentum 0.9 (measured: 9.9%);
@@ -80,11 +66,6 @@ def step_rate(out: Path, names: list[str]) -> float:
     return sum(rates) / len(rates)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4), the async-gossip end-of-run instability: the rate assertions held in every run, "
-    "but once the straggler itself ended at 0.463 (the fast peers 0.94); see issue notes",
-)
 def test_async_gossip_is_not_slowed_by_a_straggler(tmp_path: Path) -> None:
     names = [f"p{i}" for i in range(4)]
     fast = ["p0", "p1", "p3"]
