@@ -116,9 +116,10 @@ class AsyncGossipStrategy:
         mixing, so its steps get cheaper (2 ms instead of 7), while its neighbours spend theirs
         decoding the frames it floods them with; it runs further ahead, finds even fewer fresh
         copies and ends up training alone on its shard. Its momentum buffer, built up against the
-        pull of mixing, then threw its loss from 0.05 to 1.8 within 20 steps (final accuracy 0.775
-        and 0.85 in two runs, while its neighbours had 0.89 to 0.92). The wait ends with a copy
-        from *any* neighbour, so the fastest one answers and a straggler never holds this peer up.
+        pull of mixing, then threw its loss from 0.05 to 1.8 within 20 steps (final accuracy 0.85,
+        and 0.775 in a trial at lr 0.05, while its neighbours had 0.89 to 0.92). The wait ends
+        with a copy from *any* neighbour, so the fastest one answers and a straggler never holds
+        this peer up.
         A wait that times out (neighbours connected but silent) is not repeated until one is
         heard again, so a hung neighbour costs one ``round_timeout``, not one per step.
         """
