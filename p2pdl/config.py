@@ -177,8 +177,9 @@ class StrategyConfig(_Validated):
         )
         _check(
             found,
-            self.kind != "ps" or self.local_steps == 1,
-            "strategy.local_steps must be 1 for kind = 'ps' (workers push every gradient)",
+            self.kind != "ps" or self.local_steps == 1 or self.ps_mode == "sync",
+            "strategy.local_steps > 1 with kind = 'ps' needs ps_mode = 'sync' (the server averages "
+            "parameters every H steps; asynchronous workers push every gradient)",
         )
         _check(
             found,
@@ -536,10 +537,10 @@ class Config(_Validated):
             found.append("strategy.kind = 'ps' needs the server among [[peers]]")
         if self.compression.kind != "none":
             kind, local = self.strategy.kind, self.strategy.local_steps
-            if kind not in ("gossip", "allreduce", "ps") or (kind == "allreduce" and local != 1):
+            if kind not in ("gossip", "allreduce", "ps") or (kind in ("allreduce", "ps") and local != 1):
                 found.append(
-                    "compression applies to gossip (CHOCO), allreduce with local_steps = 1 and ps; "
-                    f"not to kind = {kind!r} with local_steps = {local}"
+                    "compression applies to gossip (CHOCO), allreduce with local_steps = 1 and ps with "
+                    f"local_steps = 1; not to kind = {kind!r} with local_steps = {local}"
                 )
             if kind == "gossip" and self.strategy.robust != "none":
                 found.append("compression with gossip (CHOCO) cannot be combined with strategy.robust")

@@ -15,6 +15,13 @@ own; the server also trains on its own shard. Two modes:
   parameters that are ``staleness`` updates old. The run's clock is the server's: when it
   finishes it sends its final parameters (``final`` in the frame's meta) and workers stop on them.
 
+With ``local_steps`` = H > 1 (sync mode only), the PS runs local SGD through the server: every
+peer, the server included, takes its own optimizer steps, and every H steps the workers send
+their parameters (``ps_avg``); the server averages them with its own (``ps_quorum`` of them, or
+what arrived within ``round_timeout``) and sends the average back, which every worker loads
+(keeping its optimizer state, as all-reduce local SGD does). Consistency: as local SGD; after
+each sync every worker that took part holds the server's average.
+
 Fault tolerance: a dead worker is just a missing contribution; the server never waits past the
 round timeout. When the server is unreachable, workers keep training locally (their own
 optimizer step) and resume pushing when it is back; a restarted server resumes from its own
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 GRADIENT = "ps_grad"
 PARAMETERS = "ps_params"
+AVERAGE = "ps_avg"  # local SGD through the server: a worker's parameters every H steps
 FINAL_REPLY_GRACE = 2.0  # seconds replies in flight get to land before the server's final frame
 
 
@@ -55,6 +63,9 @@ class ParameterServerStrategy:
         self._specs = parameter_specs(ctx.parameters)
         # Workers may compress their gradients (with error feedback); parameters go back in fp32.
         self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
+        # local_steps = H > 1 (sync mode): local SGD through the server; every H steps the server
+        # averages its parameters with the workers' and sends the average back.
+        self._periodic = ctx.config.local_steps > 1
         self._version = 0  # server: updates applied; worker: the server version its parameters are
         self._server_step = 0  # server: its own step; worker: the latest the server reported
         self._worker_step = 0  # server: the furthest step a worker has reported
@@ -82,8 +93,10 @@ class ParameterServerStrategy:
         return (self.server,) if self.server in self._ctx.topology().names else ()
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
-        if self.is_server and kind == GRADIENT:
+        if self.is_server and kind == GRADIENT and not self._periodic:
             return self._codec.wire_specs() if self._codec is not None else self._specs
+        if self.is_server and kind == AVERAGE and self._periodic:
+            return self._specs
         if not self.is_server and kind == PARAMETERS and sender == self.server:
             return self._specs
         raise FrameSchemaError(f"ps {'server' if self.is_server else 'worker'} does not take {kind!r} from {sender!r}")
@@ -117,7 +130,7 @@ class ParameterServerStrategy:
         }
 
     def wants_local_step(self) -> bool:
-        return self._local_step
+        return self._periodic or self._local_step
 
     # ------------------------------------------------------------------ worker
 
@@ -154,7 +167,72 @@ class ParameterServerStrategy:
         await self._load(reply, step, final=reply.meta.get("final") is True)
         return ctx.ledger.record(step, [], started)
 
-    async def _load(self, reply: Frame, step: int, *, final: bool = False) -> None:
+    async def _worker_average(self, step: int) -> RoundOutcome:
+        """Local SGD through the server: send this worker's parameters, load the server's average."""
+        ctx = self._ctx
+        started = time.perf_counter()
+        round_index = step // ctx.config.local_steps
+        ctx.exchange.take_latest(PARAMETERS, self.server)  # an average for an earlier round: too late
+        if not ctx.exchange.is_connected(self.server):
+            self.server_unreachable += 1
+            return ctx.ledger.record(round_index, [self.server], started)
+        push = Frame(
+            kind=AVERAGE,
+            sender=ctx.name,
+            round=self._version,
+            step=step,
+            tensors={name: p.detach() for name, p in ctx.parameters},
+        )
+        try:
+            await self._send(self.server, push)
+        except TransportError:
+            self.server_unreachable += 1
+            return ctx.ledger.record(round_index, [self.server], started)
+        self.pushes += 1
+        await ctx.exchange.wait_for_senders(PARAMETERS, (self.server,), 1, ctx.config.round_timeout)
+        reply = ctx.exchange.take_latest(PARAMETERS, self.server)
+        if reply is None:
+            self.server_unreachable += 1  # it goes on with its local model and tries again in H steps
+            return ctx.ledger.record(round_index, [self.server], started)
+        # Local SGD keeps each worker's optimizer state across syncs, as allreduce with H > 1 does.
+        await self._load(reply, step, final=reply.meta.get("final") is True, keep_state=True)
+        return ctx.ledger.record(round_index, [], started)
+
+    async def _server_average(self, step: int) -> RoundOutcome:
+        """Wait for K of N workers' parameters (or the timeout), average them with the server's own
+        and send the average to every connected worker."""
+        ctx = self._ctx
+        started = time.perf_counter()
+        workers = [w for w in self._workers() if ctx.exchange.is_connected(w)]
+        quorum = min(ctx.config.ps_quorum or len(workers), len(workers))
+        ready = await ctx.exchange.wait_for_senders(AVERAGE, workers, quorum, ctx.config.round_timeout)
+        used: list[Frame] = []
+        for worker in sorted(ready):
+            frame = ctx.exchange.take_latest(AVERAGE, worker)
+            if frame is None:
+                continue
+            if self._version - frame.round > 0:
+                self.dropped_stale += 1  # it missed an average: its model grew from an older one
+                continue
+            used.append(frame)
+            self._note_worker_step(frame)
+
+        @torch.no_grad()
+        def average() -> None:
+            for name, p in ctx.parameters:
+                for frame in used:
+                    p.add_(frame.tensors[name].to(device=p.device, dtype=p.dtype))
+                p.div_(1 + len(used))
+
+        await ctx.run_compute(average)
+        self.applied += len(used)
+        self._version += 1
+        if workers:
+            await ctx.exchange.broadcast(self._parameters_frame(step), workers)
+        missing = [w for w in self._workers() if w not in {f.sender for f in used}]
+        return ctx.ledger.record(step // ctx.config.local_steps, missing, started)
+
+    async def _load(self, reply: Frame, step: int, *, final: bool = False, keep_state: bool = False) -> None:
         """Replace this worker's parameters with the server's; the node then skips its local step.
 
         The server's step is believed at most MAX_ROUND_LEAD ahead, except in its final frame.
@@ -168,7 +246,8 @@ class ParameterServerStrategy:
             # The worker's own optimizer state (momentum) belongs to the parameters it just dropped;
             # a local step during a later outage starts afresh from the server's (measured: a
             # stale momentum buffer took a worker from 0.93 to 0.78 in a handful of local steps).
-            ctx.optimizer.state.clear()
+            if not keep_state:
+                ctx.optimizer.state.clear()
 
         await ctx.run_compute(load)
         self._version = reply.round
@@ -294,6 +373,10 @@ class ParameterServerStrategy:
         return 1.0 / (1 + len(self._workers()))
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
+        if self._periodic:
+            if self.is_server:
+                self._server_step = step
+            return None  # every step is local; parameters are averaged after the H-th
         if not self.is_server:
             return await self._worker_round(step)
         self._server_step = step
@@ -309,6 +392,10 @@ class ParameterServerStrategy:
         return await self._server_sync_round(step)
 
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        if self._periodic:
+            if (step + 1) % self._ctx.config.local_steps != 0:
+                return None
+            return await (self._server_average(step) if self.is_server else self._worker_average(step))
         if not self.is_server:
             return None
         self._version += 1
@@ -325,6 +412,7 @@ class ParameterServerStrategy:
             "role": "server" if self.is_server else "worker",
             "server": self.server,
             "mode": self._ctx.config.ps_mode,
+            "local_steps": self._ctx.config.local_steps,
             "version": self._version,
             "pushes": self.pushes,
             "pulls": self.pulls,

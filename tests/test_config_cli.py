@@ -94,6 +94,8 @@ def test_duplicate_names_ports_and_missing_workload() -> None:
         ("run", {"steps": True}, "run.steps: expected int"),
         ("run", {"optimizer": "lbfgs"}, "run.optimizer"),
         ("strategy", {"round_timeout": 0}, "strategy.round_timeout must be > 0"),
+        ("strategy", {"max_lead": -1}, "strategy.max_lead must be >= 0"),
+        ("strategy", {"kind": "ps", "ps_mode": "async", "local_steps": 4}, "needs ps_mode = 'sync'"),
         ("transport", {"reconnect_initial": 9.0, "reconnect_max": 1.0}, "transport.reconnect_initial"),
         ("transport", {"max_frame_mib": 0}, "transport.max_frame_mib"),
         ("topology", {"kind": "torus", "rows": 5}, "topology"),
@@ -188,3 +190,13 @@ def test_console_script_entry_point_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "0.6000" in result.stdout  # λ2 of the 4x4 torus
+
+
+def test_compression_is_refused_for_ps_local_sgd() -> None:
+    data: dict[str, object] = {
+        "run": {"workload": WORKLOAD},
+        "peers": peers(4),
+        "strategy": {"kind": "ps", "local_steps": 4},
+        "compression": {"kind": "int8"},
+    }
+    assert any("ps with local_steps = 1" in p for p in problems_of(data)), problems_of(data)
