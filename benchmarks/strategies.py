@@ -8,7 +8,8 @@
 
 Rows: gossip (ring), allreduce (exact, H=1), local SGD (allreduce, H=8), DiLoCo (allreduce H=8,
 outer lr 0.5 / momentum 0.5: the paper's 0.7 / 0.9 diverges on top of an inner SGD momentum of
-0.9), async-gossip (ring), ps sync (server p0, which also trains), ps async, push-sum, and
+0.9), async-gossip (ring), ps sync (server p0, which also trains), ps async, ps local SGD
+(parameters averaged on the server every 8 steps), push-sum, and
 ``benchmarks/ddp_reference.py`` (DDP, gloo) as the reference, measured in the same invocation.
 
 * **loopback**: the ConvBase CNN (5,210 parameters), SGD lr 0.1, momentum 0.9, batch 32 per
@@ -118,6 +119,11 @@ ROWS = (
         label="ps async (server p0)",
         strategy={"kind": "ps", "server": "p0", "ps_mode": "async"},
         step_scale=2,
+    ),
+    Row(
+        key="ps-local",
+        label="ps local SGD (server p0, H=8)",
+        strategy={"kind": "ps", "server": "p0", "ps_mode": "sync", "local_steps": 8},
     ),
     Row(key="push-sum", label="push-sum (exponential)", strategy={"kind": "push-sum"}, topology="ring"),
     Row(key="ddp", label="DDP / gloo (reference)"),
