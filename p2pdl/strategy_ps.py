@@ -203,19 +203,8 @@ class ParameterServerStrategy:
         and send the average to every connected worker."""
         ctx = self._ctx
         started = time.perf_counter()
-        workers = [w for w in self._workers() if ctx.exchange.is_connected(w)]
-        quorum = min(ctx.config.ps_quorum or len(workers), len(workers))
-        ready = await ctx.exchange.wait_for_senders(AVERAGE, workers, quorum, ctx.config.round_timeout)
-        used: list[Frame] = []
-        for worker in sorted(ready):
-            frame = ctx.exchange.take_latest(AVERAGE, worker)
-            if frame is None:
-                continue
-            if self._version - frame.round > 0:
-                self.dropped_stale += 1  # it missed an average: its model grew from an older one
-                continue
-            used.append(frame)
-            self._note_worker_step(frame)
+        # A frame older than the server's version missed an average: its model grew from an older one.
+        workers, used = await self._gather_quorum(AVERAGE)
 
         @torch.no_grad()
         def average() -> None:
@@ -259,22 +248,31 @@ class ParameterServerStrategy:
 
     # ------------------------------------------------------------------ server
 
-    async def _server_sync_round(self, step: int) -> RoundOutcome:
+    async def _gather_quorum(self, kind: str) -> tuple[list[str], list[Frame]]:
+        """Wait for ``ps_quorum`` frames of ``kind`` (all connected workers when 0) or the round
+        timeout; return the connected workers and the frames that are not older than this
+        server's version (older ones are counted in ``dropped_stale``)."""
         ctx = self._ctx
-        started = time.perf_counter()
         workers = [w for w in self._workers() if ctx.exchange.is_connected(w)]
         quorum = min(ctx.config.ps_quorum or len(workers), len(workers))
-        ready = await ctx.exchange.wait_for_senders(GRADIENT, workers, quorum, ctx.config.round_timeout)
+        ready = await ctx.exchange.wait_for_senders(kind, workers, quorum, ctx.config.round_timeout)
         used: list[Frame] = []
         for worker in sorted(ready):
-            frame = ctx.exchange.take_latest(GRADIENT, worker)
+            frame = ctx.exchange.take_latest(kind, worker)
             if frame is None:
                 continue
             if self._version - frame.round > 0:
-                self.dropped_stale += 1  # computed on parameters this server has replaced
+                self.dropped_stale += 1
                 continue
             used.append(frame)
             self._note_worker_step(frame)
+        return workers, used
+
+    async def _server_sync_round(self, step: int) -> RoundOutcome:
+        ctx = self._ctx
+        started = time.perf_counter()
+        # A gradient older than the server's version was computed on parameters it has replaced.
+        _, used = await self._gather_quorum(GRADIENT)
 
         @torch.no_grad()
         def average_into_grads() -> None:
