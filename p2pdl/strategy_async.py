@@ -12,7 +12,8 @@ its counter up (it trains fewer steps, and drops its optimizer state, which the 
 behind), so contributions stay fresh and everybody finishes together. The other way round, a
 peer never runs more than ``max_lead`` steps (plus H) ahead of its *fastest* connected
 neighbour: beyond that it waits (at most ``round_timeout``) for a newer copy from any of them.
-The fastest answers, so a straggler never holds it up, but no peer runs away from the swarm and
+The fastest answers, so a straggler holds it up only when no fast neighbour is left (a peer
+whose every neighbour is slow runs at their pace), and no peer runs away from the swarm and
 trains alone.
 
 Every frame carries the furthest step its sender knows of (``swarm_step``); a peer stops when
@@ -118,8 +119,8 @@ class AsyncGossipStrategy:
         copies and ends up training alone on its shard. Its momentum buffer, built up against the
         pull of mixing, then threw its loss from 0.05 to 1.8 within 20 steps (final accuracy 0.85,
         and 0.775 in a trial at lr 0.05, while its neighbours had 0.89 to 0.92). The wait ends
-        with a copy from *any* neighbour, so the fastest one answers and a straggler never holds
-        this peer up.
+        with a copy from *any* neighbour, so the fastest one answers; a straggler paces this peer
+        only when every connected neighbour is slow.
         A wait that times out (neighbours connected but silent) is not repeated until one is
         heard again, so a hung neighbour costs one ``round_timeout``, not one per step.
         """
@@ -151,6 +152,16 @@ class AsyncGossipStrategy:
                         self._latest[neighbor] = frame
         finally:
             self.wait_seconds += time.perf_counter() - started
+
+    def _horizon_to_send(self, step: int) -> int:
+        """The furthest step this peer knows of. In its last sync before the run's end (the steps
+        after it, fewer than H, are local and send nothing) that is the end itself: with run.steps
+        not a multiple of H, no frame would otherwise ever say the run is over."""
+        horizon = max(self._swarm_step, step)
+        last = self._ctx.last_step
+        if last is not None and step + self._ctx.config.local_steps > last:
+            horizon = max(horizon, last)
+        return horizon
 
     async def _end_on_the_swarms_model(self, copies: list[Frame], step: int) -> None:
         """The swarm has finished and this peer is behind it: end on its neighbours' latest copies.
@@ -260,7 +271,7 @@ class AsyncGossipStrategy:
             step=step,
             # The furthest step this peer knows of travels on, so the end of training reaches every
             # peer, not only the neighbours of the first to finish.
-            meta={"degree": len(neighbors), "swarm_step": max(self._swarm_step, step)},
+            meta={"degree": len(neighbors), "swarm_step": self._horizon_to_send(step)},
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         data = await ctx.exchange.encode(frame)
@@ -309,14 +320,17 @@ class AsyncGossipStrategy:
         last = self._last_frame
         if last is None:
             return
-        in_flight = [task for task in self._sends.values() if not task.done()]
-        if in_flight:
-            await asyncio.wait(in_flight)
-        resend = [n for n in self._neighbors() if self._sent.get(n) is not last]
-        for neighbor in resend:
-            self._start_send(neighbor, last)
-        if resend:
-            await asyncio.wait([self._sends[n] for n in resend])
+
+        async def deliver(neighbor: str) -> None:
+            # Per neighbour: one hung link must not hold back the last frame to the others.
+            previous = self._sends.get(neighbor)
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            if self._sent.get(neighbor) is not last:
+                self._start_send(neighbor, last)
+                await asyncio.wait([self._sends[neighbor]])
+
+        await asyncio.gather(*(deliver(n) for n in self._neighbors()))
 
     async def close(self) -> None:
         for task in self._sends.values():

@@ -115,7 +115,8 @@ class ParameterServerStrategy:
             step=step,
             # The server's own step: workers stop when the server's run is over (async mode).
             meta={"server_step": self._server_step},
-            tensors={name: p.detach().clone() if copy else p.detach() for name, p in self._ctx.parameters},
+            # A copy lives in host memory: replies queued to slow workers hold no device memory.
+            tensors={name: p.detach().to("cpu", copy=True) if copy else p.detach() for name, p in self._ctx.parameters},
         )
 
     def _gradients_of(self, frame: Frame) -> Mapping[str, torch.Tensor]:
@@ -172,7 +173,16 @@ class ParameterServerStrategy:
         ctx = self._ctx
         started = time.perf_counter()
         round_index = step // ctx.config.local_steps
-        ctx.exchange.take_latest(PARAMETERS, self.server)  # an average for an earlier round: too late
+        late = ctx.exchange.take_latest(PARAMETERS, self.server)
+        if late is not None and (late.meta.get("final") is True or late.round > self._version):
+            # The server's final model, or an average that came after this worker stopped waiting
+            # for it. The final one ends the run; a late average is loaded, and the worker then
+            # pushes it tagged with the current version, so the server (waiting for this worker's
+            # frame of the round) does not drop it as stale and sit out round_timeout.
+            final = late.meta.get("final") is True
+            await self._load(late, step, final=final, keep_state=True)
+            if final:
+                return ctx.ledger.record(round_index, [], started)
         if not ctx.exchange.is_connected(self.server):
             self.server_unreachable += 1
             return ctx.ledger.record(round_index, [self.server], started)
@@ -440,8 +450,9 @@ class ParameterServerStrategy:
         self._finishing = True
         if self._consumer is not None:
             self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
+            # wait(), not await: neither swallows a cancel of finish() itself nor re-raises a
+            # failure of the consumer here (close() reports nothing either way).
+            await asyncio.wait([self._consumer])
         if self._replies:
             _, stuck = await asyncio.wait(set(self._replies), timeout=FINAL_REPLY_GRACE)
             for task in stuck:

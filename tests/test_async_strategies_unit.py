@@ -318,3 +318,85 @@ def _quiet_readonly_warning() -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         yield
+
+
+async def test_the_last_sync_before_the_end_announces_the_end() -> None:
+    # run.steps = 10 with H = 4: the last sync is at step 7; steps 8-9 are local and send nothing.
+    exchange = FakeExchange()
+    graph = [build_graph("full", ["a", "b"])]
+    config = StrategyConfig(kind="async-gossip", local_steps=4, max_lead=0)
+    ctx, _ = make_context("a", graph, exchange, config, last_step=9)
+    strategy = AsyncGossipStrategy(ctx)
+    await strategy.after_optimizer_step(3)
+    await asyncio.sleep(0.01)
+    await strategy.after_optimizer_step(7)
+    await asyncio.sleep(0.01)
+    assert [f.meta["swarm_step"] for f in exchange.sent_to("b")] == [3, 9]
+    assert strategy.swarm_step() == 0  # its own run goes on to step 9
+    await strategy.close()
+
+
+async def test_one_hung_neighbour_does_not_hold_back_the_last_frame_to_the_others() -> None:
+    exchange = FakeExchange()
+    graph = [build_graph("full", ["a", "b", "c"])]
+    ctx, _ = make_context("a", graph, exchange, StrategyConfig(kind="async-gossip", max_lead=0))
+    strategy = AsyncGossipStrategy(ctx)
+    exchange.send_gate["b"] = asyncio.Event()  # b never takes a frame
+    exchange.send_gate["c"] = asyncio.Event()  # c is slow, then recovers
+    await strategy.after_optimizer_step(98)
+    await strategy.after_optimizer_step(99)  # skipped for both: their sends of step 98 are in flight
+    finishing = asyncio.ensure_future(strategy.finish())
+    await asyncio.sleep(0.01)
+    exchange.send_gate["c"].set()
+    await asyncio.sleep(0.05)
+    assert [f.step for f in exchange.sent_to("c")] == [98, 99]
+    assert not finishing.done()  # still waiting on b, which the node bounds by shutdown_timeout
+    finishing.cancel()
+    await strategy.close()
+
+
+def ps_parameters(round_index: int, model: torch.nn.Module, **meta: Any) -> Frame:
+    return Frame(
+        kind=PARAMETERS,
+        sender="s",
+        round=round_index,
+        step=0,
+        meta={"server_step": 0, **meta},
+        tensors={n: p.detach().clone() for n, p in model.named_parameters()},
+    )
+
+
+async def test_ps_local_sgd_worker_loads_a_late_average_then_pushes_it_as_current() -> None:
+    exchange = FakeExchange()
+    graph = [build_graph("full", ["s", "w1"])]
+    exchange.connected = {"s"}
+    config = StrategyConfig(kind="ps", server="s", ps_mode="sync", local_steps=2, round_timeout=5.0)
+    ctx, model = make_context("w1", graph, exchange, config)
+    worker = ParameterServerStrategy(ctx)
+    late = torch.nn.Linear(4, 2)
+    exchange.deliver(ps_parameters(3, late))  # the average of round 3 came after w1 stopped waiting
+    reply = torch.nn.Linear(4, 2)
+    asyncio.get_running_loop().call_later(0.05, exchange.deliver, ps_parameters(4, reply))
+    assert await worker.reduce_gradients(1) is None and worker.wants_local_step()
+    outcome = await worker.after_optimizer_step(1)
+    assert outcome is not None and outcome.complete
+    pushed = exchange.sent_to("s")
+    assert [(f.kind, f.round) for f in pushed] == [("ps_avg", 3)]  # tagged current: not dropped as stale
+    torch.testing.assert_close(pushed[0].tensors["weight"], late.weight.detach())
+    torch.testing.assert_close(model.weight.detach(), reply.weight.detach())  # then the round-4 average
+    await worker.close()
+
+
+async def test_ps_local_sgd_worker_ends_on_the_servers_final_frame() -> None:
+    exchange = FakeExchange()
+    graph = [build_graph("full", ["s", "w1"])]
+    config = StrategyConfig(kind="ps", server="s", ps_mode="sync", local_steps=2)
+    ctx, model = make_context("w1", graph, exchange, config)
+    worker = ParameterServerStrategy(ctx)
+    final = torch.nn.Linear(4, 2)
+    exchange.deliver(ps_parameters(7, final, final=True, server_step=99))
+    await worker.after_optimizer_step(1)
+    assert exchange.sent_to("s") == []  # the server has gone: nothing pushed
+    torch.testing.assert_close(model.weight.detach(), final.weight.detach())
+    assert worker.swarm_step() == 99
+    await worker.close()
