@@ -154,19 +154,25 @@ class ParameterServerStrategy:
             gradients = await ctx.run_compute(lambda: codec.encode(gradients))
             self.raw_bytes += codec.raw_bytes
         push = Frame(kind=GRADIENT, sender=ctx.name, round=self._version, step=step, tensors=gradients)
+        return await self._push_and_pull(push, step, started, keep_state=False)
+
+    async def _push_and_pull(self, push: Frame, round_index: int, started: float, *, keep_state: bool) -> RoundOutcome:
+        """Send ``push`` to the server and load its reply (within ``round_timeout``); without one
+        the worker goes on with its own model and the round records the server as missing."""
+        ctx = self._ctx
         try:
             await self._send(self.server, push)
         except TransportError:
             self.server_unreachable += 1
-            return ctx.ledger.record(step, [self.server], started)
+            return ctx.ledger.record(round_index, [self.server], started)
         self.pushes += 1
         await ctx.exchange.wait_for_senders(PARAMETERS, (self.server,), 1, ctx.config.round_timeout)
         reply = ctx.exchange.take_latest(PARAMETERS, self.server)
         if reply is None:
             self.server_unreachable += 1
-            return ctx.ledger.record(step, [self.server], started)
-        await self._load(reply, step, final=reply.meta.get("final") is True)
-        return ctx.ledger.record(step, [], started)
+            return ctx.ledger.record(round_index, [self.server], started)
+        await self._load(reply, push.step, final=reply.meta.get("final") is True, keep_state=keep_state)
+        return ctx.ledger.record(round_index, [], started)
 
     async def _worker_average(self, step: int) -> RoundOutcome:
         """Local SGD through the server: send this worker's parameters, load the server's average."""
@@ -193,20 +199,8 @@ class ParameterServerStrategy:
             step=step,
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
-        try:
-            await self._send(self.server, push)
-        except TransportError:
-            self.server_unreachable += 1
-            return ctx.ledger.record(round_index, [self.server], started)
-        self.pushes += 1
-        await ctx.exchange.wait_for_senders(PARAMETERS, (self.server,), 1, ctx.config.round_timeout)
-        reply = ctx.exchange.take_latest(PARAMETERS, self.server)
-        if reply is None:
-            self.server_unreachable += 1  # it goes on with its local model and tries again in H steps
-            return ctx.ledger.record(round_index, [self.server], started)
         # Local SGD keeps each worker's optimizer state across syncs, as allreduce with H > 1 does.
-        await self._load(reply, step, final=reply.meta.get("final") is True, keep_state=True)
-        return ctx.ledger.record(round_index, [], started)
+        return await self._push_and_pull(push, round_index, started, keep_state=True)
 
     async def _server_average(self, step: int) -> RoundOutcome:
         """Wait for K of N workers' parameters (or the timeout), average them with the server's own
