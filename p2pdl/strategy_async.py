@@ -36,8 +36,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from p2pdl.errors import TransportError
 from p2pdl.mixing import mix_into
 from p2pdl.strategies import (
@@ -177,16 +175,11 @@ class AsyncGossipStrategy:
         if not ahead:
             return
         ctx = self._ctx
-
-        @torch.no_grad()
-        def adopt() -> None:
-            for name, p in ctx.parameters:
-                total = torch.zeros_like(p)
-                for frame in ahead:
-                    total.add_(frame.tensors[name].to(device=p.device, dtype=p.dtype))
-                p.copy_(total.div_(len(ahead)))
-
-        await ctx.run_compute(adopt)
+        local = [p for _, p in ctx.parameters]
+        share = 1.0 / len(ahead)
+        contributions = [(share, [f.tensors[name] for name, _ in ctx.parameters]) for f in ahead]
+        # A mix that gives its own copy no weight.
+        await ctx.run_compute(lambda: mix_into(local, 0.0, contributions))
         self.ended_on_swarm_model = len(ahead)
 
     def _start_send(self, neighbor: str, data: bytes) -> None:
