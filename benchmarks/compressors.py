@@ -1,8 +1,8 @@
-"""Micro-benchmark of p2pdl.compression on one 11.17M-element fp32 gradient, on this CPU.
+"""Micro-benchmark of p2pdl.compression.compressors on one 11.17M-element fp32 gradient, on this CPU.
 
 For each compressor: encode and decode time (min and median over ``--repeats``), the raw wire
-bytes (what :func:`p2pdl.compression.wire_bytes` counts), the bytes after frame-level lz4 (one
-``lz4.block.compress`` of the concatenated raw parts, as :func:`p2pdl.wire.encode_frame` would
+bytes (what :func:`p2pdl.compression.compressors.wire_bytes` counts), the bytes after frame-level lz4 (one
+``lz4.block.compress`` of the concatenated raw parts, as :func:`p2pdl.wire.codec.encode_frame` would
 do on the frame body), both as a ratio against the 44.7 MB of fp32, and the relative
 reconstruction error ||decode(encode(g)) - g|| / ||g|| of one step (no error feedback).
 
@@ -40,7 +40,7 @@ from typing import Any
 import lz4.block
 import torch
 
-from p2pdl.compression import Compressor, CompressorKind, TopKCompressor, build_compressor, wire_bytes
+from p2pdl.compression.compressors import Compressor, CompressorKind, TopKCompressor, build_compressor, wire_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (3342, 3342)  # 11,168,964 elements, 44.7 MB of fp32

@@ -41,7 +41,7 @@ import torch
 
 from p2pdl import Peer
 from p2pdl.config import Config, config_from_mapping
-from p2pdl.topology import build_graph, mixing_matrix, second_largest_eigenvalue_modulus
+from p2pdl.core.topology import build_graph, mixing_matrix, second_largest_eigenvalue_modulus
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = REPO / "peers" / "mnist1d_cnn.py"  # must exist for the config; never run

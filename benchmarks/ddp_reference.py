@@ -7,9 +7,9 @@
 
 It starts one process per ``[[peers]]`` entry (rank r = peer index r) on 127.0.0.1, joined by a
 gloo process group (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), and trains exactly p2pdl's
-recipe: the same workload file, :func:`p2pdl.train.build_model` (same seed, so the same initial
-weights), :func:`p2pdl.train.build_optimizer`, ``workload.load_shard(rank, N)``, a
-:class:`~p2pdl.data.BatchStream` seeded with :func:`p2pdl.train.data_seed`, ``workload.loss_fn``
+recipe: the same workload file, :func:`p2pdl.train.loop.build_model` (same seed, so the same initial
+weights), :func:`p2pdl.train.loop.build_optimizer`, ``workload.load_shard(rank, N)``, a
+:class:`~p2pdl.train.data.BatchStream` seeded with :func:`p2pdl.train.loop.data_seed`, ``workload.loss_fn``
 and ``zero_grad(set_to_none=True)`` before each forward. The only difference from a p2pdl
 ``allreduce`` run is who averages the gradients (DDP's bucketed gloo all-reduce instead of p2pdl's
 reduce-scatter + all-gather), so the two must agree to floating-point rounding; that is what
@@ -59,17 +59,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from p2pdl.config import Config, RunConfig, load_config, with_overrides
-from p2pdl.data import BatchStream
 from p2pdl.errors import ConfigError
-from p2pdl.node import resolve_device
-from p2pdl.train import (
+from p2pdl.peer.node import resolve_device
+from p2pdl.train.data import BatchStream
+from p2pdl.train.loop import (
     MetricsWriter,
     atomic_write_bytes,
     build_model,
     build_optimizer,
     data_seed,
 )
-from p2pdl.workload import load_workload
+from p2pdl.train.workload import load_workload
 
 DEFAULT_THRESHOLDS = (0.90, 0.93)
 # glibc maps big buffers freshly without this; the same environment p2pdl's peers get.

@@ -3,7 +3,7 @@
     python benchmarks/diloco_outer.py
 
 4 peers on their shards, H = 8 local SGD steps, exact parameter averaging, then p2pdl's
-:class:`~p2pdl.outer.OuterOptimizer` (Nesterov) on every peer; 1000 steps, batch 32. Each line is
+:class:`~p2pdl.core.outer.OuterOptimizer` (Nesterov) on every peer; 1000 steps, batch 32. Each line is
 (inner lr, inner momentum, outer lr, outer momentum) and the test accuracy of peer 0. This is why
 configs/diloco4.toml uses 0.5 / 0.5 instead of the paper's 0.7 / 0.9.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from p2pdl.data import BatchStream
-from p2pdl.outer import OuterOptimizer
-from p2pdl.workload import load_workload
+from p2pdl.core.outer import OuterOptimizer
+from p2pdl.train.data import BatchStream
+from p2pdl.train.workload import load_workload
 
 WORKLOAD = load_workload(Path(__file__).resolve().parent.parent / "peers" / "mnist1d_cnn.py")
 SETTINGS = [

@@ -196,8 +196,8 @@ class Timeline:
 
 def _instrument(peer: Any, timeline: Timeline) -> None:
     """Record when each piece of ``reduce_gradients`` runs, without changing what it does."""
-    import p2pdl.strategies as strategies_module
-    import p2pdl.wire as wire_module
+    import p2pdl.strategies.base as strategies_module
+    import p2pdl.wire.codec as wire_module
 
     strategy = peer.strategy
     transport = peer.transport
@@ -235,7 +235,7 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
         "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
     )
     # transport.py imported encode_frame by name; point it at the timed one too.
-    import p2pdl.transport as transport_module
+    import p2pdl.net.transport as transport_module
 
     transport_module.encode_frame = wire_module.encode_frame
 

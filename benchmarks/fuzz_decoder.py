@@ -1,4 +1,4 @@
-"""Mutation fuzzing of p2pdl.wire.decode_frame: only FrameError, and only sane frames accepted.
+"""Mutation fuzzing of p2pdl.wire.codec.decode_frame: only FrameError, and only sane frames accepted.
 
 tests/test_wire.py fuzzes the decoder with hypothesis for a few hundred examples per run; this is
 the longer run. It starts from a corpus of valid frames (every allowed dtype, empty and 0-d
@@ -59,7 +59,7 @@ import msgpack
 import torch
 
 from p2pdl.errors import FrameError
-from p2pdl.wire import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.wire.codec import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = struct.Struct("<2sBBI")

@@ -5,12 +5,12 @@
 
 Each argument is TOPOLOGY:RULE:RADIUS:ATTACK (ATTACK 1 = the attacker is present, 0 = it trains
 honestly). The same D-PSGD recipe as the swarm (MNIST-1D CNN, SGD lr 0.1 momentum 0.9, batch 32,
-400 steps), with the real mixing functions of :mod:`p2pdl.aggregation`:
+400 steps), with the real mixing functions of :mod:`p2pdl.core.robust`:
 
 * ``none``: plain Metropolis-Hastings mixing;
 * ``clip``: self-centred clipping with a per-round radius (``adaptive_radius``) or a fixed RADIUS > 0;
 * ``trim``: coordinate-wise trimmed mean, trim 1;
-* ``outlier``: :class:`~p2pdl.aggregation.OutlierClipper`, what ``strategy.robust = "clip"`` uses.
+* ``outlier``: :class:`~p2pdl.core.robust.OutlierClipper`, what ``strategy.robust = "clip"`` uses.
 
 It prints the honest peers' test accuracies, one line per argument. This is how OutlierClipper's
 historical reference was chosen; ``tests/test_robust.py`` checks the real thing with 8 peer processes.
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from p2pdl.aggregation import OutlierClipper, adaptive_radius, clipped_gossip, trimmed_mean
-from p2pdl.data import BatchStream
-from p2pdl.mixing import mix_into
-from p2pdl.topology import build_graph, mixing_weights
-from p2pdl.workload import load_workload
+from p2pdl.core.mixing import mix_into
+from p2pdl.core.robust import OutlierClipper, adaptive_radius, clipped_gossip, trimmed_mean
+from p2pdl.core.topology import build_graph, mixing_weights
+from p2pdl.train.data import BatchStream
+from p2pdl.train.workload import load_workload
 
 WORKLOAD = load_workload(Path(__file__).resolve().parent.parent / "peers" / "mnist1d_cnn.py")
 PEERS = 8

@@ -21,8 +21,8 @@ from p2pdl.errors import (
     TransportError,
     WorkloadError,
 )
-from p2pdl.node import Peer, StepResult
-from p2pdl.strategies import RoundOutcome
+from p2pdl.peer.node import Peer, StepResult
+from p2pdl.strategies.base import RoundOutcome
 
 __all__ = [
     "AllReduceIncompleteError",

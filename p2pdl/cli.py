@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pdl._malloc import tune_allocator
-from p2pdl.auth import security_from_config
 from p2pdl.config import Config, load_config, parse_address, with_overrides
+from p2pdl.core.topology import build_graph, describe
 from p2pdl.errors import ConfigError, P2PDLError
-from p2pdl.topology import build_graph, describe
-from p2pdl.train import PeerOptions, run_peer
+from p2pdl.net.auth import security_from_config
+from p2pdl.train.loop import PeerOptions, run_peer
 
 log = logging.getLogger("p2pdl")
 
@@ -40,7 +40,7 @@ def _setup_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # Wire tensors are read-only views of received bytes, only ever read; see p2pdl.wire.
+    # Wire tensors are read-only views of received bytes, only ever read; see p2pdl.wire.codec.
     warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 

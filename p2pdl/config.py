@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from p2pdl.core.topology import TopologyKind, topology_problems
 from p2pdl.errors import ConfigError
-from p2pdl.topology import TopologyKind, topology_problems
 
 OptimizerKind = Literal["sgd", "adam"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
@@ -197,7 +197,7 @@ class StrategyConfig(_Validated):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TopologyConfig(_Validated):
-    """The communication graph over ``[[peers]]``; see :mod:`p2pdl.topology`."""
+    """The communication graph over ``[[peers]]``; see :mod:`p2pdl.core.topology`."""
 
     _section: typing.ClassVar[str] = "topology"
     kind: TopologyKind = "ring"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from p2pdl.datasets import digits
-from p2pdl.workload import HeldOutClassification, classification_shard
+from p2pdl.train.datasets import digits
+from p2pdl.train.workload import HeldOutClassification, classification_shard
 
 DESCRIPTION = "sklearn digits, MLP 64-128-10 (9,610 params), cross-entropy"
 

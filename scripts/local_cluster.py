@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from p2pdl.auth import PeerSecurity, security_from_config
 from p2pdl.config import load_config
+from p2pdl.core.mixing import consensus_distance
 from p2pdl.errors import ConfigError
-from p2pdl.mixing import consensus_distance
+from p2pdl.net.auth import PeerSecurity, security_from_config
 
 # glibc maps big buffers freshly and trims the heap after each free without these, so every
 # round page-faults its frame buffers back in; see p2pdl/_malloc.py.

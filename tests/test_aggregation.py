@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from p2pdl.aggregation import ClippingReport, adaptive_radius, clipped_gossip, difference_norms, trimmed_mean
-from p2pdl.mixing import mix_into
+from p2pdl.core.mixing import mix_into
+from p2pdl.core.robust import ClippingReport, adaptive_radius, clipped_gossip, difference_norms, trimmed_mean
 
 SHAPES = [(4, 5), (7,), ()]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -207,8 +207,8 @@ def test_validation() -> None:
 
 
 def test_outlier_clipper_rejects_a_far_neighbour_and_leaves_honest_mixing_alone() -> None:
-    from p2pdl.aggregation import OutlierClipper
-    from p2pdl.mixing import mix_into
+    from p2pdl.core.mixing import mix_into
+    from p2pdl.core.robust import OutlierClipper
 
     torch.manual_seed(0)
     init = [torch.randn(20, 10), torch.randn(10)]

@@ -21,9 +21,9 @@ import pytest
 import torch
 from conftest import PEER_ENV, PEERS_DIR, REPO, PeerProcesses, free_ports, write_config
 
-from p2pdl import datasets
-from p2pdl.train import build_model
-from p2pdl.workload import load_workload
+from p2pdl.train import datasets
+from p2pdl.train.loop import build_model
+from p2pdl.train.workload import load_workload
 
 pytestmark = pytest.mark.slow
 

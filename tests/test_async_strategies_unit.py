@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from p2pdl.config import StrategyConfig
-from p2pdl.strategies import RoundLedger, StrategyContext
-from p2pdl.strategy_async import ASYNC_PARAMS, AsyncGossipStrategy
-from p2pdl.strategy_ps import GRADIENT, PARAMETERS, ParameterServerStrategy
-from p2pdl.topology import Graph, build_graph
-from p2pdl.wire import Frame, Limits, decode_frame, encode_frame
+from p2pdl.core.topology import Graph, build_graph
+from p2pdl.strategies.async_gossip import ASYNC_PARAMS, AsyncGossipStrategy
+from p2pdl.strategies.base import RoundLedger, StrategyContext
+from p2pdl.strategies.ps import GRADIENT, PARAMETERS, ParameterServerStrategy
+from p2pdl.wire.codec import Frame, Limits, decode_frame, encode_frame
 
 LIMITS = Limits(max_frame_bytes=1 << 20, max_decompressed_bytes=1 << 20)
 

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from tls_util import CertPair, encrypt_key, make_ca, make_peer_cert
 
-from p2pdl.auth import (
+from p2pdl.errors import ConfigError, P2PDLError
+from p2pdl.net.auth import (
     HEADER,
     MAX_HEADER_CHARS,
     PEER_KEY,
@@ -57,7 +58,6 @@ from p2pdl.auth import (
     token_to_header,
     verify_reply,
 )
-from p2pdl.errors import ConfigError, P2PDLError
 
 # Distinctive, so a leak shows up in any repr, message or log line.
 SECRET_TEXT = "ZEBRA-leak-canary-7f3a9c41d2"
@@ -448,14 +448,14 @@ def test_load_secret_from_file(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     path = tmp_path / "secret"
     path.write_bytes(SECRET_TEXT.encode() + b"\r\n")
     path.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="p2pdl.auth"):
+    with caplog.at_level(logging.WARNING, logger="p2pdl.net.auth"):
         assert load_secret(env=None, file=path) == SECRET
     assert not caplog.records
     path.write_bytes(SECRET_TEXT.encode() + b"\n\n")  # only one newline is stripped
     assert load_secret(env=None, file=path) == Secret(SECRET_TEXT.encode() + b"\n")
     if os.name == "posix":
         path.chmod(0o644)
-        with caplog.at_level(logging.WARNING, logger="p2pdl.auth"):
+        with caplog.at_level(logging.WARNING, logger="p2pdl.net.auth"):
             load_secret(env=None, file=path)
         assert "chmod 600" in caplog.text
         assert_no_leak(caplog.text)

@@ -1,4 +1,4 @@
-"""Compressors, error feedback and CHOCO-gossip (p2pdl.compression): hermetic, pure torch.
+"""Compressors, error feedback and CHOCO-gossip (p2pdl.compression.compressors): hermetic, pure torch.
 
 Error bounds are the ones each compressor documents, asserted tight: fp16/bf16 relative
 rounding, int8 within half a scale per chunk, top-k exactly the k largest, PowerSGD exact on a
@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pdl import compression
-from p2pdl.compression import (
+from p2pdl.compression import compressors as compression
+from p2pdl.compression.compressors import (
     EXACT_TOPK_MAX_NUMEL,
     ChocoState,
     CompressionPolicy,
@@ -30,7 +30,7 @@ from p2pdl.compression import (
     wire_bytes,
 )
 from p2pdl.errors import ConfigError, FrameSchemaError, NonFiniteError, ShapeMismatchError
-from p2pdl.wire import ALLOWED_DTYPES, Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.wire.codec import ALLOWED_DTYPES, Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 KINDS: tuple[CompressorKind, ...] = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 # Decoded entries are zero or within a factor 2 of the input, so fp32 subtraction is exact.

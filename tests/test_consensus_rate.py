@@ -27,7 +27,7 @@ import torch
 
 from p2pdl import Peer
 from p2pdl.config import config_from_mapping
-from p2pdl.topology import build_graph, mixing_matrix, second_largest_eigenvalue_modulus
+from p2pdl.core.topology import build_graph, mixing_matrix, second_largest_eigenvalue_modulus
 
 WORKLOAD = Path(__file__).resolve().parent.parent / "peers" / "mnist1d_cnn.py"
 ROUNDS = 30

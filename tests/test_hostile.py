@@ -40,12 +40,20 @@ import pytest
 import torch
 
 from p2pdl import Peer
-from p2pdl.auth import HEADER, Secret, TokenVerifier, make_token, reply_from_meta, token_from_header, token_to_header
-from p2pdl.auth import verify_reply as verify_acceptor_reply
 from p2pdl.config import config_from_mapping
 from p2pdl.errors import FrameError
-from p2pdl.transport import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR, SENDER_HEADER, TOKEN_HEADER
-from p2pdl.wire import Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.net.auth import (
+    HEADER,
+    Secret,
+    TokenVerifier,
+    make_token,
+    reply_from_meta,
+    token_from_header,
+    token_to_header,
+)
+from p2pdl.net.auth import verify_reply as verify_acceptor_reply
+from p2pdl.net.transport import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR, SENDER_HEADER, TOKEN_HEADER
+from p2pdl.wire.codec import Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 SECRET = "hostile-suite swarm secret, do not log me 7f3a"

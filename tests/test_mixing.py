@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2pdl.mixing import chunk_bounds, flatten_into, unflatten_chunks_into, unflatten_into
+from p2pdl.core.mixing import chunk_bounds, flatten_into, unflatten_chunks_into, unflatten_into
 
 SHAPES = [(3, 4), (5,), (0,), (2, 2, 2), (1,)]
 

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from p2pdl.outer import OuterOptimizer, sync_due
+from p2pdl.core.outer import OuterOptimizer, sync_due
 
 SHAPES = [(2, 3), (4,), (), (1, 2, 2)]
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pdl.pushsum import (
+from p2pdl.core.pushsum import (
     PushSumState,
     debias,
     debias_,

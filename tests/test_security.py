@@ -15,9 +15,9 @@ import torch
 from tls_util import make_ca, make_peer_cert
 
 from p2pdl import Peer
-from p2pdl.auth import HEADER, make_token, token_to_header
 from p2pdl.config import config_from_mapping
 from p2pdl.errors import AuthConfigError
+from p2pdl.net.auth import HEADER, make_token, token_to_header
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 SECRET = "correct horse battery staple, swarm 42"
@@ -76,7 +76,7 @@ async def test_members_with_the_secret_train_and_outsiders_get_401(secret_env: s
                 async with session.get(base + path) as response:
                     assert response.status == 401, path
                     assert await response.json() == {"error": "unauthorized"}
-            from p2pdl.auth import Secret
+            from p2pdl.net.auth import Secret
 
             wrong = make_token(Secret(b"x" * 32), name="a", target="b", purpose="GET /status")
             async with session.get(f"{base}/status", headers={HEADER: token_to_header(wrong)}) as response:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import PEER_ENV, REPO, PeerProcesses, free_ports
 
-from p2pdl.mixing import consensus_distance
+from p2pdl.core.mixing import consensus_distance
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

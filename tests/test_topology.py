@@ -1,4 +1,4 @@
-"""Unit tests for p2pdl.topology: graph construction, validation and MH mixing weights."""
+"""Unit tests for p2pdl.core.topology: graph construction, validation and MH mixing weights."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pdl.errors import ConfigError
-from p2pdl.topology import (
+from p2pdl.core.topology import (
     TOPOLOGY_KINDS,
     Graph,
     TopologyKind,
@@ -26,6 +25,7 @@ from p2pdl.topology import (
     spectral_gap,
     topology_problems,
 )
+from p2pdl.errors import ConfigError
 
 KINDS: tuple[TopologyKind, ...] = get_args(TopologyKind)
 SIZES = range(1, 18)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from p2pdl.node import StepResult
-from p2pdl.train import _step_unless_stopped
+from p2pdl.peer.node import StepResult
+from p2pdl.train.loop import _step_unless_stopped
 
 
 def result(step: int) -> StepResult:

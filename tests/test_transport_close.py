@@ -9,7 +9,7 @@ import pytest
 
 from p2pdl.config import TransportConfig
 from p2pdl.errors import FrameSchemaError
-from p2pdl.transport import Transport, _Link
+from p2pdl.net.transport import Transport, _Link
 
 
 def refuse(kind: str, sender: str) -> Any:

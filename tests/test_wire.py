@@ -1,4 +1,4 @@
-"""Tests for p2pdl.wire: round trips, every rejection path, and fuzzing of hostile input."""
+"""Tests for p2pdl.wire.codec: round trips, every rejection path, and fuzzing of hostile input."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from p2pdl.errors import (
     ShapeMismatchError,
     UnknownSenderError,
 )
-from p2pdl.wire import (
+from p2pdl.wire.codec import (
     ALLOWED_DTYPES,
     FLAG_LZ4,
     HEADER_SIZE,

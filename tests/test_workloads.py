@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from p2pdl import data as data_module
-from p2pdl import datasets
-from p2pdl.data import BatchStream, batch_indices, batches_per_epoch
+from p2pdl.train import data as data_module
+from p2pdl.train import datasets
 from p2pdl.errors import WorkloadError
-from p2pdl.workload import LoadedWorkload, load_workload
+from p2pdl.train.data import BatchStream, batch_indices, batches_per_epoch
+from p2pdl.train.workload import LoadedWorkload, load_workload
 
 PEERS = Path(__file__).resolve().parent.parent / "peers"
 WORKLOAD_FILES = ("mnist1d_cnn.py", "mnist1d_wide_mlp.py", "digits_mlp.py")

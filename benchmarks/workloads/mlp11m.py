@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from p2pdl.datasets import mnist1d
-from p2pdl.workload import HeldOutClassification, classification_shard
+from p2pdl.train.datasets import mnist1d
+from p2pdl.train.workload import HeldOutClassification, classification_shard
 
 DESCRIPTION = "MNIST-1D, MLP 40-3300-3300-10 (11.06M params), cross-entropy"
 

@@ -15,8 +15,8 @@ import sys
 import torch
 
 from p2pdl import Peer, load_config
-from p2pdl.train import build_model, build_optimizer
-from p2pdl.workload import load_workload
+from p2pdl.train.loop import build_model, build_optimizer
+from p2pdl.train.workload import load_workload
 
 SCALE = 1000.0
 

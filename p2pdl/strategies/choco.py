@@ -22,17 +22,17 @@ from typing import Any
 
 import torch
 
-from p2pdl.compression import TensorCodec
+from p2pdl.compression.compressors import TensorCodec
+from p2pdl.core.topology import mh_weight
 from p2pdl.errors import FrameError, FrameSchemaError, UnknownSenderError
-from p2pdl.strategies import (
+from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
     RoundOutcome,
     StrategyContext,
     parameter_specs,
     reported_degree,
 )
-from p2pdl.topology import mh_weight
-from p2pdl.wire import Frame, TensorSpec
+from p2pdl.wire.codec import Frame, TensorSpec
 
 CHOCO = "choco"
 CHOCO_FULL = "choco_full"

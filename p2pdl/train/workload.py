@@ -35,8 +35,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from p2pdl.datasets import shard_indices
 from p2pdl.errors import WorkloadError
+from p2pdl.train.datasets import shard_indices
 
 __all__ = [
     "REQUIRED_FUNCTIONS",
@@ -165,7 +165,7 @@ def load_workload(path: str | Path) -> LoadedWorkload:
 def classification_shard(
     data: Mapping[str, np.ndarray], shard_index: int, shard_count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shard ``shard_index`` of ``data["x"]``/``data["y"]`` (see :func:`p2pdl.datasets.shard_indices`)."""
+    """Shard ``shard_index`` of ``data["x"]``/``data["y"]`` (see :func:`p2pdl.train.datasets.shard_indices`)."""
     indices = shard_indices(len(data["y"]), shard_index, shard_count)
     return torch.from_numpy(data["x"][indices]), torch.from_numpy(data["y"][indices])
 

@@ -49,17 +49,6 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from p2pdl.auth import (
-    PEER_KEY,
-    TOKEN_KEY,
-    PeerSecurity,
-    auth_middleware,
-    make_reply,
-    reply_from_meta,
-    reply_to_meta,
-    token_from_header,
-    verify_reply,
-)
 from p2pdl.config import TransportConfig
 from p2pdl.errors import (
     AuthError,
@@ -73,7 +62,18 @@ from p2pdl.errors import (
     TransportError,
     UnknownSenderError,
 )
-from p2pdl.wire import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
+from p2pdl.net.auth import (
+    PEER_KEY,
+    TOKEN_KEY,
+    PeerSecurity,
+    auth_middleware,
+    make_reply,
+    reply_from_meta,
+    reply_to_meta,
+    token_from_header,
+    verify_reply,
+)
+from p2pdl.wire.codec import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 

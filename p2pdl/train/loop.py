@@ -1,4 +1,4 @@
-"""The CLI's training loop, built on the public :class:`~p2pdl.node.Peer` API and a workload.
+"""The CLI's training loop, built on the public :class:`~p2pdl.peer.node.Peer` API and a workload.
 
 It loads the workload named by the config, builds the model (seeded identically on every peer),
 takes this peer's shard and runs ``run.steps`` steps, evaluating every ``run.eval_every`` steps.
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from p2pdl.config import Config, RunConfig
-from p2pdl.data import BatchStream
 from p2pdl.errors import AllReduceIncompleteError
-from p2pdl.node import Peer, StepResult, resolve_device
-from p2pdl.workload import LoadedWorkload, load_workload
+from p2pdl.peer.node import Peer, StepResult, resolve_device
+from p2pdl.train.data import BatchStream
+from p2pdl.train.workload import LoadedWorkload, load_workload
 
 log = logging.getLogger(__name__)
 

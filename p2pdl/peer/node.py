@@ -26,16 +26,17 @@ from typing import Any, Literal, TypeVar
 import torch
 from aiohttp import web
 
-from p2pdl.auth import security_from_config
 from p2pdl.config import Config, parse_address
+from p2pdl.core.outer import OuterOptimizer
+from p2pdl.core.topology import Graph, build_graph
 from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TrainingDivergedError, TransportError
-from p2pdl.membership import MembershipError, MembershipView, Timing, parse_members
-from p2pdl.outer import OuterOptimizer
-from p2pdl.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
-from p2pdl.strategies import RoundLedger, RoundOutcome, Strategy, StrategyContext, build_strategy
-from p2pdl.topology import Graph, build_graph
-from p2pdl.transport import Transport, read_bounded
-from p2pdl.wire import decode_frame
+from p2pdl.membership.view import MembershipError, MembershipView, Timing, parse_members
+from p2pdl.net.auth import security_from_config
+from p2pdl.net.transport import Transport, read_bounded
+from p2pdl.peer.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
+from p2pdl.strategies import build_strategy
+from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
+from p2pdl.wire.codec import decode_frame
 
 log = logging.getLogger(__name__)
 

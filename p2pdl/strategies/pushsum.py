@@ -4,7 +4,7 @@ In round t, peer i (rank in the agreed live order) sends half of its push-sum ma
 i + 2^(t mod ceil(log2 n)) and keeps the other half; it receives from exactly one peer. The
 mixing matrix is column-stochastic and changes every round (a directed, time-varying graph), and
 each message carries its push-sum weight so receivers can de-bias: the model parameters always
-hold x = z / w, which is what the gradient is evaluated at (see :mod:`p2pdl.pushsum`).
+hold x = z / w, which is what the gradient is evaluated at (see :mod:`p2pdl.core.pushsum`).
 
 Trade-off: one message per round per peer (the cheapest possible gossip) and exact averaging in
 log2 n rounds when n is a power of two, but a message that is lost takes its mass with it: the
@@ -18,8 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from p2pdl.errors import FrameSchemaError, TransportError
-from p2pdl.pushsum import (
+from p2pdl.core.pushsum import (
     PushSumMessage,
     one_peer_exponential_sources,
     one_peer_exponential_target,
@@ -27,8 +26,9 @@ from p2pdl.pushsum import (
     pushsum_outgoing,
     pushsum_schedule_period,
 )
-from p2pdl.strategies import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs
-from p2pdl.wire import Frame, TensorSpec
+from p2pdl.errors import FrameSchemaError, TransportError
+from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs
+from p2pdl.wire.codec import Frame, TensorSpec
 
 PUSH = "pushsum"
 SHARE = 0.5  # one out-neighbour per round: keep half, send half

@@ -1,9 +1,9 @@
 """Robust parameter mixing against faulty or malicious neighbours: pure torch, no I/O.
 
-Plain gossip (:func:`p2pdl.mixing.mix_into`) is a weighted mean, so one neighbour that sends
+Plain gossip (:func:`p2pdl.core.mixing.mix_into`) is a weighted mean, so one neighbour that sends
 parameters scaled by 1000 (a bug, a bit flip, an attacker) drags every peer it talks to
 arbitrarily far in a single round, and gossip then spreads the damage to the whole network.
-:mod:`p2pdl.wire` already refuses NaN/inf and wrong shapes; this module bounds what *finite but
+:mod:`p2pdl.wire.codec` already refuses NaN/inf and wrong shapes; this module bounds what *finite but
 wrong* values can do. Two rules, with different trade-offs:
 
 * :func:`clipped_gossip` is self-centered clipping (He, Karimireddy & Jaggi 2022, "Byzantine-
@@ -173,12 +173,12 @@ def clipped_gossip(
 ) -> ClippingReport:
     """Self-centered clipping, in place: ``x_i <- x_i + sum_j w_ij clip(x_j - x_i, τ)``.
 
-    ``contributions`` holds ``(w_ij, tensors of j)`` as for :func:`p2pdl.mixing.mix_into`.
+    ``contributions`` holds ``(w_ij, tensors of j)`` as for :func:`p2pdl.core.mixing.mix_into`.
     In general the update is ``x_i <- (w_ii + sum_j w_ij) x_i + sum_j w_ij s_j (x_j - x_i)``
     with ``s_j = min(1, τ / ||x_j - x_i||)``; for a stochastic row (``w_ii + sum_j w_ij = 1``)
     it is the formula above, and with ``τ = inf`` it equals ``mix_into``. A neighbour whose
     difference is not finite gets ``s_j = 0``: its weight stays with self, as for a neighbour
-    that did not arrive (:func:`p2pdl.mixing.renormalized_row`). ``radius`` is ``τ`` (>= 0,
+    that did not arrive (:func:`p2pdl.core.mixing.renormalized_row`). ``radius`` is ``τ`` (>= 0,
     ``math.inf`` allowed) or a :data:`RadiusRule` applied to this round's difference norms.
     """
     weights = [weight for weight, _ in contributions]

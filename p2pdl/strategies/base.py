@@ -30,9 +30,17 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from p2pdl.aggregation import OutlierClipper, trimmed_mean
-from p2pdl.compression import CompressionPolicy, TensorCodec, build_compressor
+from p2pdl.compression.compressors import CompressionPolicy, TensorCodec, build_compressor
 from p2pdl.config import CompressionConfig, StrategyConfig
+from p2pdl.core.mixing import (
+    chunk_bounds,
+    exact_mean,
+    flatten_into,
+    mix_into,
+    unflatten_chunks_into,
+)
+from p2pdl.core.robust import OutlierClipper, trimmed_mean
+from p2pdl.core.topology import Graph, mh_weight
 from p2pdl.errors import (
     AllReduceIncompleteError,
     ConfigError,
@@ -41,15 +49,7 @@ from p2pdl.errors import (
     TransportError,
     UnknownSenderError,
 )
-from p2pdl.mixing import (
-    chunk_bounds,
-    exact_mean,
-    flatten_into,
-    mix_into,
-    unflatten_chunks_into,
-)
-from p2pdl.topology import Graph, mh_weight
-from p2pdl.wire import Frame, TensorSpec
+from p2pdl.wire.codec import Frame, TensorSpec
 
 T = TypeVar("T")
 RunCompute = Callable[[Callable[[], T]], Awaitable[T]]
@@ -551,25 +551,3 @@ class AllReduceStrategy:
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
         }
-
-
-def build_strategy(ctx: StrategyContext) -> Strategy:
-    """The strategy named by ``ctx.config.kind`` (the config has validated the kind)."""
-    # Imported here: these modules build on the protocol and helpers defined above.
-    from p2pdl.strategy_async import AsyncGossipStrategy
-    from p2pdl.strategy_choco import ChocoGossipStrategy
-    from p2pdl.strategy_ps import ParameterServerStrategy
-    from p2pdl.strategy_pushsum import PushSumStrategy
-
-    kinds: dict[str, Callable[[StrategyContext], Strategy]] = {
-        "gossip": GossipStrategy,
-        "allreduce": AllReduceStrategy,
-        "async-gossip": AsyncGossipStrategy,
-        "ps": ParameterServerStrategy,
-        "push-sum": PushSumStrategy,
-    }
-    if ctx.config.kind == "gossip":
-        codec = build_codec(ctx, error_feedback=False)  # CHOCO compensates through its public copies
-        if codec is not None:
-            return ChocoGossipStrategy(ctx, codec)
-    return kinds[ctx.config.kind](ctx)

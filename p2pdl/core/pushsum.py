@@ -1,6 +1,6 @@
 """Push-sum gossip over directed, time-varying graphs: pure torch, no I/O.
 
-Symmetric gossip (:mod:`p2pdl.mixing` with Metropolis-Hastings rows) needs a doubly stochastic
+Symmetric gossip (:mod:`p2pdl.core.mixing` with Metropolis-Hastings rows) needs a doubly stochastic
 ``W``, which in turn needs every edge to be used in both directions in the same round. Push-sum
 (Kempe, Dobra & Gehrke 2003) drops that requirement: each peer ``i`` keeps a numerator ``z_i``
 (a list of tensors shaped like the model) and a scalar weight ``w_i``, and in every round it

@@ -36,9 +36,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from p2pdl.core.mixing import mix_into
+from p2pdl.core.topology import mh_weight
 from p2pdl.errors import TransportError
-from p2pdl.mixing import mix_into
-from p2pdl.strategies import (
+from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
     RoundOutcome,
     StrategyContext,
@@ -46,8 +47,7 @@ from p2pdl.strategies import (
     parameter_specs,
     reported_degree,
 )
-from p2pdl.topology import mh_weight
-from p2pdl.wire import Frame, TensorSpec
+from p2pdl.wire.codec import Frame, TensorSpec
 
 ASYNC_PARAMS = "aparams"
 

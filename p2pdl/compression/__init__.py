@@ -1,0 +1,1 @@
+"""Tensor compressors and the codec that turns named tensors into wire parts."""

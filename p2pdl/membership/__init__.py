@@ -1,0 +1,1 @@
+"""Who is alive: the membership view and its gossip."""

@@ -1,0 +1,1 @@
+"""aiohttp server and client: links, mailbox, connection guard, authentication."""

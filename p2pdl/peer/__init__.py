@@ -1,0 +1,1 @@
+"""The Peer: ties model, strategy, transport and membership together; state transfer."""

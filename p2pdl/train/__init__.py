@@ -1,0 +1,1 @@
+"""The CLI's training loop: workloads, data, checkpoints, metrics."""
