@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from p2pdl.errors import WorkloadError
 from p2pdl.train import data as data_module
 from p2pdl.train import datasets
-from p2pdl.errors import WorkloadError
 from p2pdl.train.data import BatchStream, batch_indices, batches_per_epoch
 from p2pdl.train.workload import LoadedWorkload, load_workload
 
