@@ -73,6 +73,7 @@ from p2pdl.net.auth import (
     token_from_header,
     verify_reply,
 )
+from p2pdl.tasks import TaskOwner
 from p2pdl.wire.codec import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class Transport:
         self.mailbox = Mailbox(config.inbox_frames)
         self._links: dict[str, _Link] = {}
         self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"p2pdl-codec-{name}")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(name)
         self._guard = _ConnectionGuard(
             max_connections=config.max_connections,
             per_address=config.max_connections_per_address,
@@ -398,13 +399,11 @@ class Transport:
         if announce:
             bye = Frame(kind=BYE, sender=self.name, round=0, step=0)
             await self._best_effort(self.broadcast(bye, [n for n, lk in self._links.items() if lk.ws is not None]))
-        for task in self._tasks:
-            task.cancel()
+        cancelled = self._tasks.cancel()
         for link in self._links.values():
             if link.ws is not None and not link.ws.closed:
                 await self._best_effort(link.ws.close())
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self._config.shutdown_timeout)
+        await self._tasks.wait(cancelled, self._config.shutdown_timeout)
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
@@ -435,13 +434,6 @@ class Transport:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(f"{self.name}:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     # ------------------------------------------------------------------ membership of links
 
     def set_neighbors(self, neighbors: Collection[str]) -> None:
@@ -459,14 +451,14 @@ class Transport:
             if link.dialer is not None:
                 link.dialer.cancel()
             if link.ws is not None and not link.ws.closed:
-                self._spawn(self._close_quietly(link.ws), f"unlink-{name}")
+                self._tasks.spawn(self._close_quietly(link.ws), f"unlink-{name}")
             self.mailbox.mark_gone(name)
         for name in wanted:
             self.mailbox.mark_back(name)
 
     def _start_dialing(self, link: _Link) -> None:
         if link.dials and not self._closing and (link.dialer is None or link.dialer.done()):
-            link.dialer = self._spawn(self._dial_forever(link), f"dial-{link.name}")
+            link.dialer = self._tasks.spawn(self._dial_forever(link), f"dial-{link.name}")
 
     async def _close_quietly(self, ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
@@ -493,7 +485,7 @@ class Transport:
             if not link.dials:
                 return  # the neighbour dials this peer: its address matters only to its own dialer
             if link.ws is not None and not link.ws.closed:
-                self._spawn(self._close_quietly(link.ws), f"readdress-{neighbor}")
+                self._tasks.spawn(self._close_quietly(link.ws), f"readdress-{neighbor}")
             elif link.dialer is not None and self._runner is not None:
                 # Redial now instead of after the back-off accumulated against the old address.
                 link.dialer.cancel()

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -36,6 +36,7 @@ from p2pdl.net.transport import Transport, read_bounded
 from p2pdl.peer.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
+from p2pdl.tasks import TaskOwner
 from p2pdl.wire.codec import decode_frame
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Peer:
         )
         self._seeds = tuple(dict.fromkeys([*membership.bootstrap, *bootstrap]))
         self._graph = self._graph_over(self.membership.live_names())
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(name)
         self._gossip_inflight: dict[str, asyncio.Task[None]] = {}
         self.security = security_from_config(config.security, name)
         self.transport = Transport(
@@ -207,7 +208,7 @@ class Peer:
         host, advertised_port = parse_address(own.address)
         if advertised_port == 0:
             self.membership.set_own_address(f"{host}:{port}")
-        self._spawn(self._membership_loop(), "membership")
+        self._tasks.spawn(self._membership_loop(), "membership")
         configured = [n for n in self.config.peer_names if n != self.name]
         while time.monotonic() < deadline:
             heard = [n for n in configured if self.membership.heard_from(n)]
@@ -254,11 +255,9 @@ class Peer:
                 leaving = self._gossip_once(include_seeds=False)
                 if leaving:
                     await asyncio.wait(leaving, timeout=self.config.transport.shutdown_timeout)
-            pending = [*self._tasks, *self._gossip_inflight.values()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=self.config.transport.shutdown_timeout)
+            await self._tasks.cancel_all(
+                self.config.transport.shutdown_timeout, also=list(self._gossip_inflight.values())
+            )
             await self._strategy.close()
             await self.transport.close(announce=True)
         finally:
@@ -271,12 +270,6 @@ class Peer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(f"{self.name}:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ membership
 
