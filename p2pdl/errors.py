@@ -20,6 +20,7 @@ never need to know which library sits underneath::
     │   ├── StaleFrameError         round/step already finished, or a duplicate
     │   ├── InboxFullError          too many unclaimed frames buffered from one sender
     │   └── RateLimitedError        a neighbour sends more than max_frames_per_second
+    ├── MembershipError             a gossiped membership digest was refused (never fatal to a peer)
     ├── AuthError                   a credential was refused (the client gets a bare 401)
     │   ├── TokenFormatError, MissingTokenError, BadMacError, UnknownPeerError,
     │   └── WrongTargetError, WrongPurposeError, TokenExpiredError, TokenReplayedError, ReplayCacheFullError
@@ -109,6 +110,15 @@ class InboxFullError(FrameError):
 
 class RateLimitedError(FrameError):
     reason = "rate_limited"
+
+
+class MembershipError(P2PDLError):
+    """A membership digest from the network was refused: malformed, oversized or not a digest.
+
+    Counted under ``frames_rejected[reason]`` like a refused frame; the peer keeps running.
+    """
+
+    reason = "membership"
 
 
 class AuthConfigError(ConfigError):

@@ -7,7 +7,9 @@ heartbeat) pair (van Renesse et al. 1998). Each peer decides **locally** that a 
 ``suspect`` when its counter has not advanced for ``suspect_after`` seconds and ``dead`` after
 ``dead_after``; death is therefore never gossiped, so a healed partition or a restarted peer is
 alive again as soon as fresh counters arrive. ``left`` *is* gossiped: a clean leave is announced
-and every peer rewires at once.
+and every peer rewires at once. A frame on a direct link is evidence of life too (:meth:`touch`),
+also from a configured peer that never gossips; that evidence is local and is not gossiped on,
+because a digest entry carries only counters the member itself advanced.
 
 The incarnation is the wall-clock start time of the peer process in milliseconds, so a peer that
 restarts under the same name is newer than any state of its previous life without storing
@@ -24,6 +26,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from p2pdl.errors import MembershipError
 
 MemberState = Literal["alive", "suspect", "left", "dead"]
 _LIVE: frozenset[str] = frozenset({"alive", "suspect"})
@@ -55,10 +59,6 @@ class Member:
             "heartbeat": self.heartbeat,
             "left": self.left,
         }
-
-
-class MembershipError(ValueError):
-    """A remote view is malformed; the caller turns it into a typed protocol error."""
 
 
 def parse_members(payload: Any) -> list[Member]:
@@ -135,7 +135,8 @@ class MembershipView:
         for peer_name, peer_address in configured:
             if peer_name != name:
                 self._members[peer_name] = Member(peer_name, peer_address, 0, 0, heard_at=start)
-        self._heard: set[str] = {name}
+        self._heard: set[str] = {name}  # learnt through gossip (or a leave): these are gossiped on
+        self._linked: set[str] = set()  # heard only on a direct link so far: local evidence
         self._last_live: tuple[str, ...] = ()
         self.changes = 0  # bumped whenever the live set changes, so callers can rewire cheaply
 
@@ -170,8 +171,8 @@ class MembershipView:
         return tuple(sorted(live, key=self.order_key))
 
     def heard_from(self, name: str) -> bool:
-        """Has ``name`` ever been heard from directly or through gossip (beyond config)?"""
-        return name in self._heard
+        """Has ``name`` ever been heard from, on a link or through gossip (beyond config)?"""
+        return name in self._heard or name in self._linked
 
     def addresses(self) -> dict[str, str]:
         return {m.name: m.address for m in self._members.values()}
@@ -200,10 +201,21 @@ class MembershipView:
         self._members[self.name] = replace(own, heartbeat=own.heartbeat + 1, heard_at=time.monotonic())
 
     def touch(self, name: str, now: float | None = None) -> None:
-        """Direct evidence of life (a frame arrived on a link): as good as a fresh heartbeat."""
+        """Direct evidence of life (a frame arrived on a link): as good as a fresh heartbeat.
+
+        It counts for a configured peer not yet learnt through gossip: its placeholder keeps
+        incarnation 0 and the configured address, so the member's first own digest entry (any
+        real incarnation) replaces it. Only names already in the view are refreshed: the caller
+        passes the name of an accepted link, and a link exists only for a configured or gossiped
+        member, so a sender cannot create members this way. A member that left stays left
+        until a newer incarnation of it is gossiped.
+        """
         member = self._members.get(name)
-        if member is not None and not member.left and name in self._heard:
-            self._members[name] = replace(member, heard_at=time.monotonic() if now is None else now)
+        if member is None or member.left or name == self.name:
+            return
+        self._members[name] = replace(member, heard_at=time.monotonic() if now is None else now)
+        if name not in self._heard:
+            self._linked.add(name)
 
     def set_own_address(self, address: str) -> None:
         """The address to advertise, once known (e.g. after binding port 0)."""
@@ -263,3 +275,4 @@ class MembershipView:
         ]:
             del self._members[name]
             self._heard.discard(name)
+            self._linked.discard(name)

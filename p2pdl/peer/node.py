@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,19 +28,18 @@ from p2pdl.config import Config, parse_address
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph, build_graph
 from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TrainingDivergedError, TransportError
-from p2pdl.membership.view import MembershipError, MembershipView, Timing, parse_members
+from p2pdl.membership.gossip import MembershipGossip
+from p2pdl.membership.view import MembershipView, Timing
 from p2pdl.net.auth import security_from_config
-from p2pdl.net.transport import Transport, read_bounded
+from p2pdl.net.transport import Transport
 from p2pdl.peer.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
-from p2pdl.tasks import TaskOwner
 from p2pdl.wire.codec import decode_frame
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_MAX_GOSSIP_BYTES = 1024 * 1024
 _STATE_CHUNK_BYTES = 16 * 1024 * 1024
 PeerState = Literal["created", "starting", "training", "stopping", "closed"]
 
@@ -135,10 +132,7 @@ class Peer:
                 dead_after=membership.dead_after,
             ),
         )
-        self._seeds = tuple(dict.fromkeys([*membership.bootstrap, *bootstrap]))
         self._graph = self._graph_over(self.membership.live_names())
-        self._tasks = TaskOwner(name)
-        self._gossip_inflight: dict[str, asyncio.Task[None]] = {}
         self.security = security_from_config(config.security, name)
         self.transport = Transport(
             name=name,
@@ -153,8 +147,15 @@ class Peer:
             on_heard=self.membership.touch,
             security=self.security,
         )
-        self.transport.add_route("POST", "/gossip", self._gossip_handler)
-        self.transport.add_route("GET", "/members", self._members_handler)
+        self.gossip = MembershipGossip(
+            view=self.membership,
+            transport=self.transport,
+            config=membership,
+            seeds=tuple(dict.fromkeys([*membership.bootstrap, *bootstrap])),
+            request_timeout=config.transport.request_timeout,
+            on_change=self._on_membership_change,
+            describe=self._describe_members,
+        )
         self.transport.add_route("GET", "/state", self._state_handler)
         self._strategy: Strategy = build_strategy(
             StrategyContext(
@@ -208,17 +209,17 @@ class Peer:
         host, advertised_port = parse_address(own.address)
         if advertised_port == 0:
             self.membership.set_own_address(f"{host}:{port}")
-        self._tasks.spawn(self._membership_loop(), "membership")
+        self.gossip.start()
         configured = [n for n in self.config.peer_names if n != self.name]
         while time.monotonic() < deadline:
             heard = [n for n in configured if self.membership.heard_from(n)]
             others = [n for n in self.membership.live_names() if n != self.name]
-            if len(heard) == len(configured) and (configured or others or not self._seeds):
+            if len(heard) == len(configured) and (configured or others or not self.gossip.seeds):
                 break
             await asyncio.sleep(0.05)
         self._rewire(reason="startup")
-        # Wait in slices: the membership loop rewires meanwhile (a configured peer that is dead,
-        # e.g. when this peer restarts with --resume, drops out of the neighbours after dead_after).
+        # Wait in slices and rewire when the live set moved: a configured peer that is dead (e.g.
+        # when this peer restarts with --resume) drops out of the neighbours after dead_after.
         while True:
             missing = await self.transport.wait_connected(min(0.25, max(0.0, deadline - time.monotonic())))
             if not missing or time.monotonic() >= deadline:
@@ -248,16 +249,8 @@ class Peer:
                 with contextlib.suppress(TimeoutError, TransportError):
                     async with asyncio.timeout(self.config.transport.shutdown_timeout):
                         await self._strategy.finish()
-                self.membership.leave()
-                for task in list(self._gossip_inflight.values()):
-                    task.cancel()  # stale exchanges would carry the old view; announce the leave now
-                self._gossip_inflight.clear()
-                leaving = self._gossip_once(include_seeds=False)
-                if leaving:
-                    await asyncio.wait(leaving, timeout=self.config.transport.shutdown_timeout)
-            await self._tasks.cancel_all(
-                self.config.transport.shutdown_timeout, also=list(self._gossip_inflight.values())
-            )
+                await self.gossip.leave(self.config.transport.shutdown_timeout)
+            await self.gossip.close(self.config.transport.shutdown_timeout)
             await self._strategy.close()
             await self.transport.close(announce=True)
         finally:
@@ -321,96 +314,19 @@ class Peer:
         if self.membership.mark_left(name):
             self._rewire(reason=f"{name} left")
 
-    async def _membership_loop(self) -> None:
-        # The beat and the failure detector run on their own clock: an exchange with an address
-        # that silently drops packets (a partition, a dead seed) runs on in its own task, bounded by
-        # gossip_timeout, and never stretches the gossip period.
-        interval = self.config.membership.gossip_interval
-        while True:
-            self.membership.beat()
-            self._gossip_once(include_seeds=True)
-            if self.membership.tick() and self.state == "training":
-                self._rewire(reason="membership")
-            await asyncio.sleep(interval)
-
-    def _gossip_targets(self, *, include_seeds: bool) -> dict[str, str | None]:
-        """Up to ``fanout`` live members, plus seeds and members believed dead (address -> name)."""
-        cfg = self.config.membership
-        live = [n for n in self.membership.live_names() if n != self.name]
-        addresses = self.membership.addresses()
-        # address -> the peer's name when known, so its token is valid for that peer only
-        targets: dict[str, str | None] = {addresses[n]: n for n in random.sample(live, min(cfg.fanout, len(live)))}
-        if include_seeds:
-            # Bootstrap addresses and members believed dead are retried every period: this is
-            # how a joiner finds the swarm and how two sides of a healed partition merge.
-            unreachable = [
-                m["address"] for m in self.membership.snapshot() if m["state"] == "dead" and m["name"] != self.name
-            ]
-            pool = [a for a in (*self._seeds, *unreachable) if a not in targets]
-            targets.update(dict.fromkeys(random.sample(pool, min(cfg.fanout, len(pool)))))
-        return targets
-
-    def _gossip_once(self, *, include_seeds: bool) -> list[asyncio.Task[None]]:
-        """Start one push-pull exchange per target that has none in flight; returns the new tasks."""
-        started = []
-        for address, target in self._gossip_targets(include_seeds=include_seeds).items():
-            if address in self._gossip_inflight:
-                continue  # the previous exchange with this address is still waiting: no pile-up
-            task = asyncio.ensure_future(self._exchange_digest(address, target))
-            self._gossip_inflight[address] = task
-            task.add_done_callback(functools.partial(self._gossip_done, address))
-            started.append(task)
-        return started
-
-    def _gossip_done(self, address: str, task: asyncio.Task[None]) -> None:
-        if self._gossip_inflight.get(address) is task:
-            del self._gossip_inflight[address]
-
-    async def _exchange_digest(self, address: str, target: str | None) -> None:
-        cfg = self.config.membership
-        payload = {"sender": self.name, "members": self.membership.digest()}
-        try:
-            reply = await self.transport.request_json(
-                address, "POST", "/gossip", payload, cfg.gossip_timeout, _MAX_GOSSIP_BYTES, target=target
-            )
-            self._merge_digest(reply)
-        except TransportError:
-            return
-        except MembershipError as exc:
-            self.transport.stats.frames_rejected["membership"] += 1
-            log.debug("%s: bad membership reply from %s: %s", self.name, address, exc)
-
-    def _merge_digest(self, body: Any) -> None:
-        if not isinstance(body, dict) or "members" not in body:
-            raise MembershipError("gossip body must be an object with 'members'")
-        if self.membership.merge(parse_members(body["members"])) and self.state == "training":
+    def _on_membership_change(self) -> None:
+        # During startup the start sequence rewires itself once it has heard the configured peers.
+        if self.state == "training":
             self._rewire(reason="membership")
 
-    async def _gossip_handler(self, request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > _MAX_GOSSIP_BYTES:
-            return web.json_response({"error": "gossip body too large"}, status=413)
-        try:
-            async with asyncio.timeout(self.config.transport.request_timeout):
-                raw = await read_bounded(request.content, _MAX_GOSSIP_BYTES)
-            body = json.loads(raw)
-            self._merge_digest(body)
-        except (ValueError, RecursionError, MembershipError, TimeoutError, TransportError) as exc:
-            self.transport.stats.frames_rejected["membership"] += 1
-            return web.json_response({"error": f"bad gossip: {exc}"[:200]}, status=400)
-        return web.json_response({"members": self.membership.digest()})
-
-    async def _members_handler(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "name": self.name,
-                "frames_superseded": self.transport.mailbox.superseded,
-                "compression": self._compression_status(),
-                "incarnation": self.membership.incarnation,
-                "live": list(self.live_members()),
-                "neighbors": list(self._graph.neighbors.get(self.name, ())),
-                "members": self.membership.snapshot(),
-            }
-        )
+    def _describe_members(self) -> dict[str, Any]:
+        """This node's fields of ``GET /members`` (the view adds its own)."""
+        return {
+            "frames_superseded": self.transport.mailbox.superseded,
+            "compression": self._compression_status(),
+            "live": list(self.live_members()),
+            "neighbors": list(self._graph.neighbors.get(self.name, ())),
+        }
 
     # ------------------------------------------------------------------ state transfer
 
