@@ -21,13 +21,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import aiohttp
 import torch
 from aiohttp import web
 
 from p2pdl.config import Config, parse_address
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph, build_graph
-from p2pdl.errors import ConfigError, FrameTooLargeError, P2PDLError, TrainingDivergedError, TransportError
+from p2pdl.errors import (
+    ConfigError,
+    FrameSchemaError,
+    FrameTooLargeError,
+    P2PDLError,
+    TrainingDivergedError,
+    TransportError,
+)
 from p2pdl.membership.gossip import MembershipGossip
 from p2pdl.membership.view import MembershipView, Timing
 from p2pdl.net.auth import security_from_config
@@ -354,7 +362,7 @@ class Peer:
                 continue
             try:
                 step = await self._fetch_state_from(name, address)
-            except (P2PDLError, OSError, asyncio.IncompleteReadError) as exc:
+            except (P2PDLError, OSError) as exc:
                 errors.append(f"{name}: {exc}")
                 continue
             self.step_index = step
@@ -376,10 +384,10 @@ class Peer:
             if response.status != 200:
                 raise TransportError(f"GET {address}/state: HTTP {response.status}")
             while not assembler.complete:
-                (length,) = LENGTH.unpack(await response.content.readexactly(LENGTH.size))
+                (length,) = LENGTH.unpack(await _read_state(response.content, LENGTH.size))
                 if length > limits.max_frame_bytes:
                     raise FrameTooLargeError(f"state frame of {length} bytes is over the cap")
-                data = await response.content.readexactly(length)
+                data = await _read_state(response.content, length)
                 frame = await loop.run_in_executor(
                     None, functools.partial(decode_frame, data, limits=limits, known_senders=(donor,))
                 )
@@ -465,3 +473,13 @@ class Peer:
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             **self.transport.stats.as_dict(),
         }
+
+
+async def _read_state(content: aiohttp.StreamReader, size: int) -> bytes:
+    """The next ``size`` bytes of a state stream; an early end or a broken connection is a typed error."""
+    try:
+        return await content.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise FrameSchemaError(f"state stream ended early: {len(exc.partial)} of {size} bytes of a record") from exc
+    except aiohttp.ClientError as exc:
+        raise TransportError(f"state stream broke: {exc}") from exc

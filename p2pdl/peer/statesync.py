@@ -5,8 +5,8 @@ so it keeps training while the copy streams out) and serves it as a sequence of 
 frames: one ``state_meta`` frame announcing the step and the tensor list, then ``state`` frames
 of at most ``chunk_bytes`` of tensors each. On HTTP the stream is ``[u32 little-endian length]
 [frame]`` repeated. The joiner validates every tensor against its *own* model and optimizer
-(names, shapes, dtypes, finite values) before loading anything, so a hostile donor can at worst
-refuse service; it cannot corrupt the joiner's model.
+(names, shapes, dtypes, finite values, a consistent optimizer state) before loading anything, so
+a hostile donor can at worst refuse service; it cannot corrupt the joiner's model or optimizer.
 
 Trade-off: the snapshot doubles the donor's host memory for the duration of one transfer, in
 exchange for never pausing its training.
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from p2pdl.errors import FrameSchemaError, ShapeMismatchError
+from p2pdl.errors import FrameSchemaError, NonFiniteError, ShapeMismatchError
 from p2pdl.wire.codec import Frame, TensorSpec
 
 STATE_META = "state_meta"
@@ -32,6 +32,8 @@ OPTIMIZER_PREFIX = "opt/"
 # Optimizer state entries p2pdl knows how to validate: param-shaped buffers and scalar counters.
 _PARAM_SHAPED = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 _SCALAR = frozenset({"step"})
+# Second-moment buffers go under a square root: a negative entry would turn the next step into NaN.
+_NON_NEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class StateAssembler:
         self._announced: int | None = None
 
     def feed(self, frame: Frame) -> None:
+        """Check one frame of the stream and keep its tensors; raises a FrameError, loads nothing."""
         if frame.kind == STATE_META:
             count = frame.meta.get("tensors")
             if self.step is not None or not isinstance(count, int) or not 0 < count <= len(self._specs):
@@ -126,28 +129,53 @@ class StateAssembler:
                 raise ShapeMismatchError(f"state stream: {name!r} is {TensorSpec.of_tensor(tensor)}, expected {spec}")
             if name in self._received:
                 raise FrameSchemaError(f"state stream: {name!r} sent twice")
-            self._received[name] = tensor
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"state stream: {name!r} contains NaN or Inf")
+            key = name.rsplit("/", 1)[-1] if name.startswith(OPTIMIZER_PREFIX) else ""
+            if key in _NON_NEGATIVE and bool((tensor < 0).any()):
+                raise FrameSchemaError(f"state stream: {name!r} has negative entries")
+            if key in _SCALAR and not (float(tensor) >= 0 and float(tensor).is_integer()):
+                raise FrameSchemaError(f"state stream: {name!r} must be a whole number >= 0, got {float(tensor)}")
+        assert self._announced is not None
+        if len(self._received) + len(frame.tensors) > self._announced:
+            raise FrameSchemaError(f"state stream: more than the {self._announced} tensors announced")
+        # Kept only once the whole frame passed: a refused frame leaves nothing behind.
+        self._received.update(frame.tensors)
 
     @property
     def complete(self) -> bool:
         return self._announced is not None and len(self._received) == self._announced
 
+    def _optimizer_state(self) -> dict[int, dict[str, Any]]:
+        """The received optimizer state per parameter index, checked for consistency."""
+        state: dict[int, dict[str, Any]] = {}
+        for name, tensor in self._received.items():
+            if name.startswith(OPTIMIZER_PREFIX):
+                index_text, key = name[len(OPTIMIZER_PREFIX) :].split("/", 1)
+                state.setdefault(int(index_text), {})[key] = tensor.clone()
+        # Every parameter with state carries the same entries (Adam needs step, exp_avg and
+        # exp_avg_sq together), and the same ones as this optimizer already holds, if any.
+        key_sets = {frozenset(entries) for entries in state.values()}
+        own_sets = {frozenset(entries) for entries in self._optimizer.state_dict()["state"].values()}
+        if len(key_sets) > 1 or (key_sets and own_sets and key_sets != own_sets):
+            found = sorted(sorted(keys) for keys in key_sets)
+            raise FrameSchemaError(f"state stream: inconsistent optimizer state entries {found}")
+        return state
+
     @torch.no_grad()
     def apply(self) -> int:
-        """Load the received state into the model and optimizer; returns the donor's step."""
+        """Load the received state into the model and optimizer; returns the donor's step.
+
+        Every check runs before the first write, so a refused stream leaves both untouched.
+        """
         if not self.complete or self.step is None:
             raise FrameSchemaError(f"state stream ended early: {len(self._received)} of {self._announced} tensors")
         missing = [n for n in (MODEL_PREFIX + k for k, _ in self._model.named_parameters()) if n not in self._received]
         if missing:
             raise FrameSchemaError(f"state stream lacks parameters: {', '.join(missing[:5])}")
+        state = self._optimizer_state()
+        current = self._optimizer.state_dict()
         for name, param in self._model.named_parameters():
             param.copy_(self._received[MODEL_PREFIX + name])
-        state: dict[int, dict[str, Any]] = {}
-        for name, tensor in self._received.items():
-            if not name.startswith(OPTIMIZER_PREFIX):
-                continue
-            index_text, key = name[len(OPTIMIZER_PREFIX) :].split("/", 1)
-            state.setdefault(int(index_text), {})[key] = tensor.clone()
-        current = self._optimizer.state_dict()
         self._optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
         return self.step
