@@ -62,13 +62,8 @@ from p2pdl.config import Config, RunConfig, load_config, with_overrides
 from p2pdl.errors import ConfigError
 from p2pdl.peer.node import resolve_device
 from p2pdl.train.data import BatchStream
-from p2pdl.train.loop import (
-    MetricsWriter,
-    atomic_write_bytes,
-    build_model,
-    build_optimizer,
-    data_seed,
-)
+from p2pdl.train.files import MetricsWriter, atomic_write_bytes
+from p2pdl.train.loop import build_model, build_optimizer, data_seed
 from p2pdl.train.workload import load_workload
 
 DEFAULT_THRESHOLDS = (0.90, 0.93)

@@ -4,8 +4,8 @@ Peers never touch the network for data. MNIST-1D is generated from its procedura
 (``mnist1d.data.make_dataset``) rather than downloaded; scikit-learn's digits ship inside
 the package. Generating MNIST-1D takes a second or two, and a local cluster starts several
 peers at once, so the arrays are cached as ``.npz`` keyed by a hash of the generator's
-arguments. The cache is written atomically (temp file in the same directory, fsync,
-rename over) so a concurrent reader sees either no file or a whole one; an unreadable
+arguments. The cache is written atomically (:func:`p2pdl.train.files.atomic_write`) so a
+concurrent reader sees either no file or a whole one; an unreadable
 or corrupt file is simply rebuilt. Nothing here uses pickle.
 
 Every function returns fresh, writable numpy arrays (``x`` float32, ``y`` int64) under the
@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from p2pdl.train.files import atomic_write
 
 __all__ = ["cache_dir", "digits", "mnist1d", "shard_indices"]
 
@@ -78,26 +79,14 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Atomically publish ``arrays`` at ``path``; a failure only costs a rebuild next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    except OSError as exc:
-        logger.warning("cannot write dataset cache in %s (%s); continuing uncached", path, exc)
-        return
-    tmp_path = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            np.savez(
-                tmp_file,
-                x=arrays["x"],
-                y=arrays["y"],
-                x_test=arrays["x_test"],
-                y_test=arrays["y_test"],
-            )
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        tmp_path.replace(path)
+        atomic_write(
+            path,
+            lambda handle: np.savez(
+                handle, x=arrays["x"], y=arrays["y"], x_test=arrays["x_test"], y_test=arrays["y_test"]
+            ),
+        )
     except OSError as exc:
         logger.warning("cannot write dataset cache %s (%s); continuing uncached", path, exc)
-        tmp_path.unlink(missing_ok=True)
 
 
 def _build_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:

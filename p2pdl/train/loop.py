@@ -2,8 +2,9 @@
 
 It loads the workload named by the config, builds the model (seeded identically on every peer),
 takes this peer's shard and runs ``run.steps`` steps, evaluating every ``run.eval_every`` steps.
-It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per step), ``model.pt`` (the final
-``state_dict``) and ``summary.json``. A stop request (SIGTERM, Ctrl+C) lets the current step finish
+It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per step), ``summary.json``, and the
+checkpoint, final model and snapshots of :mod:`p2pdl.train.checkpoints`, all through
+:mod:`p2pdl.train.files`. A stop request (SIGTERM, Ctrl+C) lets the current step finish
 (each step is bounded by the round timeout), then saves and leaves cleanly.
 """
 
@@ -13,9 +14,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
-import json
 import logging
-import os
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,9 @@ import torch
 from p2pdl.config import Config, RunConfig
 from p2pdl.errors import AllReduceIncompleteError
 from p2pdl.peer.node import Peer, StepResult, resolve_device
+from p2pdl.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, save_snapshot
 from p2pdl.train.data import BatchStream
+from p2pdl.train.files import MetricsWriter, atomic_write_json
 from p2pdl.train.workload import LoadedWorkload, load_workload
 
 log = logging.getLogger(__name__)
@@ -49,50 +50,6 @@ def build_model(workload: LoadedWorkload, seed: int, device: torch.device) -> to
 def data_seed(run: RunConfig, shard_index: int) -> int:
     """Each peer shuffles its own shard with its own stream."""
     return run.seed * 1000 + shard_index
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename, so a crash never leaves a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
-def save_snapshot(model: torch.nn.Module, out_dir: Path, step: int) -> None:
-    """The flat float parameters after ``step`` steps, for consensus plots."""
-    folder = out_dir / "snapshots"
-    folder.mkdir(exist_ok=True)
-    flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
-    torch.save(flat, folder / f"step_{step}.pt")
-
-
-class MetricsWriter:
-    """Append-only JSON lines; flushed every few records and on close."""
-
-    def __init__(self, path: Path) -> None:
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._pending = 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._pending += 1
-        if self._pending >= 20:
-            self._handle.flush()
-            self._pending = 0
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 def assigned_shards(live: Sequence[str], name: str, shard_count: int) -> list[int]:
@@ -147,38 +104,6 @@ class ShardedBatches:
         return inputs.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True)
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
-    """Model, optimizer, step and RNG state, written atomically (temp file, fsync, rename)."""
-    state = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "torch_rng": torch.get_rng_state(),
-    }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint` (a local file; weights_only load)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
-
 @dataclass(frozen=True, kw_only=True)
 class PeerOptions:
     """How this process runs its peer (the CLI flags of ``p2pdl peer``)."""
@@ -205,8 +130,8 @@ async def run_peer(
     workload = load_workload(run.workload)
     model = build_model(workload, run.seed, device)
     optimizer = build_optimizer(run, model)
-    # torch.optim imports torch._dynamo on the first optimizer step (2-4 s here). Pay that before
-    # joining the swarm, so the first step after the start barrier does not stall the neighbours.
+    # torch.optim imports torch._dynamo on the first optimizer step, which takes seconds. Pay that
+    # before joining the swarm, so the first step after the start barrier does not stall the neighbours.
     await asyncio.to_thread(importlib.import_module, "torch._dynamo")
     checkpoint = out_dir / CHECKPOINT
     start_step = 0
@@ -344,7 +269,7 @@ async def run_peer(
         "device": str(device),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    await asyncio.to_thread(atomic_write_json, out_dir / "summary.json", summary)
     return summary
 
 
