@@ -4,7 +4,9 @@
 the closure runs forward and backward and returns the loss, as with ``optimizer.step(closure)``.
 The peer runs the closure and the optimizer step on its single compute thread (so the event loop
 keeps serving heartbeats and frames during a step), and calls the strategy around the optimizer
-step. The node itself holds no mixing math and no wire format: those live in the layers below.
+step. The node itself holds no mixing math, no wire format and no membership protocol: those
+live in the layers below (:mod:`p2pdl.membership.gossip` keeps the view current; the node only
+rewires the graph when the live set changes).
 """
 
 from __future__ import annotations
