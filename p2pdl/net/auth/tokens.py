@@ -1,52 +1,28 @@
-"""Who may talk to a peer: a swarm-wide shared secret, HMAC handshake tokens, and TLS contexts.
+"""HMAC handshake tokens: the header format, minting, strict parsing, and the verifier.
 
-What it protects. Without auth anyone who can reach a peer's port can join the gossip, push
-tensors into its model, or read ``/status``. With a shared secret every HTTP request and every
-WebSocket upgrade (``GET /ws``) carries ``Authorization: p2pdl-hmac v1 ...``: an HMAC-SHA256,
-keyed by the secret, over the sender's name, the target peer's name, the purpose (``"GET /ws"``),
-a timestamp and a fresh 128-bit nonce. :class:`TokenVerifier` accepts a token once, only at the
-named target, only for the named purpose and only within ``max_skew`` seconds of its timestamp.
-The acceptor proves itself back with a reply token bound to the request's nonce
-(:func:`make_reply`, :func:`verify_reply`), so both ends of a link are authenticated.
+A token says "``name`` asks ``target`` for ``purpose`` at ``ts``" with a fresh 128-bit nonce,
+signed with HMAC-SHA256 under the swarm secret. :class:`TokenVerifier` accepts a token once, only
+at the named target, only for the named purpose and only within ``max_skew`` seconds of its
+timestamp. The acceptor of a WebSocket proves itself back with a reply token bound to the
+request's nonce (:func:`make_reply`, :func:`verify_reply`), so both ends of a link are
+authenticated.
 
 Trade-offs:
 
-* **One shared secret, not per-peer keys.** Every member can mint a token under any member's
-  name, so the secret authenticates *the swarm*, not the individual peer. In exchange there is
-  one file to distribute and no key directory to keep in sync as peers come and go; a swarm is
-  one trust domain (every member already averages everyone's weights into its own), so an
-  insider impersonating another insider buys little. Use TLS client certificates (one per peer,
-  CN = peer name; see :func:`cert_names`) when individual identity matters.
 * **Replay protection covers the handshake, not the session.** A token is good for one use, at
-  one target, for one purpose, inside the skew window. What flows over the connection after the
-  handshake is not authenticated by the token: without TLS an active man-in-the-middle can still
-  hijack an accepted connection. HMAC tokens stop strangers; TLS stops eavesdroppers and hijackers.
+  one target, for one purpose, inside the skew window; what flows over the connection afterwards
+  is not authenticated by it. HMAC tokens stop strangers; TLS stops eavesdroppers and hijackers.
 * **The replay cache is bounded and fails closed.** Nonces are remembered until their token
   could no longer be accepted (timestamp + ``max_skew``). When the cache is still full after
-  dropping those, new tokens are refused (:class:`ReplayCacheFullError`) instead of growing
-  memory or forgetting live nonces (which would reopen replays). Only tokens with a valid MAC
-  reach the cache, so only a secret holder can fill it; the default 100 000 entries over a 60 s
-  window is ~1 600 handshakes per second, far above what a swarm needs.
-* **Clocks must roughly agree** (within ``max_skew``, 30 s by default; NTP is plenty). A backwards
-  wall-clock step larger than the window can reopen replays of tokens seen just before it.
-
-Nothing here ever puts the secret in a message, a repr or a log line; :class:`Secret` refuses
-to be printed or pickled.
-
-The auth errors derive from :class:`~p2pdl.errors.P2PDLError` and have a short ``reason`` (the
-key of rejection counters), like :class:`~p2pdl.errors.FrameError`::
-
-    AuthConfigError (ConfigError)   missing/short secret, unreadable TLS file, bad TLS combination
-    AuthError                       a credential was refused; the client only ever sees a bare 401
-    ├── TokenFormatError            header is not a well-formed p2pdl-hmac v1 credential
-    ├── MissingTokenError           no credential where one is required
-    ├── BadMacError                 MAC mismatch: wrong secret or a tampered field
-    ├── UnknownPeerError            authentic token from a name this peer does not accept
-    ├── WrongTargetError            token minted for another peer
-    ├── WrongPurposeError           token minted for another request (method and path)
-    ├── TokenExpiredError           timestamp more than max_skew from now (past or future)
-    ├── TokenReplayedError          nonce already used within the window
-    └── ReplayCacheFullError        replay cache full of live nonces; refusing, not growing
+  dropping those, new tokens are refused (:class:`~p2pdl.errors.ReplayCacheFullError`) instead
+  of growing memory or forgetting live nonces (which would reopen replays). Only tokens with a
+  valid MAC reach the cache, so only a secret holder can fill it; the default 100 000 entries
+  over a 60 s window is ~1 600 handshakes per second, far above what a swarm needs.
+* **Clocks must roughly agree** (within ``max_skew``, 30 s by default; NTP is plenty). A
+  backwards wall-clock step larger than the window can reopen replays of tokens seen just
+  before it.
+* **Parsing is strict and canonical**: one spelling per token, so two parsers can never
+  disagree on which fields were signed.
 """
 
 from __future__ import annotations
@@ -54,27 +30,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import logging
 import math
-import os
 import re
 import secrets
-import ssl
-import stat
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Final
 from urllib.parse import quote, unquote
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
-
-from p2pdl.config import SecurityConfig
 from p2pdl.errors import (
-    AuthConfigError,
-    AuthError,
     BadMacError,
     MissingTokenError,
     ReplayCacheFullError,
@@ -85,8 +50,7 @@ from p2pdl.errors import (
     WrongPurposeError,
     WrongTargetError,
 )
-
-log = logging.getLogger(__name__)
+from p2pdl.net.auth.secret import Secret
 
 AUTH_SCHEME: Final = "p2pdl-hmac"
 AUTH_VERSION: Final = "v1"
@@ -94,122 +58,8 @@ HEADER: Final = "Authorization"
 # RFC 7615's header for a server's authentication info; carries the acceptor's reply token.
 REPLY_HEADER: Final = "Authentication-Info"
 MAX_HEADER_CHARS: Final = 1024
-MIN_SECRET_BYTES: Final = 16
-MAX_SECRET_BYTES: Final = 64 * 1024  # a bigger "secret file" is almost surely the wrong file
 MAX_NAME_CHARS: Final = 64  # as for [[peers]] names in the config
 MAX_PURPOSE_CHARS: Final = 256
-
-# Set by auth_middleware on every authenticated request.
-PEER_KEY: Final = web.RequestKey("p2pdl_auth_peer", str)
-
-
-# --------------------------------------------------------------------------- the secret
-
-
-class Secret:
-    """The swarm's shared key. Its repr and str are redacted; it cannot be pickled."""
-
-    __slots__ = ("_key",)
-    _key: bytes
-
-    def __init__(self, key: bytes, *, source: str = "the secret") -> None:
-        if not isinstance(key, bytes):
-            raise TypeError(f"Secret wants bytes, got {type(key).__name__}")
-        if len(key) < MIN_SECRET_BYTES:
-            raise AuthConfigError(
-                [
-                    f"{source} is {len(key)} bytes; at least {MIN_SECRET_BYTES} are required "
-                    "(make one with `openssl rand -hex 32`)"
-                ]
-            )
-        object.__setattr__(self, "_key", key)
-
-    def reveal(self) -> bytes:
-        """The key bytes, for HMAC only. Never log or send them."""
-        return self._key
-
-    @property
-    def size(self) -> int:
-        return len(self._key)
-
-    def __repr__(self) -> str:
-        return f"Secret(<redacted>, {len(self._key)} bytes)"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return repr(self)
-
-    def __setattr__(self, name: str, value: object) -> NoReturn:
-        raise AttributeError("Secret is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._key, other._key)
-
-    __hash__ = None  # type: ignore[assignment]  # a hash of the key would leak a fingerprint
-
-    def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        raise TypeError("a Secret cannot be pickled or serialised; pass it in memory only")
-
-    def __copy__(self) -> Secret:
-        return self  # immutable
-
-    def __deepcopy__(self, memo: object) -> Secret:
-        return self
-
-
-def load_secret(*, env: str | None, file: Path | None) -> Secret:
-    """Read the swarm secret from exactly one of an environment variable or a file.
-
-    One trailing newline (``\\n`` or ``\\r\\n``) is stripped, so ``openssl rand -hex 32 > f``
-    works. The bytes are used as they are (hex text is a fine key). A file readable by group or
-    others gets a warning. Raises AuthConfigError, whose message never contains the secret.
-    """
-    if (env is None) == (file is None):
-        raise AuthConfigError(["give exactly one of a secret environment variable or a secret file"])
-    if env is not None:
-        value = os.environ.get(env)
-        if value is None:
-            raise AuthConfigError([f"secret: environment variable {env} is not set"])
-        # os.fsencode undoes the surrogateescape decoding of os.environ: the exact bytes.
-        raw = os.fsencode(value)
-        source = f"secret from environment variable {env}"
-    else:
-        assert file is not None
-        raw = _read_secret_file(file)
-        source = f"secret file {str(file)!r}"
-    if raw.endswith(b"\r\n"):
-        raw = raw[:-2]
-    elif raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if not raw:
-        raise AuthConfigError([f"{source} is empty"])
-    return Secret(raw, source=source)
-
-
-def _read_secret_file(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise AuthConfigError([f"secret file {str(path)!r} is not a regular file"])
-            raw = handle.read(MAX_SECRET_BYTES + 1)
-    except OSError as exc:
-        raise AuthConfigError([f"cannot read secret file {str(path)!r}: {exc.strerror}"]) from exc
-    if len(raw) > MAX_SECRET_BYTES:
-        raise AuthConfigError([f"secret file {str(path)!r} is over {MAX_SECRET_BYTES} bytes; is it the right file?"])
-    if os.name == "posix" and mode & 0o077:
-        log.warning(
-            "secret file %s is readable by group or others (mode %o); chmod 600 it",
-            path,
-            stat.S_IMODE(mode),
-        )
-    return raw
-
-
-# --------------------------------------------------------------------------- tokens
 
 _FIELDS: Final = ("name", "target", "purpose", "ts", "nonce", "mac")
 _NONCE_BYTES: Final = 16
@@ -485,250 +335,3 @@ def reply_from_meta(meta: Mapping[str, object], *, sent: AuthToken, sender: str)
     return AuthToken(
         name=sender, target=sent.name, purpose=reply_purpose(sent), timestamp=float(ts), nonce=nonce, mac=mac
     )
-
-
-# --------------------------------------------------------------------------- aiohttp glue
-
-TOKEN_KEY: Final = web.RequestKey("p2pdl_auth_token", AuthToken)
-_UNAUTHORIZED: Final = {"error": "unauthorized"}
-_REJECT_LOG_INTERVAL: Final = 10.0  # seconds between "refused a request" warnings
-
-
-def default_purpose(request: web.Request) -> str:
-    return f"{request.method} {request.path}"
-
-
-def auth_middleware(
-    verifier: TokenVerifier,
-    *,
-    open_paths: frozenset[str] = frozenset({"/healthz"}),
-    purpose_for: Callable[[web.Request], str] = default_purpose,
-    on_reject: Callable[[web.Request, AuthError], None] | None = None,
-) -> Middleware:
-    """An aiohttp middleware that demands a fresh token on every route outside ``open_paths``.
-
-    ``open_paths`` are matched against the *routed* resource, so an encoded or unrouted path
-    never slips through, and an unknown path answers 401 (not 404) to an unauthenticated client.
-    A refusal is a 401 whose body is ``{"error": "unauthorized"}`` whatever the reason; the
-    reason goes to ``on_reject`` (e.g. to count it) and to a rate-limited log warning. On success
-    the peer name is in ``request[PEER_KEY]`` and the token in ``request[TOKEN_KEY]``.
-    """
-    last_warning = [-_REJECT_LOG_INTERVAL]
-
-    def refuse(request: web.Request, exc: AuthError) -> web.Response:
-        if on_reject is not None:
-            on_reject(request, exc)
-        now = time.monotonic()
-        if now - last_warning[0] >= _REJECT_LOG_INTERVAL:
-            last_warning[0] = now
-            log.warning(
-                "%s: refused %s %s from %s (%s): %s",
-                verifier.self_name,
-                request.method,
-                request.path[:100],
-                request.remote or "?",
-                exc.reason,
-                exc,
-            )
-        return web.json_response(
-            _UNAUTHORIZED, status=401, headers={"WWW-Authenticate": f"{AUTH_SCHEME} {AUTH_VERSION}"}
-        )
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        if resource is not None and resource.canonical in open_paths:
-            return await handler(request)
-        credentials = request.headers.getall(HEADER, [])
-        try:
-            if not credentials:
-                raise MissingTokenError(f"no {HEADER} header")
-            if len(credentials) > 1:
-                raise TokenFormatError(f"{len(credentials)} {HEADER} headers; exactly one is allowed")
-            token = token_from_header(credentials[0])
-            peer = verifier.verify(token, purpose=purpose_for(request))
-        except AuthError as exc:
-            return refuse(request, exc)
-        request[PEER_KEY] = peer
-        request[TOKEN_KEY] = token
-        return await handler(request)
-
-    return middleware
-
-
-def reply_signer(secret: Secret, *, self_name: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """An ``app.on_response_prepare`` hook: answer every authenticated request with a reply
-    token in ``REPLY_HEADER`` so the client can check it reached the right, secret-holding peer.
-    """
-
-    async def sign(request: web.Request, response: web.StreamResponse) -> None:
-        if TOKEN_KEY in request:
-            reply = make_reply(secret, request[TOKEN_KEY], self_name=self_name)
-            response.headers[REPLY_HEADER] = token_to_header(reply)
-
-    return sign
-
-
-# --------------------------------------------------------------------------- TLS
-
-
-def _require_readable(path: Path, what: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise AuthConfigError([f"tls: cannot read {what} {str(path)!r}: {exc.strerror}"]) from exc
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _refuse_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
-    raise _EncryptedKey
-
-
-def _load_chain(context: ssl.SSLContext, cert: Path, key: Path) -> None:
-    _require_readable(cert, "certificate")
-    _require_readable(key, "private key")
-    try:
-        context.load_cert_chain(cert, key, password=_refuse_password)
-    except _EncryptedKey:
-        raise AuthConfigError(
-            [f"tls: private key {str(key)!r} is encrypted; p2pdl needs an unencrypted key file"]
-        ) from None
-    except ssl.SSLError as exc:
-        raise AuthConfigError(
-            [
-                f"tls: cannot use certificate {str(cert)!r} with key {str(key)!r}: "
-                f"{exc.reason or exc} (not PEM, or the key does not match the certificate)"
-            ]
-        ) from exc
-
-
-def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
-    _require_readable(ca, "CA bundle")
-    try:
-        context.load_verify_locations(cafile=ca)
-    except ssl.SSLError as exc:
-        raise AuthConfigError(
-            [f"tls: CA bundle {str(ca)!r} holds no usable PEM certificate: {exc.reason or exc}"]
-        ) from exc
-
-
-def server_ssl_context(cert: Path, key: Path, ca: Path | None, *, require_client_cert: bool) -> ssl.SSLContext:
-    """TLS >= 1.2 for a peer's server. With ``require_client_cert``, only clients holding a
-    certificate signed by ``ca`` complete the handshake (mutual TLS).
-    """
-    if require_client_cert and ca is None:
-        raise AuthConfigError(["tls: require_client_cert needs a CA bundle to check client certificates"])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(context, cert, key)
-    if ca is not None:
-        _load_ca(context, ca)
-        context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
-    return context
-
-
-def client_ssl_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    """TLS >= 1.2 for dialling peers: trusts only ``ca`` (not the system store) and checks the
-    host name, so a server certificate for ``127.0.0.1`` needs that IP in its subjectAltName.
-    ``cert`` and ``key`` (both or neither) are this peer's client certificate for mutual TLS.
-    """
-    if (cert is None) != (key is None):
-        raise AuthConfigError(["tls: a client certificate needs both a cert file and a key file"])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are on
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_ca(context, ca)
-    if cert is not None and key is not None:
-        _load_chain(context, cert, key)
-    return context
-
-
-def cert_names(peercert: Mapping[str, Any] | None) -> frozenset[str]:
-    """The subject common names and DNS subjectAltNames of a verified peer certificate.
-
-    ``peercert`` is ``ssl_object.getpeercert()``, e.g. ``request.transport.get_extra_info("peercert")``;
-    with one certificate per peer (CN = peer name) this ties a TLS client to a ``hello`` sender.
-    """
-    if not peercert:
-        return frozenset()
-    names: set[str] = set()
-    for rdn in peercert.get("subject", ()):
-        for attribute, value in rdn:
-            if attribute == "commonName":
-                names.add(value)
-    for kind, value in peercert.get("subjectAltName", ()):
-        if kind == "DNS":
-            names.add(value)
-    return frozenset(names)
-
-
-# --------------------------------------------------------------------------- one peer's setup
-
-# Requests that may be addressed to "whoever answers": membership gossip to a bootstrap address,
-# and the read-only views an operator's CLI asks for.
-ANY_TARGET_PURPOSES = frozenset({"POST /gossip", "GET /status", "GET /members"})
-
-
-@dataclass(frozen=True, kw_only=True)
-class PeerSecurity:
-    """Everything one peer needs to authenticate and encrypt: built once from the config."""
-
-    name: str
-    secret: Secret | None = None
-    verifier: TokenVerifier | None = None
-    server_ssl: ssl.SSLContext | None = None
-    client_ssl: ssl.SSLContext | None = None
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.client_ssl is not None else "http"
-
-    def headers(self, *, target: str | None, method: str, path: str) -> dict[str, str]:
-        """A fresh single-use token for one request (no header when the swarm has no secret)."""
-        if self.secret is None:
-            return {}
-        token = make_token(self.secret, name=self.name, target=target or ANY_TARGET, purpose=f"{method} {path}")
-        return {HEADER: token_to_header(token)}
-
-
-def security_from_config(config: SecurityConfig, name: str) -> PeerSecurity:
-    """:func:`build_peer_security` from a ``[security]`` section."""
-    return build_peer_security(
-        name,
-        secret_env=config.secret_env,
-        secret_file=config.secret_file,
-        max_clock_skew=config.max_clock_skew,
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-        tls_ca=config.tls_ca,
-        require_client_cert=config.require_client_cert,
-    )
-
-
-def build_peer_security(
-    name: str,
-    *,
-    secret_env: str | None,
-    secret_file: Path | None,
-    max_clock_skew: float,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    tls_ca: Path | None,
-    require_client_cert: bool,
-) -> PeerSecurity:
-    """Load the secret and TLS material named by the config (errors name the file or variable)."""
-    secret = load_secret(env=secret_env, file=secret_file) if (secret_env or secret_file) else None
-    verifier = (
-        TokenVerifier(secret, self_name=name, max_skew=max_clock_skew, any_target_purposes=ANY_TARGET_PURPOSES)
-        if secret is not None
-        else None
-    )
-    server_ssl = client_ssl = None
-    if tls_cert is not None and tls_key is not None and tls_ca is not None:
-        server_ssl = server_ssl_context(tls_cert, tls_key, tls_ca, require_client_cert=require_client_cert)
-        client_ssl = client_ssl_context(tls_ca, tls_cert, tls_key)
-    return PeerSecurity(name=name, secret=secret, verifier=verifier, server_ssl=server_ssl, client_ssl=client_ssl)
