@@ -4,21 +4,29 @@ The connection limits act at the TCP level (a wrapper around aiohttp's protocol 
 any byte is parsed: a connection over a limit is aborted at once, and one that has not delivered
 a complete request head within ``request_timeout`` seconds (a slowloris) is aborted by a timer;
 aiohttp has no header-read timeout of its own. The rate limit is a token bucket per link,
-checked before a frame is decoded, so a flood costs a counter increment, not a parse.
+checked before a frame is decoded, so a flood costs a counter increment, not a parse. A request
+aiohttp cannot parse is counted and logged as one line at most once per interval
+(:class:`ServerLog`), instead of a traceback per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from p2pdl.net.stats import TransportStats
+from p2pdl.net.stats import LogThrottle, TransportStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,3 +157,81 @@ class GuardedSite(web.TCPSite):
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic only in typeshed
+    """The logger aiohttp's request handler reports to (``AppRunner(logger=...)``).
+
+    aiohttp calls ``exception`` for every request it cannot parse (it answers 400) and for every
+    handler that raised (500), and ``debug`` for some refusals; by default each is a traceback.
+    Here a refused request (an ``HttpProcessingError``: bad request line, bad header, oversized
+    line, bad body framing) is counted in ``bad_requests`` and logged as one line at most once per
+    :data:`~p2pdl.net.stats.LOG_INTERVAL`; anything else is a bug in a handler and keeps its
+    traceback, under the same rate limit.
+    """
+
+    def __init__(self, server_name: str, stats: TransportStats) -> None:
+        super().__init__(log, {})
+        self._server_name = server_name
+        self._stats = stats
+        self._throttle = LogThrottle()
+
+    def exception(
+        self,
+        msg: object,
+        *args: object,
+        exc_info: Any = True,
+        stack_info: bool = False,
+        stacklevel: int = 1,
+        extra: Mapping[str, object] | None = None,
+        **kwargs: object,
+    ) -> None:
+        error = _exception_of(exc_info)
+        if isinstance(error, HttpProcessingError):
+            self._refused(error)
+        elif self._throttle.allow("handler_error"):
+            self.logger.error("%s: %s", self._server_name, _message(msg, args), exc_info=exc_info)
+
+    def debug(
+        self,
+        msg: object,
+        *args: object,
+        exc_info: Any = None,
+        stack_info: bool = False,
+        stacklevel: int = 1,
+        extra: Mapping[str, object] | None = None,
+        **kwargs: object,
+    ) -> None:
+        error = _exception_of(exc_info)
+        if isinstance(error, HttpProcessingError):
+            self._refused(error)  # e.g. a first request line that is not HTTP at all
+        else:
+            self.logger.debug("%s: %s", self._server_name, _message(msg, args))
+
+    def _refused(self, error: HttpProcessingError) -> None:
+        self._stats.bad_requests += 1
+        if self._throttle.allow("bad_request"):
+            detail = " ".join(str(error.message).split())[:160]
+            self.logger.warning(
+                "%s: refused a malformed HTTP request (%s %s); %d so far",
+                self._server_name,
+                error.code,
+                detail,
+                self._stats.bad_requests,
+            )
+
+
+def _exception_of(exc_info: Any) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple) and len(exc_info) == 3:
+        error = exc_info[1]
+        return error if isinstance(error, BaseException) else None
+    return sys.exc_info()[1] if exc_info else None
+
+
+def _message(msg: object, args: tuple[object, ...]) -> str:
+    try:
+        return str(msg) % args if args else str(msg)
+    except (TypeError, ValueError):
+        return f"{msg} {args}"

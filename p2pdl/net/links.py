@@ -92,11 +92,11 @@ async def send_frame(ws: WebSocket, frame: Frame, stats: TransportStats) -> None
     stats.frames_sent += 1
 
 
-async def close_quietly(ws: WebSocket, timeout: float) -> None:
-    """Close ``ws`` within ``timeout`` seconds, ignoring a connection that is already gone."""
+async def close_quietly(ws: WebSocket, timeout: float, *, code: int = aiohttp.WSCloseCode.OK) -> None:
+    """Close ``ws`` with ``code`` within ``timeout`` seconds, ignoring a connection already gone."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(timeout):
-            await ws.close()
+            await ws.close(code=code)
 
 
 # --------------------------------------------------------------------------- the dialer's side
@@ -210,5 +210,12 @@ def hello_reply(security: PeerSecurity, request: web.Request, *, self_name: str,
 
 
 def ws_message_cap(limits: Limits) -> int:
-    """aiohttp's ``max_msg_size`` for a link: what it buffers before it closes the link (1009)."""
-    return limits.max_frame_bytes
+    """aiohttp's ``max_msg_size`` for a link: twice ``max_frame_bytes``.
+
+    aiohttp closes a link (code 1009) on a message over its cap, before the receiver sees it.
+    With the cap above the frame limit, a message a little over ``max_frame_bytes`` (a peer
+    configured for a bigger model, say) reaches the decoder and is refused there like any frame,
+    counted as ``too_large`` with the link kept up. The price is that one link can make aiohttp
+    buffer up to twice ``max_frame_bytes``; only a message beyond that still closes the link.
+    """
+    return 2 * limits.max_frame_bytes

@@ -27,6 +27,7 @@ class TransportStats:
     auth_rejected: Counter[str] = field(default_factory=Counter)
     connections_refused: int = 0
     connections_timed_out: int = 0
+    bad_requests: int = 0  # HTTP requests aiohttp could not parse (answered 400 when still possible)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class TransportStats:
             "auth_rejected": {"total": sum(self.auth_rejected.values()), "by_reason": dict(self.auth_rejected)},
             "connections_refused": self.connections_refused,
             "connections_timed_out": self.connections_timed_out,
+            "bad_requests": self.bad_requests,
         }
 
 

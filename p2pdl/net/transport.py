@@ -53,6 +53,7 @@ from p2pdl.config import TransportConfig
 from p2pdl.errors import (
     AuthError,
     FrameError,
+    FrameFormatError,
     FrameSchemaError,
     FrameTooLargeError,
     PeerTimeoutError,
@@ -61,7 +62,7 @@ from p2pdl.errors import (
     UnknownSenderError,
 )
 from p2pdl.net.auth import PEER_KEY, PeerSecurity, auth_middleware
-from p2pdl.net.guard import ConnectionGuard, GuardedSite
+from p2pdl.net.guard import ConnectionGuard, GuardedSite, ServerLog
 from p2pdl.net.links import (
     BYE,
     CLOSE_NOT_A_NEIGHBOR,
@@ -173,6 +174,7 @@ class Transport:
             self._app,
             handle_signals=False,
             access_log=None,
+            logger=ServerLog(self.name, self.stats),
             shutdown_timeout=self._config.shutdown_timeout,
         )
         await self._runner.setup()
@@ -366,12 +368,24 @@ class Transport:
             backoff = min(backoff * 2, self._config.reconnect_max)
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
+        """GET /ws: the acceptor's side of a link, from the upgrade until the link ends."""
         ws = web.WebSocketResponse(
             max_msg_size=ws_message_cap(self._limits),
             heartbeat=self._config.heartbeat_interval,
             compress=False,
         )
         await ws.prepare(request)
+        try:
+            await self._handshake_and_serve(request, ws)
+        except Exception:
+            # A bug, not a refusal: count it, close this one connection, keep the server up.
+            self.stats.frames_rejected["internal_error"] += 1
+            if self._warnings.allow("internal_error"):
+                log.exception("%s: unexpected error on an accepted WebSocket", self.name)
+            await close_quietly(ws, self._config.shutdown_timeout, code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        return ws
+
+    async def _handshake_and_serve(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         try:
             hello = await read_hello(
                 ws, request, security=self.security, limits=self._limits, timeout=self._config.handshake_timeout
@@ -380,19 +394,20 @@ class Transport:
             if refused.refusal is not None:
                 self._reject(refused.refusal, refused.source)
             await ws.close(code=refused.code, message=refused.reason)
-            return ws
+            return
         link = self._links.get(hello.sender)
-        if link is None and hello.kind == HELLO and self._admit(hello.sender):
+        if link is None and hello.kind == HELLO and hello.sender != self.name and self._admit(hello.sender):
             # A member this peer does not link to yet (its view may lag a rewiring): accept, so
             # both ends converge without a refused-and-retried dial.
             link = self._add_link(hello.sender)
         if hello.kind != HELLO or link is None or link.dials:
+            # Also a hello in this peer's own name: no link to itself exists or is ever added.
             self._reject(
                 UnknownSenderError(f"{hello.sender!r} is not a neighbour that dials here"),
                 hello.sender,
             )
             await ws.close(code=CLOSE_NOT_A_NEIGHBOR, message=b"not a neighbour")
-            return ws
+            return
         if link.state == "left":
             link.state = "connecting"
             self.mailbox.mark_back(link.name)
@@ -405,12 +420,11 @@ class Transport:
                 async with asyncio.timeout(self._config.handshake_timeout):
                     await send_frame(ws, reply, self.stats)
             except (TimeoutError, ConnectionError, aiohttp.ClientError):
-                return ws
+                return
             old = link.ws
             if old is not None and not old.closed:
                 await old.close()
             await self._serve_link(link, ws)
-            return ws
         finally:
             if link.frames_token == token:  # a newer connection may already hold its own
                 link.frames_token = ""
@@ -444,6 +458,8 @@ class Transport:
         except TimeoutError:
             raise web.HTTPRequestTimeout() from None
         if data is None:
+            # The client closed its side first, so this 400 seldom reaches it; the count does.
+            self._reject(FrameFormatError(f"POST /frames body ended before its {length} bytes"), link.name)
             raise web.HTTPBadRequest(text="body shorter than Content-Length")
         await self._on_bytes(link, data)
         return web.Response(status=204)
@@ -472,6 +488,12 @@ class Transport:
             elif message.type == aiohttp.WSMsgType.TEXT:
                 self.stats.frames_rejected["format"] += 1
             else:
+                if message.type == aiohttp.WSMsgType.ERROR and _is_too_big(message.data):
+                    # Over aiohttp's buffer cap (twice max_frame_bytes): it closes the link (1009).
+                    self._reject(
+                        FrameTooLargeError(f"{message.data}; max_frame_bytes is {self._limits.max_frame_bytes}"),
+                        link.name,
+                    )
                 break
             if link.has_left():
                 await ws.close()
@@ -666,7 +688,10 @@ async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | N
     chunks: list[bytes] = []
     remaining = length
     while remaining > 0:
-        chunk = await content.readany()
+        try:
+            chunk = await content.readany()
+        except (ConnectionError, web.RequestPayloadError):  # the client closed or reset mid-body
+            return None
         if not chunk:
             return None
         chunks.append(chunk[:remaining] if len(chunk) > remaining else chunk)
@@ -675,14 +700,22 @@ async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | N
 
 
 async def read_bounded(stream: aiohttp.StreamReader, max_bytes: int) -> bytes:
-    """Read a whole body, refusing it (TransportError) as soon as it passes ``max_bytes``."""
+    """Read a whole body, refusing it (TransportError) past ``max_bytes`` or when it ends early."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await stream.read(65536)
+        try:
+            chunk = await stream.read(65536)
+        except (ConnectionError, web.RequestPayloadError, aiohttp.ClientPayloadError) as exc:
+            raise TransportError(f"body ended early: {exc}") from exc
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
             raise TransportError(f"body over {max_bytes} bytes")
         chunks.append(chunk)
+
+
+def _is_too_big(error: object) -> bool:
+    """Whether a WebSocket ERROR message is aiohttp's "message too big" (close code 1009)."""
+    return isinstance(error, aiohttp.WebSocketError) and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
