@@ -159,7 +159,7 @@ class GuardedSite(web.TCPSite):
         )
 
 
-class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic only in typeshed
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
     """The logger aiohttp's request handler reports to (``AppRunner(logger=...)``).
 
     aiohttp calls ``exception`` for every request it cannot parse (it answers 400) and for every
