@@ -24,26 +24,29 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from tls_util import CertPair, encrypt_key, make_ca, make_peer_cert
 
-from p2pdl.errors import ConfigError, P2PDLError
+from p2pdl.errors import (
+    AuthConfigError,
+    AuthError,
+    BadMacError,
+    ConfigError,
+    MissingTokenError,
+    P2PDLError,
+    ReplayCacheFullError,
+    TokenExpiredError,
+    TokenFormatError,
+    TokenReplayedError,
+    UnknownPeerError,
+    WrongPurposeError,
+    WrongTargetError,
+)
 from p2pdl.net.auth import (
     HEADER,
     MAX_HEADER_CHARS,
     PEER_KEY,
     REPLY_HEADER,
-    AuthConfigError,
-    AuthError,
     AuthToken,
-    BadMacError,
-    MissingTokenError,
-    ReplayCacheFullError,
     Secret,
-    TokenExpiredError,
-    TokenFormatError,
-    TokenReplayedError,
     TokenVerifier,
-    UnknownPeerError,
-    WrongPurposeError,
-    WrongTargetError,
     auth_middleware,
     cert_names,
     client_ssl_context,

@@ -52,7 +52,8 @@ from p2pdl.net.auth import (
     token_to_header,
 )
 from p2pdl.net.auth import verify_reply as verify_acceptor_reply
-from p2pdl.net.transport import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR, SENDER_HEADER, TOKEN_HEADER
+from p2pdl.net.links import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR
+from p2pdl.net.transport import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.wire.codec import Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
@@ -737,6 +738,25 @@ async def test_deeply_nested_gossip_json_is_a_counted_400(secret_env: str) -> No
             status = response.status
         assert b.status()["frames_rejected"]["by_reason"].get("membership") == 1
         assert status == 400
+
+
+async def test_a_gossip_body_cut_short_is_a_counted_refusal_without_a_traceback(
+    secret_env: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with victim_and_rogue() as (b, rogue):
+        port = int(rogue.base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        credential = auth("a", "b", "POST /gossip")[HEADER]
+        head = f"POST /gossip HTTP/1.1\r\nHost: b\r\n{HEADER}: {credential}\r\nContent-Length: 500\r\n\r\n"
+        writer.write(head.encode() + b'{"sender": "a", "members": [')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write_eof()  # the body ends 472 bytes early
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), timeout=5)
+        writer.close()
+        await wait_for(lambda: b.status()["frames_rejected"]["by_reason"].get("membership") == 1)
+    assert not [r for r in caplog.records if r.exc_info is not None]
 
 
 async def test_a_zero_element_tensor_whose_strides_overflow_is_a_frame_error(secret_env: str) -> None:

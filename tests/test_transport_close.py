@@ -9,7 +9,8 @@ import pytest
 
 from p2pdl.config import TransportConfig
 from p2pdl.errors import FrameSchemaError
-from p2pdl.net.transport import Transport, _Link
+from p2pdl.net.links import Link
+from p2pdl.net.transport import Transport
 
 
 def refuse(kind: str, sender: str) -> Any:
@@ -48,7 +49,7 @@ def transport_with(socket: object, shutdown_timeout: float) -> Transport:
         expected_tensors=refuse,
         status=dict,
     )
-    transport._links["b"] = _Link(name="b", address="127.0.0.1:9", dials=False, state="connected", ws=socket)  # type: ignore[arg-type]
+    transport._links["b"] = Link(name="b", address="127.0.0.1:9", dials=False, state="connected", ws=socket)  # type: ignore[arg-type]
     return transport
 
 

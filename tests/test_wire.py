@@ -28,10 +28,13 @@ from p2pdl.wire.codec import (
     ALLOWED_DTYPES,
     FLAG_LZ4,
     HEADER_SIZE,
+    MAX_NESTING,
     PROTOCOL_VERSION,
     Frame,
     Limits,
     TensorSpec,
+    _Extension,
+    _extension,
     _swap_bytes,
     _unpack,
     _unpack_in_place,
@@ -353,6 +356,23 @@ def test_body_version_mismatch() -> None:
         decode_frame(_packed(_body(v=2)), limits=LIMITS)
 
 
+@pytest.mark.parametrize(
+    "obj",
+    [{"v": 2}, _body(v=2, kind="NOT A KIND"), _body(v=0, tensors="x"), {"v": 7, "extra": 1}],
+    ids=["only-v", "bad-kind", "bad-tensors", "extra-key"],
+)
+def test_body_version_is_checked_before_the_rest_of_the_schema(obj: dict[str, Any]) -> None:
+    # A body of another version may have another shape: it is reported as a version mismatch.
+    with pytest.raises(FrameVersionError):
+        decode_frame(_packed(obj), limits=LIMITS)
+
+
+@pytest.mark.parametrize("v", [True, 1.0, "1", None])
+def test_a_body_version_that_is_not_an_int_is_a_schema_error(v: object) -> None:
+    with pytest.raises(FrameSchemaError):
+        decode_frame(_packed(_body(v=v)), limits=LIMITS)
+
+
 def test_ext_types_are_refused() -> None:
     with pytest.raises(FrameSchemaError):
         decode_frame(_packed(_body(meta={"k": msgpack.ExtType(5, b"xyz")})), limits=LIMITS)
@@ -361,6 +381,47 @@ def test_ext_types_are_refused() -> None:
     timestamp = msgpack.Timestamp(seconds=1)
     with pytest.raises(FrameSchemaError):
         decode_frame(_packed(_body(round=timestamp)), limits=LIMITS)
+
+
+def _ext(code: int, data: bytes) -> bytes:
+    """A msgpack ext8 value with any type code, negative ones included (ExtType allows 0..127)."""
+    return bytes([0xC7, len(data), code & 0xFF]) + data
+
+
+@pytest.mark.parametrize(
+    ("code", "data"),
+    [(-128, b"x"), (-2, b""), (-1, bytes(4)), (-1, bytes(8)), (-1, bytes(12)), (0, b"x"), (127, bytes(200))],
+)
+def test_every_extension_type_is_a_schema_error(code: int, data: bytes) -> None:
+    with pytest.raises(FrameSchemaError):
+        decode_frame(_wrap(_body_with_meta_bytes(b"\x81\xa1k" + _ext(code, data))), limits=LIMITS)
+    assert _extension(code, data) == _Extension(code)
+
+
+@pytest.mark.parametrize("length", [0, 3, 5, 16])
+def test_a_malformed_timestamp_extension_is_a_format_error(length: int) -> None:
+    # Type -1 is msgpack's own timestamp: 4, 8 or 12 data bytes, anything else is not msgpack.
+    with pytest.raises(FrameFormatError):
+        decode_frame(_wrap(_body_with_meta_bytes(b"\x81\xa1k" + _ext(-1, bytes(length)))), limits=LIMITS)
+
+
+def _nested_tensors(depth: int) -> bytes:
+    """A body whose containers nest ``depth`` deep: body map, then ``tensors`` as nested arrays."""
+    body = msgpack.packb(_body(tensors=[]))
+    assert body.endswith(b"\xa7tensors\x90")
+    return body[:-1] + b"\x91" * (depth - 2) + b"\x90"
+
+
+def test_nesting_up_to_the_limit_reaches_the_schema_checks_and_deeper_is_a_format_error() -> None:
+    assert MAX_NESTING == 8
+    with pytest.raises(FrameSchemaError):
+        decode_frame(_wrap(_nested_tensors(MAX_NESTING)), limits=LIMITS)
+    for depth in (MAX_NESTING + 1, 1024, 1025, 5000):
+        with pytest.raises(FrameFormatError, match=r"nested|StackError"):
+            decode_frame(_wrap(_nested_tensors(depth)), limits=LIMITS)
+    # Wide is fine, only deep is refused: the legitimate maximum is 4 (body, tensors, entry, shape).
+    frame = _frame(**{f"t{i}": torch.ones(1, 1, 1, 1, 1, 1, 1, 1) for i in range(64)})
+    assert len(decode_frame(encode_frame(frame), limits=LIMITS).tensors) == 64
 
 
 def test_duplicate_keys_are_refused() -> None:
@@ -595,12 +656,22 @@ def _unpack_options(size: int) -> dict[str, Any]:  # mirrors wire._unpack's opti
         "max_array_len": size,
         "max_map_len": size // 2,
         "max_ext_len": size,
+        "ext_hook": _extension,
     }
+
+
+def _ext_as_list(obj: object) -> object:
+    if isinstance(obj, _Extension):
+        return ["ext", obj.code]
+    raise TypeError(f"cannot pack {type(obj).__name__}")
 
 
 def _same(a: object, b: object) -> bool:
     """Equal as msgpack values (NaN included)."""
-    return not isinstance(b, type) and msgpack.packb(a, use_bin_type=True) == msgpack.packb(b, use_bin_type=True)
+    if isinstance(b, type):
+        return False
+    pack = msgpack.Packer(use_bin_type=True, default=_ext_as_list)
+    return bool(pack.pack(a) == pack.pack(b))
 
 
 def _as_bytes(obj: object) -> object:

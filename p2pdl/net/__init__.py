@@ -1,1 +1,1 @@
-"""aiohttp server and client: links, mailbox, connection guard, authentication."""
+"""The network layer: stats → guard → mailbox → links → transport, with auth/ beside them."""

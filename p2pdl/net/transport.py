@@ -1,291 +1,100 @@
-"""The network layer: one aiohttp server per peer and one persistent WebSocket per neighbour pair.
+"""The network layer's front: one aiohttp server per peer and one persistent WebSocket per neighbour pair.
 
-For each pair of neighbours exactly one side dials: the peer whose name sorts first. The link
-carries frames both ways, so a pair costs one handshake, and a dropped link is redialled by the
-same side with exponential back-off (``reconnect_initial`` doubling to ``reconnect_max``).
-Received data frames land in a bounded :class:`Mailbox` keyed by (kind, round, sender);
-strategies ``collect`` from it with a deadline.
+:class:`Transport` owns the server, the link table and the tasks that dial; the parts it uses
+live beside it: :mod:`~p2pdl.net.links` (link state and the HELLO handshake),
+:mod:`~p2pdl.net.mailbox` (where received frames wait for a strategy),
+:mod:`~p2pdl.net.guard` (connection limits, the request-head deadline, the frame rate limit),
+:mod:`~p2pdl.net.stats` (counters) and :mod:`~p2pdl.net.auth` (credentials and TLS).
+
+For each pair of neighbours exactly one side dials, and the link carries frames both ways, so a
+pair costs one handshake; a dropped link is redialled by the same side with exponential back-off
+(``reconnect_initial`` doubling to ``reconnect_max``).
 
 Large frames from the dialer do not go over the WebSocket: RFC 6455 makes a client mask every
-frame it sends, and aiohttp does that by copying the message, XOR-ing it and concatenating it on
-the event loop (~50 ms per 22 MB here, 3x the unmasked direction), and the acceptor unmasks it
-again. Instead, the acceptor's HELLO reply carries a random per-connection token
-(``meta["frames_token"]``), and the dialer POSTs each frame of ``_POST_FRAME_BYTES`` or more to
-the acceptor's ``/frames`` as a plain HTTP body on a keep-alive connection, with the
-``X-P2PDL-Sender`` and ``X-P2PDL-Frames-Token`` headers. The acceptor accepts a POST only from the
-peer whose live, accepted link holds that token, so the known sender is still the authenticated
-link's peer; the body then goes through the same ``_on_bytes`` path (same caps, same decoder, same
-counters) as a WebSocket message. Control frames and everything the acceptor sends stay on the
-WebSocket. A peer that gets no token in the HELLO reply sends everything over the WebSocket.
+frame it sends, and aiohttp does that by copying and XOR-ing the whole message on the event loop,
+several times slower than the unmasked direction, and the acceptor unmasks it again. Instead the
+acceptor's HELLO reply carries a random per-connection token (``meta["frames_token"]``), and the
+dialer POSTs each frame of ``_POST_FRAME_BYTES`` or more to the acceptor's ``/frames`` as a plain
+HTTP body on a keep-alive connection, with the ``X-P2PDL-Sender`` and ``X-P2PDL-Frames-Token``
+headers. The acceptor takes a POST only from the peer whose live, accepted link holds that token,
+so the known sender is still the authenticated link's peer; the body then goes through the same
+``_on_bytes`` path (same caps, same decoder, same counters) as a WebSocket message. Control frames
+and everything the acceptor sends stay on the WebSocket.
 
 Trade-offs:
 
 * Encoding and decoding of large frames run in a small codec thread pool, never on the event
-  loop, so heartbeats and other neighbours' frames keep flowing while a 45 MB frame is packed.
+  loop, so heartbeats and other neighbours' frames keep flowing while a large frame is packed.
 * Every network await is bounded by a named timeout from :class:`~p2pdl.config.TransportConfig`
   (``connect_timeout``, ``handshake_timeout``, ``send_timeout``; a silent link is dropped by the
   WebSocket heartbeat, ``heartbeat_interval``). Every buffer is bounded (``inbox_frames``).
 * A refused frame is counted by reason and logged at most once per sender per
-  ``_LOG_INTERVAL`` seconds; it never closes the link and never reaches the model.
+  :data:`~p2pdl.net.stats.LOG_INTERVAL` seconds; it never closes the link and never reaches the
+  model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import json
 import logging
 import secrets
-import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 
 from p2pdl.config import TransportConfig
 from p2pdl.errors import (
     AuthError,
     FrameError,
+    FrameFormatError,
     FrameSchemaError,
     FrameTooLargeError,
-    InboxFullError,
     PeerTimeoutError,
     RateLimitedError,
-    StaleFrameError,
     TransportError,
     UnknownSenderError,
 )
-from p2pdl.net.auth import (
-    PEER_KEY,
-    TOKEN_KEY,
-    PeerSecurity,
-    auth_middleware,
-    make_reply,
-    reply_from_meta,
-    reply_to_meta,
-    token_from_header,
-    verify_reply,
+from p2pdl.net.auth import PEER_KEY, PeerSecurity, auth_middleware
+from p2pdl.net.guard import ConnectionGuard, GuardedSite, ServerLog
+from p2pdl.net.links import (
+    BYE,
+    CLOSE_NOT_A_NEIGHBOR,
+    CONTROL_KINDS,
+    HELLO,
+    HandshakeRefused,
+    Link,
+    WebSocket,
+    close_quietly,
+    dial,
+    hello_reply,
+    read_hello,
+    send_frame,
+    ws_message_cap,
 )
+from p2pdl.net.mailbox import Mailbox
+from p2pdl.net.stats import LogThrottle, TransportStats
 from p2pdl.tasks import TaskOwner
 from p2pdl.wire.codec import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
-LinkState = Literal["connecting", "connected", "disconnected", "left"]
 ExpectedTensors = Callable[[str, str], Mapping[str, TensorSpec]]
 StatusProvider = Callable[[], dict[str, Any]]
-
-HELLO = "hello"
-BYE = "bye"
-CONTROL_KINDS = frozenset({HELLO, BYE})
-
-# WebSocket close codes (4000-4999 are for applications, RFC 6455 section 7.4.2).
-CLOSE_PROTOCOL_ERROR = 4000
-CLOSE_NOT_A_NEIGHBOR = 4003
 
 # Frames under this many bytes are coded inline; larger ones go to the codec pool.
 _INLINE_CODEC_BYTES = 256 * 1024
 # The dialer sends frames of at least this many bytes as POST /frames bodies, not masked WS frames.
 _POST_FRAME_BYTES = 64 * 1024
 FRAMES_PATH = "/frames"
-FRAMES_TOKEN_META = "frames_token"
 SENDER_HEADER = "X-P2PDL-Sender"
 TOKEN_HEADER = "X-P2PDL-Frames-Token"
-_LOG_INTERVAL = 10.0  # seconds between repeated "frame refused" warnings per sender
-
-
-@dataclass
-class TransportStats:
-    """Counters served by ``/status`` and written to the metrics. Bytes are wire bytes."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    frames_sent: int = 0
-    frames_received: int = 0
-    frames_rejected: Counter[str] = field(default_factory=Counter)
-    auth_rejected: Counter[str] = field(default_factory=Counter)
-    connections_refused: int = 0
-    connections_timed_out: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "frames_sent": self.frames_sent,
-            "frames_received": self.frames_received,
-            "frames_rejected": {
-                "total": sum(self.frames_rejected.values()),
-                "by_reason": dict(self.frames_rejected),
-            },
-            "auth_rejected": {"total": sum(self.auth_rejected.values()), "by_reason": dict(self.auth_rejected)},
-            "connections_refused": self.connections_refused,
-            "connections_timed_out": self.connections_timed_out,
-        }
-
-
-class _PeerGone(Exception):
-    """Resolves a pending mailbox slot whose sender left the swarm."""
-
-
-class Mailbox:
-    """Received data frames, keyed by (kind, round, sender), with bounded buffering.
-
-    A strategy ``collect``s the frames of one round; ``advance`` then marks earlier rounds of
-    that kind as finished, so late frames for them are refused as stale instead of piling up.
-    """
-
-    def __init__(self, per_sender_limit: int) -> None:
-        self._limit = per_sender_limit
-        self._slots: dict[tuple[str, int, str], asyncio.Future[Frame]] = {}
-        self._floor: dict[str, int] = {}
-        self._gone: set[str] = set()
-        self._arrival = asyncio.Event()  # set on every accepted frame; waiters clear and re-check
-        self.superseded = 0  # frames replaced by a newer one from the same sender before use
-
-    def _slot(self, kind: str, round_index: int, sender: str) -> asyncio.Future[Frame]:
-        key = (kind, round_index, sender)
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = asyncio.get_running_loop().create_future()
-            self._slots[key] = slot
-        return slot
-
-    def put(self, frame: Frame) -> None:
-        """File a decoded frame; raises StaleFrameError or InboxFullError when refused."""
-        floor = self._floor.get(frame.kind, 0)
-        if frame.round < floor:
-            raise StaleFrameError(
-                f"{frame.kind} frame for round {frame.round} from {frame.sender!r} arrived after "
-                f"the round closed (now at {floor})"
-            )
-        slot = self._slot(frame.kind, frame.round, frame.sender)
-        if slot.done():
-            raise StaleFrameError(f"duplicate {frame.kind} frame for round {frame.round} from {frame.sender!r}")
-        unclaimed = [key for key, f in self._slots.items() if key[2] == frame.sender and f.done()]
-        if len(unclaimed) >= self._limit:
-            # A sender that outpaces this peer (it started later, or runs without a round barrier)
-            # supersedes its own oldest frame of the same kind; anything else is refused.
-            older = [key for key in unclaimed if key[0] == frame.kind and key[1] < frame.round]
-            if not older:
-                del self._slots[(frame.kind, frame.round, frame.sender)]
-                raise InboxFullError(
-                    f"{frame.sender!r} has {len(unclaimed)} unclaimed frames buffered (limit {self._limit})"
-                )
-            del self._slots[min(older, key=lambda key: key[1])]
-            self.superseded += 1
-        slot.set_result(frame)
-        self._arrival.set()
-
-    def _done_keys(self, kind: str, sender: str) -> list[tuple[str, int, str]]:
-        return [
-            key
-            for key, slot in self._slots.items()
-            if key[0] == kind and key[2] == sender and slot.done() and slot.exception() is None
-        ]
-
-    def take_latest(self, kind: str, sender: str) -> Frame | None:
-        """The newest buffered frame of ``kind`` from ``sender``; older ones are dropped."""
-        keys = self._done_keys(kind, sender)
-        if not keys:
-            return None
-        newest = max(keys, key=lambda key: key[1])
-        frame = self._slots[newest].result()
-        for key in keys:
-            del self._slots[key]
-        return frame
-
-    async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]:
-        """Wait up to ``timeout`` seconds until ``count`` of ``senders`` have a frame of ``kind`` buffered.
-
-        Returns the senders that have one (possibly fewer than ``count`` on timeout). Rounds do not
-        matter here: used by strategies without a round barrier (async gossip, parameter server).
-        """
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            self._arrival.clear()  # before checking, so an arrival after the check is not missed
-            ready = {s for s in senders if self._done_keys(kind, s)}
-            remaining = deadline - asyncio.get_running_loop().time()
-            if len(ready) >= count or remaining <= 0:
-                return ready
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._arrival.wait()
-
-    async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
-        """Wait up to ``timeout`` seconds for each sender's frame; return those that arrived."""
-        waiting = {s: self._slot(kind, round_index, s) for s in senders if s not in self._gone}
-        pending = [f for f in waiting.values() if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
-        arrived: dict[str, Frame] = {}
-        for sender, slot in waiting.items():
-            if slot.done() and slot.exception() is None:
-                arrived[sender] = slot.result()
-                del self._slots[(kind, round_index, sender)]
-        return arrived
-
-    def advance(self, kind: str, floor: int) -> None:
-        """Rounds of ``kind`` below ``floor`` are finished: drop their slots, refuse late frames."""
-        self._floor[kind] = max(floor, self._floor.get(kind, 0))
-        for key in [k for k in self._slots if k[0] == kind and k[1] < floor]:
-            slot = self._slots.pop(key)
-            if not slot.done():
-                slot.cancel()
-
-    def mark_gone(self, sender: str) -> None:
-        """``sender`` left: wake every collect waiting on it instead of letting it time out."""
-        self._gone.add(sender)
-        for key, slot in list(self._slots.items()):
-            if key[2] == sender and not slot.done():
-                slot.set_exception(_PeerGone(sender))
-                slot.exception()  # mark retrieved: nobody else will look at it
-                del self._slots[key]
-
-    def highest_round(self, kind: str, senders: Collection[str]) -> int | None:
-        """The latest round of ``kind`` already buffered from any of ``senders``."""
-        rounds = [r for (k, r, s), f in self._slots.items() if k == kind and s in senders and f.done()]
-        return max(rounds, default=None)
-
-    def mark_back(self, sender: str) -> None:
-        self._gone.discard(sender)
-
-    def pending_count(self) -> int:
-        return len(self._slots)
-
-
-WebSocket = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
-
-
-@dataclass
-class _Link:
-    """The one connection to one neighbour, whichever side dialled."""
-
-    name: str
-    address: str
-    dials: bool
-    state: LinkState = "connecting"
-    ws: WebSocket | None = None
-    connected: asyncio.Event = field(default_factory=asyncio.Event)
-    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    connects: int = 0
-    last_error: str = ""
-    dialer: asyncio.Task[None] | None = None
-    # The POST /frames credential of the current connection: issued by the acceptor in its HELLO
-    # reply, presented by the dialer; "" while down or when the acceptor offers none.
-    frames_token: str = ""
-    bucket_tokens: float = 0.0  # rate limit: frames this link may still send now (token bucket)
-    bucket_time: float = 0.0
-
-    def has_left(self) -> bool:
-        # A method, not a comparison at the call site: the state changes across awaits.
-        return self.state == "left"
 
 
 class Transport:
@@ -323,10 +132,10 @@ class Transport:
         )
         self.stats = TransportStats()
         self.mailbox = Mailbox(config.inbox_frames)
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
         self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"p2pdl-codec-{name}")
         self._tasks = TaskOwner(name)
-        self._guard = _ConnectionGuard(
+        self._guard = ConnectionGuard(
             max_connections=config.max_connections,
             per_address=config.max_connections_per_address,
             request_timeout=config.request_timeout,
@@ -343,7 +152,7 @@ class Transport:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
-        self._last_warning: dict[str, float] = {}
+        self._warnings = LogThrottle()
         self.port = listen_port
 
     # ------------------------------------------------------------------ lifecycle
@@ -365,10 +174,11 @@ class Transport:
             self._app,
             handle_signals=False,
             access_log=None,
+            logger=ServerLog(self.name, self.stats),
             shutdown_timeout=self._config.shutdown_timeout,
         )
         await self._runner.setup()
-        site = _GuardedSite(
+        site = GuardedSite(
             self._runner,
             self._listen[0],
             self._listen[1],
@@ -413,8 +223,8 @@ class Transport:
     async def _best_effort(self, work: Awaitable[object]) -> None:
         """A shutdown step that may fail, bounded by ``shutdown_timeout``; only our own cancellation escapes.
 
-        aiohttp cancels a pending write drain when the other side drops the connection first
-        (seen when a whole swarm stops at once): the link is gone either way, so that
+        aiohttp cancels a pending write drain when the other side drops the connection first (as
+        when a whole swarm stops at the same moment): the link is gone either way, so that
         CancelledError, which is not this task being cancelled, must not abort the shutdown.
         """
         try:
@@ -451,24 +261,19 @@ class Transport:
             if link.dialer is not None:
                 link.dialer.cancel()
             if link.ws is not None and not link.ws.closed:
-                self._tasks.spawn(self._close_quietly(link.ws), f"unlink-{name}")
+                self._tasks.spawn(close_quietly(link.ws, self._config.shutdown_timeout), f"unlink-{name}")
             self.mailbox.mark_gone(name)
         for name in wanted:
             self.mailbox.mark_back(name)
 
-    def _start_dialing(self, link: _Link) -> None:
+    def _start_dialing(self, link: Link) -> None:
         if link.dials and not self._closing and (link.dialer is None or link.dialer.done()):
             link.dialer = self._tasks.spawn(self._dial_forever(link), f"dial-{link.name}")
 
-    async def _close_quietly(self, ws: WebSocket) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self._config.shutdown_timeout):
-                await ws.close()
-
-    def _add_link(self, neighbor: str) -> _Link:
+    def _add_link(self, neighbor: str) -> Link:
         if neighbor == self.name:
             raise ValueError("a peer is not its own neighbour")
-        link = _Link(
+        link = Link(
             name=neighbor,
             address=self._addresses.get(neighbor, ""),
             dials=self.name < neighbor,
@@ -485,7 +290,7 @@ class Transport:
             if not link.dials:
                 return  # the neighbour dials this peer: its address matters only to its own dialer
             if link.ws is not None and not link.ws.closed:
-                self._tasks.spawn(self._close_quietly(link.ws), f"readdress-{neighbor}")
+                self._tasks.spawn(close_quietly(link.ws, self._config.shutdown_timeout), f"readdress-{neighbor}")
             elif link.dialer is not None and self._runner is not None:
                 # Redial now instead of after the back-off accumulated against the old address.
                 link.dialer.cancel()
@@ -531,33 +336,20 @@ class Transport:
 
     # ------------------------------------------------------------------ dialling and accepting
 
-    async def _dial_forever(self, link: _Link) -> None:
+    async def _dial_forever(self, link: Link) -> None:
         backoff = self._config.reconnect_initial
         assert self._session is not None
         while not self._closing and not link.has_left():
             try:
-                url = f"{self.security.scheme}://{link.address}/ws"
-                headers = self.security.headers(target=link.name, method="GET", path="/ws")
-                async with asyncio.timeout(self._config.connect_timeout):
-                    ws = await self._session.ws_connect(
-                        url,
-                        max_msg_size=self._limits.max_frame_bytes,
-                        heartbeat=self._config.heartbeat_interval,
-                        compress=0,
-                        headers=headers,
-                    )
-                async with asyncio.timeout(self._config.handshake_timeout):
-                    await self._send_on(ws, Frame(kind=HELLO, sender=self.name, round=0, step=0))
-                    reply = await ws.receive()
-                if reply.type != aiohttp.WSMsgType.BINARY:
-                    code = ws.close_code
-                    raise TransportError(f"{link.name} refused the handshake (close code {code})")
-                frame = self._decode_small(reply.data, link.name)
-                if frame.kind != HELLO:
-                    raise TransportError(f"{link.name} answered the handshake with {frame.kind!r}")
-                self._verify_acceptor(link.name, headers, frame)
-                token = frame.meta.get(FRAMES_TOKEN_META)
-                link.frames_token = token if isinstance(token, str) else ""
+                ws, link.frames_token = await dial(
+                    self._session,
+                    link,
+                    self_name=self.name,
+                    security=self.security,
+                    limits=self._limits,
+                    config=self._config,
+                    stats=self.stats,
+                )
                 backoff = self._config.reconnect_initial
                 try:
                     await self._serve_link(link, ws)
@@ -576,66 +368,63 @@ class Transport:
             backoff = min(backoff * 2, self._config.reconnect_max)
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
+        """GET /ws: the acceptor's side of a link, from the upgrade until the link ends."""
         ws = web.WebSocketResponse(
-            max_msg_size=self._limits.max_frame_bytes,
+            max_msg_size=ws_message_cap(self._limits),
             heartbeat=self._config.heartbeat_interval,
             compress=False,
         )
         await ws.prepare(request)
         try:
-            async with asyncio.timeout(self._config.handshake_timeout):
-                first = await ws.receive()
-        except TimeoutError:
-            await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"handshake timeout")
-            return ws
-        if first.type != aiohttp.WSMsgType.BINARY:
-            await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"expected a binary hello frame")
-            return ws
+            await self._handshake_and_serve(request, ws)
+        except Exception:
+            # A bug, not a refusal: count it, close this one connection, keep the server up.
+            self.stats.frames_rejected["internal_error"] += 1
+            if self._warnings.allow("internal_error"):
+                log.exception("%s: unexpected error on an accepted WebSocket", self.name)
+            await close_quietly(ws, self._config.shutdown_timeout, code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        return ws
+
+    async def _handshake_and_serve(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         try:
-            hello = self._decode_small(first.data, None)
-        except FrameError as exc:
-            self._reject(exc, request.remote or "?")
-            await ws.close(code=CLOSE_PROTOCOL_ERROR, message=b"bad hello frame")
-            return ws
-        authenticated = request.get(PEER_KEY)
-        if self.security.verifier is not None and authenticated != hello.sender:
-            self._reject(UnknownSenderError(f"token of {authenticated!r} but hello from {hello.sender!r}"), "?")
-            await ws.close(code=CLOSE_NOT_A_NEIGHBOR, message=b"hello does not match the credentials")
-            return ws
+            hello = await read_hello(
+                ws, request, security=self.security, limits=self._limits, timeout=self._config.handshake_timeout
+            )
+        except HandshakeRefused as refused:
+            if refused.refusal is not None:
+                self._reject(refused.refusal, refused.source)
+            await ws.close(code=refused.code, message=refused.reason)
+            return
         link = self._links.get(hello.sender)
-        if link is None and hello.kind == HELLO and self._admit(hello.sender):
+        if link is None and hello.kind == HELLO and hello.sender != self.name and self._admit(hello.sender):
             # A member this peer does not link to yet (its view may lag a rewiring): accept, so
             # both ends converge without a refused-and-retried dial.
             link = self._add_link(hello.sender)
         if hello.kind != HELLO or link is None or link.dials:
+            # Also a hello in this peer's own name: no link to itself exists or is ever added.
             self._reject(
                 UnknownSenderError(f"{hello.sender!r} is not a neighbour that dials here"),
                 hello.sender,
             )
             await ws.close(code=CLOSE_NOT_A_NEIGHBOR, message=b"not a neighbour")
-            return ws
+            return
         if link.state == "left":
             link.state = "connecting"
             self.mailbox.mark_back(link.name)
         token = secrets.token_hex(16)
-        meta: dict[str, str | int | float | bool | None] = {FRAMES_TOKEN_META: token}
-        if self.security.secret is not None:
-            # Prove to the dialer that it reached a swarm member, bound to the dialer's own token.
-            meta.update(reply_to_meta(make_reply(self.security.secret, request[TOKEN_KEY], self_name=self.name)))
-        reply = Frame(kind=HELLO, sender=self.name, round=0, step=0, meta=meta)
+        reply = hello_reply(self.security, request, self_name=self.name, frames_token=token)
         # Valid before the reply leaves: the dialer may POST the moment it reads the token.
         link.frames_token = token
         try:
             try:
                 async with asyncio.timeout(self._config.handshake_timeout):
-                    await self._send_on(ws, reply)
+                    await send_frame(ws, reply, self.stats)
             except (TimeoutError, ConnectionError, aiohttp.ClientError):
-                return ws
+                return
             old = link.ws
             if old is not None and not old.closed:
                 await old.close()
             await self._serve_link(link, ws)
-            return ws
         finally:
             if link.frames_token == token:  # a newer connection may already hold its own
                 link.frames_token = ""
@@ -669,11 +458,13 @@ class Transport:
         except TimeoutError:
             raise web.HTTPRequestTimeout() from None
         if data is None:
+            # The client closed its side first, so this 400 seldom reaches it; the count does.
+            self._reject(FrameFormatError(f"POST /frames body ended before its {length} bytes"), link.name)
             raise web.HTTPBadRequest(text="body shorter than Content-Length")
         await self._on_bytes(link, data)
         return web.Response(status=204)
 
-    async def _serve_link(self, link: _Link, ws: WebSocket) -> None:
+    async def _serve_link(self, link: Link, ws: WebSocket) -> None:
         link.ws = ws
         link.state = "connected"
         link.connects += 1
@@ -689,7 +480,7 @@ class Transport:
                     link.state = "disconnected"
                 log.info("%s: link to %s down", self.name, link.name)
 
-    async def _read_loop(self, link: _Link, ws: WebSocket) -> None:
+    async def _read_loop(self, link: Link, ws: WebSocket) -> None:
         # Bounded by the heartbeat: aiohttp closes the socket when a ping gets no pong.
         async for message in ws:
             if message.type == aiohttp.WSMsgType.BINARY:
@@ -697,27 +488,20 @@ class Transport:
             elif message.type == aiohttp.WSMsgType.TEXT:
                 self.stats.frames_rejected["format"] += 1
             else:
+                if message.type == aiohttp.WSMsgType.ERROR and _is_too_big(message.data):
+                    # Over aiohttp's buffer cap (twice max_frame_bytes): it closes the link (1009).
+                    self._reject(
+                        FrameTooLargeError(f"{message.data}; max_frame_bytes is {self._limits.max_frame_bytes}"),
+                        link.name,
+                    )
                 break
             if link.has_left():
                 await ws.close()
                 break
 
-    def _within_rate(self, link: _Link) -> bool:
-        """Token bucket per link: ``max_frames_per_second``, bursts of up to twice that."""
-        rate = self._config.max_frames_per_second
-        now = time.monotonic()
-        if link.bucket_time == 0.0:
-            link.bucket_tokens, link.bucket_time = 2 * rate, now
-        link.bucket_tokens = min(2 * rate, link.bucket_tokens + (now - link.bucket_time) * rate)
-        link.bucket_time = now
-        if link.bucket_tokens < 1.0:
-            return False
-        link.bucket_tokens -= 1.0
-        return True
-
-    async def _on_bytes(self, link: _Link, data: bytes) -> None:
+    async def _on_bytes(self, link: Link, data: bytes) -> None:
         self.stats.bytes_received += len(data)
-        if not self._within_rate(link):
+        if not link.bucket.take(self._config.max_frames_per_second):
             # Refused before decoding: a flood costs the receiver a counter increment, no parsing.
             self._reject(RateLimitedError(f"{link.name} is over max_frames_per_second"), link.name)
             return
@@ -744,23 +528,8 @@ class Transport:
             self.stats.frames_rejected["internal_error"] += 1
             log.exception("%s: unexpected error handling a frame from %s", self.name, link.name)
 
-    def _verify_acceptor(self, name: str, sent_headers: Mapping[str, str], hello: Frame) -> None:
-        """With a secret, the acceptor must prove it holds it too (no impostor answers a dial)."""
-        if self.security.verifier is None:
-            return
-        sent = token_from_header(next(iter(sent_headers.values())))
-        reply = reply_from_meta(hello.meta, sent=sent, sender=name)
-        verify_reply(self.security.verifier, reply, sent)
-
     def _count_auth_reject(self, request: web.Request, exc: AuthError) -> None:
         self.stats.auth_rejected[exc.reason] += 1
-
-    def _decode_small(self, data: bytes, sender: str | None) -> Frame:
-        known = None if sender is None else (sender,)
-        frame = decode_frame(data, limits=self._limits, known_senders=known)
-        if frame.tensors:
-            raise FrameSchemaError(f"{frame.kind!r} control frame must not carry tensors")
-        return frame
 
     def _decode_data(self, data: bytes, sender: str) -> Frame:
         """Decode and validate a frame from ``sender`` (runs in the codec pool when large)."""
@@ -774,18 +543,10 @@ class Transport:
 
     def _reject(self, exc: FrameError, sender: str) -> None:
         self.stats.frames_rejected[exc.reason] += 1
-        now = time.monotonic()
-        if now - self._last_warning.get(sender, -_LOG_INTERVAL) >= _LOG_INTERVAL:
-            self._last_warning[sender] = now
+        if self._warnings.allow(sender):
             log.warning("%s: refused a frame from %s (%s): %s", self.name, sender, exc.reason, exc)
 
     # ------------------------------------------------------------------ sending
-
-    async def _send_on(self, ws: WebSocket, frame: Frame) -> None:
-        data = encode_frame(frame, compression="never")
-        await ws.send_bytes(data)
-        self.stats.bytes_sent += len(data)
-        self.stats.frames_sent += 1
 
     async def encode(self, frame: Frame) -> bytes:
         """Encode off the event loop when the frame is large."""
@@ -821,7 +582,7 @@ class Transport:
         self.stats.bytes_sent += len(data)
         self.stats.frames_sent += 1
 
-    async def _post_frame(self, link: _Link, data: bytes) -> None:
+    async def _post_frame(self, link: Link, data: bytes) -> None:
         assert self._session is not None
         headers = {
             SENDER_HEADER: self.name,
@@ -927,7 +688,10 @@ async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | N
     chunks: list[bytes] = []
     remaining = length
     while remaining > 0:
-        chunk = await content.readany()
+        try:
+            chunk = await content.readany()
+        except (ConnectionError, web.RequestPayloadError):  # the client closed or reset mid-body
+            return None
         if not chunk:
             return None
         chunks.append(chunk[:remaining] if len(chunk) > remaining else chunk)
@@ -936,11 +700,14 @@ async def _read_exactly(content: aiohttp.StreamReader, length: int) -> bytes | N
 
 
 async def read_bounded(stream: aiohttp.StreamReader, max_bytes: int) -> bytes:
-    """Read a whole body, refusing it (TransportError) as soon as it passes ``max_bytes``."""
+    """Read a whole body, refusing it (TransportError) past ``max_bytes`` or when it ends early."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await stream.read(65536)
+        try:
+            chunk = await stream.read(65536)
+        except (ConnectionError, web.RequestPayloadError, aiohttp.ClientPayloadError) as exc:
+            raise TransportError(f"body ended early: {exc}") from exc
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
@@ -949,118 +716,6 @@ async def read_bounded(stream: aiohttp.StreamReader, max_bytes: int) -> bytes:
         chunks.append(chunk)
 
 
-class _ConnectionGuard:
-    """Connection limits for the server: in total, per remote address, and a request deadline.
-
-    Enforced at the TCP level (a wrapper around aiohttp's protocol factory), before any byte is
-    parsed: a connection over a limit is aborted at once, and one that has not delivered a complete
-    request head within ``request_timeout`` seconds (a slowloris) is aborted by a timer. aiohttp has
-    no header-read timeout of its own.
-    """
-
-    def __init__(self, *, max_connections: int, per_address: int, request_timeout: float, stats: TransportStats):
-        self.max_connections = max_connections
-        self.per_address = per_address
-        self.request_timeout = request_timeout
-        self._stats = stats
-        self._by_address: Counter[str] = Counter()
-        self._served: set[int] = set()  # id() of transports that delivered at least one request
-
-    @property
-    def open_connections(self) -> int:
-        return sum(self._by_address.values())
-
-    def admit(self, address: str) -> bool:
-        if self.open_connections >= self.max_connections or self._by_address[address] >= self.per_address:
-            self._stats.connections_refused += 1
-            return False
-        self._by_address[address] += 1
-        return True
-
-    def release(self, address: str, transport: asyncio.BaseTransport) -> None:
-        self._by_address[address] -= 1
-        if self._by_address[address] <= 0:
-            del self._by_address[address]
-        self._served.discard(id(transport))
-
-    def served(self, transport: asyncio.BaseTransport) -> bool:
-        return id(transport) in self._served
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.transport is not None:
-            self._served.add(id(request.transport))
-        response: web.StreamResponse = await handler(request)
-        return response
-
-
-class _GuardedProtocol(asyncio.Protocol):
-    """Wraps one aiohttp RequestHandler; counts the connection and enforces the request deadline."""
-
-    def __init__(self, inner: asyncio.Protocol, guard: _ConnectionGuard) -> None:
-        self._inner = inner
-        self._guard = guard
-        self._address: str | None = None
-        self._transport: asyncio.BaseTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not self._guard.admit(address):
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        self._address, self._transport = address, transport
-        self._inner.connection_made(transport)
-        self._timer = asyncio.get_running_loop().call_later(self._guard.request_timeout, self._deadline)
-
-    def _deadline(self) -> None:
-        if self._transport is not None and not self._guard.served(self._transport):
-            self._guard._stats.connections_timed_out += 1
-            self._transport.abort()  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._address is None or self._transport is None:
-            return  # refused in connection_made: aiohttp's handler never saw this connection
-        self._guard.release(self._address, self._transport)
-        self._inner.connection_lost(exc)
-
-
-class _GuardedSite(web.TCPSite):
-    """``web.TCPSite`` whose protocol factory is wrapped by a :class:`_ConnectionGuard`.
-
-    Mirrors ``TCPSite.start`` (aiohttp 3.9+), which has no hook for wrapping the factory.
-    """
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: _ConnectionGuard, **kwargs: Any):
-        super().__init__(runner, host, port, **kwargs)
-        self._guard = guard
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        guard = self._guard
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _GuardedProtocol(server(), guard),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
+def _is_too_big(error: object) -> bool:
+    """Whether a WebSocket ERROR message is aiohttp's "message too big" (close code 1009)."""
+    return isinstance(error, aiohttp.WebSocketError) and error.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG

@@ -20,10 +20,10 @@ Trade-offs:
   before it spends a byte of memory on decompression or unpacking. Because lz4 is asked
   for exactly the declared size, the cap on that size also caps what decompression can
   allocate, so an lz4 bomb is impossible.
-* lz4 is used only when it pays. Trained fp32 weights are close to incompressible (lz4
-  ratio 1.00), so compressing them costs CPU time for nothing; int8 or sparse payloads
-  shrink by ~1.3x or more. ``"auto"`` decides from a 64 KiB sample, which is cheap, and
-  the body is sent raw whenever compression would not shrink it.
+* lz4 is used only when it pays. Trained fp32 weights are close to incompressible, so
+  compressing them costs CPU time for nothing, while int8 or sparse payloads do shrink.
+  ``"auto"`` decides from a 64 KiB sample, which is cheap, and the body is sent raw
+  whenever compression would not shrink it.
 * Tensor bytes are copied once when encoding and not at all when decoding ``bytes``.
   Encoding gathers the msgpack pieces and the tensors' own memory into the output with a
   single ``bytes.join``. Decoding walks the msgpack structure by hand just far enough to find
@@ -32,8 +32,8 @@ Trade-offs:
   body the walk does not recognise goes through the plain ``msgpack.unpackb`` path instead,
   so hostile input meets exactly the same checks. A mutable input (``bytearray``,
   ``memoryview``) is copied once first, since its owner may reuse it.
-* Everything here is pure (no I/O, no asyncio). Encoding and decoding large frames takes
-  tens of milliseconds, so callers on the event loop run them in a thread executor.
+* Everything here is pure (no I/O, no asyncio). Encoding and decoding a large frame is
+  slow enough to stall an event loop, so callers on one run them in a thread executor.
 
 Decoding treats its input as hostile and raises only subclasses of
 :class:`~p2pdl.errors.FrameError`. There is no pickle anywhere.
@@ -113,6 +113,9 @@ _MAX_U32: Final[int] = 2**32 - 1
 # 4 UTF-8 bytes each. Anything longer is refused by the unpacker before it is allocated.
 _MAX_STR_BYTES: Final[int] = 4 * _MAX_TENSOR_NAME_CHARS
 _BODY_KEYS: Final[frozenset[str]] = frozenset({"v", "kind", "sender", "round", "step", "meta", "tensors"})
+# Containers may nest this deep, the body map being level 1. The schema needs 4 (body, tensors,
+# one tensor entry, its shape); anything deeper is refused as malformed before the schema checks.
+MAX_NESTING: Final[int] = 8
 
 # "auto" compression: small frames are not worth the lz4 call; larger ones are judged
 # on a sample from the middle of the body (the start is msgpack keys and names).
@@ -301,6 +304,19 @@ class _DuplicateKeyError(Exception):
     """A msgpack map repeated a key; raised from inside the unpacker."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Extension:
+    """A msgpack extension value (any type code): never valid in a frame, refused by the schema."""
+
+    code: int
+
+
+def _extension(code: int, data: bytes) -> _Extension:
+    # msgpack's default hook (ExtType) raises for codes outside 0..127, which would make some
+    # extensions a format error and others a schema error; one marker type keeps them all schema.
+    return _Extension(code)
+
+
 def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     # A repeated key would let two decoders disagree on a frame's meaning; refuse it.
     result = dict(pairs)
@@ -319,8 +335,9 @@ def decode_frame(
     """Parse and validate one frame received from the network.
 
     Checks run cheapest-first: frame size, header, declared body size, decompression,
-    msgpack, schema, dtype allow-list, byte counts, ``expected`` names/dtypes/shapes,
-    ``known_senders``, and finally that floating-point tensors are finite.
+    msgpack, nesting depth, the body's ``v``, the rest of the schema, dtype allow-list, byte
+    counts, ``expected`` names/dtypes/shapes, ``known_senders``, and finally that
+    floating-point tensors are finite (docs/PROTOCOL.md section 1.3 numbers them).
 
     Raises only :class:`~p2pdl.errors.FrameError` subclasses. The returned tensors are
     read-only views of ``data`` when it is ``bytes`` (immutable, so nothing can change them),
@@ -347,8 +364,8 @@ def decode_frame(
 
 def _all_finite(tensor: torch.Tensor) -> bool:
     # One reduction pass, no temporaries: NaN propagates into both extremes and an Inf
-    # is an extreme. ~8x faster than torch.isfinite(t).all(), which materialises a bool
-    # tensor (6 ms vs 50 ms for 11M fp32 on CPU), and this runs on every received frame.
+    # is an extreme. torch.isfinite(t).all() would materialise a bool tensor the size of
+    # the input, and this runs on every received frame.
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
@@ -400,16 +417,32 @@ def _unpack(body: bytes | memoryview, limits: Limits) -> object:
         "max_array_len": size,
         "max_map_len": size // 2,
         "max_ext_len": size,
+        "ext_hook": _extension,
     }
-    walked = _unpack_in_place(memoryview(body), limits, options)
-    if walked is not None:
-        return walked
-    try:
-        return msgpack.unpackb(body, **options)
-    except _DuplicateKeyError as exc:
-        raise FrameSchemaError("a msgpack map repeats a key") from exc
-    except Exception as exc:  # ValueError, StackError, UnicodeDecodeError, TypeError, ...
-        raise FrameFormatError(f"bad msgpack body: {type(exc).__name__}: {exc}") from exc
+    obj = _unpack_in_place(memoryview(body), limits, options)
+    if obj is None:
+        try:
+            obj = msgpack.unpackb(body, **options)
+        except _DuplicateKeyError as exc:
+            raise FrameSchemaError("a msgpack map repeats a key") from exc
+        except Exception as exc:  # ValueError, StackError, UnicodeDecodeError, TypeError, ...
+            raise FrameFormatError(f"bad msgpack body: {type(exc).__name__}: {exc}") from exc
+    _check_nesting(obj)
+    return obj
+
+
+def _check_nesting(obj: object) -> None:
+    """Refuse containers nested deeper than MAX_NESTING (FrameFormatError); no recursion."""
+    if not isinstance(obj, dict | list):
+        return
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                if depth >= MAX_NESTING:
+                    raise FrameFormatError(f"msgpack containers nested more than {MAX_NESTING} deep")
+                stack.append((child, depth + 1))
 
 
 class _NotCanonical(Exception):
@@ -552,16 +585,17 @@ def _unpack_in_place(body: memoryview, limits: Limits, options: Mapping[str, Any
 def _check_body(obj: object, limits: Limits) -> Frame:
     if type(obj) is not dict:
         raise FrameSchemaError(f"body is a {type(obj).__name__}, not a map")
+    version = obj.get("v")
+    # First, so that a body of another version is reported as such whatever its other keys.
+    if type(version) is int and version != PROTOCOL_VERSION:
+        raise FrameVersionError(f"body version {version}; this peer speaks {PROTOCOL_VERSION}")
     keys = set(obj)
     if keys != _BODY_KEYS:
         missing = sorted(map(str, _BODY_KEYS - keys))
         extra = sorted(map(repr, keys - _BODY_KEYS))
         raise FrameSchemaError(f"body keys wrong: missing {missing}, extra {extra}")
-    version = obj["v"]
     if type(version) is not int:
         raise FrameSchemaError(f"v is a {type(version).__name__}, not an int")
-    if version != PROTOCOL_VERSION:
-        raise FrameVersionError(f"body version {version}; this peer speaks {PROTOCOL_VERSION}")
     kind, sender, round_, step = obj["kind"], obj["sender"], obj["round"], obj["step"]
     _check_kind(kind)
     _check_sender(sender)
