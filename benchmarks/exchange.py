@@ -197,7 +197,8 @@ class Timeline:
 def _instrument(peer: Any, timeline: Timeline) -> None:
     """Record when each piece of ``reduce_gradients`` runs, without changing what it does."""
     import p2pdl.strategies.base as strategies_module
-    import p2pdl.wire.codec as wire_module
+    import p2pdl.wire.decode as wire_decode
+    import p2pdl.wire.encode as wire_encode
 
     strategy = peer.strategy
     transport = peer.transport
@@ -229,15 +230,15 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
         await original_on_bytes(link, data)
 
     transport._on_bytes = on_bytes
-    wire_module._all_finite = timeline.wrap_sync("  finite check", wire_module._all_finite)
-    wire_module.encode_frame = timeline.wrap_sync("  encode_frame(codec thread)", wire_module.encode_frame)
+    wire_decode._all_finite = timeline.wrap_sync("  finite check", wire_decode._all_finite)
+    wire_encode.encode_frame = timeline.wrap_sync("  encode_frame(codec thread)", wire_encode.encode_frame)
     strategies_module.unflatten_chunks_into = timeline.wrap_sync(
         "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
     )
     # transport.py imported encode_frame by name; point it at the timed one too.
     import p2pdl.net.transport as transport_module
 
-    transport_module.encode_frame = wire_module.encode_frame
+    transport_module.encode_frame = wire_encode.encode_frame
 
 
 def _summarise_timeline(events: list[tuple[str, float, float, str]], starts: list[float]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ import msgpack
 import torch
 
 from p2pdl.errors import FrameError
-from p2pdl.wire.codec import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.wire import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = struct.Struct("<2sBBI")

@@ -40,7 +40,7 @@ def _setup_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # Wire tensors are read-only views of received bytes, only ever read; see p2pdl.wire.codec.
+    # Wire tensors are read-only views of received bytes, only ever read; see p2pdl.wire.decode.
     warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 

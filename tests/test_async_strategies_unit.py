@@ -18,7 +18,7 @@ from p2pdl.core.topology import Graph, build_graph
 from p2pdl.strategies.async_gossip import ASYNC_PARAMS, AsyncGossipStrategy
 from p2pdl.strategies.base import RoundLedger, StrategyContext
 from p2pdl.strategies.ps import GRADIENT, PARAMETERS, ParameterServerStrategy
-from p2pdl.wire.codec import Frame, Limits, decode_frame, encode_frame
+from p2pdl.wire import Frame, Limits, decode_frame, encode_frame
 
 LIMITS = Limits(max_frame_bytes=1 << 20, max_decompressed_bytes=1 << 20)
 

@@ -30,7 +30,7 @@ from p2pdl.compression.compressors import (
     wire_bytes,
 )
 from p2pdl.errors import ConfigError, FrameSchemaError, NonFiniteError, ShapeMismatchError
-from p2pdl.wire.codec import ALLOWED_DTYPES, Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.wire import ALLOWED_DTYPES, Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 KINDS: tuple[CompressorKind, ...] = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 # Decoded entries are zero or within a factor 2 of the input, so fp32 subtraction is exact.

@@ -54,7 +54,7 @@ from p2pdl.net.auth import (
 from p2pdl.net.auth import verify_reply as verify_acceptor_reply
 from p2pdl.net.links import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR
 from p2pdl.net.transport import SENDER_HEADER, TOKEN_HEADER
-from p2pdl.wire.codec import Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.wire import Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 SECRET = "hostile-suite swarm secret, do not log me 7f3a"

@@ -23,7 +23,7 @@ from p2pdl.config import config_from_mapping
 from p2pdl.errors import MembershipError, P2PDLError
 from p2pdl.membership.gossip import merge_digest
 from p2pdl.membership.view import MAX_MEMBERS, Member, MembershipView, Timing, natural_key, parse_members
-from p2pdl.wire.codec import Frame, encode_frame
+from p2pdl.wire import Frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 TIMING = Timing(gossip_interval=1.0, suspect_after=5.0, dead_after=10.0, tombstone_after=600.0)

@@ -14,7 +14,7 @@ import torch
 from p2pdl import Peer
 from p2pdl.config import config_from_mapping
 from p2pdl.net.links import CLOSE_NOT_A_NEIGHBOR
-from p2pdl.wire.codec import Frame, encode_frame
+from p2pdl.wire import Frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 

@@ -32,7 +32,7 @@ from p2pdl.peer.statesync import (
     snapshot_state,
     state_frames,
 )
-from p2pdl.wire.codec import Frame, encode_frame
+from p2pdl.wire import Frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 DONOR_STEP = 12

@@ -1,4 +1,4 @@
-"""Tests for p2pdl.wire.codec: round trips, every rejection path, and fuzzing of hostile input."""
+"""Tests for p2pdl.wire: round trips, every rejection path, and fuzzing of hostile input."""
 
 from __future__ import annotations
 
@@ -24,23 +24,9 @@ from p2pdl.errors import (
     ShapeMismatchError,
     UnknownSenderError,
 )
-from p2pdl.wire.codec import (
-    ALLOWED_DTYPES,
-    FLAG_LZ4,
-    HEADER_SIZE,
-    MAX_NESTING,
-    PROTOCOL_VERSION,
-    Frame,
-    Limits,
-    TensorSpec,
-    _Extension,
-    _extension,
-    _swap_bytes,
-    _unpack,
-    _unpack_in_place,
-    decode_frame,
-    encode_frame,
-)
+from p2pdl.wire import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec, decode_frame, encode_frame
+from p2pdl.wire.frame import FLAG_LZ4, PROTOCOL_VERSION, swap_bytes
+from p2pdl.wire.unpack import MAX_NESTING, _Extension, _extension, _unpack_in_place, unpack_body
 
 LIMITS = Limits(max_frame_bytes=64 * 2**20, max_decompressed_bytes=64 * 2**20)
 FLAGS_OFFSET = 3
@@ -153,9 +139,9 @@ def test_tensor_spec_of_tensor() -> None:
 
 def test_swap_bytes_reverses_each_element() -> None:
     ints = torch.tensor([1, 2], dtype=torch.int32)
-    assert _swap_bytes(ints).tolist() == [2**24, 2**25]
+    assert swap_bytes(ints).tolist() == [2**24, 2**25]
     halves = torch.randn(7).to(torch.bfloat16)
-    assert torch.equal(_swap_bytes(_swap_bytes(halves)), halves)
+    assert torch.equal(swap_bytes(swap_bytes(halves)), halves)
 
 
 # --------------------------------------------------------------------------- compression
@@ -646,7 +632,7 @@ def _plain_or_error(body: bytes) -> object:
         return type(exc)
 
 
-def _unpack_options(size: int) -> dict[str, Any]:  # mirrors wire._unpack's options
+def _unpack_options(size: int) -> dict[str, Any]:  # mirrors wire.unpack.unpack_body's options
     return {
         "raw": False,
         "strict_map_key": True,
@@ -701,7 +687,7 @@ def test_in_place_walk_agrees_with_msgpack(body: bytes, mutations: list[tuple[in
         assert _same(_as_bytes(walked), _plain_or_error(data))
     # And the decoder's combined result is what the plain path alone would give.
     try:
-        combined: object = _as_bytes(_unpack(data, LIMITS))
+        combined: object = _as_bytes(unpack_body(data, LIMITS))
     except FrameError as exc:
         combined = type(exc)
     if not isinstance(combined, type):

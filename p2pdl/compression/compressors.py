@@ -1,11 +1,11 @@
 """Gradient and parameter compression that keeps accuracy: compressors, error feedback, CHOCO-gossip.
 
 Pure torch, no I/O. Every compressor turns ONE tensor into a small dict of wire tensors
-(suffix -> tensor) whose dtypes are in :data:`p2pdl.wire.codec.ALLOWED_DTYPES` and whose shapes are a
+(suffix -> tensor) whose dtypes are in :data:`p2pdl.wire.frame.ALLOWED_DTYPES` and whose shapes are a
 deterministic function of the input shape and the compressor's settings, so a receiver knows the
-exact :class:`~p2pdl.wire.codec.TensorSpec` of every part before it reads a byte (``wire_specs``) and
+exact :class:`~p2pdl.wire.frame.TensorSpec` of every part before it reads a byte (``wire_specs``) and
 refuses anything else. Work runs on the input tensor's device; decode accepts the read-only CPU
-views that :func:`p2pdl.wire.codec.decode_frame` returns and moves them once.
+views that :func:`p2pdl.wire.decode.decode_frame` returns and moves them once.
 
 Compressors, with the wire bytes per fp32 element before frame-level lz4 (and, for 11.17M
 elements, the ratio against fp32 after lz4 measured by benchmarks/compressors.py)::
@@ -71,7 +71,7 @@ import numpy.typing as npt
 import torch
 
 from p2pdl.errors import ConfigError, FrameSchemaError, NonFiniteError, ShapeMismatchError
-from p2pdl.wire.codec import ALLOWED_DTYPES, TensorSpec
+from p2pdl.wire import ALLOWED_DTYPES, TensorSpec
 
 __all__ = [
     "COMPRESSOR_KINDS",
@@ -164,7 +164,7 @@ def _check_parts(parts: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSp
 
 
 def _require_finite(what: str, tensor: torch.Tensor) -> None:
-    # One reduction and one host sync, no bool temporary (see p2pdl.wire.codec._all_finite).
+    # One reduction and one host sync, no bool temporary (see p2pdl.wire.decode._all_finite).
     if tensor.numel() == 0:
         return
     extremes = torch.stack(torch.aminmax(tensor)).tolist()

@@ -3,7 +3,7 @@
 Plain gossip (:func:`p2pdl.core.mixing.mix_into`) is a weighted mean, so one neighbour that sends
 parameters scaled by 1000 (a bug, a bit flip, an attacker) drags every peer it talks to
 arbitrarily far in a single round, and gossip then spreads the damage to the whole network.
-:mod:`p2pdl.wire.codec` already refuses NaN/inf and wrong shapes; this module bounds what *finite but
+:mod:`p2pdl.wire.decode` already refuses NaN/inf and wrong shapes; this module bounds what *finite but
 wrong* values can do. Two rules, with different trade-offs:
 
 * :func:`clipped_gossip` is self-centered clipping (He, Karimireddy & Jaggi 2022, "Byzantine-

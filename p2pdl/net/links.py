@@ -37,7 +37,7 @@ from p2pdl.net.auth import (
 )
 from p2pdl.net.guard import TokenBucket
 from p2pdl.net.stats import TransportStats
-from p2pdl.wire.codec import Frame, Limits, decode_frame, encode_frame
+from p2pdl.wire import Frame, Limits, decode_frame, encode_frame
 
 LinkState = Literal["connecting", "connected", "disconnected", "left"]
 WebSocket = aiohttp.ClientWebSocketResponse | web.WebSocketResponse

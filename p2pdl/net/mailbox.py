@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Collection
 
 from p2pdl.errors import InboxFullError, StaleFrameError
-from p2pdl.wire.codec import Frame
+from p2pdl.wire import Frame
 
 
 class _PeerGone(Exception):

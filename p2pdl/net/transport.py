@@ -81,7 +81,7 @@ from p2pdl.net.links import (
 from p2pdl.net.mailbox import Mailbox
 from p2pdl.net.stats import LogThrottle, TransportStats
 from p2pdl.tasks import TaskOwner
-from p2pdl.wire.codec import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
+from p2pdl.wire import Frame, Limits, TensorSpec, check_tensors, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 

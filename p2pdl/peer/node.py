@@ -45,7 +45,7 @@ from p2pdl.net.transport import Transport
 from p2pdl.peer.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
-from p2pdl.wire.codec import decode_frame
+from p2pdl.wire import decode_frame
 
 log = logging.getLogger(__name__)
 

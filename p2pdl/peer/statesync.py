@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from p2pdl.errors import FrameSchemaError, NonFiniteError, ShapeMismatchError
-from p2pdl.wire.codec import Frame, TensorSpec
+from p2pdl.wire import Frame, TensorSpec
 
 STATE_META = "state_meta"
 STATE = "state"

@@ -47,7 +47,7 @@ from p2pdl.strategies.base import (
     parameter_specs,
     reported_degree,
 )
-from p2pdl.wire.codec import Frame, TensorSpec
+from p2pdl.wire import Frame, TensorSpec
 
 ASYNC_PARAMS = "aparams"
 

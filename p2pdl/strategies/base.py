@@ -49,7 +49,7 @@ from p2pdl.errors import (
     TransportError,
     UnknownSenderError,
 )
-from p2pdl.wire.codec import Frame, TensorSpec
+from p2pdl.wire import Frame, TensorSpec
 
 T = TypeVar("T")
 RunCompute = Callable[[Callable[[], T]], Awaitable[T]]

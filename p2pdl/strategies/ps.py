@@ -43,7 +43,7 @@ import torch
 
 from p2pdl.errors import FrameError, FrameSchemaError, TransportError
 from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, build_codec, parameter_specs
-from p2pdl.wire.codec import Frame, TensorSpec
+from p2pdl.wire import Frame, TensorSpec
 
 log = logging.getLogger(__name__)
 

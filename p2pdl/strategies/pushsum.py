@@ -28,7 +28,7 @@ from p2pdl.core.pushsum import (
 )
 from p2pdl.errors import FrameSchemaError, TransportError
 from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs
-from p2pdl.wire.codec import Frame, TensorSpec
+from p2pdl.wire import Frame, TensorSpec
 
 PUSH = "pushsum"
 SHARE = 0.5  # one out-neighbour per round: keep half, send half
