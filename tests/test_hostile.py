@@ -52,8 +52,8 @@ from p2pdl.net.auth import (
     token_to_header,
 )
 from p2pdl.net.auth import verify_reply as verify_acceptor_reply
+from p2pdl.net.http import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.net.links import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR
-from p2pdl.net.transport import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.wire import Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"

@@ -26,8 +26,9 @@ import torch
 from p2pdl.config import TransportConfig
 from p2pdl.errors import FrameSchemaError
 from p2pdl.net.auth import HEADER, PeerSecurity, Secret, TokenVerifier, make_token, token_to_header
+from p2pdl.net.http import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.net.links import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR
-from p2pdl.net.transport import SENDER_HEADER, TOKEN_HEADER, Transport
+from p2pdl.net.transport import Transport
 from p2pdl.wire import Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 MIB = 1024 * 1024

@@ -28,7 +28,8 @@ from aiohttp import web
 from p2pdl.config import MembershipConfig
 from p2pdl.errors import MembershipError, TransportError
 from p2pdl.membership.view import MembershipView, parse_members
-from p2pdl.net.transport import Transport, read_bounded
+from p2pdl.net.http import read_bounded
+from p2pdl.net.transport import Transport
 from p2pdl.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
