@@ -102,6 +102,16 @@ class Provenance:
         changed = _git("status", "--porcelain", "--untracked-files=no")
         self.dirty_paths = [line[3:] for line in changed.splitlines()] if changed else []
 
+    def stamp(self) -> dict[str, Any]:
+        """A compact mark for one part of a result that may later be merged with parts of other runs."""
+        return {
+            "command": self.command,
+            "commit": self.commit,
+            "dirty": bool(self.dirty_paths),
+            "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "load_average": _load_average(),
+        }
+
     def record(self) -> dict[str, Any]:
         """The provenance block, with the load average and wall time at this moment as the end."""
         return {
