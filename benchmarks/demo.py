@@ -3,10 +3,11 @@
 Runs ``scripts/local_cluster.py CONFIG --out DIR --no-progress`` exactly as ``make demo`` does
 (same allocator environment, one process per peer on this machine), then writes the cluster's
 summary (mean test accuracy, final consensus distance, wall time, per-peer steps and bytes) to
-a result JSON with the command, commit and load average. Nothing is averaged: one run is one
-sample, and on a shared machine its wall time moves with the load recorded next to it, while
-accuracy and consensus distance depend on the interleaving of gossip rounds and vary a little
-from run to run.
+a result JSON with the command, commit and load average, and which peers had to build the
+dataset cache first (a first run on a machine does; that time is in the wall time). Nothing is
+averaged: one run is one sample, and on a shared machine its wall time moves with the load
+recorded next to it, while accuracy and consensus distance depend on the interleaving of gossip
+rounds and vary a little from run to run.
 
 Reproduce::
 
@@ -53,6 +54,13 @@ def busy_addresses(config: Path) -> list[str]:
     return busy
 
 
+def built_dataset(log: Path) -> bool:
+    """Whether this peer's log says it built a dataset cache (p2pdl.train.datasets logs "building ...")."""
+    if not log.exists():
+        return False
+    return any("p2pdl.train.datasets: building" in line for line in log.read_text(errors="replace").splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "ring4.toml")
@@ -78,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     result = {key: summary.get(key) for key in SUMMARY_KEYS}
     result["config"] = repo_relative(args.config)
+    # A peer that builds the dataset cache (first run on a machine) spends that time before training.
+    result["dataset_built_by"] = [
+        peer["name"] for peer in summary.get("peers", []) if built_dataset(args.runs_dir / peer["name"] / "peer.log")
+    ]
     result["local_cluster_exit_code"] = completed.returncode
     result["peers"] = [
         {key: peer.get(key) for key in ("name", "exit_code", "steps", "test_accuracy", "bytes_sent", "rounds")}
