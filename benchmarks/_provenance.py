@@ -7,8 +7,9 @@ its result through :func:`write_result`, which puts a ``provenance`` block first
 * ``command``: the command line as run, relative to the repository root, with the environment
   variables that change timings (allocator thresholds, ``OMP_NUM_THREADS``) in front, so that it
   can be pasted back into a shell at the same commit;
-* ``commit`` and ``dirty``: ``git rev-parse HEAD`` and whether tracked files differed from it
-  (``dirty_paths`` names them); a result from a dirty tree is not reproducible from the commit;
+* ``commit`` and ``dirty``: ``git rev-parse HEAD`` and whether tracked files outside
+  ``benchmarks/results/`` differed from it (``dirty_paths`` names them); a result from a dirty
+  tree is not reproducible from the commit;
 * ``date_utc`` (start), ``seconds`` (wall time of the whole script);
 * ``load_average_start`` / ``load_average_end``: 1, 5 and 15 minute load averages. The
   development machine is shared, so a time is read together with these; a ratio measured side by
@@ -106,7 +107,8 @@ class Provenance:
         self.load_average_start = _load_average()
         self._started = time.monotonic()
         self.commit = _git("rev-parse", "HEAD")
-        changed = _git("status", "--porcelain", "--untracked-files=no")
+        # Result files are what a run writes, not what it measures: a tree differing only there is clean.
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
         self.dirty_paths = [line[3:] for line in changed.splitlines()] if changed else []
 
     def stamp(self) -> dict[str, Any]:

@@ -42,7 +42,9 @@ def provenance_line(document: dict[str, Any]) -> str:
     """One line: where and when the result was measured, and how busy the machine was."""
     record = document["provenance"]
     commit = (record["commit"] or "unknown")[:7]
-    tree = "dirty tree" if record["dirty"] else "clean tree"
+    # Before result files were excluded from the check, a run after another in the same tree saw its JSON.
+    code_dirty = [path for path in record.get("dirty_paths", []) if not path.startswith("benchmarks/results/")]
+    tree = "dirty tree" if record["dirty"] and (code_dirty or not record.get("dirty_paths")) else "clean tree"
     date = record["date_utc"].replace("T", " ")[:16]
     return (
         f"Measured at commit `{commit}` ({tree}), {date} UTC, {record['cpu_count']} CPUs, load average "
@@ -91,11 +93,26 @@ def demo_rows(document: dict[str, Any]) -> list[str]:
     return [*DEMO_HEADER, demo_row(document)]
 
 
+# The phases of rank 0's instrumented p2pdl rounds (exchange.py's breakdown), in round order.
+EXCHANGE_PHASES = (
+    ("compute:flatten", "flatten"),
+    ("encode(await)", "encode"),
+    ("send(await)", "sends (await, summed)"),
+    ("compute:reduce(exact_mean)", "exact mean"),
+    ("compute:assemble(unflatten_chunks)", "assemble"),
+)
+
+
 def exchange_rows(document: dict[str, Any]) -> list[str]:
     rows = [
         "| processes | gloo median | gloo + bucket copies | p2pdl median | p2pdl / gloo | p2pdl / (gloo + copies) "
         "| bit-exact |",
         "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    phases = [
+        "",
+        "| processes | " + " | ".join(f"{label} ms" for _, label in EXCHANGE_PHASES) + " |",
+        "|---:|" + "---:|" * len(EXCHANGE_PHASES),
     ]
     for world, entry in document["by_world"].items():
         exact = "yes" if all(entry.get("p2pdl_bit_exact_vs_mean", [False])) else "**no**"
@@ -104,7 +121,11 @@ def exchange_rows(document: dict[str, Any]) -> list[str]:
             f"{entry['p2pdl']['median_ms']:.1f} ms | **{entry['ratio_p2pdl_over_gloo_median']:.2f}{TIMES}** | "
             f"{entry['ratio_p2pdl_over_gloo_ddp_median']:.2f}{TIMES} | {exact} |"
         )
-    return rows
+        means = entry.get("breakdown_rank0_dialer", {}).get("mean_ms_per_round_by_label", {})
+        if means:
+            cells = " | ".join(f"{means[key]:.1f}" if key in means else "\u2014" for key, _ in EXCHANGE_PHASES)
+            phases.append(f"| {world} | {cells} |")
+    return rows + phases if len(phases) > 3 else rows
 
 
 def consensus_rows(document: dict[str, Any]) -> list[str]:
@@ -149,7 +170,14 @@ def robust_rows(document: dict[str, Any]) -> list[str]:
     return rows
 
 
+def own_table(document: dict[str, Any]) -> list[str]:
+    """The markdown table the benchmark script rendered itself (its ``table`` key)."""
+    return list(document["table"].splitlines())
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "time_to_accuracy": own_table,
+    "compressors": own_table,
     "fuzz_decoder": fuzz_rows,
     "demo": demo_rows,
     "exchange": exchange_rows,
