@@ -234,12 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check is not None:
         return check(args.check)
-    for path in args.results:
-        lines = render(json.loads(path.read_text()))
-        if lines is None:
+    documents = [json.loads(path.read_text()) for path in args.results]
+    if len(documents) > 1 and all(d.get("benchmark") == "demo" and "provenance" in d for d in documents):
+        # Several cluster runs: one table, each run's provenance line above it in row order.
+        lines = [f"{n}. {provenance_line(d)}" for n, d in enumerate(documents, 1)]
+        print("\n".join([*lines, "", *DEMO_HEADER, *map(demo_row, documents)]) + "\n")
+        return 0
+    for path, document in zip(args.results, documents, strict=True):
+        rendered = render(document)
+        if rendered is None:
             print(f"{path}: no renderer for it, or written before provenance was recorded", file=sys.stderr)
             return 1
-        print("\n".join(lines) + "\n")
+        print("\n".join(rendered) + "\n")
     return 0
 
 
