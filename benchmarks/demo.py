@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,7 +65,9 @@ def built_dataset(log: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "ring4.toml")
-    parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "demo_bench", help="peer outputs and logs")
+    parser.add_argument(
+        "--runs-dir", type=Path, help="peer outputs and logs, emptied first (default runs/bench_demo/CONFIG_STEM)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo.json")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the cluster is stopped")
     args = parser.parse_args(argv)
@@ -72,14 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     if busy:
         print(f"demo: addresses already in use: {', '.join(busy)} (another cluster running?)", file=sys.stderr)
         return 2
+    # A fresh directory per config: a peer finding another run's checkpoint or logs there would mislead.
+    runs_dir: Path = args.runs_dir or REPO / "runs" / "bench_demo" / args.config.stem
+    shutil.rmtree(runs_dir, ignore_errors=True)
     provenance = Provenance()
     command = [
         sys.executable, str(REPO / "scripts" / "local_cluster.py"), str(args.config),
-        "--out", str(args.runs_dir), "--no-progress", "--timeout", str(args.timeout),
+        "--out", str(runs_dir), "--no-progress", "--timeout", str(args.timeout),
     ]  # fmt: skip
     env = {**os.environ, **DEMO_ENV, "PYTHONPATH": str(REPO)}
     completed = subprocess.run(command, cwd=REPO, env=env, check=False)
-    summary_path = args.runs_dir / "summary.json"
+    summary_path = runs_dir / "summary.json"
     if not summary_path.exists():
         print(f"demo: no {summary_path} (local_cluster exited {completed.returncode})", file=sys.stderr)
         return 1
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     result["config"] = repo_relative(args.config)
     # A peer that builds the dataset cache (first run on a machine) spends that time before training.
     result["dataset_built_by"] = [
-        peer["name"] for peer in summary.get("peers", []) if built_dataset(args.runs_dir / peer["name"] / "peer.log")
+        peer["name"] for peer in summary.get("peers", []) if built_dataset(runs_dir / peer["name"] / "peer.log")
     ]
     result["local_cluster_exit_code"] = completed.returncode
     result["peers"] = [
