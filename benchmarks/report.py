@@ -82,10 +82,14 @@ def demo_row(document: dict[str, Any]) -> str:
     mean_sent = f"{statistics.mean(sent) / 1e6:.1f}" if sent else "\u2014"
     distance = document["final_consensus_distance"]
     distance_text = f"{distance:.1e}" if distance is not None else "\u2014"
+    mean_accuracy = document["mean_test_accuracy"]
+    # A failed run stays in the table: its exit status is the figure.
+    accuracy_text = f"**{mean_accuracy:.4f}**" if mean_accuracy is not None else "\u2014"
+    exit_code = document["local_cluster_exit_code"]
     return (
         f"| `{document['config']}` | {len(peers)} {TIMES} {document['steps']} | "
-        f"**{document['mean_test_accuracy']:.4f}** | {spread} | {distance_text} | {mean_sent} | "
-        f"{document['wall_seconds']:.1f} s | {document['local_cluster_exit_code']} |"
+        f"{accuracy_text} | {spread} | {distance_text} | {mean_sent} | "
+        f"{document['wall_seconds']:.1f} s | {exit_code if exit_code == 0 else f'**{exit_code}** (failed)'} |"
     )
 
 
