@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -49,6 +48,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _provenance import Provenance, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "churn.json"
@@ -360,12 +361,11 @@ def transfer_table(transfers: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    provenance = Provenance([__file__, *(argv if argv is not None else sys.argv[1:])])
     previous: dict[str, Any] = {}
     if args.results.exists():
         previous = json.loads(args.results.read_text())
     result: dict[str, Any] = {
-        "benchmark": "churn",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "membership": {
             "gossip_interval": args.gossip_interval,
             "suspect_after": args.suspect_after,
@@ -375,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
         "detection": previous.get("detection"),
         "state_transfer": previous.get("state_transfer"),
     }
-    command = " ".join(["python", "benchmarks/churn.py", *(argv if argv is not None else sys.argv[1:])])
     if args.only in (None, "detection"):
         detection: dict[str, Any] = {}
         for how in (signal.SIGKILL, signal.SIGTERM):
@@ -383,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             events = detection_run(args, how)
             detection[how.name] = {"events": events, "stats": latency_stats(events)}
         result["detection"] = {
-            "command": command,
+            # With --only, the other part keeps its own provenance from an earlier run.
+            "provenance": provenance.record(),
             "peers": len(RING),
             "workload": "peers/mnist1d_cnn.py",
             "expected_sigkill_seconds": round(args.dead_after + args.gossip_interval, 3),
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"state transfer: {BIG_WORKLOAD.name}, {args.transfers} joiners")
         transfers = transfer_run(args)
         result["state_transfer"] = {
-            "command": command,
+            "provenance": provenance.record(),
             "workload": "benchmarks/workloads/mlp11m.py",
             "parameters": 11_061_610,
             "state_mib": round(2 * 11_061_610 * 4 / 2**20, 1),  # parameters + momentum buffers, fp32
@@ -410,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["state_transfer"] is not None:
         print("\n## State transfer: 11M-parameter model + SGD momentum, loopback\n")
         print(transfer_table(result["state_transfer"]["transfers"]))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.results, "churn", result, provenance)
     print(f"\nwrote {args.results}")
     return 0
 

@@ -27,10 +27,6 @@ on every call, as in the other benchmarks)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +35,7 @@ from typing import Any
 
 import lz4.block
 import torch
+from _provenance import Provenance, write_result
 
 from p2pdl.compression.compressors import Compressor, CompressorKind, TopKCompressor, build_compressor, wire_bytes
 
@@ -142,6 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compressors.json")
     args = parser.parse_args()
+    provenance = Provenance()
     torch.set_num_threads(args.threads)
 
     rows = []
@@ -166,18 +164,7 @@ def main() -> None:
         )
 
     result = {
-        "benchmark": "compressors",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-            # Other jobs share this machine: the 1/5/15-minute load averages at the end of the run.
-            "load_average": list(os.getloadavg()),
-        },
+        "torch_threads": torch.get_num_threads(),
         "shape": list(SHAPE),
         "settings": SETTINGS,
         "repeats": args.repeats,
@@ -185,8 +172,7 @@ def main() -> None:
         "topk_selection": topk_paths,
         "table": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "compressors", result, provenance)
     print(f"\nwrote {args.out}")
 
 

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import math
 import os
 import socket
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _provenance import Provenance, write_result
 
 from p2pdl import Peer
 from p2pdl.config import Config, config_from_mapping
@@ -183,6 +183,7 @@ def main() -> int:
     parser.add_argument("--fit-to", type=int, default=35, help="last round of the tail fit")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "consensus.json")
     args = parser.parse_args()
+    provenance = Provenance()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         print("note: set MALLOC_MMAP_THRESHOLD_=268435456 in the environment", file=sys.stderr)
     try:
@@ -212,8 +213,7 @@ def main() -> int:
         "drift": "max over rounds of ||mean_t - mean_0|| / ||mean_0||",
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, "consensus", report, provenance)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,6 +1,6 @@
 """DiLoCo's outer settings, simulated in one process: which outer lr / momentum trains MNIST-1D?
 
-    python benchmarks/diloco_outer.py
+    python benchmarks/diloco_outer.py [--out benchmarks/results/diloco_outer.json]
 
 4 peers on their shards, H = 8 local SGD steps, exact parameter averaging, then p2pdl's
 :class:`~p2pdl.core.outer.OuterOptimizer` (Nesterov) on every peer; 1000 steps, batch 32. Each line is
@@ -10,15 +10,18 @@ configs/diloco4.toml uses 0.5 / 0.5 instead of the paper's 0.7 / 0.9.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
+from _provenance import REPO, Provenance, write_result
 
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.train.data import BatchStream
 from p2pdl.train.workload import load_workload
 
-WORKLOAD = load_workload(Path(__file__).resolve().parent.parent / "peers" / "mnist1d_cnn.py")
+WORKLOAD = load_workload(REPO / "peers" / "mnist1d_cnn.py")
 SETTINGS = [
     (0.1, 0.9, 0.7, 0.9),
     (0.1, 0.9, 0.7, 0.5),
@@ -56,7 +59,23 @@ def run(inner_lr: float, momentum: float, outer_lr: float, outer_momentum: float
     return WORKLOAD.evaluate(models[0], torch.device("cpu"))["test_accuracy"]
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "diloco_outer.json")
+    args = parser.parse_args(argv)
+    provenance = Provenance([__file__, *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(1)
-    for setting in SETTINGS:
-        print(setting, round(run(*setting), 4), flush=True)
+    rows = []
+    for inner_lr, momentum, outer_lr, outer_momentum in SETTINGS:
+        accuracy = round(run(inner_lr, momentum, outer_lr, outer_momentum), 4)
+        print((inner_lr, momentum, outer_lr, outer_momentum), accuracy, flush=True)
+        rows.append({"inner_lr": inner_lr, "inner_momentum": momentum, "outer_lr": outer_lr,
+                     "outer_momentum": outer_momentum, "peer0_test_accuracy": accuracy})  # fmt: skip
+    result = {"peers": 4, "local_steps": 8, "steps": 1000, "batch_size": 32, "rows": rows}
+    write_result(args.out, "diloco_outer", result, provenance)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _provenance import Provenance, write_result
+
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = REPO / "peers" / "mnist1d_cnn.py"
 FEATURES = 3342  # nn.Linear(3342, 3342): 3342 * 3342 + 3342 = 11,172,306 parameters
@@ -449,6 +451,7 @@ def _slowest_rank(results: list[dict[str, Any]], key: str) -> list[float]:
 
 
 def main_parent(args: argparse.Namespace) -> int:
+    provenance = Provenance()
     report: dict[str, Any] = {
         "model": f"nn.Linear({FEATURES}, {FEATURES})",
         "params": FEATURES * FEATURES + FEATURES,
@@ -514,8 +517,7 @@ def main_parent(args: argparse.Namespace) -> int:
             f"{'':>5} exact mean: p2pdl bit-exact={entry.get('p2pdl_bit_exact_vs_mean')}, "
             f"gloo max abs err={entry.get('gloo_max_abs_error'):.2e}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, "exchange", report, provenance)
     print(f"\nwrote {args.out}")
     return 0
 

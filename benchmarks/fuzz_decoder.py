@@ -37,11 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import math
-import os
-import platform
 import random
 import re
 import struct
@@ -57,6 +53,7 @@ from typing import Any
 import lz4.block
 import msgpack
 import torch
+from _provenance import Provenance, write_result
 
 from p2pdl.errors import FrameError
 from p2pdl.wire import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec, decode_frame, encode_frame
@@ -492,28 +489,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.cases < 1:
         parser.error("--cases must be >= 1")
+    provenance = Provenance()
     torch.set_num_threads(args.threads)
     # Decoded tensors are read-only views of the input bytes; torch says so once (as in pyproject's pytest config).
     warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
     result = run(args.cases, args.seed)
     print(markdown(result))
     if args.out is not None:
-        document = {
-            "benchmark": "fuzz_decoder",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": {
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "cpu_count": os.cpu_count(),
-                "torch": torch.__version__,
-                "msgpack": ".".join(map(str, msgpack.version)),
-                "lz4": lz4.__version__,
-                "torch_threads": args.threads,
-            },
-            **result,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(document, indent=2) + "\n")
+        msgpack_version = ".".join(map(str, msgpack.version))
+        settings = {"torch_threads": args.threads, "msgpack": msgpack_version, "lz4": lz4.__version__}
+        write_result(args.out, "fuzz_decoder", {"settings": settings, **result}, provenance)
     sys.exit(1 if result["failures"] else 0)
 
 

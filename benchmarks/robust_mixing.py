@@ -12,16 +12,19 @@ honestly). The same D-PSGD recipe as the swarm (MNIST-1D CNN, SGD lr 0.1 momentu
 * ``trim``: coordinate-wise trimmed mean, trim 1;
 * ``outlier``: :class:`~p2pdl.core.robust.OutlierClipper`, what ``strategy.robust = "clip"`` uses.
 
-It prints the honest peers' test accuracies, one line per argument. This is how OutlierClipper's
-historical reference was chosen; ``tests/test_robust.py`` checks the real thing with 8 peer processes.
+It prints the honest peers' test accuracies, one line per argument, and writes them to ``--out``.
+This is how OutlierClipper's historical reference was chosen; ``tests/test_robust.py`` checks the
+real thing with 8 peer processes.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
+from _provenance import REPO, Provenance, write_result
 
 from p2pdl.core.mixing import mix_into
 from p2pdl.core.robust import OutlierClipper, adaptive_radius, clipped_gossip, trimmed_mean
@@ -84,13 +87,26 @@ def run(kind: str, rule: str, radius: float, attack: bool) -> list[float]:
     return [round(WORKLOAD.evaluate(models[i], torch.device("cpu"))["test_accuracy"], 3) for i in honest]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "specs", nargs="*", default=["ring:none:0:1", "ring:outlier:0:1"], help="TOPOLOGY:RULE:RADIUS:ATTACK"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "robust_mixing.json")
+    args = parser.parse_args(argv)
+    provenance = Provenance([__file__, *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(1)
-    for spec in argv or ["ring:none:0:1", "ring:outlier:0:1"]:
+    rows = []
+    for spec in args.specs:
         kind, rule, radius, attack = spec.split(":")
-        print(spec, run(kind, rule, float(radius), attack == "1"), flush=True)
+        accuracies = run(kind, rule, float(radius), attack == "1")
+        print(spec, accuracies, flush=True)
+        rows.append({"spec": spec, "topology": kind, "rule": rule, "radius": float(radius), "attack": attack == "1",
+                     "honest_test_accuracies": accuracies})  # fmt: skip
+    write_result(args.out, "robust_mixing", {"peers": PEERS, "rows": rows}, provenance)
+    print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -50,10 +50,8 @@ Writes ``benchmarks/results/strategies.json`` and prints one markdown table per 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -64,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _provenance import Provenance, write_result
 from netns import NetnsLan
 from time_to_accuracy import free_ports, write_toml
 
@@ -645,6 +644,7 @@ def main(
     ``extra_table`` renders a second table per setting from the same rows (kept as "extra_table").
     """
     args = parse_args(argv, rows=all_rows, description=description, results=results_path, out=out)
+    provenance = Provenance([str(REPO / script), *(sys.argv[1:] if argv is None else argv)])
     rows = [r for r in all_rows if args.only is None or r.key in args.only]
     chosen = settings(args)
     previous = json.loads(args.results.read_text()) if args.results.exists() else {}
@@ -656,14 +656,19 @@ def main(
         if args.reanalyze:
             rows_before = previous["tables"][name]["rows"]
             results = [reanalyze(setting, r, args.out.resolve(), all_rows) for r in rows_before]
+            for again, before in zip(results, rows_before, strict=True):
+                if "measured" in before:
+                    again["measured"] = before["measured"]
         for row in rows if not args.reanalyze else ():
             print(f"[{time.monotonic() - started:7.1f} s] {name}: {row.label} ...", flush=True)
+            stamp = provenance.stamp()  # rows of several invocations end up merged in one file
             if setting.rate_mbit is None:
                 results.append(run_row(setting, row, args, None))
             else:
                 with NetnsLan(args.peers, rate_mbit=setting.rate_mbit) as lan:
                     results.append(run_row(setting, row, args, lan))
             done = results[-1]
+            done["measured"] = stamp
             print(
                 f"    {done['status']}: final {done['final_mean_accuracy']}, best {done['best_mean_accuracy']}, "
                 f"{done['wall_seconds']:.0f} s wall {'; '.join(done['problems'])}",
@@ -696,24 +701,16 @@ def main(
         f"All {args.peers} processes of a row share this machine's {cores} CPU cores (OMP_NUM_THREADS=1 each): "
         f"times are for {args.peers} processes on {cores} cores, not {args.peers} machines."
     )
-    result = {
-        "command": f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
-        "host": {
-            "cpu_count": cores,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": importlib.metadata.version("torch"),
-            "load_average_1_5_15": list(os.getloadavg()),
-        },
-        "note": note,
-        "tables": tables,
-    }
+    result: dict[str, Any] = {"note": note, "tables": tables}
     if args.reanalyze or args.only:
-        # The measurements of the earlier invocation stand; say how this file came to be.
-        result["host"] = previous.get("host", result["host"])
-        result["command"] = f"{previous.get('command')}, then: {result['command']}"
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+        # The measurements of earlier invocations stand: keep their provenance next to this one's.
+        earlier = list(previous.get("earlier_provenance", []))
+        if "provenance" in previous:
+            earlier.append(previous["provenance"])
+        elif "command" in previous:  # a file written before provenance was recorded
+            earlier.append({"command": previous["command"], "commit": None, **previous.get("host", {})})
+        result["earlier_provenance"] = earlier
+    write_result(args.results, Path(script).stem, result, provenance)
     for table in tables.values():
         setting_info = table["setting"]
         network = "loopback" if setting_info["rate_mbit"] is None else f"{setting_info['rate_mbit']:g} Mbit/s tbf links"

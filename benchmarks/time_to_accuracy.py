@@ -27,10 +27,8 @@ cost for both, and evaluating less often would only make the first-crossing step
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -39,6 +37,8 @@ import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from _provenance import Provenance, repo_relative, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "ring4.toml"
@@ -243,6 +243,7 @@ def markdown_table(systems: list[dict[str, Any]], thresholds: list[float]) -> st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    provenance = Provenance([__file__, *(argv if argv is not None else sys.argv[1:])])
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     thresholds = sorted(args.thresholds)
@@ -295,28 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = markdown_table(systems, thresholds)
     result = {
-        "command": "python benchmarks/time_to_accuracy.py "
-        + " ".join([str(args.config), "--steps", str(steps), "--eval-every", str(args.eval_every)]),
-        "config": str(args.config),
+        "config": repo_relative(args.config),
         "steps": steps,
         "eval_every": args.eval_every,
         "peers": len(names),
         "batch_size": int(data["run"].get("batch_size", 32)),
         "lr": data["run"].get("lr"),
         "thresholds": thresholds,
-        "host": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": importlib.metadata.version("torch"),
-            "omp_num_threads_per_process": 1,
-            "load_average_1_5_15": loads,
-        },
+        "omp_num_threads_per_process": 1,
+        "load_average_by_phase": loads,
         "systems": systems,
         "table": table,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.results, "time_to_accuracy", result, provenance)
     print(table)
     print(f"\nwrote {args.results}")
     return 0
