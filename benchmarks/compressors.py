@@ -2,7 +2,7 @@
 
 For each compressor: encode and decode time (min and median over ``--repeats``), the raw wire
 bytes (what :func:`p2pdl.compression.compressors.wire_bytes` counts), the bytes after frame-level lz4 (one
-``lz4.block.compress`` of the concatenated raw parts, as :func:`p2pdl.wire.codec.encode_frame` would
+``lz4.block.compress`` of the concatenated raw parts, as :func:`p2pdl.wire.encode.encode_frame` would
 do on the frame body), both as a ratio against the 44.7 MB of fp32, and the relative
 reconstruction error ||decode(encode(g)) - g|| / ||g|| of one step (no error feedback).
 

@@ -1,4 +1,4 @@
-"""Mutation fuzzing of p2pdl.wire.codec.decode_frame: only FrameError, and only sane frames accepted.
+"""Mutation fuzzing of p2pdl.wire.decode.decode_frame: only FrameError, and only sane frames accepted.
 
 tests/test_wire.py fuzzes the decoder with hypothesis for a few hundred examples per run; this is
 the longer run. It starts from a corpus of valid frames (every allowed dtype, empty and 0-d
