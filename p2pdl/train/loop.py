@@ -87,6 +87,11 @@ class ShardedBatches:
             self._cache[shard] = self._workload.load_shard(shard, self._shard_count)
         return self._cache[shard]
 
+    def preload(self, shards: list[int]) -> None:
+        """Load ``shards`` now (a first run builds the dataset here, which takes seconds)."""
+        for shard in shards:
+            self._load(shard)
+
     def batch(self, shards: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The batch for ``step`` from ``shards``; None when this peer owns no data right now."""
         if not shards:
@@ -140,6 +145,10 @@ async def run_peer(
         start_step = await asyncio.to_thread(load_checkpoint, model, optimizer, checkpoint)
         log.info("%s resumed from %s at step %d", name, checkpoint, start_step)
     data = ShardedBatches(workload, run, config.shard_count, device)
+    # Build or read the dataset before the peer goes live: once it is live, its event loop must
+    # stay free for heartbeats, and a first run's dataset build takes seconds.
+    configured = sorted(entry.name for entry in config.peers)
+    await asyncio.to_thread(data.preload, assigned_shards(configured, name, config.shard_count))
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     started = time.perf_counter()
     stopped_early = False
@@ -184,7 +193,9 @@ async def run_peer(
                     log.info("%s: the swarm reached step %d; a straggler stops with it", name, swarm_step)
                     break
                 shards = assigned_shards(peer.live_members(), name, config.shard_count)
-                batch = data.batch(shards, peer.step_index)
+                # On the compute thread: cutting a new shard's batches (after a membership change)
+                # reads and concatenates arrays, which must not stall the event loop's heartbeats.
+                batch = await peer.run_compute(functools.partial(data.batch, shards, peer.step_index))
 
                 def closure(batch: tuple[torch.Tensor, torch.Tensor] | None = batch) -> torch.Tensor:
                     if batch is None:  # no shard assigned right now: only mix with neighbours
