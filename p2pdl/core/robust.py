@@ -178,7 +178,7 @@ def clipped_gossip(
     with ``s_j = min(1, τ / ||x_j - x_i||)``; for a stochastic row (``w_ii + sum_j w_ij = 1``)
     it is the formula above, and with ``τ = inf`` it equals ``mix_into``. A neighbour whose
     difference is not finite gets ``s_j = 0``: its weight stays with self, as for a neighbour
-    that did not arrive (:func:`p2pdl.core.mixing.renormalized_row`). ``radius`` is ``τ`` (>= 0,
+    that did not arrive in a gossip round. ``radius`` is ``τ`` (>= 0,
     ``math.inf`` allowed) or a :data:`RadiusRule` applied to this round's difference norms.
     """
     weights = [weight for weight, _ in contributions]
