@@ -4,7 +4,7 @@ Every H steps a peer mixes with the *latest* parameters it holds from each neigh
 waiting for any particular one, then sends its mixed parameters to them. Sends run in the
 background, one in flight per neighbour at most (a newer frame never queues behind an older one
 to a slow peer), so a straggler slows only itself. A neighbour's parameters are used at most once
-(mixing the same old copy round after round drags a peer back; measured here) and only while
+(mixing the same old copy round after round would drag a peer back towards it) and only while
 they are at most ``max_staleness`` steps behind this peer; older ones are dropped and counted.
 
 Peers share one step clock: a peer more than ``max_staleness`` steps behind its neighbours moves
@@ -42,30 +42,30 @@ from p2pdl.errors import TransportError
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
     RoundOutcome,
+    StrategyBase,
     StrategyContext,
     neighbour_frame_specs,
-    parameter_specs,
     reported_degree,
 )
+from p2pdl.tasks import TaskOwner
 from p2pdl.wire.codec import Frame, TensorSpec
 
 ASYNC_PARAMS = "aparams"
 
 
-class AsyncGossipStrategy:
+class AsyncGossipStrategy(StrategyBase):
     name = "async-gossip"
 
     def __init__(self, ctx: StrategyContext) -> None:
-        self._ctx = ctx
-        self._specs = parameter_specs(ctx.parameters)
-        self._sends: dict[str, asyncio.Task[None]] = {}
+        super().__init__(ctx)
+        self._tasks = TaskOwner(f"{ctx.name}:async-gossip")  # the sends in flight, awaited in finish()
+        self._sends: dict[str, asyncio.Task[None]] = {}  # the latest send to each neighbour
         self._sent: dict[str, bytes] = {}  # the frame last handed to each neighbour's send
         self._last_frame: bytes | None = None
         self._ever_neighbors: set[str] = set()
         self._latest: dict[str, Frame] = {}
         self._catch_up_to: int | None = None
         self.catch_ups = 0
-        self._round = 0
         self.used = 0
         self.dropped_stale = 0
         self.skipped_sends = 0
@@ -78,20 +78,8 @@ class AsyncGossipStrategy:
         self.waits = 0
         self.wait_seconds = 0.0
 
-    def _neighbors(self) -> tuple[str, ...]:
-        return self._ctx.topology().neighbors.get(self._ctx.name, ())
-
-    def communication_peers(self) -> tuple[str, ...]:
-        return self._neighbors()
-
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         return neighbour_frame_specs(self._ctx, kind, sender, ASYNC_PARAMS, self._specs)
-
-    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
-        return None
-
-    def wants_local_step(self) -> bool:
-        return True
 
     async def _send(self, neighbor: str, data: bytes) -> None:
         try:
@@ -111,14 +99,13 @@ class AsyncGossipStrategy:
     async def _keep_within_reach(self, neighbors: tuple[str, ...], step: int) -> None:
         """Wait while this peer is more than ``max_lead`` (+ H) steps ahead of every connected neighbour.
 
-        Wait-free mixing has a runaway mode, measured here: a peer that finds no fresh copy skips
-        mixing, so its steps get cheaper (2 ms instead of 7), while its neighbours spend theirs
-        decoding the frames it floods them with; it runs further ahead, finds even fewer fresh
-        copies and ends up training alone on its shard. Its momentum buffer, built up against the
-        pull of mixing, then threw its loss from 0.05 to 1.8 within 20 steps (final accuracy 0.85,
-        and 0.775 in a trial at lr 0.05, while its neighbours had 0.89 to 0.92). The wait ends
-        with a copy from *any* neighbour, so the fastest one answers; a straggler paces this peer
-        only when every connected neighbour is slow.
+        Wait-free mixing has a runaway mode: a peer that finds no fresh copy skips mixing, so its
+        steps get cheaper, while its neighbours spend theirs decoding the frames it floods them
+        with; it runs further ahead, finds even fewer fresh copies and ends up training alone on
+        its shard, where its momentum, built up against the pull of mixing, throws its loss up and
+        it ends well below its neighbours. The wait ends with a copy from *any* neighbour, so the
+        fastest one answers; a straggler paces this peer only when every connected neighbour is
+        slow.
         A wait that times out (neighbours connected but silent) is not repeated until one is
         heard again, so a hung neighbour costs one ``round_timeout``, not one per step.
         """
@@ -165,10 +152,10 @@ class AsyncGossipStrategy:
         """The swarm has finished and this peer is behind it: end on its neighbours' latest copies.
 
         A peer behind the swarm's end (a straggler) holds parameters a few of the swarm's steps
-        old; keeping its MH share of them cost a 9x-slower straggler up to 9 points against its
-        neighbours' 0.93 (measured: 0.845, 0.897). Its last copies of the neighbours that are
-        at least as far on hold the swarm's final model, so it ends on their plain average, as
-        a parameter-server worker ends on the server's final frame. It is stopping: nobody mixes
+        old, and keeping its MH share of them would leave it clearly below its neighbours. Its
+        last copies of the neighbours that are at least as far on hold the swarm's final model,
+        so it ends on their plain average, as a parameter-server worker ends on the server's
+        final frame. It is stopping: nobody mixes
         with the result except through its own last frame.
         """
         ahead = [f for f in copies if f.step >= step]
@@ -184,7 +171,7 @@ class AsyncGossipStrategy:
 
     def _start_send(self, neighbor: str, data: bytes) -> None:
         self._sent[neighbor] = data
-        self._sends[neighbor] = asyncio.ensure_future(self._send(neighbor, data))
+        self._sends[neighbor] = self._tasks.spawn(self._send(neighbor, data), f"send:{neighbor}")
 
     def _learn_horizon(self, frame: Frame, step: int) -> None:
         """The furthest step the swarm has reached, as far as ``frame`` knows (stale frames too)."""
@@ -193,7 +180,7 @@ class AsyncGossipStrategy:
         # A bogus horizon could end training early; never trust more than MAX_ROUND_LEAD ahead.
         self._swarm_step = max(self._swarm_step, min(max(known, frame.step), step + MAX_ROUND_LEAD))
 
-    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+    async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
         if (step + 1) % ctx.config.local_steps != 0:
             return None
@@ -209,9 +196,9 @@ class AsyncGossipStrategy:
         departed: list[Frame] = []
         for gone in self._ever_neighbors.difference(neighbors):
             # A neighbour that has left may have said in its last frame that the swarm is done; its
-            # leave can be processed before that frame is (seen: a straggler that missed it trained
-            # on alone and ended at 0.46). Its parameters are not mixed (it is no longer a
-            # neighbour), but the horizon it reported counts.
+            # leave can be processed before that frame is, and a straggler that missed it would
+            # train on alone. Its parameters are not mixed (it is no longer a neighbour), but the
+            # horizon it reported counts.
             self._latest.pop(gone, None)
             last = ctx.exchange.take_latest(ASYNC_PARAMS, gone)
             if last is not None:
@@ -227,9 +214,8 @@ class AsyncGossipStrategy:
             step = self._catch_up_to
             self.catch_ups += 1
             # Its optimizer state (momentum) is an average over its own last steps, which the swarm
-            # left behind long ago: a straggler that kept it carried stale directions into every
-            # step and ended several points below its neighbours (0.875 against 0.93, measured).
-            # A peer that had really taken the steps it skipped would have decayed it by
+            # left behind long ago: keeping it carries stale directions into every step. A peer
+            # that had really taken the steps it skipped would have decayed it by
             # momentum^skipped, so it starts afresh, as a PS worker does on each pull.
             await ctx.run_compute(ctx.optimizer.state.clear)
         usable: dict[str, Frame] = {}
@@ -287,8 +273,7 @@ class AsyncGossipStrategy:
 
     def status(self) -> dict[str, Any]:
         return {
-            "kind": self.name,
-            "round": self._round,
+            **super().status(),
             "neighbors": list(self._neighbors()),
             "max_staleness": self._ctx.config.max_staleness,
             "mean_staleness": self._staleness_sum / self.used if self.used else None,
@@ -306,9 +291,9 @@ class AsyncGossipStrategy:
     async def finish(self) -> None:
         """Make sure every neighbour gets this peer's last frame, which carries the swarm's horizon.
 
-        A send still in flight to a slow neighbour made the last frame skip it; that neighbour then
-        never learnt that the swarm was done and trained on alone (the node bounds this wait by
-        ``transport.shutdown_timeout``).
+        A send still in flight to a slow neighbour makes the last frame skip it; that neighbour
+        would then never learn that the swarm is done and train on alone (the node bounds this
+        wait by ``transport.shutdown_timeout``).
         """
         last = self._last_frame
         if last is None:
@@ -326,8 +311,6 @@ class AsyncGossipStrategy:
         await asyncio.gather(*(deliver(n) for n in self._neighbors()))
 
     async def close(self) -> None:
-        for task in self._sends.values():
-            task.cancel()
-        for task in self._sends.values():
+        for task in self._tasks.cancel():
             with contextlib.suppress(asyncio.CancelledError, TransportError):
                 await task
