@@ -8,6 +8,7 @@ what the node used to do and what the strategy must now do on its own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -20,15 +21,15 @@ from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph, build_graph
 from p2pdl.errors import FrameSchemaError
 from p2pdl.strategies import build_strategy
-from p2pdl.strategies.allreduce import AllReduceStrategy
-from p2pdl.strategies.async_gossip import AsyncGossipStrategy
-from p2pdl.strategies.base import RoundLedger, StrategyBase, StrategyContext
-from p2pdl.strategies.choco import ChocoGossipStrategy
-from p2pdl.strategies.gossip import PARAMS, GossipStrategy
-from p2pdl.strategies.ps import GRADIENT, PARAMETERS
+from p2pdl.strategies.allreduce import AllReduceConfig, AllReduceStrategy
+from p2pdl.strategies.async_gossip import AsyncGossipConfig, AsyncGossipStrategy
+from p2pdl.strategies.base import OuterConfig, RoundLedger, StrategyBase, StrategyContext
+from p2pdl.strategies.choco import ChocoConfig, ChocoGossipStrategy
+from p2pdl.strategies.gossip import PARAMS, GossipConfig, GossipStrategy
+from p2pdl.strategies.ps import GRADIENT, PARAMETERS, ParameterServerConfig
 from p2pdl.strategies.ps_server import ParameterServer
 from p2pdl.strategies.ps_worker import ParameterServerWorker
-from p2pdl.strategies.pushsum import PushSumStrategy
+from p2pdl.strategies.pushsum import PushSumConfig, PushSumStrategy
 from p2pdl.wire.codec import Frame
 
 
@@ -231,3 +232,30 @@ async def test_without_diloco_a_round_is_the_plain_average() -> None:
     for actual, value in zip(model.parameters(), expected, strict=True):
         assert torch.equal(actual.detach(), value)
     assert "outer_steps" not in strategy.status()
+
+
+# --------------------------------------------------------------------------- config beside each strategy
+
+
+def test_each_strategy_config_reads_only_keys_of_the_strategy_table() -> None:
+    table_keys = {f.name for f in dataclasses.fields(StrategyConfig)}
+    table = StrategyConfig(kind="async-gossip", local_steps=3, round_timeout=2.5, max_staleness=7, max_lead=1)
+    for config_class in (
+        GossipConfig,
+        AllReduceConfig,
+        AsyncGossipConfig,
+        PushSumConfig,
+        ChocoConfig,
+        ParameterServerConfig,
+        OuterConfig,
+    ):
+        keys = {f.name for f in dataclasses.fields(config_class)}
+        assert keys <= table_keys, keys - table_keys
+        built = config_class.from_table(table)
+        assert all(getattr(built, key) == getattr(table, key) for key in keys)
+    assert "robust" not in {f.name for f in dataclasses.fields(AsyncGossipConfig)}  # only what it reads
+    graph = build_graph("full", ["a", "b"])
+    ctx, _, _ = make_context("a", graph, table)
+    assert AsyncGossipStrategy(ctx).config == AsyncGossipConfig(
+        local_steps=3, round_timeout=2.5, max_staleness=7, max_lead=1
+    )

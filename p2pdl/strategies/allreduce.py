@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,12 +26,17 @@ import torch
 from p2pdl.compression.codec import TensorCodec
 from p2pdl.core.mixing import chunk_bounds, exact_mean, flatten_into, unflatten_chunks_into
 from p2pdl.errors import AllReduceIncompleteError, ConfigError, FrameError, FrameSchemaError, TransportError
-from p2pdl.strategies.base import RoundOutcome, StrategyBase, StrategyContext, build_codec
+from p2pdl.strategies.base import RoundConfig, RoundOutcome, StrategyBase, StrategyContext, build_codec
 from p2pdl.wire.codec import Frame, TensorSpec
 
 REDUCE_SCATTER = "rs"
 COMPRESSED_GRADIENTS = "cgrad"
 ALL_GATHER = "ag"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AllReduceConfig(RoundConfig):
+    """The ``[strategy]`` keys all-reduce reads: H = 1 averages gradients, H > 1 parameters."""
 
 
 class AllReduceStrategy(StrategyBase):
@@ -44,6 +50,7 @@ class AllReduceStrategy(StrategyBase):
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
+        self.config = AllReduceConfig.from_table(ctx.config)
         self._total = sum(p.numel() for _, p in ctx.parameters)
         dtypes = {p.dtype for _, p in ctx.parameters}
         if dtypes != {torch.float32}:
@@ -117,7 +124,7 @@ class AllReduceStrategy(StrategyBase):
         for result in (r for group in results for r in group):
             if isinstance(result, BaseException) and not isinstance(result, TransportError):
                 raise result
-        arrived = await ctx.exchange.collect(kind, round_index, others, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(kind, round_index, others, self.config.round_timeout)
         ctx.exchange.advance(kind, round_index + 1)
         return arrived
 
@@ -167,7 +174,7 @@ class AllReduceStrategy(StrategyBase):
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         """H = 1: average gradients before the optimizer step (what DDP does)."""
-        if self._ctx.config.local_steps != 1:
+        if self.config.local_steps != 1:
             return None
         self._round = step
         if self._codec is not None:
@@ -187,7 +194,7 @@ class AllReduceStrategy(StrategyBase):
         await ctx.exchange.broadcast(frame, others)
         self.raw_bytes += codec.raw_bytes * len(others)
         self.payload_bytes += sum(t.numel() * t.element_size() for t in own.values()) * len(others)
-        arrived = await ctx.exchange.collect(COMPRESSED_GRADIENTS, step, others, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(COMPRESSED_GRADIENTS, step, others, self.config.round_timeout)
         ctx.exchange.advance(COMPRESSED_GRADIENTS, step + 1)
         missing = [n for n in others if n not in arrived]
         if missing:
@@ -215,7 +222,7 @@ class AllReduceStrategy(StrategyBase):
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         """H > 1 (local SGD): average the parameters exactly every H steps."""
-        local_steps = self._ctx.config.local_steps
+        local_steps = self.config.local_steps
         if local_steps == 1 or (step + 1) % local_steps != 0:
             return None
         self._round = step // local_steps

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdl.core.mixing import mix_into
@@ -41,6 +42,7 @@ from p2pdl.core.topology import mh_weight
 from p2pdl.errors import TransportError
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
+    RoundConfig,
     RoundOutcome,
     StrategyBase,
     StrategyContext,
@@ -53,11 +55,20 @@ from p2pdl.wire.codec import Frame, TensorSpec
 ASYNC_PARAMS = "aparams"
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AsyncGossipConfig(RoundConfig):
+    """The ``[strategy]`` keys AD-PSGD reads (``round_timeout`` bounds its wait for a neighbour)."""
+
+    max_staleness: int  # steps: drop neighbour parameters older than this
+    max_lead: int  # steps (plus H) this peer may run ahead of its fastest neighbour; 0 = off
+
+
 class AsyncGossipStrategy(StrategyBase):
     name = "async-gossip"
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
+        self.config = AsyncGossipConfig.from_table(ctx.config)
         self._tasks = TaskOwner(f"{ctx.name}:async-gossip")  # the sends in flight, awaited in finish()
         self._sends: dict[str, asyncio.Task[None]] = {}  # the latest send to each neighbour
         self._sent: dict[str, bytes] = {}  # the frame last handed to each neighbour's send
@@ -110,11 +121,11 @@ class AsyncGossipStrategy(StrategyBase):
         heard again, so a hung neighbour costs one ``round_timeout``, not one per step.
         """
         ctx = self._ctx
-        lead = ctx.config.max_lead
+        lead = self.config.max_lead
         connected = [n for n in neighbors if ctx.exchange.is_connected(n)]
         if not lead or not connected or self._silent:
             return
-        floor = step - lead - ctx.config.local_steps
+        floor = step - lead - self.config.local_steps
 
         def within_reach() -> bool:
             return max((self._heard.get(n, -1) for n in connected), default=-1) >= floor
@@ -123,7 +134,7 @@ class AsyncGossipStrategy(StrategyBase):
             return
         self.waits += 1
         started = time.perf_counter()
-        deadline = started + ctx.config.round_timeout
+        deadline = started + self.config.round_timeout
         try:
             while not within_reach():
                 remaining = deadline - time.perf_counter()
@@ -144,7 +155,7 @@ class AsyncGossipStrategy(StrategyBase):
         not a multiple of H, no frame would otherwise ever say the run is over."""
         horizon = max(self._swarm_step, step)
         last = self._ctx.last_step
-        if last is not None and step + self._ctx.config.local_steps > last:
+        if last is not None and step + self.config.local_steps > last:
             horizon = max(horizon, last)
         return horizon
 
@@ -182,11 +193,11 @@ class AsyncGossipStrategy(StrategyBase):
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
-        if (step + 1) % ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
         started = time.perf_counter()
         neighbors = self._neighbors()
-        self._round = step // ctx.config.local_steps
+        self._round = step // self.config.local_steps
         self._ever_neighbors.update(neighbors)
         await self._keep_within_reach(neighbors, step)
         for neighbor in neighbors:
@@ -209,8 +220,8 @@ class AsyncGossipStrategy(StrategyBase):
         # moves its clock up to stay within reach: it trains fewer steps, but its contributions
         # stay fresh and it finishes with the others.
         ahead = max((f.step for f in self._latest.values()), default=step)
-        if ahead - step > ctx.config.max_staleness:
-            self._catch_up_to = min(ahead - ctx.config.max_staleness // 2, step + MAX_ROUND_LEAD)
+        if ahead - step > self.config.max_staleness:
+            self._catch_up_to = min(ahead - self.config.max_staleness // 2, step + MAX_ROUND_LEAD)
             step = self._catch_up_to
             self.catch_ups += 1
             # Its optimizer state (momentum) is an average over its own last steps, which the swarm
@@ -224,7 +235,7 @@ class AsyncGossipStrategy(StrategyBase):
             if candidate is None:
                 continue
             staleness = step - candidate.step
-            if staleness > ctx.config.max_staleness:
+            if staleness > self.config.max_staleness:
                 self.dropped_stale += 1
                 continue
             usable[neighbor] = candidate
@@ -263,7 +274,7 @@ class AsyncGossipStrategy(StrategyBase):
             self._start_send(neighbor, data)
         if self._catch_up_to is not None:
             # Report the new clock as this round; the node moves its step counter to it.
-            self._round = self._catch_up_to // ctx.config.local_steps
+            self._round = self._catch_up_to // self.config.local_steps
             self._catch_up_to = None
         return ctx.ledger.record(self._round, missing, started)
 
@@ -275,14 +286,14 @@ class AsyncGossipStrategy(StrategyBase):
         return {
             **super().status(),
             "neighbors": list(self._neighbors()),
-            "max_staleness": self._ctx.config.max_staleness,
+            "max_staleness": self.config.max_staleness,
             "mean_staleness": self._staleness_sum / self.used if self.used else None,
             "contributions_used": self.used,
             "dropped_stale": self.dropped_stale,
             "skipped_sends": self.skipped_sends,
             "failed_sends": self.failed_sends,
             "catch_ups": self.catch_ups,
-            "max_lead": self._ctx.config.max_lead,
+            "max_lead": self.config.max_lead,
             "lead_waits": self.waits,
             "ended_on_swarm_model": self.ended_on_swarm_model,
             "wait_seconds": round(self.wait_seconds, 3),

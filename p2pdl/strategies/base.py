@@ -17,17 +17,18 @@ and import only this module.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import torch
 
 from p2pdl.compression.codec import CompressionPolicy, TensorCodec
 from p2pdl.compression.compressors import build_compressor
-from p2pdl.config import CompressionConfig, StrategyConfig
+from p2pdl.config import CompressionConfig, OuterKind, StrategyConfig
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph
 from p2pdl.errors import FrameSchemaError, TransportError, UnknownSenderError
@@ -109,6 +110,36 @@ class RoundLedger:
             "recent_partial": [{"round": r, "missing": list(m)} for r, m in self.recent_partial],
             "last_round_seconds": None if self.last is None else round(self.last.seconds, 6),
         }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundConfig:
+    """The keys of ``[strategy]`` that every round-based strategy reads.
+
+    Each strategy declares its own subclass beside it, holding only the keys it reads, and
+    builds it with :meth:`from_table` from the table that :mod:`p2pdl.config` has validated.
+    """
+
+    local_steps: int  # H: local optimizer steps between communication rounds
+    round_timeout: float  # seconds a round waits for contributions
+
+    @classmethod
+    def from_table(cls, table: StrategyConfig) -> Self:
+        """This config's keys, read from the validated ``[strategy]`` table."""
+        return cls(**{f.name: getattr(table, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OuterConfig:
+    """DiLoCo's outer optimizer (``strategy.outer``), run by :class:`StrategyBase` after each round."""
+
+    outer: OuterKind  # "diloco": Nesterov outer step on the averaged change after each sync
+    outer_lr: float  # outer learning rate (1 with no momentum: plain averaging)
+    outer_momentum: float  # outer Nesterov momentum, in [0, 1)
+
+    @classmethod
+    def from_table(cls, table: StrategyConfig) -> Self:
+        return cls(outer=table.outer, outer_lr=table.outer_lr, outer_momentum=table.outer_momentum)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,11 +256,12 @@ class StrategyBase:
         self._ctx = ctx
         self._specs = parameter_specs(ctx.parameters)
         self._round = 0
+        outer = OuterConfig.from_table(ctx.config)
         self._outer: OuterOptimizer | None = None
-        if ctx.config.outer == "diloco":
+        if outer.outer == "diloco":
             # The anchor is a copy of the parameters now: the strategy is built on the initial model.
             self._outer = OuterOptimizer(
-                [p for _, p in ctx.parameters], lr=ctx.config.outer_lr, momentum=ctx.config.outer_momentum
+                [p for _, p in ctx.parameters], lr=outer.outer_lr, momentum=outer.outer_momentum
             )
 
     def _neighbors(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from p2pdl.core.topology import mh_weight
 from p2pdl.errors import FrameError, FrameSchemaError, UnknownSenderError
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
+    RoundConfig,
     RoundOutcome,
     StrategyBase,
     StrategyContext,
@@ -38,11 +40,17 @@ CHOCO_FULL = "choco_full"
 _MAX_META = 256
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChocoConfig(RoundConfig):
+    """The ``[strategy]`` keys CHOCO-gossip reads (its step size is ``compression.choco_gamma``)."""
+
+
 class ChocoGossipStrategy(StrategyBase):
     name = "gossip"
 
     def __init__(self, ctx: StrategyContext, codec: TensorCodec) -> None:
         super().__init__(ctx)
+        self.config = ChocoConfig.from_table(ctx.config)
         self._codec = codec
         self._gamma = ctx.compression.choco_gamma
         self._wire_specs = codec.wire_specs()
@@ -71,14 +79,14 @@ class ChocoGossipStrategy(StrategyBase):
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
-        if (step + 1) % ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
         started = time.perf_counter()
         neighbors = self._neighbors()
         for gone in self._state.neighbours - set(neighbors):
             self._state.drop(gone)
             self._in_sync.discard(gone)
-        round_index = step // ctx.config.local_steps
+        round_index = step // self.config.local_steps
         ahead = ctx.exchange.highest_round(CHOCO, neighbors)
         if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
             round_index = ahead
@@ -106,12 +114,12 @@ class ChocoGossipStrategy(StrategyBase):
         payload = sum(t.numel() * t.element_size() for t in parts.values())
         self.raw_bytes += self._codec.raw_bytes * len(neighbors)
         self.payload_bytes += payload * len(neighbors)
-        arrived = await ctx.exchange.collect(CHOCO, round_index, neighbors, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(CHOCO, round_index, neighbors, self.config.round_timeout)
         ctx.exchange.advance(CHOCO, round_index + 1)
         # A neighbour asked for a full copy in the previous round sends it right after its compressed
         # frame of this round; only a full copy of *this* round matches the compressed one we hold.
         asked_last_round = [n for n in self._asked if n in arrived]
-        fulls = await ctx.exchange.collect(CHOCO_FULL, round_index, asked_last_round, ctx.config.round_timeout)
+        fulls = await ctx.exchange.collect(CHOCO_FULL, round_index, asked_last_round, self.config.round_timeout)
         ctx.exchange.advance(CHOCO_FULL, round_index + 1)
         self._asked = set(wanted)
         for sender, received in arrived.items():

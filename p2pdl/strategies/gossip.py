@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from p2pdl.config import RobustKind
 from p2pdl.core.mixing import mix_into
 from p2pdl.core.robust import OutlierClipper, trimmed_mean
 from p2pdl.core.topology import mh_weight
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
+    RoundConfig,
     RoundOutcome,
     StrategyBase,
     StrategyContext,
@@ -30,6 +33,16 @@ from p2pdl.strategies.base import (
 from p2pdl.wire.codec import Frame, TensorSpec
 
 PARAMS = "params"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GossipConfig(RoundConfig):
+    """The ``[strategy]`` keys D-PSGD reads: its round, and the robust mixing rule."""
+
+    robust: RobustKind  # "clip": self-centred clipping; "trimmed-mean": coordinate-wise trimmed mean
+    clip_radius: float  # clip: fixed L2 radius over the whole model; 0 = adaptive
+    reject_factor: float  # clip: ignore a neighbour farther than this x the median accepted distance
+    trim: int  # trimmed-mean: values dropped at each end, per coordinate
 
 
 class GossipStrategy(StrategyBase):
@@ -44,9 +57,10 @@ class GossipStrategy(StrategyBase):
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
+        self.config = GossipConfig.from_table(ctx.config)
         self._row: dict[str, float] = {}
         self.robust_stats: dict[str, float] = {"clipped": 0, "rejected": 0, "trimmed_rounds": 0, "last_radius": 0.0}
-        self._clipper = OutlierClipper(radius=ctx.config.clip_radius, reject_factor=ctx.config.reject_factor)
+        self._clipper = OutlierClipper(radius=self.config.clip_radius, reject_factor=self.config.reject_factor)
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         return neighbour_frame_specs(self._ctx, kind, sender, PARAMS, self._specs)
@@ -60,11 +74,11 @@ class GossipStrategy(StrategyBase):
         return row
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
-        if (step + 1) % self._ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
         ctx = self._ctx
         neighbors = self._neighbors()
-        round_index = step // ctx.config.local_steps
+        round_index = step // self.config.local_steps
         ahead = ctx.exchange.highest_round(PARAMS, neighbors)
         if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
             round_index = ahead  # behind the swarm (joined or restarted): catch up to its round
@@ -80,7 +94,7 @@ class GossipStrategy(StrategyBase):
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         await ctx.exchange.broadcast(frame, neighbors)
-        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, self.config.round_timeout)
         ctx.exchange.advance(PARAMS, round_index + 1)
         row = self._row_for(neighbors, arrived)
         self._row = row
@@ -115,9 +129,9 @@ class GossipStrategy(StrategyBase):
     def status(self) -> dict[str, Any]:
         return {
             **super().status(),
-            "local_steps": self._ctx.config.local_steps,
+            "local_steps": self.config.local_steps,
             "neighbors": list(self._neighbors()),
             "last_mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
-            "robust": self._ctx.config.robust,
+            "robust": self.config.robust,
             "robust_stats": dict(self.robust_stats),
         }

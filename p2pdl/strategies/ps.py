@@ -34,15 +34,26 @@ module (:mod:`p2pdl.strategies.ps_server`, :mod:`p2pdl.strategies.ps_worker`) on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from p2pdl.config import PsMode
 from p2pdl.errors import FrameSchemaError
-from p2pdl.strategies.base import StrategyBase, StrategyContext, build_codec
+from p2pdl.strategies.base import RoundConfig, StrategyBase, StrategyContext, build_codec
 from p2pdl.wire.codec import Frame
 
 GRADIENT = "ps_grad"
 PARAMETERS = "ps_params"
 AVERAGE = "ps_avg"  # local SGD through the server: a worker's parameters every H steps
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParameterServerConfig(RoundConfig):
+    """The ``[strategy]`` keys both parameter-server roles read."""
+
+    server: str | None  # the server peer's name (None: the first configured peer)
+    ps_mode: PsMode  # "sync": K-of-N rounds; "async": apply each gradient on arrival
+    ps_quorum: int  # sync: gradients the server waits for per round; 0 = every live worker
 
 
 def server_of(ctx: StrategyContext) -> str:
@@ -59,12 +70,13 @@ class ParameterServerRole(StrategyBase):
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
+        self.config = ParameterServerConfig.from_table(ctx.config)
         self.server = server_of(ctx)
         # Workers may compress their gradients (with error feedback); parameters go back in fp32.
         self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
         # local_steps = H > 1 (sync mode): local SGD through the server; every H steps the server
         # averages its parameters with the workers' and sends the average back.
-        self._periodic = ctx.config.local_steps > 1
+        self._periodic = self.config.local_steps > 1
         self._version = 0  # server: updates applied; worker: the server version its parameters are
         self._server_step = 0  # server: its own step; worker: the latest the server reported
         self._local_step = True
@@ -97,8 +109,8 @@ class ParameterServerRole(StrategyBase):
             "round": self._version,
             "role": "server" if self.is_server else "worker",
             "server": self.server,
-            "mode": self._ctx.config.ps_mode,
-            "local_steps": self._ctx.config.local_steps,
+            "mode": self.config.ps_mode,
+            "local_steps": self.config.local_steps,
             "version": self._version,
             "pushes": self.pushes,
             "pulls": self.pulls,

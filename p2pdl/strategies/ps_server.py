@@ -77,7 +77,7 @@ class ParameterServer(ParameterServerRole):
         if self._periodic:
             return None  # every step is local; parameters are averaged after the H-th
         self._local_step = True
-        if self._ctx.config.ps_mode == "async":
+        if self.config.ps_mode == "async":
             if self._consumer is None or self._consumer.done():
                 self._consumer = self._tasks.spawn(self._consume_async(), "consumer")
             # The server's own gradient is one more asynchronous update (staleness 0), at the same
@@ -89,11 +89,11 @@ class ParameterServer(ParameterServerRole):
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         if self._periodic:
-            if (step + 1) % self._ctx.config.local_steps != 0:
+            if (step + 1) % self.config.local_steps != 0:
                 return None
             return await self._server_average(step)
         self._version += 1
-        if self._ctx.config.ps_mode == "sync":
+        if self.config.ps_mode == "sync":
             workers = [w for w in self._workers() if self._ctx.exchange.is_connected(w)]
             if workers:
                 await self._ctx.exchange.broadcast(self._parameters_frame(step), workers)
@@ -113,8 +113,8 @@ class ParameterServer(ParameterServerRole):
         server's version (older ones are counted in ``dropped_stale``)."""
         ctx = self._ctx
         workers = [w for w in self._workers() if ctx.exchange.is_connected(w)]
-        quorum = min(ctx.config.ps_quorum or len(workers), len(workers))
-        ready = await ctx.exchange.wait_for_senders(kind, workers, quorum, ctx.config.round_timeout)
+        quorum = min(self.config.ps_quorum or len(workers), len(workers))
+        ready = await ctx.exchange.wait_for_senders(kind, workers, quorum, self.config.round_timeout)
         used: list[Frame] = []
         for worker in sorted(ready):
             frame = ctx.exchange.take_latest(kind, worker)
@@ -175,7 +175,7 @@ class ParameterServer(ParameterServerRole):
         if workers:
             await ctx.exchange.broadcast(self._parameters_frame(step), workers)
         missing = [w for w in self._workers() if w not in {f.sender for f in used}]
-        return ctx.ledger.record(step // ctx.config.local_steps, missing, started)
+        return ctx.ledger.record(step // self.config.local_steps, missing, started)
 
     # ------------------------------------------------------------------ async mode
 

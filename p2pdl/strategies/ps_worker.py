@@ -42,7 +42,7 @@ class ParameterServerWorker(ParameterServerRole):
         return await self._worker_round(step)
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
-        if not self._periodic or (step + 1) % self._ctx.config.local_steps != 0:
+        if not self._periodic or (step + 1) % self.config.local_steps != 0:
             return None
         return await self._worker_average(step)
 
@@ -82,7 +82,7 @@ class ParameterServerWorker(ParameterServerRole):
             self.server_unreachable += 1
             return ctx.ledger.record(round_index, [self.server], started)
         self.pushes += 1
-        await ctx.exchange.wait_for_senders(PARAMETERS, (self.server,), 1, ctx.config.round_timeout)
+        await ctx.exchange.wait_for_senders(PARAMETERS, (self.server,), 1, self.config.round_timeout)
         reply = ctx.exchange.take_latest(PARAMETERS, self.server)
         if reply is None:
             self.server_unreachable += 1
@@ -94,7 +94,7 @@ class ParameterServerWorker(ParameterServerRole):
         """Local SGD through the server: send this worker's parameters, load the server's average."""
         ctx = self._ctx
         started = time.perf_counter()
-        round_index = step // ctx.config.local_steps
+        round_index = step // self.config.local_steps
         late = ctx.exchange.take_latest(PARAMETERS, self.server)
         if late is not None and (late.meta.get("final") is True or late.round > self._version):
             # The server's final model, or an average that came after this worker stopped waiting

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdl.core.pushsum import (
@@ -27,11 +28,16 @@ from p2pdl.core.pushsum import (
     pushsum_schedule_period,
 )
 from p2pdl.errors import FrameSchemaError, TransportError
-from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyBase, StrategyContext
+from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundConfig, RoundOutcome, StrategyBase, StrategyContext
 from p2pdl.wire.codec import Frame, TensorSpec
 
 PUSH = "pushsum"
 SHARE = 0.5  # one out-neighbour per round: keep half, send half
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PushSumConfig(RoundConfig):
+    """The ``[strategy]`` keys SGP reads."""
 
 
 class PushSumStrategy(StrategyBase):
@@ -39,6 +45,7 @@ class PushSumStrategy(StrategyBase):
 
     def __init__(self, ctx: StrategyContext) -> None:
         super().__init__(ctx)
+        self.config = PushSumConfig.from_table(ctx.config)
         self.weight = 1.0
         self.lost_sends = 0
         self.bad_weights = 0
@@ -78,9 +85,9 @@ class PushSumStrategy(StrategyBase):
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
-        if (step + 1) % ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
-        round_index = step // ctx.config.local_steps
+        round_index = step // self.config.local_steps
         started = time.perf_counter()
         target, sources = self._schedule(round_index)
         ahead = ctx.exchange.highest_round(PUSH, sources)
@@ -106,7 +113,7 @@ class PushSumStrategy(StrategyBase):
         except TransportError:
             keep = 1.0  # the share never left: keep it, so no mass is lost on our side
             self.lost_sends += 1
-        arrived = await ctx.exchange.collect(PUSH, round_index, sources, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(PUSH, round_index, sources, self.config.round_timeout)
         ctx.exchange.advance(PUSH, round_index + 1)
         incoming: list[PushSumMessage] = []
         for received in arrived.values():
