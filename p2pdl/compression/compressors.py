@@ -79,8 +79,8 @@ __all__ = [
 CompressorKind = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
 COMPRESSOR_KINDS: Final[tuple[CompressorKind, ...]] = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 
-# Exact torch.topk below this many elements; sampled threshold above. At 2**18 exact topk
-# takes ~2 ms on a small CPU, comparable to the sampled path's fixed costs.
+# Exact torch.topk below this many elements; sampled threshold above. Around 2**18 elements exact
+# topk costs about as much as the sampled path's fixed costs (benchmarks/compressors.py).
 EXACT_TOPK_MAX_NUMEL: Final[int] = 2**18
 _SAMPLE_FRACTION: Final[float] = 0.01
 # The sample must contain enough elements above the threshold for its quantile to be tight:
