@@ -19,7 +19,7 @@ from p2pdl.config import CompressionConfig, StrategyConfig
 from p2pdl.core.mixing import mix_into
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph, build_graph
-from p2pdl.errors import FrameSchemaError
+from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.allreduce import AllReduceConfig, AllReduceStrategy
 from p2pdl.strategies.async_gossip import AsyncGossipConfig, AsyncGossipStrategy
@@ -259,3 +259,16 @@ def test_each_strategy_config_reads_only_keys_of_the_strategy_table() -> None:
     assert AsyncGossipStrategy(ctx).config == AsyncGossipConfig(
         local_steps=3, round_timeout=2.5, max_staleness=7, max_lead=1
     )
+
+
+async def test_an_allreduce_chunk_split_for_another_membership_is_missing_not_a_crash() -> None:
+    # b split the flat gradient (10 elements) for a swarm of one more peer: its chunk does not
+    # have the size of a's chunk in this round's split, though it passed the schema at arrival.
+    graph = build_graph("full", ["a", "b"])
+    ctx, _, exchange = make_context("a", graph, StrategyConfig(kind="allreduce"))
+    strategy = AllReduceStrategy(ctx)
+    exchange.inbox.append(Frame(kind="rs", sender="b", round=0, step=0, tensors={"chunk": torch.zeros(4)}))
+    with pytest.raises(AllReduceIncompleteError) as info:
+        await strategy.reduce_gradients(0)
+    assert info.value.missing == ("b",)
+    assert ctx.ledger.partial == 1

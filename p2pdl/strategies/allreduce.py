@@ -74,6 +74,13 @@ class AllReduceStrategy(StrategyBase):
     def _chunk(buffer: torch.Tensor, bounds: Sequence[int], rank: int) -> torch.Tensor:
         return buffer[bounds[rank] : bounds[rank + 1]]
 
+    @staticmethod
+    def _fits(frame: Frame | None, bounds: Sequence[int], owner: int) -> bool:
+        """Whether ``frame`` arrived with chunk ``owner`` of this round's split. A sender that saw
+        a different membership when it split the vector sent chunks of other sizes (the frame
+        passed the schema of the membership at arrival); it counts as missing, never as a crash."""
+        return frame is not None and frame.tensors["chunk"].numel() == bounds[owner + 1] - bounds[owner]
+
     def communication_peers(self) -> tuple[str, ...]:
         return tuple(p for p in self._participants() if p != self._ctx.name)
 
@@ -150,7 +157,7 @@ class AllReduceStrategy(StrategyBase):
             for n in others
         }
         arrived = await self._exchange(REDUCE_SCATTER, round_index, others, scatter)
-        missing = [n for n in others if n not in arrived]
+        missing = [n for n in others if not self._fits(arrived.get(n), bounds, rank)]
         if missing:
             ctx.ledger.record(round_index, missing, started)
             raise AllReduceIncompleteError(round_index, missing)
@@ -163,7 +170,7 @@ class AllReduceStrategy(StrategyBase):
             kind=ALL_GATHER, sender=ctx.name, round=round_index, step=round_index, tensors={"chunk": own}
         )
         gathered = await self._exchange(ALL_GATHER, round_index, others, dict.fromkeys(others, gather_frame))
-        missing = [n for n in others if n not in gathered]
+        missing = [n for n in others if not self._fits(gathered.get(n), bounds, peers.index(n))]
         if missing:
             ctx.ledger.record(round_index, missing, started)
             raise AllReduceIncompleteError(round_index, missing)
