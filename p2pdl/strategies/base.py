@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, Self
 
 import torch
 
@@ -33,9 +33,6 @@ from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph
 from p2pdl.errors import FrameSchemaError, TransportError, UnknownSenderError
 from p2pdl.wire.codec import Frame, TensorSpec
-
-T = TypeVar("T")
-RunCompute = Callable[[Callable[[], T]], Awaitable[T]]
 
 # A peer behind its neighbours (a joiner, a restarted peer) catches up to their round, but never by
 # more than this: one bogus frame naming round 2**62 must not end everybody's training.
