@@ -10,7 +10,7 @@ the set on their own, so a long-lived owner does not grow.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -34,7 +34,7 @@ class TaskOwner:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def __iter__(self) -> Iterable[asyncio.Task[Any]]:
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
         return iter(list(self._tasks))
 
     def cancel(self) -> list[asyncio.Task[Any]]:

@@ -17,7 +17,9 @@ from p2pdl.config import StrategyConfig
 from p2pdl.core.topology import Graph, build_graph
 from p2pdl.strategies.async_gossip import ASYNC_PARAMS, AsyncGossipStrategy
 from p2pdl.strategies.base import RoundLedger, StrategyContext
-from p2pdl.strategies.ps import GRADIENT, PARAMETERS, ParameterServerStrategy
+from p2pdl.strategies.ps import GRADIENT, PARAMETERS
+from p2pdl.strategies.ps_server import ParameterServer
+from p2pdl.strategies.ps_worker import ParameterServerWorker
 from p2pdl.wire import Frame, Limits, decode_frame, encode_frame
 
 LIMITS = Limits(max_frame_bytes=1 << 20, max_decompressed_bytes=1 << 20)
@@ -280,7 +282,7 @@ async def test_no_async_ps_reply_follows_the_servers_final_frame() -> None:
     exchange.connected = {"w1", "w2"}
     config = StrategyConfig(kind="ps", server="s", ps_mode="async")
     ctx, model = make_context("s", graph, exchange, config)
-    server = ParameterServerStrategy(ctx)
+    server = ParameterServer(ctx)
 
     def gradient(sender: str, step: int) -> Frame:
         return Frame(
@@ -372,7 +374,7 @@ async def test_ps_local_sgd_worker_loads_a_late_average_then_pushes_it_as_curren
     exchange.connected = {"s"}
     config = StrategyConfig(kind="ps", server="s", ps_mode="sync", local_steps=2, round_timeout=5.0)
     ctx, model = make_context("w1", graph, exchange, config)
-    worker = ParameterServerStrategy(ctx)
+    worker = ParameterServerWorker(ctx)
     late = torch.nn.Linear(4, 2)
     exchange.deliver(ps_parameters(3, late))  # the average of round 3 came after w1 stopped waiting
     reply = torch.nn.Linear(4, 2)
@@ -392,7 +394,7 @@ async def test_ps_local_sgd_worker_ends_on_the_servers_final_frame() -> None:
     graph = [build_graph("full", ["s", "w1"])]
     config = StrategyConfig(kind="ps", server="s", ps_mode="sync", local_steps=2)
     ctx, model = make_context("w1", graph, exchange, config)
-    worker = ParameterServerStrategy(ctx)
+    worker = ParameterServerWorker(ctx)
     final = torch.nn.Linear(4, 2)
     exchange.deliver(ps_parameters(7, final, final=True, server_step=99))
     await worker.after_optimizer_step(1)

@@ -1,4 +1,4 @@
-"""Compressors, error feedback and CHOCO-gossip (p2pdl.compression.compressors): hermetic, pure torch.
+"""Compressors, error feedback and CHOCO-gossip (p2pdl.compression): hermetic, pure torch.
 
 Error bounds are the ones each compressor documents, asserted tight: fp16/bf16 relative
 rounding, int8 within half a scale per chunk, top-k exactly the k largest, PowerSGD exact on a
@@ -9,24 +9,25 @@ and CHOCO's consensus error must fall geometrically where naive compressed gossi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pdl.compression import compressors as compression
+from p2pdl.compression.choco import ChocoState
+from p2pdl.compression.codec import CompressionPolicy, TensorCodec
 from p2pdl.compression.compressors import (
     EXACT_TOPK_MAX_NUMEL,
-    ChocoState,
-    CompressionPolicy,
     Compressor,
     CompressorKind,
     ErrorFeedback,
     TopKCompressor,
     build_compressor,
-    simulate_gossip,
     wire_bytes,
 )
 from p2pdl.errors import ConfigError, FrameSchemaError, NonFiniteError, ShapeMismatchError
@@ -348,12 +349,78 @@ def ring_mixing_matrix(n: int) -> np.ndarray:
     return w
 
 
-CHOCO_GAMMA = 0.03  # top-1% on a ring of 8: 0.02-0.04 converge, 0.05 stalls, 0.1 diverges
+CHOCO_GAMMA = 0.03  # top-1% on a ring of 8: gamma must be about 3 x the fraction kept
+
+
+def flat_choco_state(compressor: Compressor, x: torch.Tensor, neighbours: Sequence[str]) -> ChocoState:
+    """One simulated peer's CHOCO state over a single flat tensor named ``x``."""
+    codec = TensorCodec(
+        CompressionPolicy(compressor=compressor, min_numel=0), {"x": tuple(x.shape)}, error_feedback=False
+    )
+    return ChocoState(codec, {"x": x}, neighbours, CPU)
+
+
+def simulate_gossip(
+    x0: Sequence[torch.Tensor],
+    mixing: npt.NDArray[np.floating],
+    rounds: int,
+    make_compressor: Callable[[], Compressor],
+    *,
+    choco: bool,
+    gamma: float = 1.0,
+) -> list[float]:
+    """Consensus error per round of compressed gossip among ``len(x0)`` simulated peers.
+
+    ``mixing``: the symmetric, doubly stochastic n x n matrix W; each peer has its own compressor
+    from ``make_compressor``. With ``choco`` each peer runs the strategy's :class:`ChocoState`
+    with step ``gamma``; without, each runs naive compressed gossip x_i <- w_ii x_i + sum_{j != i}
+    w_ij decode(C(x_j)). Returns e_t = (1/n) sum_i ||x_i - x̄_0||^2 / ((1/n) sum_i ||x_i^0 -
+    x̄_0||^2) after each round t, where x̄_0 is the true initial mean; it tends to 0 only if the
+    peers agree AND agree on the true average.
+    """
+    n = len(x0)
+    assert mixing.shape == (n, n)
+    names = [f"peer{i}" for i in range(n)]
+    xs = [x.detach().reshape(-1).to(torch.float32).clone() for x in x0]
+    numel = xs[0].numel()
+    true_mean = torch.stack(xs).to(torch.float64).mean(dim=0)
+
+    def error() -> float:
+        return sum(float((x.to(torch.float64) - true_mean).square().sum()) for x in xs) / n
+
+    scale = error() or 1.0
+    rows = [{names[j]: float(mixing[i, j]) for j in range(n) if mixing[i, j] != 0.0 and i != j} for i in range(n)]
+    compressors = [make_compressor() for _ in range(n)]
+    states = [flat_choco_state(compressors[i], xs[i], list(rows[i])) for i in range(n)]
+    errors: list[float] = []
+    for _ in range(rounds):
+        if choco:
+            sent = [state.compress_difference({"x": x}) for state, x in zip(states, xs, strict=True)]
+            for state, row in zip(states, rows, strict=True):
+                for name in row:
+                    state.apply_update(name, sent[names.index(name)])
+            for state, x, row in zip(states, xs, rows, strict=True):
+                state.consensus_step([("x", x)], row, gamma)
+        else:
+            received = [
+                c.decode(names[j], c.encode(names[j], x), (numel,), CPU)
+                for j, (c, x) in enumerate(zip(compressors, xs, strict=True))
+            ]
+            mixed_xs = []
+            for i in range(n):
+                mixed = torch.zeros(numel)
+                for j in range(n):
+                    if mixing[i, j] != 0.0:
+                        mixed.add_(xs[j] if i == j else received[j], alpha=float(mixing[i, j]))
+                mixed_xs.append(mixed)
+            xs = mixed_xs
+        errors.append(error() / scale)
+    return errors
 
 
 def test_naive_compressed_gossip_does_not_reach_the_average() -> None:
     x0 = [randn(2000, seed=i) for i in range(8)]
-    errors = simulate_gossip(x0, ring_mixing_matrix(8), 150, build_compressor("topk", ratio=0.01), choco=False)
+    errors = simulate_gossip(x0, ring_mixing_matrix(8), 150, lambda: build_compressor("topk", ratio=0.01), choco=False)
     # Every round drops 99% of each neighbour's parameters: all peers decay towards zero, so
     # they "agree" far from the true mean (error ~ ||mean||^2 / initial spread = 1/7).
     assert min(errors[50:]) > 0.1
@@ -363,7 +430,12 @@ def test_choco_gossip_with_top1_percent_converges_geometrically() -> None:
     x0 = [randn(2000, seed=i) for i in range(8)]
     rounds = 450
     errors = simulate_gossip(
-        x0, ring_mixing_matrix(8), rounds, build_compressor("topk", ratio=0.01), choco=True, gamma=CHOCO_GAMMA
+        x0,
+        ring_mixing_matrix(8),
+        rounds,
+        lambda: build_compressor("topk", ratio=0.01),
+        choco=True,
+        gamma=CHOCO_GAMMA,
     )
     assert errors[-1] < 1e-2
     # Linear convergence: log-error falls by a steady slope over the tail.
@@ -379,24 +451,39 @@ def test_choco_keeps_the_mean_and_public_copies_agree() -> None:
     names = [f"p{i}" for i in range(n)]
     xs = [randn(numel, seed=i) for i in range(n)]
     mean = torch.stack(xs).double().mean(dim=0)
-    compressor = build_compressor("int8", chunk=64)
     neighbours = {name: [names[(i - 1) % n], names[(i + 1) % n]] for i, name in enumerate(names)}
-    row = {name: 1.0 / 3.0 for name in names}  # ring of 4: the same weight to self and each side
-    states = {name: ChocoState(name, neighbours[name], compressor, numel) for name in names}
+    # Ring of 4: the same weight (1/3) to self and each side; the self term cancels in CHOCO.
+    states = {
+        name: flat_choco_state(build_compressor("int8", chunk=64), x, neighbours[name])
+        for name, x in zip(names, xs, strict=True)
+    }
     for _ in range(5):
-        sent = {name: states[name].encode(x) for name, x in zip(names, xs, strict=True)}
+        sent = {name: states[name].compress_difference({"x": x}) for name, x in zip(names, xs, strict=True)}
         for name in names:
-            states[name].apply_update(name, sent[name])
             for other in neighbours[name]:
                 states[name].apply_update(other, sent[other])
         for name, x in zip(names, xs, strict=True):
-            states[name].consensus_step(x, {k: v for k, v in row.items() if k in [name, *neighbours[name]]}, 0.5)
+            states[name].consensus_step([("x", x)], dict.fromkeys(neighbours[name], 1.0 / 3.0), 0.5)
     # Everyone's copy of p1 is p1's own, bit for bit.
     for holder in neighbours["p1"]:
-        assert torch.equal(states[holder].public("p1"), states["p1"].public("p1"))
+        assert torch.equal(states[holder].public("p1")["x"], states["p1"].public_self["x"])
     assert torch.allclose(torch.stack(xs).double().mean(dim=0), mean, atol=1e-5)
     with pytest.raises(KeyError):
         states["p0"].apply_update("p2", sent["p2"])
+
+
+def test_a_full_copy_resyncs_a_public_copy_that_missed_an_update() -> None:
+    x = randn(500, seed=1)
+    sender = flat_choco_state(build_compressor("topk", ratio=0.05), x, ["r"])
+    receiver = flat_choco_state(build_compressor("topk", ratio=0.05), randn(500, seed=2), ["s"])
+    receiver.apply_update("s", sender.compress_difference({"x": x}))
+    sender.compress_difference({"x": x * 2})  # lost on the way: the receiver's copy is now behind
+    assert not torch.equal(receiver.public("s")["x"], sender.public_self["x"])
+    receiver.set_public("s", sender.public_self)
+    receiver.apply_update("s", sender.compress_difference({"x": x * 3}))
+    assert torch.equal(receiver.public("s")["x"], sender.public_self["x"])
+    receiver.drop("s")
+    assert receiver.neighbours == frozenset()
 
 
 # --------------------------------------------------------------------------- properties

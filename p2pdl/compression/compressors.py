@@ -1,14 +1,16 @@
-"""Gradient and parameter compression that keeps accuracy: compressors, error feedback, CHOCO-gossip.
+"""Gradient and parameter compressors that keep accuracy, and error feedback around them.
 
 Pure torch, no I/O. Every compressor turns ONE tensor into a small dict of wire tensors
 (suffix -> tensor) whose dtypes are in :data:`p2pdl.wire.frame.ALLOWED_DTYPES` and whose shapes are a
 deterministic function of the input shape and the compressor's settings, so a receiver knows the
 exact :class:`~p2pdl.wire.frame.TensorSpec` of every part before it reads a byte (``wire_specs``) and
 refuses anything else. Work runs on the input tensor's device; decode accepts the read-only CPU
-views that :func:`p2pdl.wire.decode.decode_frame` returns and moves them once.
+views that :func:`p2pdl.wire.decode.decode_frame` returns and moves them once. How a whole model
+goes through them is :mod:`p2pdl.compression.codec`; CHOCO-gossip's public copies are
+:mod:`p2pdl.compression.choco`.
 
-Compressors, with the wire bytes per fp32 element before frame-level lz4 (and, for 11.17M
-elements, the ratio against fp32 after lz4 measured by benchmarks/compressors.py)::
+Compressors, with the wire bytes per fp32 element before frame-level lz4 (the ratios against
+fp32 after lz4 are what benchmarks/compressors.py reports for an 11.17M-element gradient)::
 
     none      fp32 pass-through                                   4            exact
     fp16      IEEE half, clamped to +-65504 so it never sends inf  2      (2x)  rel. err <= 2**-11
@@ -19,36 +21,25 @@ elements, the ratio against fp32 after lz4 measured by benchmarks/compressors.py
 
 Trade-offs:
 
-* lz4 gains nothing on fp32 (ratio 1.00), so the bytes saved here are the bytes saved on the wire.
+* lz4 gains nothing on fp32, so the bytes saved here are the bytes saved on the wire.
   Top-k indices are sorted and delta-coded (first index absolute, then gaps) as int32: the gaps
-  are small numbers with mostly-zero high bytes, which the frame codec's lz4 shrinks ~2.4x
-  (the whole top-k payload ~1.5x, to ~4 bytes per kept entry).
+  are small numbers with mostly-zero high bytes, which the frame codec's lz4 shrinks well.
   Top-k values travel as float16 divided by one float32 scale (their absmax): half the bytes of
   fp32, fp16's 11-bit precision, and fp32's range (plain fp16 would overflow above 65504 and go
   subnormal, losing precision, for gradients around 1e-5). The leftover rounding, <= 2**-11
   relative, lands in the error-feedback residual like everything else top-k drops.
-* Exact ``torch.topk`` of 1% of 11M elements costs 160-380 ms on a small CPU; the sampled
-  selection below costs 35-50 ms (one thread, benchmarks/compressors.py). Above
-  :data:`EXACT_TOPK_MAX_NUMEL` elements the threshold is estimated from a random sample of |x|
-  (about 1%), every element above it becomes a candidate, and the k largest candidates are kept.
-  Every element above a threshold at or below the true k-th magnitude is a candidate, so the
-  result is still the exact top-k (ties aside), at the cost of one compare and one nonzero
-  pass; a sampled threshold that lands too high (~0.1% of calls) is redrawn lower, and exact
-  topk runs if that fails twice. The benchmark (benchmarks/compressors.py) times both paths.
+* Exact ``torch.topk`` of a large tensor is several times slower than the sampled selection used
+  above :data:`EXACT_TOPK_MAX_NUMEL` elements (benchmarks/compressors.py times both): there the
+  threshold is estimated from a random sample of |x| (about 1%), every element above it becomes
+  a candidate, and the k largest candidates are kept. Every element above a threshold at or
+  below the true k-th magnitude is a candidate, so the result is still the exact top-k (ties
+  aside), at the cost of one compare and one nonzero pass; a sampled threshold that lands too
+  high (rarely) is redrawn lower, and exact topk runs if that fails twice.
 * Top-k and PowerSGD are biased: on their own they lose whatever they drop, and SGD with them
   stalls or diverges. :class:`ErrorFeedback` (Karimireddy et al. 2019) adds back, next step,
   exactly what the last compression dropped, which restores SGD's convergence; int8, fp16 and
   bf16 are nearly unbiased and work without it, but it costs one fp32 buffer per tensor and is
   cheap insurance.
-* Gossiping compressed *parameters* naively (x_i <- sum_j w_ij Q(x_j)) does not converge to the
-  average: every round loses what Q drops. :class:`ChocoState` implements CHOCO-gossip
-  (Koloskova et al. 2019): each peer sends Q(x_i - x̂_i), the compressed change of a public copy
-  x̂_i that every neighbour tracks bit for bit, and moves x_i by gamma * sum_j w_ij (x̂_j - x̂_i).
-  This converges linearly with any compressor that keeps a fixed fraction of the signal, at the
-  price of one fp32 copy per neighbour and an in-order, lossless stream of updates per edge.
-  The step gamma must shrink with the fraction kept: on a ring of 8 (MH weights 1/3), top-1%
-  converges for gamma 0.02-0.04 (0.05 stalls, 0.1 diverges), top-10% for 0.1-0.3, int8 for
-  0.5-1; roughly gamma ~ 3 x ratio for top-k. The paper's theoretical gamma is ~1000x smaller.
 * PowerSGD (Vogels et al. 2019) views a tensor as a matrix (shape[0], prod(rest)) and sends
   rank-r factors from one warm-started power iteration per step. Here each peer's factors are
   sent whole and every receiver reconstructs P Q^T and averages (all-gather style), not the
@@ -61,13 +52,10 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Final, Literal, Protocol, runtime_checkable
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from p2pdl.errors import ConfigError, FrameSchemaError, NonFiniteError, ShapeMismatchError
@@ -76,8 +64,6 @@ from p2pdl.wire import ALLOWED_DTYPES, TensorSpec
 __all__ = [
     "COMPRESSOR_KINDS",
     "EXACT_TOPK_MAX_NUMEL",
-    "ChocoState",
-    "CompressionPolicy",
     "Compressor",
     "CompressorKind",
     "ErrorFeedback",
@@ -87,15 +73,14 @@ __all__ = [
     "PowerSGDCompressor",
     "TopKCompressor",
     "build_compressor",
-    "simulate_gossip",
     "wire_bytes",
 ]
 
 CompressorKind = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
 COMPRESSOR_KINDS: Final[tuple[CompressorKind, ...]] = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 
-# Exact torch.topk below this many elements; sampled threshold above. At 2**18 exact topk
-# takes ~2 ms on a small CPU, comparable to the sampled path's fixed costs.
+# Exact torch.topk below this many elements; sampled threshold above. Around 2**18 elements exact
+# topk costs about as much as the sampled path's fixed costs (benchmarks/compressors.py).
 EXACT_TOPK_MAX_NUMEL: Final[int] = 2**18
 _SAMPLE_FRACTION: Final[float] = 0.01
 # The sample must contain enough elements above the threshold for its quantile to be tight:
@@ -491,7 +476,7 @@ class PowerSGDCompressor:
         self._warm_q.pop(key, None)
 
 
-# --------------------------------------------------------------------------- factory and policy
+# --------------------------------------------------------------------------- factory
 
 
 def build_compressor(
@@ -524,26 +509,6 @@ def build_compressor(
     if kind == "topk":
         return TopKCompressor(ratio, seed=seed)
     return PowerSGDCompressor(rank, seed=seed)
-
-
-_UNCOMPRESSED: Final[NoneCompressor] = NoneCompressor()
-
-
-@dataclass(frozen=True, kw_only=True)
-class CompressionPolicy:
-    """Which compressor a tensor gets: ``compressor`` for tensors of at least ``min_numel``
-    elements, fp32 ``none`` for smaller ones (biases, norms), where savings are a few bytes and
-    the relative error of top-k or low rank would be large."""
-
-    compressor: Compressor
-    min_numel: int = 4096  # elements
-
-    def __post_init__(self) -> None:
-        if type(self.min_numel) is not int or self.min_numel < 0:
-            raise ConfigError([f"compression min_numel must be an int >= 0, got {self.min_numel!r}"])
-
-    def for_tensor(self, numel: int) -> Compressor:
-        return self.compressor if numel >= self.min_numel else _UNCOMPRESSED
 
 
 # --------------------------------------------------------------------------- error feedback
@@ -593,199 +558,3 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Forget every residual, e.g. when the model is replaced by a checkpoint."""
         self._residuals.clear()
-
-
-# --------------------------------------------------------------------------- CHOCO-gossip
-
-
-@dataclass(eq=False)
-class ChocoState:
-    """One peer's CHOCO-gossip state (Koloskova et al. 2019, Algorithm 1) over flat tensors.
-
-    Holds the public copies x̂ of this peer and of each neighbour, all float32 (numel,) on
-    ``device``, starting at zero everywhere. Each round::
-
-        q = state.encode(x)                      # send q to every neighbour
-        state.apply_update(self_name, q)         # and apply it to our own copy
-        state.apply_update(j, q_j)               # for each neighbour j's q_j
-        state.consensus_step(x, row, gamma)      # x += gamma * sum_j w_ij (x̂_j - x̂_i)
-
-    Every holder of x̂_j must apply exactly the same q_j, in order: a lost update leaves its copy
-    behind j's for good (resync with :meth:`set_public` from a full fp32 copy). Decode runs the
-    same code on every peer, so copies agree bit for bit when peers decode on the same kind of
-    device; PowerSGD's matmul may differ across devices, the elementwise compressors do not.
-    """
-
-    self_name: str
-    neighbours: Sequence[str]
-    compressor: Compressor
-    numel: int
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    key: str = "choco"
-    _public: dict[str, torch.Tensor] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        names = [self.self_name, *self.neighbours]
-        if len(set(names)) != len(names):
-            raise ValueError(f"names repeat among self and neighbours: {names}")
-        self._public = {name: torch.zeros(self.numel, dtype=torch.float32, device=self.device) for name in names}
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """q = C(x - x̂_self): what this peer sends. Does not change any state."""
-        difference = x.detach().reshape(-1).to(device=self.device, dtype=torch.float32) - self._public[self.self_name]
-        return self.compressor.encode(self.key, difference)
-
-    @torch.no_grad()
-    def apply_update(self, name: str, parts: Mapping[str, torch.Tensor]) -> None:
-        """x̂_name += decode(parts); ``parts`` may be the read-only CPU tensors of a frame."""
-        public = self._public.get(name)
-        if public is None:
-            raise KeyError(f"{name!r} is neither this peer nor a neighbour")
-        public.add_(self.compressor.decode(self.key, parts, (self.numel,), self.device))
-
-    @torch.no_grad()
-    def consensus_step(self, x: torch.Tensor, weights: Mapping[str, float], gamma: float) -> torch.Tensor:
-        """x <- x + gamma * sum_j w_ij (x̂_j - x̂_self), in place on the flat ``x``; returns ``x``.
-
-        ``weights`` is this peer's mixing row; its self entry is ignored (the term cancels), and
-        a neighbour missing from it contributes nothing.
-        """
-        own = self._public[self.self_name]
-        step = torch.zeros_like(own)
-        total = 0.0
-        for name, weight in weights.items():
-            if name == self.self_name:
-                continue
-            step.add_(self._public[name], alpha=weight)
-            total += weight
-        step.add_(own, alpha=-total)
-        x.view(-1).add_(step.to(x.dtype), alpha=gamma)
-        return x
-
-    def public(self, name: str) -> torch.Tensor:
-        """The public copy x̂_name (read it, do not write it)."""
-        return self._public[name]
-
-    @torch.no_grad()
-    def set_public(self, name: str, value: torch.Tensor) -> None:
-        """Overwrite x̂_name, e.g. from a full copy sent after a lost update or a restart."""
-        self._public[name].copy_(value.reshape(-1))
-
-
-def simulate_gossip(
-    x0: Sequence[torch.Tensor],
-    mixing: npt.NDArray[np.floating],
-    rounds: int,
-    compressor: Compressor,
-    *,
-    choco: bool,
-    gamma: float = 1.0,
-) -> list[float]:
-    """Consensus error per round of compressed gossip among ``len(x0)`` simulated peers.
-
-    ``mixing``: the symmetric, doubly stochastic n x n matrix W. With ``choco`` each peer runs a
-    :class:`ChocoState` with step ``gamma``; without, each runs naive compressed gossip
-    x_i <- w_ii x_i + sum_{j != i} w_ij decode(C(x_j)) (own value exact, neighbours' compressed),
-    and ``gamma`` is unused. Returns e_t = (1/n) sum_i ||x_i - x̄_0||^2 / ((1/n) sum_i ||x_i^0 -
-    x̄_0||^2) after each round t = 1..rounds, where x̄_0 is the true initial mean; it tends to 0
-    only if the peers agree AND agree on the true average.
-    """
-    n = len(x0)
-    if mixing.shape != (n, n):
-        raise ValueError(f"mixing matrix is {mixing.shape}, expected ({n}, {n})")
-    names = [f"peer{i}" for i in range(n)]
-    xs = [x.detach().reshape(-1).to(torch.float32).clone() for x in x0]
-    numel = xs[0].numel()
-    true_mean = torch.stack(xs).to(torch.float64).mean(dim=0)
-
-    def error() -> float:
-        return sum(float((x.to(torch.float64) - true_mean).square().sum()) for x in xs) / n
-
-    initial = error()
-    scale = initial if initial > 0 else 1.0
-    rows = [{names[j]: float(mixing[i, j]) for j in range(n) if mixing[i, j] != 0.0} for i in range(n)]
-    neighbours = [[name for name in row if name != names[i]] for i, row in enumerate(rows)]
-    states = [ChocoState(names[i], neighbours[i], compressor, numel, key=f"choco/{names[i]}") for i in range(n)]
-    errors: list[float] = []
-    for _ in range(rounds):
-        if choco:
-            sent = [state.encode(x) for state, x in zip(states, xs, strict=True)]
-            for i, state in enumerate(states):
-                state.apply_update(names[i], sent[i])
-                for name in neighbours[i]:
-                    state.apply_update(name, sent[names.index(name)])
-            for state, x, row in zip(states, xs, rows, strict=True):
-                state.consensus_step(x, row, gamma)
-        else:
-            received = [
-                compressor.decode(names[j], compressor.encode(names[j], x), (numel,), x.device)
-                for j, x in enumerate(xs)
-            ]
-            mixed_xs = []
-            for i in range(n):
-                mixed = torch.zeros(numel)
-                for j in range(n):
-                    if mixing[i, j] != 0.0:
-                        mixed.add_(xs[j] if i == j else received[j], alpha=float(mixing[i, j]))
-                mixed_xs.append(mixed)
-            xs = mixed_xs
-        errors.append(error() / scale)
-    return errors
-
-
-# --------------------------------------------------------------------------- named tensor streams
-
-
-class TensorCodec:
-    """Compression of one peer's stream of named tensors (its gradients, or its parameter deltas).
-
-    Each tensor gets the compressor its size calls for (``policy``), and its wire parts are named
-    ``"<tensor>.<part>"`` so a frame carries a whole model. With ``error_feedback`` each tensor
-    keeps a residual (:class:`ErrorFeedback`). Decoding is stateless, so the same codec decodes
-    what any peer sent with the same policy and shapes.
-    """
-
-    def __init__(
-        self, policy: CompressionPolicy, shapes: Mapping[str, tuple[int, ...]], *, error_feedback: bool
-    ) -> None:
-        self._shapes = dict(shapes)
-        self._compressors = {name: policy.for_tensor(math.prod(shape)) for name, shape in self._shapes.items()}
-        distinct = {id(c): c for c in self._compressors.values()}
-        self._feedback = {key: ErrorFeedback(c) for key, c in distinct.items()} if error_feedback else {}
-
-    def wire_specs(self) -> dict[str, TensorSpec]:
-        return {
-            f"{name}.{suffix}": spec
-            for name, shape in self._shapes.items()
-            for suffix, spec in self._compressors[name].wire_specs(shape).items()
-        }
-
-    @property
-    def raw_bytes(self) -> int:
-        """What one encoded stream would take as float32 (for the compression ratio)."""
-        return sum(4 * math.prod(shape) for shape in self._shapes.values())
-
-    @torch.no_grad()
-    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, tensor in tensors.items():
-            compressor = self._compressors[name]
-            feedback = self._feedback.get(id(compressor))
-            source = tensor.detach().to(torch.float32)
-            parts = feedback.compress(name, source) if feedback else compressor.encode(name, source)
-            out.update({f"{name}.{suffix}": part for suffix, part in parts.items()})
-        return out
-
-    @torch.no_grad()
-    def decode(self, parts: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, shape in self._shapes.items():
-            compressor = self._compressors[name]
-            mine = {suffix: parts[f"{name}.{suffix}"] for suffix in compressor.wire_specs(shape)}
-            out[name] = compressor.decode(name, mine, shape, device)
-        return out
-
-    def reset(self) -> None:
-        for feedback in self._feedback.values():
-            feedback.reset()

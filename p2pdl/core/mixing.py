@@ -7,29 +7,9 @@ round-trips beyond the wire buffers that the caller already moved to the device.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-
-
-def renormalized_row(row: Mapping[str, float], self_name: str, arrived: Collection[str]) -> dict[str, float]:
-    """The mixing row for a round in which only ``arrived`` neighbours contributed.
-
-    The weight of every missing neighbour moves onto ``self_name``, so the row still sums to one
-    (x_i stays a convex combination) and a slow neighbour can only slow consensus, never bias
-    the scale of the parameters.
-    """
-    result: dict[str, float] = {}
-    own = row.get(self_name, 0.0)
-    for name, weight in row.items():
-        if name == self_name:
-            continue
-        if name in arrived:
-            result[name] = weight
-        else:
-            own += weight
-    result[self_name] = own
-    return result
 
 
 @torch.no_grad()

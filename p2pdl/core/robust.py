@@ -178,7 +178,7 @@ def clipped_gossip(
     with ``s_j = min(1, τ / ||x_j - x_i||)``; for a stochastic row (``w_ii + sum_j w_ij = 1``)
     it is the formula above, and with ``τ = inf`` it equals ``mix_into``. A neighbour whose
     difference is not finite gets ``s_j = 0``: its weight stays with self, as for a neighbour
-    that did not arrive (:func:`p2pdl.core.mixing.renormalized_row`). ``radius`` is ``τ`` (>= 0,
+    that did not arrive in a gossip round. ``radius`` is ``τ`` (>= 0,
     ``math.inf`` allowed) or a :data:`RadiusRule` applied to this round's difference norms.
     """
     weights = [weight for weight, _ in contributions]
@@ -234,8 +234,8 @@ class OutlierClipper:
     Plain self-centred clipping with a radius taken from the current round (:func:`adaptive_radius`)
     lets a neighbour that always pulls towards the same far point move this peer by ``w * radius``
     every round, in the same direction: with a ring's two neighbours the radius then grows with the
-    drift and the honest peers are dragged away (measured here: 20% accuracy against 1 attacker in 8
-    sending its parameters x 1000). So the reference distance is the median of the last ``history``
+    drift and the honest peers are dragged away by a single attacker that scales its parameters.
+    So the reference distance is the median of the last ``history``
     *accepted* neighbour distances, a neighbour farther than ``reject_factor`` x reference is
     dropped for the round (its weight stays home), and the others are clipped to ``radius``
     (default: 2 x reference). Trade-off: an honest neighbour that is genuinely far (the other side

@@ -28,7 +28,6 @@ import torch
 from aiohttp import web
 
 from p2pdl.config import Config, parse_address
-from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph, build_graph
 from p2pdl.errors import (
     ConfigError,
@@ -184,16 +183,6 @@ class Peer:
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())
-        self._outer: OuterOptimizer | None = None
-        if config.strategy.outer == "diloco":
-            self._outer = OuterOptimizer(
-                [p for _, p in self._strategy_parameters()],
-                lr=config.strategy.outer_lr,
-                momentum=config.strategy.outer_momentum,
-            )
-
-    def _strategy_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
     def strategy(self) -> Strategy:
@@ -368,8 +357,7 @@ class Peer:
                 errors.append(f"{name}: {exc}")
                 continue
             self.step_index = step
-            if self._outer is not None:
-                self._outer.reset_anchor()
+            self._strategy.state_replaced()
             log.info("%s: loaded state of step %d from %s", self.name, step, name)
             return step
         raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
@@ -424,9 +412,6 @@ class Peer:
         if self.strategy.wants_local_step():
             await self.run_compute(self.optimizer.step)
         parameter_round = await self.strategy.after_optimizer_step(step)
-        if parameter_round is not None and self._outer is not None:
-            # DiLoCo: the change since the last sync, averaged, is the outer pseudo-gradient.
-            await self.run_compute(self._outer.step)
         self.step_index = step + 1
         if parameter_round is not None:
             # A peer behind its neighbours (a joiner, a restarted peer) skips ahead to their round.

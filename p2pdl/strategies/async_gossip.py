@@ -4,7 +4,7 @@ Every H steps a peer mixes with the *latest* parameters it holds from each neigh
 waiting for any particular one, then sends its mixed parameters to them. Sends run in the
 background, one in flight per neighbour at most (a newer frame never queues behind an older one
 to a slow peer), so a straggler slows only itself. A neighbour's parameters are used at most once
-(mixing the same old copy round after round drags a peer back; measured here) and only while
+(mixing the same old copy round after round would drag a peer back towards it) and only while
 they are at most ``max_staleness`` steps behind this peer; older ones are dropped and counted.
 
 Peers share one step clock: a peer more than ``max_staleness`` steps behind its neighbours moves
@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdl.core.mixing import mix_into
@@ -41,31 +42,41 @@ from p2pdl.core.topology import mh_weight
 from p2pdl.errors import TransportError
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
+    RoundConfig,
     RoundOutcome,
+    StrategyBase,
     StrategyContext,
     neighbour_frame_specs,
-    parameter_specs,
     reported_degree,
 )
+from p2pdl.tasks import TaskOwner
 from p2pdl.wire import Frame, TensorSpec
 
 ASYNC_PARAMS = "aparams"
 
 
-class AsyncGossipStrategy:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AsyncGossipConfig(RoundConfig):
+    """The ``[strategy]`` keys AD-PSGD reads (``round_timeout`` bounds its wait for a neighbour)."""
+
+    max_staleness: int  # steps: drop neighbour parameters older than this
+    max_lead: int  # steps (plus H) this peer may run ahead of its fastest neighbour; 0 = off
+
+
+class AsyncGossipStrategy(StrategyBase):
     name = "async-gossip"
 
     def __init__(self, ctx: StrategyContext) -> None:
-        self._ctx = ctx
-        self._specs = parameter_specs(ctx.parameters)
-        self._sends: dict[str, asyncio.Task[None]] = {}
+        super().__init__(ctx)
+        self.config = AsyncGossipConfig.from_table(ctx.config)
+        self._tasks = TaskOwner(f"{ctx.name}:async-gossip")  # the sends in flight, awaited in finish()
+        self._sends: dict[str, asyncio.Task[None]] = {}  # the latest send to each neighbour
         self._sent: dict[str, bytes] = {}  # the frame last handed to each neighbour's send
         self._last_frame: bytes | None = None
         self._ever_neighbors: set[str] = set()
         self._latest: dict[str, Frame] = {}
         self._catch_up_to: int | None = None
         self.catch_ups = 0
-        self._round = 0
         self.used = 0
         self.dropped_stale = 0
         self.skipped_sends = 0
@@ -78,20 +89,8 @@ class AsyncGossipStrategy:
         self.waits = 0
         self.wait_seconds = 0.0
 
-    def _neighbors(self) -> tuple[str, ...]:
-        return self._ctx.topology().neighbors.get(self._ctx.name, ())
-
-    def communication_peers(self) -> tuple[str, ...]:
-        return self._neighbors()
-
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         return neighbour_frame_specs(self._ctx, kind, sender, ASYNC_PARAMS, self._specs)
-
-    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
-        return None
-
-    def wants_local_step(self) -> bool:
-        return True
 
     async def _send(self, neighbor: str, data: bytes) -> None:
         try:
@@ -111,23 +110,22 @@ class AsyncGossipStrategy:
     async def _keep_within_reach(self, neighbors: tuple[str, ...], step: int) -> None:
         """Wait while this peer is more than ``max_lead`` (+ H) steps ahead of every connected neighbour.
 
-        Wait-free mixing has a runaway mode, measured here: a peer that finds no fresh copy skips
-        mixing, so its steps get cheaper (2 ms instead of 7), while its neighbours spend theirs
-        decoding the frames it floods them with; it runs further ahead, finds even fewer fresh
-        copies and ends up training alone on its shard. Its momentum buffer, built up against the
-        pull of mixing, then threw its loss from 0.05 to 1.8 within 20 steps (final accuracy 0.85,
-        and 0.775 in a trial at lr 0.05, while its neighbours had 0.89 to 0.92). The wait ends
-        with a copy from *any* neighbour, so the fastest one answers; a straggler paces this peer
-        only when every connected neighbour is slow.
+        Wait-free mixing has a runaway mode: a peer that finds no fresh copy skips mixing, so its
+        steps get cheaper, while its neighbours spend theirs decoding the frames it floods them
+        with; it runs further ahead, finds even fewer fresh copies and ends up training alone on
+        its shard, where its momentum, built up against the pull of mixing, throws its loss up and
+        it ends well below its neighbours. The wait ends with a copy from *any* neighbour, so the
+        fastest one answers; a straggler paces this peer only when every connected neighbour is
+        slow.
         A wait that times out (neighbours connected but silent) is not repeated until one is
         heard again, so a hung neighbour costs one ``round_timeout``, not one per step.
         """
         ctx = self._ctx
-        lead = ctx.config.max_lead
+        lead = self.config.max_lead
         connected = [n for n in neighbors if ctx.exchange.is_connected(n)]
         if not lead or not connected or self._silent:
             return
-        floor = step - lead - ctx.config.local_steps
+        floor = step - lead - self.config.local_steps
 
         def within_reach() -> bool:
             return max((self._heard.get(n, -1) for n in connected), default=-1) >= floor
@@ -136,7 +134,7 @@ class AsyncGossipStrategy:
             return
         self.waits += 1
         started = time.perf_counter()
-        deadline = started + ctx.config.round_timeout
+        deadline = started + self.config.round_timeout
         try:
             while not within_reach():
                 remaining = deadline - time.perf_counter()
@@ -157,7 +155,7 @@ class AsyncGossipStrategy:
         not a multiple of H, no frame would otherwise ever say the run is over."""
         horizon = max(self._swarm_step, step)
         last = self._ctx.last_step
-        if last is not None and step + self._ctx.config.local_steps > last:
+        if last is not None and step + self.config.local_steps > last:
             horizon = max(horizon, last)
         return horizon
 
@@ -165,10 +163,10 @@ class AsyncGossipStrategy:
         """The swarm has finished and this peer is behind it: end on its neighbours' latest copies.
 
         A peer behind the swarm's end (a straggler) holds parameters a few of the swarm's steps
-        old; keeping its MH share of them cost a 9x-slower straggler up to 9 points against its
-        neighbours' 0.93 (measured: 0.845, 0.897). Its last copies of the neighbours that are
-        at least as far on hold the swarm's final model, so it ends on their plain average, as
-        a parameter-server worker ends on the server's final frame. It is stopping: nobody mixes
+        old, and keeping its MH share of them would leave it clearly below its neighbours. Its
+        last copies of the neighbours that are at least as far on hold the swarm's final model,
+        so it ends on their plain average, as a parameter-server worker ends on the server's
+        final frame. It is stopping: nobody mixes
         with the result except through its own last frame.
         """
         ahead = [f for f in copies if f.step >= step]
@@ -184,7 +182,7 @@ class AsyncGossipStrategy:
 
     def _start_send(self, neighbor: str, data: bytes) -> None:
         self._sent[neighbor] = data
-        self._sends[neighbor] = asyncio.ensure_future(self._send(neighbor, data))
+        self._sends[neighbor] = self._tasks.spawn(self._send(neighbor, data), f"send:{neighbor}")
 
     def _learn_horizon(self, frame: Frame, step: int) -> None:
         """The furthest step the swarm has reached, as far as ``frame`` knows (stale frames too)."""
@@ -193,13 +191,13 @@ class AsyncGossipStrategy:
         # A bogus horizon could end training early; never trust more than MAX_ROUND_LEAD ahead.
         self._swarm_step = max(self._swarm_step, min(max(known, frame.step), step + MAX_ROUND_LEAD))
 
-    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+    async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
-        if (step + 1) % ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
         started = time.perf_counter()
         neighbors = self._neighbors()
-        self._round = step // ctx.config.local_steps
+        self._round = step // self.config.local_steps
         self._ever_neighbors.update(neighbors)
         await self._keep_within_reach(neighbors, step)
         for neighbor in neighbors:
@@ -209,9 +207,9 @@ class AsyncGossipStrategy:
         departed: list[Frame] = []
         for gone in self._ever_neighbors.difference(neighbors):
             # A neighbour that has left may have said in its last frame that the swarm is done; its
-            # leave can be processed before that frame is (seen: a straggler that missed it trained
-            # on alone and ended at 0.46). Its parameters are not mixed (it is no longer a
-            # neighbour), but the horizon it reported counts.
+            # leave can be processed before that frame is, and a straggler that missed it would
+            # train on alone. Its parameters are not mixed (it is no longer a neighbour), but the
+            # horizon it reported counts.
             self._latest.pop(gone, None)
             last = ctx.exchange.take_latest(ASYNC_PARAMS, gone)
             if last is not None:
@@ -222,14 +220,13 @@ class AsyncGossipStrategy:
         # moves its clock up to stay within reach: it trains fewer steps, but its contributions
         # stay fresh and it finishes with the others.
         ahead = max((f.step for f in self._latest.values()), default=step)
-        if ahead - step > ctx.config.max_staleness:
-            self._catch_up_to = min(ahead - ctx.config.max_staleness // 2, step + MAX_ROUND_LEAD)
+        if ahead - step > self.config.max_staleness:
+            self._catch_up_to = min(ahead - self.config.max_staleness // 2, step + MAX_ROUND_LEAD)
             step = self._catch_up_to
             self.catch_ups += 1
             # Its optimizer state (momentum) is an average over its own last steps, which the swarm
-            # left behind long ago: a straggler that kept it carried stale directions into every
-            # step and ended several points below its neighbours (0.875 against 0.93, measured).
-            # A peer that had really taken the steps it skipped would have decayed it by
+            # left behind long ago: keeping it carries stale directions into every step. A peer
+            # that had really taken the steps it skipped would have decayed it by
             # momentum^skipped, so it starts afresh, as a PS worker does on each pull.
             await ctx.run_compute(ctx.optimizer.state.clear)
         usable: dict[str, Frame] = {}
@@ -238,7 +235,7 @@ class AsyncGossipStrategy:
             if candidate is None:
                 continue
             staleness = step - candidate.step
-            if staleness > ctx.config.max_staleness:
+            if staleness > self.config.max_staleness:
                 self.dropped_stale += 1
                 continue
             usable[neighbor] = candidate
@@ -277,7 +274,7 @@ class AsyncGossipStrategy:
             self._start_send(neighbor, data)
         if self._catch_up_to is not None:
             # Report the new clock as this round; the node moves its step counter to it.
-            self._round = self._catch_up_to // ctx.config.local_steps
+            self._round = self._catch_up_to // self.config.local_steps
             self._catch_up_to = None
         return ctx.ledger.record(self._round, missing, started)
 
@@ -287,17 +284,16 @@ class AsyncGossipStrategy:
 
     def status(self) -> dict[str, Any]:
         return {
-            "kind": self.name,
-            "round": self._round,
+            **super().status(),
             "neighbors": list(self._neighbors()),
-            "max_staleness": self._ctx.config.max_staleness,
+            "max_staleness": self.config.max_staleness,
             "mean_staleness": self._staleness_sum / self.used if self.used else None,
             "contributions_used": self.used,
             "dropped_stale": self.dropped_stale,
             "skipped_sends": self.skipped_sends,
             "failed_sends": self.failed_sends,
             "catch_ups": self.catch_ups,
-            "max_lead": self._ctx.config.max_lead,
+            "max_lead": self.config.max_lead,
             "lead_waits": self.waits,
             "ended_on_swarm_model": self.ended_on_swarm_model,
             "wait_seconds": round(self.wait_seconds, 3),
@@ -306,9 +302,9 @@ class AsyncGossipStrategy:
     async def finish(self) -> None:
         """Make sure every neighbour gets this peer's last frame, which carries the swarm's horizon.
 
-        A send still in flight to a slow neighbour made the last frame skip it; that neighbour then
-        never learnt that the swarm was done and trained on alone (the node bounds this wait by
-        ``transport.shutdown_timeout``).
+        A send still in flight to a slow neighbour makes the last frame skip it; that neighbour
+        would then never learn that the swarm is done and train on alone (the node bounds this
+        wait by ``transport.shutdown_timeout``).
         """
         last = self._last_frame
         if last is None:
@@ -326,8 +322,6 @@ class AsyncGossipStrategy:
         await asyncio.gather(*(deliver(n) for n in self._neighbors()))
 
     async def close(self) -> None:
-        for task in self._sends.values():
-            task.cancel()
-        for task in self._sends.values():
+        for task in self._tasks.cancel():
             with contextlib.suppress(asyncio.CancelledError, TransportError):
                 await task

@@ -1,10 +1,8 @@
-"""``gossip`` with compression: CHOCO-gossip (Koloskova et al. 2019).
+"""``gossip`` with compression: CHOCO-gossip (Koloskova et al. 2019) over the wire.
 
-Naively compressed parameter gossip (x_i <- sum_j W_ij Q(x_j)) does not converge to the average:
-compression error accumulates in the parameters themselves. CHOCO keeps *public copies*: every
-peer holds x̂_i of itself and x̂_j of each neighbour, sends only q_i = Q(x_i - x̂_i), updates
-x̂_i += q_i and x̂_j += q_j on receipt, and takes a consensus step
-x_i <- x_i + gamma * sum_j W_ij (x̂_j - x̂_i). Only compressed differences cross the wire.
+The math (public copies, compressed differences, the consensus step) is
+:class:`p2pdl.compression.choco.ChocoState`; this module adds the rounds, the frames and the
+resync protocol that keeps the copies consistent under churn.
 
 The public copies stay consistent only if every q_j reaches every neighbour. A round whose frame
 from j is missing (a timeout, a rewiring, a joiner) marks j *out of sync*: this peer leaves j out
@@ -18,18 +16,21 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from p2pdl.compression.compressors import TensorCodec
+from p2pdl.compression.choco import ChocoState
+from p2pdl.compression.codec import TensorCodec
 from p2pdl.core.topology import mh_weight
 from p2pdl.errors import FrameError, FrameSchemaError, UnknownSenderError
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
+    RoundConfig,
     RoundOutcome,
+    StrategyBase,
     StrategyContext,
-    parameter_specs,
     reported_degree,
 )
 from p2pdl.wire import Frame, TensorSpec
@@ -39,36 +40,30 @@ CHOCO_FULL = "choco_full"
 _MAX_META = 256
 
 
-class ChocoGossipStrategy:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChocoConfig(RoundConfig):
+    """The ``[strategy]`` keys CHOCO-gossip reads (its step size is ``compression.choco_gamma``)."""
+
+
+class ChocoGossipStrategy(StrategyBase):
     name = "gossip"
 
     def __init__(self, ctx: StrategyContext, codec: TensorCodec) -> None:
-        self._ctx = ctx
+        super().__init__(ctx)
+        self.config = ChocoConfig.from_table(ctx.config)
         self._codec = codec
         self._gamma = ctx.compression.choco_gamma
-        self._param_specs = parameter_specs(ctx.parameters)
         self._wire_specs = codec.wire_specs()
-        device = ctx.device
-        self._public_self = {n: torch.zeros_like(p, device=device) for n, p in ctx.parameters}
-        self._public: dict[str, dict[str, torch.Tensor]] = {}
         # Every peer starts with all public copies at zero, so the initial neighbours are in sync.
         self._in_sync: set[str] = set(self._neighbors())
-        for neighbor in self._in_sync:
-            self._public[neighbor] = {n: torch.zeros_like(p, device=device) for n, p in ctx.parameters}
+        self._state = ChocoState(codec, dict(ctx.parameters), self._in_sync, ctx.device)
         self._owe_full: set[str] = set()
         self._asked: set[str] = set()  # neighbours asked for a full copy in the last frame sent
-        self._round = 0
         self.refused: Counter[str] = Counter()
         self.resyncs_requested = 0
         self.resyncs_served = 0
         self.raw_bytes = 0
         self.payload_bytes = 0
-
-    def _neighbors(self) -> tuple[str, ...]:
-        return self._ctx.topology().neighbors.get(self._ctx.name, ())
-
-    def communication_peers(self) -> tuple[str, ...]:
-        return self._neighbors()
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         if sender not in self._neighbors():
@@ -76,36 +71,22 @@ class ChocoGossipStrategy:
         if kind == CHOCO:
             return self._wire_specs
         if kind == CHOCO_FULL:
-            return self._param_specs
+            return self._specs
         raise FrameSchemaError(f"compressed gossip exchanges {CHOCO!r}/{CHOCO_FULL!r} frames, got {kind!r}")
 
-    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
-        return None
-
-    def wants_local_step(self) -> bool:
-        return True
-
-    def swarm_step(self) -> int | None:
-        return None
-
-    @torch.no_grad()
     def _compress_difference(self) -> dict[str, torch.Tensor]:
-        difference = {n: p.detach() - self._public_self[n] for n, p in self._ctx.parameters}
-        parts = self._codec.encode(difference)
-        for name, delta in self._codec.decode(parts, self._ctx.device).items():
-            self._public_self[name].add_(delta)
-        return parts
+        return self._state.compress_difference(dict(self._ctx.parameters))
 
-    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+    async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
-        if (step + 1) % ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
         started = time.perf_counter()
         neighbors = self._neighbors()
-        for gone in set(self._public) - set(neighbors):
-            del self._public[gone]
+        for gone in self._state.neighbours - set(neighbors):
+            self._state.drop(gone)
             self._in_sync.discard(gone)
-        round_index = step // ctx.config.local_steps
+        round_index = step // self.config.local_steps
         ahead = ctx.exchange.highest_round(CHOCO, neighbors)
         if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
             round_index = ahead
@@ -125,7 +106,7 @@ class ChocoGossipStrategy:
         owed = [n for n in self._owe_full if n in neighbors]
         if owed:
             full = Frame(
-                kind=CHOCO_FULL, sender=ctx.name, round=round_index, step=step, tensors=dict(self._public_self)
+                kind=CHOCO_FULL, sender=ctx.name, round=round_index, step=step, tensors=dict(self._state.public_self)
             )
             await ctx.exchange.broadcast(full, owed)
             self.resyncs_served += len(owed)
@@ -133,12 +114,12 @@ class ChocoGossipStrategy:
         payload = sum(t.numel() * t.element_size() for t in parts.values())
         self.raw_bytes += self._codec.raw_bytes * len(neighbors)
         self.payload_bytes += payload * len(neighbors)
-        arrived = await ctx.exchange.collect(CHOCO, round_index, neighbors, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(CHOCO, round_index, neighbors, self.config.round_timeout)
         ctx.exchange.advance(CHOCO, round_index + 1)
         # A neighbour asked for a full copy in the previous round sends it right after its compressed
         # frame of this round; only a full copy of *this* round matches the compressed one we hold.
         asked_last_round = [n for n in self._asked if n in arrived]
-        fulls = await ctx.exchange.collect(CHOCO_FULL, round_index, asked_last_round, ctx.config.round_timeout)
+        fulls = await ctx.exchange.collect(CHOCO_FULL, round_index, asked_last_round, self.config.round_timeout)
         ctx.exchange.advance(CHOCO_FULL, round_index + 1)
         self._asked = set(wanted)
         for sender, received in arrived.items():
@@ -149,34 +130,26 @@ class ChocoGossipStrategy:
         own_degree = len(neighbors)
         weights = {n: mh_weight(own_degree, reported_degree(f, graph, n, own_degree)) for n, f in arrived.items()}
 
-        @torch.no_grad()
         def update_and_mix() -> None:
-            device = ctx.device
             for sender, received in arrived.items():
                 full = fulls.get(sender)
                 if full is not None:
                     # The sender's public copy after this round's update: q_j is already in it.
-                    self._public[sender] = {n: t.to(device, copy=True) for n, t in full.tensors.items()}
+                    self._state.set_public(sender, full.tensors)
                     self._in_sync.add(sender)
                 elif sender in self._in_sync:
                     try:
-                        deltas = self._codec.decode(received.tensors, device)
+                        self._state.apply_update(sender, received.tensors)
                     except FrameError as exc:
                         # Well-formed but undecodable (indices out of range, overflow): count it
                         # and treat the neighbour as out of sync, so a full copy is requested.
                         self.refused[exc.reason] += 1
                         self._in_sync.discard(sender)
-                        continue
-                    for name, delta in deltas.items():
-                        self._public[sender][name].add_(delta)
             for neighbor in neighbors:
                 if neighbor not in arrived:
                     self._in_sync.discard(neighbor)  # its q for this round is lost to us
-            for name, p in ctx.parameters:
-                own = self._public_self[name]
-                for sender, weight in weights.items():
-                    if sender in self._in_sync:
-                        p.add_(self._public[sender][name] - own, alpha=self._gamma * weight)
+            in_sync = {sender: weight for sender, weight in weights.items() if sender in self._in_sync}
+            self._state.consensus_step(ctx.parameters, in_sync, self._gamma)
 
         await ctx.run_compute(update_and_mix)
         missing = [n for n in neighbors if n not in arrived]
@@ -184,8 +157,7 @@ class ChocoGossipStrategy:
 
     def status(self) -> dict[str, Any]:
         return {
-            "kind": self.name,
-            "round": self._round,
+            **super().status(),
             "compression": self._ctx.compression.kind,
             "choco_gamma": self._gamma,
             "neighbors": list(self._neighbors()),
@@ -195,9 +167,3 @@ class ChocoGossipStrategy:
             "undecodable_frames": dict(self.refused),
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
         }
-
-    async def finish(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdl.core.pushsum import (
@@ -27,21 +28,25 @@ from p2pdl.core.pushsum import (
     pushsum_schedule_period,
 )
 from p2pdl.errors import FrameSchemaError, TransportError
-from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext, parameter_specs
+from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundConfig, RoundOutcome, StrategyBase, StrategyContext
 from p2pdl.wire import Frame, TensorSpec
 
 PUSH = "pushsum"
 SHARE = 0.5  # one out-neighbour per round: keep half, send half
 
 
-class PushSumStrategy:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PushSumConfig(RoundConfig):
+    """The ``[strategy]`` keys SGP reads."""
+
+
+class PushSumStrategy(StrategyBase):
     name = "push-sum"
 
     def __init__(self, ctx: StrategyContext) -> None:
-        self._ctx = ctx
-        self._specs = parameter_specs(ctx.parameters)
+        super().__init__(ctx)
+        self.config = PushSumConfig.from_table(ctx.config)
         self.weight = 1.0
-        self._round = 0
         self.lost_sends = 0
         self.bad_weights = 0
 
@@ -70,12 +75,6 @@ class PushSumStrategy:
             raise FrameSchemaError(f"push-sum peers exchange only {PUSH!r} frames, got {kind!r}")
         return self._specs
 
-    async def reduce_gradients(self, step: int) -> RoundOutcome | None:
-        return None
-
-    def wants_local_step(self) -> bool:
-        return True
-
     def _incoming_weight(self, frame: Frame) -> float | None:
         value = frame.meta.get("weight")
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -84,11 +83,11 @@ class PushSumStrategy:
         bound = 2.0 * max(len(self._ctx.topology().names), 1)
         return weight if math.isfinite(weight) and 0.0 < weight <= bound else None
 
-    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+    async def _parameter_round(self, step: int) -> RoundOutcome | None:
         ctx = self._ctx
-        if (step + 1) % ctx.config.local_steps != 0:
+        if (step + 1) % self.config.local_steps != 0:
             return None
-        round_index = step // ctx.config.local_steps
+        round_index = step // self.config.local_steps
         started = time.perf_counter()
         target, sources = self._schedule(round_index)
         ahead = ctx.exchange.highest_round(PUSH, sources)
@@ -114,7 +113,7 @@ class PushSumStrategy:
         except TransportError:
             keep = 1.0  # the share never left: keep it, so no mass is lost on our side
             self.lost_sends += 1
-        arrived = await ctx.exchange.collect(PUSH, round_index, sources, ctx.config.round_timeout)
+        arrived = await ctx.exchange.collect(PUSH, round_index, sources, self.config.round_timeout)
         ctx.exchange.advance(PUSH, round_index + 1)
         incoming: list[PushSumMessage] = []
         for received in arrived.values():
@@ -130,20 +129,10 @@ class PushSumStrategy:
     def status(self) -> dict[str, Any]:
         target, sources = self._schedule(self._round)
         return {
-            "kind": self.name,
-            "round": self._round,
+            **super().status(),
             "push_sum_weight": self.weight,
             "target": target,
             "sources": sources,
             "lost_sends": self.lost_sends,
             "bad_weights": self.bad_weights,
         }
-
-    def swarm_step(self) -> int | None:
-        return None
-
-    async def finish(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
