@@ -89,8 +89,10 @@ function drawTable(data) {
     row.dataset.name = m.name;
     row.dataset.state = m.state;
     row.dataset.step = f ? String(f.step) : "";
+    if (m.state === "dead" || m.state === "left") row.className = "stale"; // its last reported figures
+    if (m.name === data.self) row.title = "the peer serving this page";
     const cells = [
-      m.name + (m.name === data.self ? " (this peer)" : ""),
+      m.name + (m.name === data.self ? " *" : ""),
       m.state,
       f ? String(f.step) : "–",
       f ? fmt(f.steps_per_second, 2) : "–",
