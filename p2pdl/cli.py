@@ -1,5 +1,7 @@
 """The ``p2pdl`` command: ``peer`` runs one peer, ``status`` asks a peer, ``topology`` explains one.
 
+``status --watch`` keeps a live table of every member on screen, from that one peer's view.
+
 Exit codes: 0 done; 1 training failed (e.g. an exact all-reduce could not complete); 2 bad
 config or command line, with one message listing every problem; 130 interrupted before start.
 Logging handlers are installed here and nowhere else.
@@ -11,19 +13,24 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console
 
 from p2pdl._malloc import tune_allocator
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.core.topology import build_graph, describe
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.net.auth import security_from_config
+from p2pdl.obs.watch import watch
 from p2pdl.train.loop import PeerOptions, run_peer
 
 log = logging.getLogger("p2pdl")
@@ -68,11 +75,23 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="save parameters every N steps under OUT/snapshots (0: off)",
     )
+    peer.add_argument(
+        "--observe", metavar="HOST:PORT", help="serve /metrics and the dashboard here too (overrides observe.listen)"
+    )
+    peer.add_argument(
+        "--tensorboard", type=Path, metavar="DIR", help="write TensorBoard event files to DIR (needs tensorboard)"
+    )
 
     status = sub.add_parser("status", help="print a peer's /status")
     status.add_argument("url", help="http://HOST:PORT of a peer, or HOST:PORT")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     status.add_argument("--config", type=Path, help="the swarm's config, for its secret and TLS files")
+    status.add_argument("--watch", action="store_true", help="a live table of every member, from this peer's view")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    status.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+    status.add_argument(
+        "--token-env", metavar="VAR", help="environment variable with the metrics token (for an [observe] server)"
+    )
 
     topology = sub.add_parser("topology", help="print a config's graph, weights and spectral gap")
     topology.add_argument("config", type=Path)
@@ -101,22 +120,59 @@ def _cmd_topology(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _PeerReader:
+    """GETs JSON from one peer, with the swarm's HMAC tokens or a metrics token when configured."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._security = None
+        self._context = None
+        scheme = "http"
+        if args.config is not None:
+            self._security = security_from_config(_load(args.config).security, "p2pdl-cli")
+            self._context, scheme = self._security.client_ssl, self._security.scheme
+        self._bearer: dict[str, str] = {}
+        if args.token_env is not None:
+            token = os.environ.get(args.token_env)
+            if not token:
+                raise ConfigError([f"--token-env: environment variable {args.token_env!r} is not set"])
+            self._bearer = {"Authorization": f"Bearer {token}"}
+        self.url = (args.url if args.url.startswith(("http://", "https://")) else f"{scheme}://{args.url}").rstrip("/")
+        self._timeout = args.timeout
+        self._target: str | None = None
+
+    def get(self, path: str) -> Any:
+        """The JSON at ``path``; OSError (urllib's errors included) for any failure."""
+        headers = dict(self._bearer)
+        if self._security is not None and self._security.secret is not None:
+            if path != "/status" and self._target is None:
+                # Tokens for routes other than /status name their target: learn the peer's name once.
+                self._target = str(self.get("/status")["name"])
+            target = None if path == "/status" else self._target
+            headers.update(self._security.headers(target=target, method="GET", path=path))
+        request = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=self._timeout, context=self._context) as response:
+            try:
+                return json.loads(response.read())
+            except ValueError as exc:
+                raise OSError(f"{self.url}{path} did not answer JSON: {exc}") from exc
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    headers: dict[str, str] = {}
-    context = None
-    scheme = "http"
-    if args.config is not None:
-        security = _load(args.config).security
-        peer_security = security_from_config(security, "p2pdl-cli")
-        headers = peer_security.headers(target=None, method="GET", path="/status")
-        context, scheme = peer_security.client_ssl, peer_security.scheme
-    url = args.url if args.url.startswith(("http://", "https://")) else f"{scheme}://{args.url}"
-    request = urllib.request.Request(url.rstrip("/") + "/status", headers=headers)
+    reader = _PeerReader(args)
+    if args.watch:
+        if args.interval <= 0 or (args.count is not None and args.count < 1):
+            raise ConfigError(["--interval must be > 0 seconds and --count >= 1"])
+
+        def fetch() -> Mapping[str, Any]:
+            swarm: Mapping[str, Any] = reader.get("/api/swarm")
+            return swarm
+
+        succeeded = watch(fetch, console=Console(), interval=args.interval, count=args.count)
+        return EXIT_OK if succeeded else EXIT_FAILED
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
-            body = json.loads(response.read())
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-        print(f"p2pdl status: cannot read {url}/status: {exc}", file=sys.stderr)
+        body = reader.get("/status")
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        print(f"p2pdl status: cannot read {reader.url}/status: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(body, indent=2))
     return EXIT_OK
@@ -144,7 +200,7 @@ async def _run_peer(config: Config, name: str, options: PeerOptions) -> int:
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
-    config = _load(args.config, steps=args.steps, device=args.device)
+    config = with_overrides(_load(args.config, steps=args.steps, device=args.device), observe_listen=args.observe)
     problems = []
     if config.peer(args.name) is None and args.listen is None:
         problems.append(
@@ -178,6 +234,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             join=args.join,
             resume=args.resume,
             snapshot_every=args.snapshot_every,
+            tensorboard=args.tensorboard,
         )
         return runner.run(_run_peer(config, args.name, options))
 

@@ -422,6 +422,59 @@ class SecurityConfig(_Validated):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ObserveConfig(_Validated):
+    """Watching a swarm: ``/metrics`` and the dashboard. Paths are relative to the config file.
+
+    Both are served on the peer's own port, under the same rule as every route there (with a
+    secret, an HMAC token). A scraper or a browser cannot mint those, so ``listen`` opens a second
+    server with only ``/metrics`` and the dashboard, guarded by a metrics token (sent as a Bearer
+    token or as the password of HTTP Basic auth). With a secret, that server must either have a
+    token or listen on loopback only.
+    """
+
+    _section: typing.ClassVar[str] = "observe"
+    listen: str | None = None  # HOST:PORT of the metrics and dashboard server (default: none)
+    token_env: str | None = None  # environment variable holding the metrics token
+    token_file: Path | None = None  # or a file holding it (>= 16 bytes)
+    history: int = 300  # points per member kept for the dashboard's curves
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        if self.listen is not None:
+            try:
+                parse_address(self.listen)
+            except ValueError as exc:
+                found.append(f"observe.listen: {exc}")
+        _check(
+            found, self.token_env is None or self.token_file is None, "observe: set token_env or token_file, not both"
+        )
+        if self.token_file is not None and not self.token_file.is_file():
+            found.append(f"observe.token_file: file {str(self.token_file)!r} does not exist")
+        _check(found, 10 <= self.history <= 10_000, f"observe.history must be in 10..10000 points, got {self.history}")
+        return found
+
+    @property
+    def has_token(self) -> bool:
+        return self.token_env is not None or self.token_file is not None
+
+
+def observe_problems(observe: ObserveConfig, security: SecurityConfig) -> list[str]:
+    """With a swarm secret, the metrics server needs a token unless it listens on loopback only."""
+    if observe.listen is None or (security.secret_env is None and security.secret_file is None):
+        return []
+    try:
+        host, _ = parse_address(observe.listen)
+    except ValueError:
+        return []  # reported by the section itself
+    if observe.has_token or host in ("127.0.0.1", "::1", "localhost"):
+        return []
+    return [
+        f"observe.listen = {observe.listen!r} would serve the swarm's telemetry without a credential: "
+        "set observe.token_env or observe.token_file, or listen on 127.0.0.1"
+    ]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class CheckpointConfig(_Validated):
     """Periodic checkpoints under the peer's ``--out`` directory, written atomically."""
 
@@ -475,6 +528,7 @@ class Config(_Validated):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
     peers: tuple[PeerEntry, ...] = ()
 
     @property
@@ -546,6 +600,7 @@ class Config(_Validated):
                 found.append("compression with gossip (CHOCO) cannot be combined with strategy.robust")
         if self.membership.gossip_timeout > self.transport.startup_timeout:
             found.append("membership.gossip_timeout must be <= transport.startup_timeout")
+        found.extend(observe_problems(self.observe, self.security))
         return found
 
 
@@ -561,6 +616,7 @@ _SECTIONS: dict[str, type[_Validated]] = {
     "checkpoint": CheckpointConfig,
     "security": SecurityConfig,
     "compression": CompressionConfig,
+    "observe": ObserveConfig,
 }
 
 
@@ -693,7 +749,9 @@ def load_config(path: str | Path) -> Config:
     return config_from_mapping(data, base_dir=config_path.resolve().parent)
 
 
-def with_overrides(config: Config, *, steps: int | None = None, device: str | None = None) -> Config:
+def with_overrides(
+    config: Config, *, steps: int | None = None, device: str | None = None, observe_listen: str | None = None
+) -> Config:
     """Apply CLI overrides, re-validating the changed section."""
     run = config.run
     if steps is not None or device is not None:
@@ -707,4 +765,7 @@ def with_overrides(config: Config, *, steps: int | None = None, device: str | No
                 raise ConfigError(problems)
             changes["device"] = coerced
         run = dataclasses.replace(run, **changes)
-    return dataclasses.replace(config, run=run)
+    observe = config.observe
+    if observe_listen is not None:
+        observe = dataclasses.replace(observe, listen=observe_listen)
+    return dataclasses.replace(config, run=run, observe=observe)

@@ -10,7 +10,12 @@ Trade-off: each exchange runs in its own task, at most one in flight per address
 ``gossip_timeout``. The beat and the detector therefore never wait on an address that silently
 drops packets (a partition, a dead seed), at the cost of one pending task per such address.
 Every reply and request body is hostile input: capped at :data:`MAX_GOSSIP_BYTES`, parsed by
-:func:`~p2pdl.membership.view.parse_members`, and a refusal is counted, never fatal.
+:func:`~p2pdl.membership.view.parse_members` (and its ``figures`` by
+:func:`~p2pdl.obs.digest.parse_figures`), and a refusal is counted, never fatal.
+
+Each body may also carry ``figures``, every member's headline training figures
+(:mod:`p2pdl.obs.digest`); the node writes its own into the :class:`~p2pdl.obs.digest.FigureBook`
+as plain data and this component only relays and keeps the newest.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from p2pdl.errors import MembershipError, TransportError
 from p2pdl.membership.view import MembershipView, parse_members
 from p2pdl.net.http import read_bounded
 from p2pdl.net.transport import Transport
+from p2pdl.obs.digest import FigureBook, parse_figures
 from p2pdl.tasks import TaskOwner
 
 log = logging.getLogger(__name__)
@@ -37,14 +43,22 @@ log = logging.getLogger(__name__)
 MAX_GOSSIP_BYTES = 1024 * 1024  # one digest, either direction: 4096 members fit with room to spare
 
 
-def merge_digest(view: MembershipView, body: Any) -> bool:
-    """Fold a gossip body (``{"members": [...]}``) into ``view``; True when the live set changed.
+def merge_digest(view: MembershipView, body: Any, figures: FigureBook | None = None) -> bool:
+    """Fold a gossip body (``{"members": [...], "figures": {...}}``) into ``view`` and ``figures``.
 
-    Raises :class:`MembershipError` for anything that is not a valid digest, before touching the view.
+    Returns True when the live set changed. Raises :class:`MembershipError` for anything that is
+    not a valid digest, before touching the view or the figures. ``figures`` is optional on the wire.
     """
     if not isinstance(body, dict) or "members" not in body:
         raise MembershipError("gossip body must be an object with 'members'")
-    return view.merge(parse_members(body["members"]))
+    members = parse_members(body["members"])
+    incoming = parse_figures(body["figures"]) if "figures" in body else {}
+    changed = view.merge(members)
+    if figures is not None:
+        known = view.addresses()
+        figures.merge(incoming, known)
+        figures.retain(known)
+    return changed
 
 
 class MembershipGossip:
@@ -58,6 +72,7 @@ class MembershipGossip:
         request_timeout: seconds to receive one whole ``POST /gossip`` body.
         on_change: called when a merge or the detector changed the live set.
         describe: the node's own fields for ``GET /members`` (live set, neighbours, counters).
+        figures: every member's headline figures, relayed in each body (None: not carried).
     """
 
     def __init__(
@@ -70,6 +85,7 @@ class MembershipGossip:
         request_timeout: float,
         on_change: Callable[[], None],
         describe: Callable[[], dict[str, Any]],
+        figures: FigureBook | None = None,
     ) -> None:
         self.view = view
         self._transport = transport
@@ -78,6 +94,7 @@ class MembershipGossip:
         self._request_timeout = request_timeout
         self._on_change = on_change
         self._describe = describe
+        self.figures = figures
         self._tasks = TaskOwner(f"{view.name}:gossip")
         self._inflight: dict[str, asyncio.Task[None]] = {}  # address -> its one running exchange
         transport.add_route("POST", "/gossip", self._gossip_handler)
@@ -150,7 +167,7 @@ class MembershipGossip:
             del self._inflight[address]
 
     async def _exchange(self, address: str, target: str | None) -> None:
-        payload = {"sender": self.view.name, "members": self.view.digest()}
+        payload = {"sender": self.view.name, **self._body()}
         try:
             reply = await self._transport.request_json(
                 address, "POST", "/gossip", payload, self._config.gossip_timeout, MAX_GOSSIP_BYTES, target=target
@@ -162,8 +179,14 @@ class MembershipGossip:
             self._transport.stats.frames_rejected[exc.reason] += 1
             log.debug("%s: bad membership reply from %s: %s", self.view.name, address, exc)
 
+    def _body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"members": self.view.digest()}
+        if self.figures is not None:
+            body["figures"] = self.figures.outgoing()
+        return body
+
     def _merge(self, body: Any) -> None:
-        if merge_digest(self.view, body):
+        if merge_digest(self.view, body, self.figures):
             self._on_change()
 
     # ------------------------------------------------------------------ the routes
@@ -182,7 +205,7 @@ class MembershipGossip:
         except (MembershipError, TimeoutError, TransportError) as exc:
             self._transport.stats.frames_rejected[MembershipError.reason] += 1
             return web.json_response({"error": f"bad gossip: {exc}"[:200]}, status=400)
-        return web.json_response({"members": self.view.digest()})
+        return web.json_response(self._body())
 
     async def _members_handler(self, request: web.Request) -> web.Response:
         return web.json_response(

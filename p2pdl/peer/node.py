@@ -42,6 +42,7 @@ from p2pdl.membership.view import MembershipView, Timing
 from p2pdl.net.auth import security_from_config
 from p2pdl.net.transport import Transport
 from p2pdl.peer.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
+from p2pdl.peer.telemetry import PeerTelemetry
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
 from p2pdl.wire import decode_frame
@@ -156,6 +157,15 @@ class Peer:
             on_heard=self.membership.touch,
             security=self.security,
         )
+        self.telemetry = PeerTelemetry(
+            name=name,
+            view=self.membership,
+            status=self.status,
+            observe=config.observe,
+            interval=membership.gossip_interval,
+            on_reject=lambda reason: self.transport.stats.auth_rejected.update([reason]),
+        )
+        self._compute_seconds = 0.0  # time on the compute thread, for the step's time split
         self.gossip = MembershipGossip(
             view=self.membership,
             transport=self.transport,
@@ -164,8 +174,11 @@ class Peer:
             request_timeout=config.transport.request_timeout,
             on_change=self._on_membership_change,
             describe=self._describe_members,
+            figures=self.telemetry.figures,
         )
         self.transport.add_route("GET", "/state", self._state_handler)
+        for method, path, handler in self.telemetry.route_table():
+            self.transport.add_route(method, path, handler)
         self._strategy: Strategy = build_strategy(
             StrategyContext(
                 name=name,
@@ -209,6 +222,7 @@ class Peer:
         if advertised_port == 0:
             self.membership.set_own_address(f"{host}:{port}")
         self.gossip.start()
+        await self.telemetry.start()
         configured = [n for n in self.config.peer_names if n != self.name]
         while time.monotonic() < deadline:
             heard = [n for n in configured if self.membership.heard_from(n)]
@@ -250,6 +264,7 @@ class Peer:
                         await self._strategy.finish()
                 await self.gossip.leave(self.config.transport.shutdown_timeout)
             await self.gossip.close(self.config.transport.shutdown_timeout)
+            await self.telemetry.close(self.config.transport.shutdown_timeout)
             await self._strategy.close()
             await self.transport.close(announce=True)
         finally:
@@ -388,7 +403,14 @@ class Peer:
 
     async def run_compute(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on this peer's compute thread (one at a time, off the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._timed, fn)
+
+    def _timed(self, fn: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self._compute_seconds += time.perf_counter() - started  # only the compute thread writes it
 
     def _forward_backward(self, closure: Callable[[], torch.Tensor]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -407,6 +429,8 @@ class Peer:
         if self.state != "training":
             raise RuntimeError(f"peer {self.name} is {self.state}; use 'async with Peer(...)'")
         step = self.step_index
+        started, compute_before = time.perf_counter(), self._compute_seconds
+        waited_before = float(getattr(self.strategy, "wait_seconds", 0.0))
         loss = await self.run_compute(lambda: self._forward_backward(closure))
         gradient_round = await self.strategy.reduce_gradients(step)
         if self.strategy.wants_local_step():
@@ -417,6 +441,14 @@ class Peer:
             # A peer behind its neighbours (a joiner, a restarted peer) skips ahead to their round.
             self.step_index = max(self.step_index, (parameter_round.round + 1) * self.config.strategy.local_steps)
         self.last_loss = loss
+        self.telemetry.step_done(
+            wall=time.perf_counter() - started,
+            compute=self._compute_seconds - compute_before,
+            waiting=float(getattr(self.strategy, "wait_seconds", 0.0)) - waited_before,
+        )
+        for outcome in (gradient_round, parameter_round):
+            if outcome is not None:
+                self.telemetry.round_done(self.strategy.name, outcome.seconds)
         return StepResult(step=step, loss=loss, gradient_round=gradient_round, parameter_round=parameter_round)
 
     def record_eval(self, metrics: dict[str, float]) -> None:
@@ -458,6 +490,7 @@ class Peer:
             "live_members": list(self.live_members()),
             "rewires": self.rewires[-5:],
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
+            "telemetry": self.telemetry.status(),
             **self.transport.stats.as_dict(),
         }
 

@@ -29,6 +29,7 @@ from p2pdl.peer.node import Peer, StepResult, resolve_device
 from p2pdl.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, save_snapshot
 from p2pdl.train.data import BatchStream
 from p2pdl.train.files import MetricsWriter, atomic_write_json
+from p2pdl.train.tensorboard import TensorBoardLog
 from p2pdl.train.workload import LoadedWorkload, load_workload
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class PeerOptions:
     join: bool = False  # download the swarm's current state before training
     resume: bool = False  # continue from OUT/checkpoint.pt when it exists
     snapshot_every: int = 0
+    tensorboard: Path | None = None  # write TensorBoard event files here
 
 
 async def run_peer(
@@ -128,6 +130,7 @@ async def run_peer(
     """Train this peer to ``config.run.steps`` (or until ``stop`` is set); return the summary."""
     run = config.run
     out_dir = options.out_dir
+    board = TensorBoardLog(options.tensorboard) if options.tensorboard is not None else None
     device = resolve_device(run.device)
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
@@ -244,7 +247,11 @@ async def run_peer(
                     record.update(evaluation)
                     record["strategy"] = peer.strategy.status()  # its own figures: staleness, weight, ...
                     next_eval = _next_multiple(done, run.eval_every)
+                    if board is not None:
+                        board.evaluation(result.step, evaluation)
                 metrics.write(record)
+                if board is not None:
+                    board.step(result.step, record, steps_per_second=peer.telemetry.steps_per_second)
                 if next_snapshot is not None and done >= next_snapshot:
                     await peer.run_compute(functools.partial(save_snapshot, model, out_dir, done))
                     next_snapshot = _next_multiple(done, options.snapshot_every)
@@ -254,12 +261,16 @@ async def run_peer(
             evaluation = await peer.run_compute(lambda: workload.evaluate(model, device))
             peer.record_eval(evaluation)
             final_step = peer.step_index
+            if board is not None:
+                board.evaluation(final_step - 1, evaluation)
             metrics.write(
                 {"step": final_step - 1, "time": round(time.perf_counter() - started, 4), "final": True, **evaluation}
             )
             status = peer.status()
     finally:
         metrics.close()
+        if board is not None:
+            board.close()
     await asyncio.to_thread(save_checkpoint, model, optimizer, final_step, checkpoint)
     await asyncio.to_thread(save_model, model, out_dir / "model.pt")
     summary = {

@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, the swarm digest in the gossip, and the dashboard."""
