@@ -331,6 +331,16 @@ async def test_metrics_parse_and_match_status_and_the_swarm_is_seen_from_one_pee
         assert found[("p2pdl_eval", (("metric", "test_accuracy"),))] == 0.5
         assert found[("p2pdl_members", (("state", "alive"),))] == 3
         assert found[("p2pdl_links", (("state", "connected"),))] == 2
+        # Per-neighbour bytes: each of a's two links carried its six rounds of parameters both
+        # ways, and the links together never exceed the transport's totals (handshakes are extra).
+        for direction in ("sent", "received"):
+            per_link = {
+                link["name"]: found[(f"p2pdl_neighbor_bytes_{direction}_total", (("neighbor", link["name"]),))]
+                for link in status["neighbors"]
+            }
+            assert per_link == {link["name"]: link[f"bytes_{direction}"] for link in status["neighbors"]}
+            assert set(per_link) == {"b", "c"} and min(per_link.values()) > 0
+            assert sum(per_link.values()) <= status[f"bytes_{direction}"]
         phases = [found[("p2pdl_step_seconds_total", (("phase", p),))] for p in ("compute", "communication", "waiting")]
         assert all(v >= 0 for v in phases) and phases[0] > 0
         assert sum(phases) == pytest.approx(sum(status["telemetry"]["seconds"].values()), abs=1e-5)

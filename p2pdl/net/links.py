@@ -70,6 +70,9 @@ class Link:
     # reply, presented by the dialer; "" while down or when the acceptor offers none.
     frames_token: str = ""
     bucket: TokenBucket = field(default_factory=TokenBucket)  # rate limit of received frames
+    # Data-frame bytes on this link (handshake frames are counted only in the transport's totals).
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     def has_left(self) -> bool:
         # A method, not a comparison at the call site: the state changes across awaits.

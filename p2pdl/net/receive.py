@@ -232,6 +232,7 @@ class LinkReceiver:
 
     async def _on_bytes(self, link: Link, data: bytes) -> None:
         self.stats.bytes_received += len(data)
+        link.bytes_received += len(data)
         if not link.bucket.take(self._config.max_frames_per_second):
             # Refused before decoding: a flood costs the receiver a counter increment, no parsing.
             self._reject(RateLimitedError(f"{link.name} is over max_frames_per_second"), link.name)

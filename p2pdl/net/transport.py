@@ -264,6 +264,8 @@ class Transport(LinkReceiver):
                 "dials": lk.dials,
                 "connects": lk.connects,
                 "last_error": lk.last_error,
+                "bytes_sent": lk.bytes_sent,
+                "bytes_received": lk.bytes_received,
             }
             for lk in self._links.values()
         ]
@@ -329,6 +331,7 @@ class Transport(LinkReceiver):
             raise TransportError(f"send to {neighbor!r} failed: {exc}") from exc
         self.stats.bytes_sent += len(data)
         self.stats.frames_sent += 1
+        link.bytes_sent += len(data)
 
     async def _post_frame(self, link: Link, data: bytes) -> None:
         assert self._session is not None
