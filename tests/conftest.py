@@ -27,6 +27,15 @@ def _dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("P2PDL_CACHE_DIR", None)
 
 
+@pytest.fixture(scope="session")
+def mnist1d_built(_dataset_cache: None) -> None:
+    """Build MNIST-1D into the shared cache once, before a swarm starts: peers that each build it
+    on their first step, all at once on a busy machine, can stall a first round past its timeout."""
+    from p2pdl.train import datasets
+
+    datasets.mnist1d()
+
+
 @pytest.fixture
 def peer_processes(tmp_path: Path) -> Iterator[PeerProcesses]:
     procs = PeerProcesses(tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import PeerProcesses, free_ports, read_json, read_metrics, status, wait_for, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.usefixtures("mnist1d_built")]
 
 FAST_MEMBERSHIP = {"gossip_interval": 0.25, "gossip_timeout": 1.0, "suspect_after": 1.5, "dead_after": 3.0}
 ROUND_TIMEOUT = 2.0  # below dead_after: a round gives up on a partner before membership does

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from helpers import assert_identical_models, free_ports, run_cluster, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.usefixtures("mnist1d_built")]
 
 PEERS = 4
 NAMES = [f"p{i}" for i in range(PEERS)]

@@ -81,6 +81,7 @@ def side_distance(vectors: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.usefixtures("mnist1d_built")
 def test_partition_both_sides_train_then_views_and_models_merge(lab: NetnsLab, tmp_path: Path) -> None:
     address = {name: f"{lab.addresses[i]}:{PORT}" for i, name in enumerate(NAMES)}
     config = write_config(
