@@ -6,9 +6,11 @@
 Shows a live progress bar (mean step, mean loss, mean test accuracy) polled from every peer's
 ``/status``, and splits the CPU cores between peers (``OMP_NUM_THREADS``). At the end it writes
 ``DIR/summary.json`` (per peer: name, steps, final loss, test accuracy, bytes sent and received,
-exit code; plus the final consensus distance max_i ||x_i - x̄|| / ||x̄|| and the wall time) and
+exit code, whether it was stopped before its last step; plus the final consensus distance
+max_i ||x_i - x̄|| / ||x̄||, the wall time and whether ``--timeout`` cut the run short) and
 ``DIR/training.png`` (loss, test accuracy and consensus distance over steps). It exits non-zero
-if any peer failed. Ctrl+C stops every peer cleanly (SIGTERM), then reaps them.
+if any peer failed or the timeout stopped the peers: a peer stopped that way still evaluates and
+exits 0, so its exit code alone would hide a stalled run. Ctrl+C stops every peer cleanly (SIGTERM), then reaps them.
 """
 
 from __future__ import annotations
@@ -171,10 +173,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(total=steps, desc="swarm", unit="step", disable=args.no_progress, dynamic_ncols=True)
     interrupted = False
+    timed_out = False
     try:
         while any(p.poll() is None for p in procs.values()):
             if time.perf_counter() - started > args.timeout:
                 print(f"local_cluster: timeout after {args.timeout}s, stopping peers", file=sys.stderr)
+                timed_out = True
                 break
             statuses = [s for s in (fetch_status(e.address, security) for e in config.peers) if s]
             if statuses:
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "name": name,
                 "exit_code": procs[name].returncode,
                 "steps": summary.get("steps"),
+                "stopped_early": summary.get("stopped_early"),
                 "final_loss": summary.get("final_loss"),
                 "test_accuracy": summary.get("test_accuracy"),
                 "bytes_sent": summary.get("bytes_sent"),
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_consensus_distance": final_consensus,
         "consensus_over_steps": [{"step": s, "distance": d} for s, d in consensus],
         "wall_seconds": round(wall, 3),
+        "timed_out": timed_out,
         "threads_per_peer": threads,
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -256,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             f"local_cluster: peers failed: {', '.join(failed)} (see {out}/NAME/peer.log)",
             file=sys.stderr,
         )
+        return 1
+    if timed_out:
+        print(f"local_cluster: the peers were stopped at the {args.timeout}s timeout", file=sys.stderr)
         return 1
     return 130 if interrupted else 0
 

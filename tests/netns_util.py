@@ -12,9 +12,10 @@ namespaces (a dropped packet is silence, as on a real partition, not a fast RST)
 is never cut. ``heal()`` removes the rules. ``rate`` applies a ``tbf`` limit on both directions of
 every host link (``tc netem`` is not assumed to exist).
 
-Trade-off: this needs root, ``ip`` and ``nft``; :func:`require_netns` turns their absence into a
-clean ``pytest.skip``. Everything is torn down in ``__exit__`` and, should the test process die
-first, by an ``atexit`` hook.
+Trade-off: this needs root, ``ip``, ``tc`` and ``nft``; :func:`require_netns` turns their absence
+into a clean ``pytest.skip`` on a developer's machine, and into a failure under ``CI=true``, where
+``.ci/run`` has installed them and a skip would hide a test that never ran. Everything is torn
+down in ``__exit__`` and, should the test process die first, by an ``atexit`` hook.
 """
 
 from __future__ import annotations
@@ -44,11 +45,18 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def missing_prerequisite(reason: str) -> None:
+    """Skip with ``reason``; under ``CI=true`` fail instead: CI must run every test."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and a prerequisite is missing: {reason}")
+    pytest.skip(reason)
+
+
 def require_netns() -> None:
-    """``pytest.skip`` with the reason when namespaces cannot be used on this machine."""
+    """Skip (fail under CI) with the reason when namespaces cannot be used on this machine."""
     reason = netns_unavailable()
     if reason is not None:
-        pytest.skip(reason)
+        missing_prerequisite(reason)
 
 
 def _ip(*args: str, input_text: str | None = None) -> None:
@@ -121,7 +129,7 @@ class NetnsLab:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, RuntimeError) as exc:
             self.close()
             detail = getattr(exc, "stderr", "") or str(exc)
-            pytest.skip(f"cannot build network namespaces here: {detail.strip()}")
+            missing_prerequisite(f"cannot build network namespaces here: {detail.strip()}")
         return self
 
     def __exit__(self, *exc_info: object) -> None:

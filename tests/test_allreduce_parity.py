@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PEER_ENV, PEERS_DIR, REPO, PeerProcesses, free_ports, write_config
+from helpers import PEER_ENV, PEERS_DIR, REPO, PeerProcesses, assert_finished, free_ports, write_config
 
 from p2pdl.train import datasets
 from p2pdl.train.loop import build_model
@@ -41,6 +41,9 @@ ATOL = 1e-6
 # one each run takes under 10 s, and a stall anywhere fails loudly rather than hanging.
 PROCESS_TIMEOUT = 90.0  # seconds for any swarm or DDP run of this file to finish
 ROUND_TIMEOUT = 30.0  # seconds; a slow start under load must not look like a missing peer
+# Membership must outlast a round: with the default dead_after (10 s) a first round slowed past
+# 10 s by a busy machine saw its partners declared dead and a peer finished the run alone.
+MEMBERSHIP = {"suspect_after": ROUND_TIMEOUT, "dead_after": 2 * ROUND_TIMEOUT}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,6 +60,7 @@ def _swarm(tmp_path: Path, label: str, names: list[str], *, lr: float = 0.05) ->
         run={**RUN, "lr": lr},
         strategy={"kind": "allreduce", "round_timeout": ROUND_TIMEOUT},
         topology={"kind": "full"},
+        membership=MEMBERSHIP,
     )
 
 
@@ -97,6 +101,9 @@ def _wait_swarm(procs: PeerProcesses, dirs: list[Path]) -> None:
     assert not failed, f"peers failed {failed}:\n" + "\n".join(
         (d / "peer.log").read_text(errors="replace")[-2000:] for d in dirs
     )
+    for out in dirs:  # each peer ran every step itself: none finished the run alone
+        summary = assert_finished(out, STEPS)
+        assert summary["rounds"]["partial"] == 0, (out.name, summary["rounds"])
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

@@ -3,49 +3,27 @@
 from __future__ import annotations
 
 import itertools
-import json
 import signal
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import PeerProcesses, free_ports, write_config
+from helpers import PeerProcesses, free_ports, read_json, read_metrics, status, wait_for, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.usefixtures("mnist1d_built")]
 
 FAST_MEMBERSHIP = {"gossip_interval": 0.25, "gossip_timeout": 1.0, "suspect_after": 1.5, "dead_after": 3.0}
-ROUND_TIMEOUT = 2.0
-
-
-def status(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
-        data: dict[str, Any] = json.loads(response.read())
-        return data
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+ROUND_TIMEOUT = 2.0  # below dead_after: a round gives up on a partner before membership does
 
 
 def metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_metrics(out)
 
 
 def summary(out: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((out / "summary.json").read_text())
-    return data
+    return read_json(out / "summary.json")
 
 
 def swarm_config(path: Path, names: list[str], ports: list[int], **run: object) -> Path:
@@ -67,84 +45,74 @@ def longest_gap_between_complete_rounds(rows: list[dict[str, Any]]) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
-def test_survivors_of_two_sigkills_keep_training_and_match_a_fault_free_run(tmp_path: Path) -> None:
-    names = [f"p{i}" for i in range(8)]
-    accuracies: dict[str, list[float]] = {}
-    for label in ("clean", "faulty"):
-        ports = free_ports(8)
-        config = swarm_config(tmp_path / f"{label}.toml", names, ports)
-        procs = PeerProcesses(tmp_path / label)
-        try:
-            for name in names:
-                procs.start(config, name)
-            victims = ("p2", "p5")
-            if label == "faulty":
-                wait_for(lambda port=ports[2]: status(port)["step"] >= 150, 180, "p2 to reach step 150")
-                for victim in victims:
-                    procs.procs[victim].send_signal(signal.SIGKILL)
-            codes = procs.wait_all(timeout=400)
-        finally:
-            procs.close()
-        survivors = [n for n in names if label == "clean" or n not in victims]
-        for name in survivors:
-            assert codes[name] == 0, procs.log(name)
-            result = summary(tmp_path / label / name)
-            assert result["steps"] == 1000
-            if label == "faulty":
-                rows = [r for r in metrics(tmp_path / label / name) if "loss" in r]
-                gap = longest_gap_between_complete_rounds(rows)
-                # Never longer than dead_after plus one round timeout without a complete round
-                # (a little slack for scheduling on a loaded 2-core machine).
-                assert gap <= FAST_MEMBERSHIP["dead_after"] + ROUND_TIMEOUT + 1.5, (name, gap)
-        accuracies[label] = [summary(tmp_path / label / n)["test_accuracy"] for n in survivors]
-    clean = sum(accuracies["clean"]) / len(accuracies["clean"])
-    faulty = sum(accuracies["faulty"]) / len(accuracies["faulty"])
-    assert faulty >= clean - 0.01, (clean, faulty)
+def test_survivors_of_two_sigkills_keep_training_and_rewire_around_them(tmp_path: Path) -> None:
+    names = [f"p{i}" for i in range(6)]
+    victims = ("p1", "p4")
+    steps = 500
+    ports = free_ports(len(names))
+    config = swarm_config(tmp_path / "swarm.toml", names, ports, steps=steps)
+    procs = PeerProcesses(tmp_path)
+    try:
+        for name in names:
+            procs.start(config, name)
+        wait_for(lambda: status(ports[1])["step"] >= 150, 180, "p1 to reach step 150")
+        for victim in victims:
+            procs.procs[victim].send_signal(signal.SIGKILL)
+        survivors = [n for n in names if n not in victims]
+        procs.assert_all_finished(timeout=400, steps=steps, names=survivors)
+    finally:
+        procs.close()
+    for name in survivors:
+        rows = [r for r in metrics(tmp_path / name) if "loss" in r]
+        gap = longest_gap_between_complete_rounds(rows)
+        # Never longer than dead_after plus one round timeout without a complete round
+        # (a little slack for scheduling on a loaded 2-core machine).
+        assert gap <= FAST_MEMBERSHIP["dead_after"] + ROUND_TIMEOUT + 1.5, (name, gap)
+        # Training went on: a floor far above chance (0.1) and below what these runs reach.
+        assert summary(tmp_path / name)["test_accuracy"] >= 0.75, (name, summary(tmp_path / name))
     # The crashed peers were rewired around: the survivors' neighbours are all alive.
-    for name in ("p1", "p3", "p4", "p6"):
-        rewires = summary(tmp_path / "faulty" / name)["rewires"]
+    for name in ("p0", "p2", "p3", "p5"):
+        rewires = summary(tmp_path / name)["rewires"]
         assert rewires, f"{name} never rewired"
-        assert not {"p2", "p5"} & set(rewires[-1]["neighbors"])
+        assert not set(victims) & set(rewires[-1]["neighbors"])
 
 
 def flat(path: Path) -> torch.Tensor:
     return torch.load(path, weights_only=True).reshape(-1).double()
 
 
-def test_a_ninth_peer_joins_mid_run_and_catches_up(tmp_path: Path, peer_processes: PeerProcesses) -> None:
-    names = [f"p{i}" for i in range(8)]
-    ports = free_ports(9)
+def test_a_fifth_peer_joins_mid_run_and_catches_up(tmp_path: Path, peer_processes: PeerProcesses) -> None:
+    names = [f"p{i}" for i in range(4)]
+    ports = free_ports(5)
     steps = 1000  # long enough that a joiner started at step 150 joins well before the end, even on a busy box
-    config = swarm_config(tmp_path / "swarm.toml", names, ports[:8], steps=steps, data_shards=72)
+    config = swarm_config(tmp_path / "swarm.toml", names, ports[:4], steps=steps, data_shards=20)
     for name in names:
         peer_processes.start(config, name, "--snapshot-every", "5")
     wait_for(lambda: status(ports[0])["step"] >= 150, 180, "the swarm to reach step 150")
     peer_processes.start(
         config,
-        "p8",
+        "p4",
         "--listen",
-        f"127.0.0.1:{ports[8]}",
+        f"127.0.0.1:{ports[4]}",
         "--bootstrap",
         f"127.0.0.1:{ports[0]}",
         "--snapshot-every",
         "5",
     )
-    codes = peer_processes.wait_all(timeout=400)
-    assert all(code == 0 for code in codes.values()), {n: peer_processes.log(n) for n, c in codes.items() if c}
-    joined = next(r for r in metrics(tmp_path / "p8") if r.get("event") == "joined")
+    peer_processes.assert_all_finished(timeout=400, steps=steps)
+    joined = next(r for r in metrics(tmp_path / "p4") if r.get("event") == "joined")
     assert joined["step"] >= 150 and joined["seconds"] < 10
     assert joined["step"] <= steps - 30, f"the joiner came too late to be checked (step {joined['step']})"
     # Within 20 rounds of joining, the joiner is as close to the swarm mean as the others are.
     check = (joined["step"] // 5 + 5) * 5  # the first common snapshot >= 20 rounds after the join
-    everyone = [*names, "p8"]
+    everyone = [*names, "p4"]
     vectors = {n: flat(tmp_path / n / "snapshots" / f"step_{check}.pt") for n in everyone}
     mean = torch.stack(list(vectors.values())).mean(dim=0)
     distance = {n: float((v - mean).norm() / mean.norm()) for n, v in vectors.items()}
     spread = max(distance[n] for n in names)
-    assert distance["p8"] <= max(spread, 1e-3) * 1.5, distance
-    assert summary(tmp_path / "p8")["steps"] == steps
-    members = [r for r in summary(tmp_path / "p0")["rewires"] if "p8" in r["added"]]
-    assert members, "p0 never saw p8"
+    assert distance["p4"] <= max(spread, 1e-3) * 1.5, distance
+    members = [r for r in summary(tmp_path / "p0")["rewires"] if "p4" in r["added"]]
+    assert members, "p0 never saw p4"
 
 
 def test_sigterm_makes_neighbours_rewire_without_waiting_for_timeouts(
@@ -205,11 +173,10 @@ def test_kill_all_and_resume_continues_from_the_checkpoint(tmp_path: Path) -> No
     try:
         for name in names:
             second.start(config, name, "--resume")
-        codes = second.wait_all(timeout=300)
+        second.assert_all_finished(timeout=300, steps=400)
     finally:
         second.close()
     for name in names:
-        assert codes[name] == 0, second.log(name)
         rows = [r for r in metrics(tmp_path / name) if "loss" in r]
         resumed = rows[len(losses_before[name]) :]
         assert resumed[0]["step"] == checkpointed[name], "resume must restart at the checkpointed step"
@@ -218,4 +185,3 @@ def test_kill_all_and_resume_continues_from_the_checkpoint(tmp_path: Path) -> No
         first_after = sum(r["loss"] for r in resumed[:20]) / 20
         assert first_after < 0.6 * untrained, (untrained, first_after)
         assert first_after < recent * 1.5 + 0.1, (recent, first_after)
-        assert summary(tmp_path / name)["steps"] == 400

@@ -60,6 +60,12 @@ def flat(peer: Peer) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in peer.model.parameters()])
 
 
+def gradient_of(peer: Peer, x: torch.Tensor) -> list[torch.Tensor]:
+    """The gradient of the test loss at ``peer``'s current parameters, without touching them."""
+    parameters = list(peer.model.parameters())
+    return list(torch.autograd.grad(peer.model(x).pow(2).mean(), parameters))
+
+
 async def test_compressed_allreduce_gives_every_peer_the_same_step() -> None:
     config = swarm_config(3, {"kind": "allreduce"}, {"kind": "topk", "ratio": 0.05, "min_numel": 64}, "full")
     async with swarm(config, 3, lr=0.1) as peers:
@@ -74,15 +80,26 @@ async def test_compressed_allreduce_gives_every_peer_the_same_step() -> None:
 
             return closure
 
+        before = [flat(p).clone() for p in peers]
         for _ in range(3):
             await asyncio.gather(*(p.step(closure_for(p, x)) for p, x in zip(peers, inputs, strict=True)))
         after = [flat(p) for p in peers]
-        # The models started different, so compare the updates: everyone applied the same averaged gradient.
+        assert all(torch.isfinite(a).all() for a in after)
+        # The models started different, so compare the updates: everyone applied the same averaged
+        # gradient (each peer decompresses every peer's top-k and sums them in one order).
+        updates = [a - b for a, b in zip(after, before, strict=True)]
+        assert float(updates[0].abs().max()) > 1e-3, "the swarm did not move"
+        for peer, update in zip(peers[1:], updates[1:], strict=True):
+            # Equal up to the rounding of (x + u) - x on different starting values x.
+            torch.testing.assert_close(update, updates[0], rtol=0, atol=1e-6, msg=f"{peer.name}'s update differs")
+        # The inputs differ per peer, so the peers' own gradients do too: applying them
+        # uncompressed and unaveraged would not give equal updates (the comparison can fail).
+        own = [torch.cat([g.reshape(-1) for g in gradient_of(p, x)]) for p, x in zip(peers, inputs, strict=True)]
+        assert float((own[0] - own[1]).abs().max()) > 1e-3
         status = peers[0].status()
         assert status["compression"]["kind"] == "topk"
         assert status["compression"]["ratio"] is not None and status["compression"]["ratio"] > 5
         assert status["strategy"]["payload_compression_ratio"] > 5
-        assert all(torch.isfinite(a).all() for a in after)
 
 
 async def test_choco_gossip_with_top_k_reaches_consensus() -> None:

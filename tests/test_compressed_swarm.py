@@ -1,10 +1,13 @@
-"""Eight real peer processes train MNIST-1D with each compressor, within 1 point of uncompressed.
+"""Real peer processes train MNIST-1D with each compressor and keep the promises compression makes.
 
-Gradient compressors run under the exact all-reduce (compressed all-gather with error feedback
-for top-k and PowerSGD), so the comparison is against the uncompressed all-reduce on the same
-seeds and data; CHOCO-gossip is compared with uncompressed gossip on the same ring. The wide MLP
-(4.3M parameters) runs too, so that compression acts on large tensors, not only on the CNN's
-small ones. Accuracy is the mean test accuracy over the 8 peers at the end of the run.
+Gradient compressors run under the exact all-reduce (a compressed all-gather, with error feedback
+for top-k and PowerSGD): every peer decompresses the same frames and sums them in one order, so
+the peers must end with bit-identical parameters, and the wire must carry at most 1/ratio of the
+fp32 bytes. CHOCO-gossip compresses parameter differences on a ring: the peers must stay close
+(consensus distance) while the wire ratio holds. The wide MLP (4.3M parameters) runs too, so that
+compression acts on large tensors, not only on the CNN's small ones. Each swarm must also train
+(an accuracy floor far above chance); how each compressor's accuracy compares with uncompressed
+training is measured in benchmarks/, not raced here.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_ports, run_cluster, write_config
+from helpers import assert_identical_models, free_ports, run_cluster, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.usefixtures("mnist1d_built")]
 
-PEERS = 8
+PEERS = 4
+NAMES = [f"p{i}" for i in range(PEERS)]
 RECIPE = {"batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "eval_every": 0}
-CNN_STEPS = 600
-MLP_STEPS = 120
+CNN_STEPS = 300
+MLP_STEPS = 60
+ROUND_TIMEOUT = 30.0
+# A slow round under load must time out before membership declares its partners dead.
+MEMBERSHIP = {"suspect_after": ROUND_TIMEOUT, "dead_after": 2 * ROUND_TIMEOUT}
+CNN_FLOOR = 0.5  # test accuracy after 300 steps; chance is 0.1
 
 # name: (strategy, topology, compression, the least fp32/wire ratio it must report)
 CNN_CASES: dict[str, tuple[dict[str, Any], str, dict[str, Any], float]] = {
@@ -29,9 +37,6 @@ CNN_CASES: dict[str, tuple[dict[str, Any], str, dict[str, Any], float]] = {
     "int8": ({"kind": "allreduce"}, "full", {"kind": "int8", "min_numel": 0, "chunk": 256}, 3.0),
     "topk-ef": ({"kind": "allreduce"}, "full", {"kind": "topk", "ratio": 0.05, "min_numel": 1000}, 4.0),
     "powersgd-ef": ({"kind": "allreduce"}, "full", {"kind": "powersgd", "rank": 2, "min_numel": 1000}, 2.0),
-    # CHOCO-gossip with int8 differences. With top-5% (consensus step 0.2) the swarm lagged plain
-    # gossip by 4 points at this step count (0.861 vs 0.903): sparse CHOCO needs more rounds
-    # (docs/BENCHMARKS.md has it at full length).
     "choco-int8": ({"kind": "gossip"}, "ring", {"kind": "int8", "min_numel": 0, "chunk": 256, "choco_gamma": 0.8}, 3.0),
 }
 
@@ -45,67 +50,50 @@ def swarm(
     topology: str,
     compression: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    names = [f"p{i}" for i in range(PEERS)]
+    """Run the swarm; every peer must finish all ``steps`` itself (see helpers.run_cluster)."""
     config = write_config(
         tmp / f"{label}.toml",
-        names=names,
+        names=NAMES,
         ports=free_ports(PEERS),
         workload=workload,
         run={**RECIPE, "steps": steps},
-        strategy={**strategy, "round_timeout": 30.0},
+        strategy={**strategy, "round_timeout": ROUND_TIMEOUT},
         topology={"kind": topology},
         transport={"startup_timeout": 120.0},
+        membership=MEMBERSHIP,
         compression=compression,
     )
-    summary = run_cluster(config, tmp / label, timeout=900)
-    assert all(p["exit_code"] == 0 for p in summary["peers"]), summary["peers"]
-    return summary
-
-
-def mean_accuracy(summary: dict[str, Any]) -> float:
-    accuracies = [p["test_accuracy"] for p in summary["peers"]]
-    return sum(accuracies) / len(accuracies)
+    return run_cluster(config, tmp / label, timeout=600)
 
 
 def wire_ratio(summary: dict[str, Any]) -> float:
-    """fp32-equivalent bytes over wire bytes, as the peers report them (mean over peers)."""
+    """fp32-equivalent bytes over wire bytes, as the peers report them (the least over peers)."""
     ratios = [p["compression"]["ratio"] for p in summary["peers"]]
     assert all(r is not None for r in ratios), ratios
-    return sum(ratios) / len(ratios)
-
-
-@pytest.fixture(scope="module")
-def baselines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
-    """Uncompressed runs: the exact all-reduce and gossip on a ring, same seeds and schedule."""
-    tmp = tmp_path_factory.mktemp("baselines")
-    return {
-        topology: mean_accuracy(swarm(tmp, kind, "mnist1d_cnn.py", CNN_STEPS, {"kind": kind}, topology, None))
-        for kind, topology in (("allreduce", "full"), ("gossip", "ring"))
-    }
+    return min(ratios)
 
 
 @pytest.mark.parametrize("case", list(CNN_CASES))
-def test_eight_peers_train_within_one_point_of_uncompressed(
-    tmp_path: Path, baselines: dict[str, float], case: str
-) -> None:
+def test_compressed_swarm_trains_and_keeps_its_promises(tmp_path: Path, case: str) -> None:
     strategy, topology, compression, least_ratio = CNN_CASES[case]
     summary = swarm(tmp_path, case, "mnist1d_cnn.py", CNN_STEPS, strategy, topology, compression)
-    accuracy = mean_accuracy(summary)
-    assert accuracy >= baselines[topology] - 0.01, (case, accuracy, baselines[topology])
     assert wire_ratio(summary) >= least_ratio, (case, [p["compression"] for p in summary["peers"]])
+    accuracies = [p["test_accuracy"] for p in summary["peers"]]
+    print(f"\n{case}: accuracies {accuracies}, consensus {summary['final_consensus_distance']}")
+    assert min(accuracies) >= CNN_FLOOR, (case, accuracies)
+    if strategy["kind"] == "allreduce":
+        assert_identical_models(tmp_path / case / n for n in NAMES)
+        assert all(p["rounds"]["partial"] == 0 for p in summary["peers"]), [p["rounds"] for p in summary["peers"]]
+    else:  # CHOCO: compressed differences still pull the ring together (measured: under 0.01)
+        assert summary["final_consensus_distance"] < 0.1, summary["final_consensus_distance"]
 
 
-def test_wide_mlp_compressed_gradients_match_uncompressed(tmp_path: Path) -> None:
-    """4.3M parameters: int8 gradients (scale per 256 values) cost no accuracy at equal steps.
-
-    Top-1% with error feedback is *not* here: on this short schedule it lagged by 15 points (0.465
-    vs 0.612 after 120 steps), the known early-training delay of error feedback under momentum;
-    docs/BENCHMARKS.md measures it over longer runs.
-    """
-    allreduce = {"kind": "allreduce"}
-    plain = swarm(tmp_path, "plain", "mnist1d_wide_mlp.py", MLP_STEPS, allreduce, "full", None)
-    int8 = swarm(
-        tmp_path, "int8", "mnist1d_wide_mlp.py", MLP_STEPS, allreduce, "full", {"kind": "int8", "min_numel": 4096}
-    )
-    assert mean_accuracy(int8) >= mean_accuracy(plain) - 0.01, (mean_accuracy(int8), mean_accuracy(plain))
-    assert wire_ratio(int8) >= 3.5, [p["compression"] for p in int8["peers"]]
+def test_wide_mlp_int8_gradients_give_one_model_at_a_quarter_of_the_bytes(tmp_path: Path) -> None:
+    """4.3M parameters: int8 gradients (one scale per 256 values) under the exact all-reduce."""
+    compression = {"kind": "int8", "min_numel": 4096}
+    summary = swarm(tmp_path, "int8", "mnist1d_wide_mlp.py", MLP_STEPS, {"kind": "allreduce"}, "full", compression)
+    assert wire_ratio(summary) >= 3.5, [p["compression"] for p in summary["peers"]]
+    assert_identical_models(tmp_path / "int8" / n for n in NAMES)
+    accuracies = [p["test_accuracy"] for p in summary["peers"]]
+    print(f"\nwide MLP int8: accuracies {accuracies}")
+    assert min(accuracies) >= 0.25, accuracies  # chance is 0.1

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_ports, write_config
 
 from p2pdl.cli import main
 from p2pdl.config import Config, config_from_mapping, load_config, parse_address, with_overrides
@@ -200,3 +201,19 @@ def test_compression_is_refused_for_ps_local_sgd() -> None:
         "compression": {"kind": "int8"},
     }
     assert any("ps with local_steps = 1" in p for p in problems_of(data)), problems_of(data)
+
+
+def test_test_configs_keep_membership_above_the_round_timeout(tmp_path: Path) -> None:
+    """helpers.write_config: a slow round must time out before membership declares partners dead."""
+    names, ports = ["p0", "p1"], free_ports(2)
+    with pytest.raises(ValueError, match="dead_after"):
+        write_config(tmp_path / "a.toml", names=names, ports=ports, strategy={"round_timeout": 5.0},
+                     membership={"suspect_after": 2.0, "dead_after": 5.0})  # fmt: skip
+    # Without a membership table, one is written that outlasts a long round.
+    path = write_config(tmp_path / "b.toml", names=names, ports=ports, strategy={"round_timeout": 30.0})
+    config = load_config(path)
+    assert config.membership.dead_after > config.strategy.round_timeout
+    # A short round keeps p2pdl's defaults.
+    path = write_config(tmp_path / "c.toml", names=names, ports=ports, strategy={"round_timeout": 2.0})
+    config = load_config(path)
+    assert config.membership.dead_after > config.strategy.round_timeout == 2.0

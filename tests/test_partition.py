@@ -10,18 +10,15 @@ sides' models back together.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import PeerProcesses, write_config
+from helpers import PeerProcesses, assert_finished, get_json, wait_for, write_config
 from netns_util import NetnsLab, check_in_ns
 
 PORT = 29500
@@ -31,27 +28,6 @@ STEPS = 2400  # a fast machine gets through the partition phase in more steps; t
 FAST_MEMBERSHIP = {"gossip_interval": 0.25, "gossip_timeout": 1.0, "suspect_after": 1.5, "dead_after": 3.0}
 ROUND_TIMEOUT = 2.0
 SNAPSHOT_EVERY = 5
-
-# The test process polls peers over the bridge; never through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def get_json(address: str, path: str) -> dict[str, Any]:
-    with _OPENER.open(f"http://{address}{path}", timeout=2) as response:
-        data: dict[str, Any] = json.loads(response.read())
-        return data
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class NamespacedPeers(PeerProcesses):
@@ -105,6 +81,7 @@ def side_distance(vectors: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.usefixtures("mnist1d_built")
 def test_partition_both_sides_train_then_views_and_models_merge(lab: NetnsLab, tmp_path: Path) -> None:
     address = {name: f"{lab.addresses[i]}:{PORT}" for i, name in enumerate(NAMES)}
     config = write_config(
@@ -198,7 +175,7 @@ def test_partition_both_sides_train_then_views_and_models_merge(lab: NetnsLab, t
         for n in NAMES
     }
     after = side_distance(final)
-    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in NAMES}
+    summaries = {n: assert_finished(tmp_path / n, STEPS) for n in NAMES}  # every step, none stopped
     report = {
         "split_s": split_seconds,
         "merge_s": merge_seconds,
@@ -207,7 +184,6 @@ def test_partition_both_sides_train_then_views_and_models_merge(lab: NetnsLab, t
         "at_split": at_split,
         "before_heal": before_heal,
     }
-    assert all(s["steps"] == STEPS for s in summaries.values()), summaries
     assert after < 1e-2, report
     # The sides drifted apart while cut off (each trained on its own) and gossip closed the gap.
     assert during > 1e-2 and during > 10 * after, report

@@ -1,84 +1,123 @@
-"""Multi-process tier: real ``p2pdl peer`` processes, real sockets, real signals."""
+"""Multi-process tier: real ``p2pdl peer`` processes, real sockets, real signals.
+
+The ``smoke`` tests are short enough for the fast tier (``make test``): a two-peer run through
+``scripts/local_cluster.py`` and a lone all-reduce peer refusing to train. The rest are ``slow``.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PEER_ENV, REPO, PeerProcesses, free_ports
+from helpers import (
+    PeerProcesses,
+    assert_identical_models,
+    flat_model,
+    free_ports,
+    get_json,
+    read_metrics,
+    run_cluster,
+    wait_for,
+)
 
 from p2pdl.core.mixing import consensus_distance
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("mnist1d_built")]
 
 
+@pytest.mark.smoke
+def test_two_peer_allreduce_cluster_runs_every_step_to_one_model(
+    tmp_path: Path, config_writer: Callable[..., Path]
+) -> None:
+    """The launcher, the CLI and the exact all-reduce end to end, in a few seconds of training."""
+    names = ["p0", "p1"]
+    config = config_writer(
+        names=names,
+        ports=free_ports(2),
+        run={"steps": 30, "batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9},
+        strategy={"kind": "allreduce", "round_timeout": 20.0},
+        topology={"kind": "full"},
+    )
+    out = tmp_path / "run"
+    summary = run_cluster(config, out, timeout=300)  # every peer ran its 30 steps, not stopped early
+    assert summary["timed_out"] is False
+    assert_identical_models(out / n for n in names)
+    assert summary["final_consensus_distance"] == 0.0
+    for peer in summary["peers"]:
+        assert peer["rounds"]["partial"] == 0 and peer["rounds"]["complete"] >= 30, peer
+        assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
+    assert [m["step"] for m in read_metrics(out / "p0") if "loss" in m] == list(range(30))
+
+
+@pytest.mark.smoke
+def test_a_cluster_stopped_at_its_timeout_fails_even_though_its_peers_exit_0(
+    tmp_path: Path, config_writer: Callable[..., Path]
+) -> None:
+    """local_cluster stops the peers at --timeout; they still evaluate and exit 0, so only the
+    launcher's ``timed_out`` (and its exit code) tells a stalled run from a finished one."""
+    config = config_writer(
+        names=["p0", "p1"],
+        ports=free_ports(2),
+        run={"steps": 1_000_000, "batch_size": 32},
+        strategy={"kind": "gossip", "round_timeout": 5.0},
+        topology={"kind": "full"},
+    )
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError, match="timeout"):
+        run_cluster(config, out, timeout=15)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["timed_out"] is True
+    for peer in summary["peers"]:  # a peer that got to train was stopped before its last step
+        assert peer["steps"] is None or (peer["stopped_early"] is True and peer["steps"] < 1_000_000), peer
+
+
+@pytest.mark.slow
 def test_ring_of_four_learns_mnist1d_and_agrees(tmp_path: Path, config_writer: Callable[..., Path]) -> None:
+    steps = 600  # gossip on this ring passes 90% near step 500 (docs/BENCHMARKS.md); the floor is 0.75
     names = [f"p{i}" for i in range(4)]
     config = config_writer(
         names=names,
         ports=free_ports(4),
-        run={
-            "steps": 1500,
-            "batch_size": 32,
-            "optimizer": "sgd",
-            "lr": 0.1,
-            "momentum": 0.9,
-            "eval_every": 500,
-        },
+        run={"steps": steps, "batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "eval_every": 200},
         strategy={"kind": "gossip", "round_timeout": 10.0},
         topology={"kind": "ring"},
+        membership={"suspect_after": 10.0, "dead_after": 20.0},
     )
     out = tmp_path / "run"
-    script = str(REPO / "scripts" / "local_cluster.py")
-    command = [sys.executable, script, str(config), "--out", str(out), "--no-progress", "--threads", "1"]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=450, env={**os.environ, **PEER_ENV}, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run_cluster(config, out, timeout=450)
     assert len(summary["peers"]) == 4
     for peer in summary["peers"]:
-        assert peer["exit_code"] == 0
-        assert peer["steps"] == 1500
-        assert peer["test_accuracy"] >= 0.90, peer
+        assert peer["test_accuracy"] >= 0.75, peer
         assert peer["bytes_sent"] > 0 and peer["bytes_received"] > 0
         assert peer["rounds"]["partial"] == 0
     assert summary["final_consensus_distance"] < 1e-2
     assert (out / "training.png").stat().st_size > 10_000
     # The consensus figure is recomputed from the peers' own model files, not trusted from the script.
-    vectors = [
-        torch.cat([v.reshape(-1) for v in torch.load(out / n / "model.pt", weights_only=True).values()]) for n in names
-    ]
-    recomputed = consensus_distance(vectors)
+    recomputed = consensus_distance([flat_model(out / n / "model.pt") for n in names])
     assert recomputed == pytest.approx(summary["final_consensus_distance"], rel=1e-6)
-    metrics = [json.loads(line) for line in (out / "p0" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == list(range(1500))
+    assert [m["step"] for m in read_metrics(out / "p0") if "loss" in m] == list(range(steps))
 
 
 def wait_for_status(port: int, predicate: Callable[[dict[str, object]], bool], timeout: float) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
     last: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1) as response:
-                last = json.loads(response.read())
-            if predicate(last):
-                return last
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"status never satisfied the condition; last: {last}")
+
+    def check() -> bool:
+        nonlocal last
+        last = get_json(f"127.0.0.1:{port}")
+        return predicate(last)
+
+    try:
+        wait_for(check, timeout, f"/status of 127.0.0.1:{port} to satisfy the condition")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last status: {last}") from None
+    return last
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_peer_cleanly_and_neighbours_see_the_leave(
     tmp_path: Path, config_writer: Callable[..., Path], peer_processes: PeerProcesses
 ) -> None:
@@ -104,12 +143,12 @@ def test_sigterm_stops_a_peer_cleanly_and_neighbours_see_the_leave(
         lambda s: "p1" not in s["strategy"]["neighbors"],  # type: ignore[index, operator]
         timeout=10,
     )
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/members", timeout=2) as response:
-        members = {m["name"]: m["state"] for m in json.loads(response.read())["members"]}
+    members = {m["name"]: m["state"] for m in get_json(f"127.0.0.1:{ports[0]}", "/members")["members"]}
     assert members["p1"] == "left"
     assert status["state"] == "training"
 
 
+@pytest.mark.smoke
 def test_allreduce_peer_alone_fails_loudly(
     tmp_path: Path, config_writer: Callable[..., Path], peer_processes: PeerProcesses
 ) -> None:
@@ -122,12 +161,13 @@ def test_allreduce_peer_alone_fails_loudly(
         transport={"startup_timeout": 2.0, "handshake_timeout": 1.0},
     )
     proc = peer_processes.start(config, "p0")
-    assert proc.wait(timeout=60) == 1
+    assert proc.wait(timeout=150) == 1  # a loaded machine can take a minute to import torch
     log = peer_processes.log("p0")
     assert "exact all-reduce needs every peer" in log
     assert not (tmp_path / "p0" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_allreduce_swarm_stopped_together_exits_cleanly(
     tmp_path: Path, config_writer: Callable[..., Path], peer_processes: PeerProcesses
 ) -> None:

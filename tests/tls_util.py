@@ -1,6 +1,7 @@
 """Throw-away certificates for TLS tests: a self-signed CA and per-peer certificates signed by it.
 
-Uses the ``openssl`` command line (no Python dependency); tests skip when it is missing. Keys are
+Uses the ``openssl`` command line (no Python dependency); tests skip when it is missing, and fail
+under ``CI=true``, where ``.ci/run`` installs it. Keys are
 EC P-256 (generated in milliseconds, unlike RSA), certificates are valid for one day, and a peer
 certificate carries ``CN = <peer name>`` plus subjectAltNames ``IP:<ip>`` and ``DNS:<peer name>``,
 so a client checking host names accepts it at ``https://<ip>:port``.
@@ -8,6 +9,7 @@ so a client checking host names accepts it at ``https://<ip>:port``.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -59,6 +61,8 @@ _EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
 
 def _openssl(*args: str | Path) -> None:
     if _OPENSSL is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true and the openssl command line is not installed")
         pytest.skip("the openssl command line is not installed")
     result = subprocess.run([_OPENSSL, *map(str, args)], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
