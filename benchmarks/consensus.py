@@ -78,6 +78,7 @@ def gossip_config(topology: dict[str, Any], count: int) -> Config:
             "strategy": {"kind": "gossip", "local_steps": 1, "round_timeout": 30.0},
             "topology": topology,
             "transport": {"startup_timeout": 30.0, "send_timeout": 30.0},
+            "membership": {"suspect_after": 30.0, "dead_after": 60.0},
             "peers": [{"name": n, "address": f"127.0.0.1:{p}"} for n, p in zip(names, ports, strict=True)],
         }
     )

@@ -283,6 +283,7 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
             "run": {"workload": str(WORKLOAD), "eval_every": 0},
             "strategy": {"kind": "allreduce", "round_timeout": 300.0},
             "transport": {"startup_timeout": 120.0, "send_timeout": 300.0, "max_frame_mib": 512.0},
+            "membership": {"suspect_after": 300.0, "dead_after": 600.0},
             "topology": {"kind": "full"},
             "peers": [{"name": n, "address": f"127.0.0.1:{p}"} for n, p in zip(names, ports, strict=True)],
         }

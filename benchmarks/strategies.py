@@ -588,7 +588,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             "startup_timeout": 120.0,
             "heartbeat_interval": 60.0,
         },
-        "membership": {"gossip_timeout": 10.0, "suspect_after": 30.0, "dead_after": 60.0},
+        "membership": {"gossip_timeout": 10.0, "suspect_after": 60.0, "dead_after": 240.0},
     }
     return {
         "loopback": Setting(
@@ -612,7 +612,10 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             max_seconds=None,
             rate_mbit=None,
             round_timeout=60.0,
-            extra={"transport": {"startup_timeout": 120.0, "send_timeout": 60.0}},
+            extra={
+                "transport": {"startup_timeout": 120.0, "send_timeout": 60.0},
+                "membership": {"suspect_after": 60.0, "dead_after": 120.0},
+            },
         ),
         "netns": Setting(
             name="netns",

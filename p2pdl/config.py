@@ -316,7 +316,7 @@ class MembershipConfig(_Validated):
     gossip_timeout: float = 2.0  # one push-pull exchange
     fanout: int = 8  # members contacted per period (all of them in swarms up to this size)
     suspect_after: float = 5.0  # no fresh heartbeat for this long: suspect (still a neighbour)
-    dead_after: float = 10.0  # no fresh heartbeat for this long: dead, rewired around
+    dead_after: float = 20.0  # no fresh heartbeat for this long: dead, rewired around (> strategy.round_timeout)
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -583,6 +583,12 @@ class Config(_Validated):
             )
         if not self.run.workload.is_file():
             found.append(f"run.workload: file {str(self.run.workload)!r} does not exist")
+        if self.membership.dead_after <= self.strategy.round_timeout:
+            found.append(
+                f"membership.dead_after ({self.membership.dead_after} s) must be > strategy.round_timeout "
+                f"({self.strategy.round_timeout} s): a round still waiting for a slow partner must time out "
+                "before membership declares that partner dead, or the two sides of the round disagree"
+            )
         if self.transport.send_timeout > self.strategy.round_timeout * 100:
             found.append("transport.send_timeout is over 100x strategy.round_timeout; lower it")
         if self.strategy.kind == "ps" and self.strategy.server is not None and self.peer(self.strategy.server) is None:

@@ -39,7 +39,7 @@ PEER_ENV = {
 # p2pdl's defaults (p2pdl/config.py, MembershipConfig); the check below needs them.
 DEFAULT_ROUND_TIMEOUT = 10.0
 DEFAULT_SUSPECT_AFTER = 5.0
-DEFAULT_DEAD_AFTER = 10.0
+DEFAULT_DEAD_AFTER = 20.0
 
 
 def free_ports(count: int) -> list[int]:

@@ -203,6 +203,22 @@ def test_compression_is_refused_for_ps_local_sgd() -> None:
     assert any("ps with local_steps = 1" in p for p in problems_of(data)), problems_of(data)
 
 
+def test_membership_must_outlast_a_round() -> None:
+    """A round waiting for a slow partner times out before membership declares that partner dead."""
+    data = {
+        "run": {"workload": str(REPO / "peers" / "mnist1d_cnn.py")},
+        "peers": peers(2),
+        "strategy": {"kind": "allreduce", "round_timeout": 30.0},
+    }
+    assert any(
+        "membership.dead_after (20.0 s) must be > strategy.round_timeout (30.0 s)" in p for p in problems_of(data)
+    )
+    config = config_from_mapping({**data, "membership": {"suspect_after": 30.0, "dead_after": 60.0}})
+    assert config.membership.dead_after == 60.0
+    config = config_from_mapping({**data, "strategy": {"kind": "allreduce"}})  # the defaults agree
+    assert config.membership.dead_after > config.strategy.round_timeout
+
+
 def test_test_configs_keep_membership_above_the_round_timeout(tmp_path: Path) -> None:
     """helpers.write_config: a slow round must time out before membership declares partners dead."""
     names, ports = ["p0", "p1"], free_ports(2)

@@ -243,7 +243,7 @@ def three_peer_config(observe: dict[str, Any] | None = None) -> Any:
     return config_from_mapping(
         {
             "run": {"workload": str(PEERS_DIR / "mnist1d_cnn.py"), "lr": 0.1, "momentum": 0.0},
-            "strategy": {"kind": "gossip", "round_timeout": 5.0},
+            "strategy": {"kind": "gossip", "round_timeout": 1.5},
             "topology": {"kind": "ring"},
             "transport": {"startup_timeout": 10.0},
             "membership": {"gossip_interval": 0.2, "suspect_after": 1.0, "dead_after": 2.0, "gossip_timeout": 0.5},
