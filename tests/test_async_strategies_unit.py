@@ -402,3 +402,37 @@ async def test_ps_local_sgd_worker_ends_on_the_servers_final_frame() -> None:
     torch.testing.assert_close(model.weight.detach(), final.weight.detach())
     assert worker.swarm_step() == 99
     await worker.close()
+
+
+async def test_a_sync_ps_worker_takes_the_servers_step_with_each_reply() -> None:
+    """A worker that went on alone while the server was late (steps 0-4) falls back to the
+    server's clock with the first reply, so it cannot reach the end before the server."""
+    exchange = FakeExchange()
+    graph = [build_graph("full", ["s", "w1"])]
+    exchange.connected = {"s"}
+    config = StrategyConfig(kind="ps", server="s", ps_mode="sync", round_timeout=5.0)
+    ctx, model = make_context("w1", graph, exchange, config)
+    worker = ParameterServerWorker(ctx)
+    assert worker.adopted_step() is None  # nothing heard yet: the node keeps its own count
+    reply = torch.nn.Linear(4, 2)
+    asyncio.get_running_loop().call_later(0.05, exchange.deliver, ps_parameters(1, reply, server_step=2))
+    outcome = await worker.reduce_gradients(5)
+    assert outcome is not None and outcome.complete and not worker.wants_local_step()
+    assert [(f.kind, f.step) for f in exchange.sent_to("s")] == [("ps_grad", 5)]
+    torch.testing.assert_close(model.weight.detach(), reply.weight.detach())
+    assert worker.adopted_step() == 3  # the server finished its step 2: the next step is 3
+    assert worker.adopted_step() is None  # read once
+    await worker.close()
+
+
+async def test_a_sync_ps_worker_without_a_reply_keeps_its_own_step() -> None:
+    exchange = FakeExchange()
+    graph = [build_graph("full", ["s", "w1"])]
+    exchange.connected = {"s"}
+    config = StrategyConfig(kind="ps", server="s", ps_mode="sync", round_timeout=0.05)
+    ctx, _ = make_context("w1", graph, exchange, config)
+    worker = ParameterServerWorker(ctx)
+    outcome = await worker.reduce_gradients(0)
+    assert outcome is not None and outcome.missing == ("s",) and worker.wants_local_step()
+    assert worker.adopted_step() is None
+    await worker.close()

@@ -68,19 +68,9 @@ CASES: dict[str, Case] = {
 }
 
 
-# Known defect, kept visible rather than asserted away: workers that start before the sync
-# server answers go on without it for their first rounds and stay that many steps ahead; the
-# server stops with the furthest worker (PSStrategy.swarm_step) and the workers then train their
-# last steps alone, so the server ends short of run.steps and the final models differ.
-PS_SYNC_SKEW = pytest.mark.xfail(
-    reason="sync PS: workers run ahead of a late-starting server and end without it (p2pdl/strategies/ps.py)",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=PS_SYNC_SKEW) if k == "ps-sync" else c for k, c in CASES.items()],
+    list(CASES.values()),
     ids=list(CASES),
 )
 def test_strategy_runs_every_step_and_keeps_its_promise(tmp_path: Path, case: Case) -> None:
@@ -151,11 +141,6 @@ def test_async_gossip_fast_peers_are_not_held_back_by_a_straggler(tmp_path: Path
         assert behind <= mine // 4, f"{name} computed {mine} steps while the straggler computed {behind}"
 
 
-@pytest.mark.xfail(
-    reason="sync PS: a worker ahead of the restarted server can train its last rounds without it and end "
-    "on its own model (same end-of-run defect as PS_SYNC_SKEW, p2pdl/strategies/ps.py)",
-    strict=False,
-)
 def test_parameter_server_survives_worker_and_server_deaths(tmp_path: Path) -> None:
     """A worker dies: the server goes on. The server dies: workers train locally, then reconnect to
     the server restarted with --resume, and everybody ends on one good model.
@@ -210,9 +195,12 @@ def test_parameter_server_survives_worker_and_server_deaths(tmp_path: Path) -> N
     assert codes == {"p0": 0, "p1": 0, "p2": 0}, {n: procs.log(n)[-1500:] for n in names}
     for name in ("p1", "p2"):
         assert_finished(tmp_path / name, 2000)
-    # The restarted server is behind the workers that trained on alone; it stops with them
-    # (PSStrategy.swarm_step) rather than train the rest by itself, but nobody stopped it.
+    # The restarted server is behind the workers that trained on alone; they take its step with
+    # its first reply (their steps alone are overwritten), so the server runs to the end as well.
+    assert_finished(tmp_path / "p0", 2000)
     assert read_json(tmp_path / "p0" / "summary.json")["stopped_early"] is False
+    # Sync PS promises one model: every worker's last reply is the server's final parameters.
+    assert_identical_models(tmp_path / n for n in names[:3])
     assert "resumed from" in procs.log("p0"), procs.log("p0")[-1500:]
     for name in ("p1", "p2"):
         steps = [r for r in read_metrics(tmp_path / name) if "loss" in r]

@@ -440,6 +440,10 @@ class Peer:
         if parameter_round is not None:
             # A peer behind its neighbours (a joiner, a restarted peer) skips ahead to their round.
             self.step_index = max(self.step_index, (parameter_round.round + 1) * self.config.strategy.local_steps)
+        adopted = self.strategy.adopted_step()
+        if adopted is not None:
+            # Another peer keeps the run's clock (a sync parameter server): its step is ours.
+            self.step_index = adopted
         self.last_loss = loss
         self.telemetry.step_done(
             wall=time.perf_counter() - started,

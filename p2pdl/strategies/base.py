@@ -188,6 +188,12 @@ class Strategy(Protocol):
         """For strategies without a barrier: the furthest step seen from other peers (else None)."""
         ...
 
+    def adopted_step(self) -> int | None:
+        """The step this peer is at by the run's clock after the round just taken, when another
+        peer keeps that clock (a sync parameter server's workers); None keeps the node's own count.
+        Reading it consumes it."""
+        ...
+
     async def finish(self) -> None:
         """A last word before this peer leaves (the node calls it while links are still up, before
         the leave is announced), e.g. a parameter server's final parameters to its workers."""
@@ -285,6 +291,9 @@ class StrategyBase:
         return None
 
     def swarm_step(self) -> int | None:
+        return None
+
+    def adopted_step(self) -> int | None:
         return None
 
     async def finish(self) -> None:

@@ -3,8 +3,12 @@
 A worker pushes its gradient (or, with H > 1, its parameters every H steps) to the server and
 loads the server's reply in place of its own parameters; the node then skips its local optimizer
 step. Without a reply within ``round_timeout`` it goes on with its own model and its own step,
-and the round records the server as missing. The server's step is the worker's clock: a final
-frame from the server ends the worker's run on the server's model.
+and the round records the server as missing. The server's step is the worker's clock: in sync
+gradient mode a worker takes the server's step with each reply (steps it took alone while the
+server was late or down are overwritten with their parameters, so they do not count), and a
+final frame from the server ends the worker's run on the server's model. Otherwise a worker
+that had to go on alone for its first rounds would stay that many steps ahead, reach the end
+before the server and finish on its own model.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from collections.abc import Mapping
 import torch
 
 from p2pdl.errors import TransportError
-from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome
+from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext
 from p2pdl.strategies.ps import AVERAGE, GRADIENT, PARAMETERS, ParameterServerRole
 from p2pdl.wire import Frame, TensorSpec
 
 
 class ParameterServerWorker(ParameterServerRole):
     """A worker: pushes to the server, pulls its parameters."""
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        super().__init__(ctx)
+        self._adopted: int | None = None  # the server's clock after this step's reply (sync mode)
 
     def communication_peers(self) -> tuple[str, ...]:
         return (self.server,) if self.server in self._ctx.topology().names else ()
@@ -50,6 +58,10 @@ class ParameterServerWorker(ParameterServerRole):
         """The run's shared clock: the server's step (an async server runs ahead of its workers;
         its final frame ends their run)."""
         return self._server_step
+
+    def adopted_step(self) -> int | None:
+        adopted, self._adopted = self._adopted, None
+        return adopted
 
     async def _worker_round(self, step: int) -> RoundOutcome:
         ctx = self._ctx
@@ -87,7 +99,11 @@ class ParameterServerWorker(ParameterServerRole):
         if reply is None:
             self.server_unreachable += 1
             return ctx.ledger.record(round_index, [self.server], started)
-        await self._load(reply, push.step, final=reply.meta.get("final") is True, keep_state=keep_state)
+        final = reply.meta.get("final") is True
+        reported = await self._load(reply, push.step, final=final, keep_state=keep_state)
+        if not keep_state and not final and self.config.ps_mode == "sync" and reported is not None:
+            # The reply holds the server's parameters after its step ``reported``: the next is ours.
+            self._adopted = reported + 1
         return ctx.ledger.record(round_index, [], started)
 
     async def _worker_average(self, step: int) -> RoundOutcome:
@@ -118,10 +134,11 @@ class ParameterServerWorker(ParameterServerRole):
         # Local SGD keeps each worker's optimizer state across syncs, as allreduce with H > 1 does.
         return await self._push_and_pull(push, round_index, started, keep_state=True)
 
-    async def _load(self, reply: Frame, step: int, *, final: bool = False, keep_state: bool = False) -> None:
+    async def _load(self, reply: Frame, step: int, *, final: bool = False, keep_state: bool = False) -> int | None:
         """Replace this worker's parameters with the server's; the node then skips its local step.
 
-        The server's step is believed at most MAX_ROUND_LEAD ahead, except in its final frame.
+        Returns the server's step as believed: at most MAX_ROUND_LEAD ahead, except in its final
+        frame (None when the reply names none).
         """
         ctx = self._ctx
 
@@ -138,7 +155,10 @@ class ParameterServerWorker(ParameterServerRole):
         await ctx.run_compute(load)
         self._version = reply.round
         reported = reply.meta.get("server_step")
-        if isinstance(reported, int) and not isinstance(reported, bool):
-            self._server_step = max(self._server_step, reported if final else min(reported, step + MAX_ROUND_LEAD))
+        believed: int | None = None
+        if isinstance(reported, int) and not isinstance(reported, bool) and reported >= 0:
+            believed = reported if final else min(reported, step + MAX_ROUND_LEAD)
+            self._server_step = max(self._server_step, believed)
         self._local_step = False  # the server's step replaced ours
         self.pulls += 1
+        return believed
