@@ -1,72 +1,64 @@
-"""Robust mixing: one of eight peers sends its parameters x 1000 every round."""
+"""Robust mixing: one of eight peers on a ring sends its parameters x 1000 every round.
+
+Invariants only; the accuracy of defended against clean runs is a benchmark
+(benchmarks/robust_mixing.py, BENCHMARKS §7). With ``robust = "clip"`` every honest peer trains
+through the attack to its last step on a finite loss. With ``robust = "none"`` the poison reaches
+the attacker's neighbours and their loss goes non-finite: the peer stops with
+``TrainingDivergedError`` (exit 1) rather than train on garbage.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import PEER_ENV, REPO, PeerProcesses, free_ports, write_config
+from helpers import PEER_ENV, REPO, PeerProcesses, assert_finished, free_ports, read_json, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.usefixtures("mnist1d_built")]
 
 NAMES = [f"p{i}" for i in range(8)]
 HONEST = NAMES[:-1]
-STEPS = 700
+ATTACKER = NAMES[-1]
+STEPS = 300
 
 
-def run_swarm(tmp_path: Path, label: str, robust: str, attacker: bool) -> list[float]:
-    """Honest peers' final accuracies; a peer that crashed (its loss went NaN) counts as 0."""
+def run_attacked_swarm(tmp_path: Path, robust: str) -> tuple[dict[str, int], PeerProcesses]:
+    """Seven honest peers and the attacker p7 on a ring; the honest peers' exit codes."""
     config = write_config(
-        tmp_path / f"{label}.toml",
+        tmp_path / f"{robust}.toml",
         names=NAMES,
         ports=free_ports(8),
-        run={"steps": STEPS, "batch_size": 32, "lr": 0.1, "momentum": 0.9},
+        run={"steps": STEPS, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "eval_every": 0},
         strategy={"kind": "gossip", "round_timeout": 10.0, "robust": robust},
         topology={"kind": "ring"},
     )
-    procs = PeerProcesses(tmp_path / label)
+    procs = PeerProcesses(tmp_path / robust)
     try:
         for name in HONEST:
             procs.start(config, name)
-        if attacker:
-            command = [
-                sys.executable,
-                str(REPO / "tests" / "workloads" / "attacker_peer.py"),
-                str(config),
-                "p7",
-                str(STEPS),
-            ]
-            procs.procs["p7"] = subprocess.Popen(command, env={**os.environ, **PEER_ENV}, cwd=REPO)
-        else:
-            procs.start(config, "p7")
+        command = [sys.executable, str(REPO / "tests" / "workloads" / "attacker_peer.py"), str(config), ATTACKER]
+        procs.procs[ATTACKER] = subprocess.Popen([*command, str(STEPS)], env={**os.environ, **PEER_ENV}, cwd=REPO)
         codes = procs.wait_all(timeout=700)
     finally:
         procs.close()
-    if robust != "none" or not attacker:
-        assert all(codes[n] == 0 for n in HONEST), {n: procs.log(n)[-1500:] for n in HONEST if codes[n]}
-    accuracies = []
+    return {name: codes[name] for name in HONEST}, procs
+
+
+def test_clipping_keeps_every_honest_peer_training_through_a_poisoning_neighbour(tmp_path: Path) -> None:
+    codes, procs = run_attacked_swarm(tmp_path, "clip")
+    assert all(code == 0 for code in codes.values()), {n: procs.log(n)[-1500:] for n, c in codes.items() if c}
     for name in HONEST:
-        summary = tmp_path / label / name / "summary.json"
-        accuracies.append(json.loads(summary.read_text())["test_accuracy"] if codes[name] == 0 else 0.0)
-    return accuracies
+        summary = assert_finished(tmp_path / "clip" / name, STEPS)
+        assert math.isfinite(summary["final_loss"]), (name, summary)
+        assert read_json(tmp_path / "clip" / name / "summary.json")["test_accuracy"] >= 0.5, (name, summary)
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def test_robust_mixing_limits_a_poisoning_neighbour(tmp_path: Path) -> None:
-    clean = run_swarm(tmp_path, "clean", "none", attacker=False)
-    defended = run_swarm(tmp_path, "clipped", "clip", attacker=True)
-    undefended = run_swarm(tmp_path, "undefended", "none", attacker=True)
-    print(f"honest accuracy: clean {mean(clean):.4f}, clip {mean(defended):.4f}, none {mean(undefended):.4f}")
-    assert mean(defended) >= mean(clean) - 0.02, (clean, defended)
-    # The attacker's two neighbours lose one honest edge each and end a few points lower (0.874-0.891
-    # seen against a clean mean of 0.92); without the option they diverge to NaN.
-    assert min(defended) >= 0.85, (clean, defended)
-    # Without the option the damage shows: the poison spreads until honest losses go NaN.
-    assert mean(undefended) < mean(clean) - 0.2, (clean, undefended)
+def test_without_clipping_the_poison_makes_the_attackers_neighbours_diverge(tmp_path: Path) -> None:
+    codes, procs = run_attacked_swarm(tmp_path, "none")
+    neighbours = ("p0", "p6")  # p7's two ring neighbours
+    diverged = [n for n in neighbours if codes[n] != 0 and "TrainingDivergedError" in procs.log(n)]
+    assert diverged, {n: (codes[n], procs.log(n)[-800:]) for n in neighbours}
