@@ -75,7 +75,7 @@ _SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__"})
 class Corpus:
     """A corpus split into training and validation bytes (read-only uint8 1-D arrays)."""
 
-    source: str  # "stdlib" or the P2PDL_GPT_TEXT value
+    source: str  # "stdlib" or "P2PDL_GPT_TEXT=<its value>"
     train: np.ndarray
     val: np.ndarray
     train_files: int
@@ -130,7 +130,7 @@ def text_sources(spec: str) -> _Sources:
         files = [path.resolve()]
     else:
         raise WorkloadError(f"{TEXT_ENV}={spec}: no such file or directory")
-    return _Sources(spec, root, tuple(sorted(file.relative_to(root).as_posix() for file in files)))
+    return _Sources(f"{TEXT_ENV}={spec}", root, tuple(sorted(file.relative_to(root).as_posix() for file in files)))
 
 
 def is_validation_file(relative: str) -> bool:
