@@ -15,6 +15,9 @@ deterministically from the ``i``-th contiguous ``1/n`` slice of the training byt
 read disjoint text and a peer's memory holds only its windows, not the corpus. Evaluation scores
 a fixed, evenly spaced set of validation windows: loss, perplexity, bits per byte, and next-byte
 accuracy as ``test_accuracy``.
+
+Sampling: :func:`generate` and :func:`write_sample`. The train loop has no end-of-run hook to
+call them yet, so ``scripts/gpt_sample.py`` samples from a peer's ``model.pt`` afterwards.
 """
 
 from __future__ import annotations
