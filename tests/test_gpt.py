@@ -353,9 +353,6 @@ def test_sample_script_loads_a_peer_model(tmp_path: Path, capsys: pytest.Capture
 # --------------------------------------------------------------------------- two peers
 
 
-# The tiny GPT's parameter frame (3.3 MB) goes over POST /frames as one bytes body, and aiohttp
-# warns about any raw body over 1 MiB; the write itself is buffered by the transport.
-@pytest.mark.filterwarnings("ignore:Sending a large body directly with raw bytes:ResourceWarning")
 async def test_two_gossiping_peers_lower_validation_loss(stdlib_text: None) -> None:
     config = config_from_mapping(
         {
