@@ -178,7 +178,7 @@ def consensus_over_steps(out: Path, names: list[str]) -> list[tuple[int, float]]
 EVENT_COLORS = {"kill": "tab:red", "freeze": "tab:blue", "restart": "tab:orange", "join": "tab:green"}
 
 
-def plot(out: Path, names: list[str], consensus: list[tuple[int, float]], events: list[Event]) -> Path:
+def plot(out: Path, names: list[str], consensus: list[tuple[int, float]], events: list[Event], steps: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,6 +205,7 @@ def plot(out: Path, names: list[str], consensus: list[tuple[int, float]], events
     axes[2].set(title="consensus distance max_i ||x_i - x̄|| / ||x̄||", xlabel="step")
     for axis in axes:
         axis.grid(alpha=0.3)
+        axis.set_xlim(0, steps + max(1, steps // 50))  # one scale on every panel: event lines line up
         for event in events:
             if event.fired_step is None:
                 continue
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads_per_peer": threads,
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    png = plot(out, names, consensus, events)
+    png = plot(out, names, consensus, events, steps)
     failed = [str(p["name"]) for p in peers if not p["killed_by_schedule"] and p["exit_code"] != 0]
     missed = [e for e in events if e.missed is not None]
     mean_accuracy = result["mean_test_accuracy"] if accuracies else float("nan")
