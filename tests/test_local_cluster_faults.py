@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import LOCAL_CLUSTER, PEER_ENV, free_ports, read_json, read_metrics, write_config
+from helpers import LOCAL_CLUSTER, PEER_ENV, REPO, free_ports, read_json, read_metrics, write_config
 
 NAMES = [f"p{i}" for i in range(4)]
 RECIPE = {"batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -28,6 +28,7 @@ ROUND_TIMEOUT = 2.0
 # dead_after outlasts the freeze below: the frozen peer is suspected, not buried, while stopped.
 MEMBERSHIP = {"gossip_interval": 0.25, "gossip_timeout": 1.0, "suspect_after": 3.0, "dead_after": 6.0}
 FREEZE_SECONDS = 3.0
+SLOW_WORKLOAD = REPO / "tests" / "workloads" / "slow_cnn.py"  # sleeps P2PDL_TEST_STEP_SLEEP s per step
 
 
 def fault_schedule() -> ModuleType:
@@ -41,9 +42,10 @@ def fault_schedule() -> ModuleType:
     return module
 
 
-def swarm_config(path: Path, *, steps: int, checkpoint_every: int = 0) -> Path:
+def swarm_config(path: Path, *, steps: int, checkpoint_every: int = 0, workload: str = "mnist1d_cnn.py") -> Path:
     return write_config(
         path,
+        workload=workload,
         names=NAMES,
         ports=free_ports(len(NAMES)),
         run={**RECIPE, "steps": steps},
@@ -54,7 +56,9 @@ def swarm_config(path: Path, *, steps: int, checkpoint_every: int = 0) -> Path:
     )
 
 
-def launch(config: Path, out: Path, *schedule: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+def launch(
+    config: Path, out: Path, *schedule: str, timeout: float = 400, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run scripts/local_cluster.py with a fault schedule; its exit status and output."""
     command = [sys.executable, str(LOCAL_CLUSTER), str(config), "--out", str(out), *schedule]
     return subprocess.run(
@@ -62,7 +66,7 @@ def launch(config: Path, out: Path, *schedule: str, timeout: float = 400) -> sub
         capture_output=True,
         text=True,
         timeout=timeout + 100,
-        env={**os.environ, **PEER_ENV},
+        env={**os.environ, **PEER_ENV, **(env or {})},
         check=False,
     )
 
@@ -209,3 +213,30 @@ def test_a_restarted_peer_resumes_from_its_checkpoint_and_finishes(tmp_path: Pat
     # The last checkpoint p2 wrote before it was killed: at least the first one, never past the swarm.
     assert every <= step <= restart["fired_step"] and step % every == 0, (step, restart)
     assert "resumed from" not in before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("mnist1d_built")
+def test_a_scheduled_joiner_downloads_the_swarm_state_and_finishes(tmp_path: Path) -> None:
+    """Every step sleeps 0.2 s, so the swarm still trains for a minute after the join fires,
+    however long the joiner's process takes to start on a busy machine."""
+    steps, at = 300, 20
+    config = swarm_config(tmp_path / "swarm.toml", steps=steps, workload=str(SLOW_WORKLOAD))
+    out = tmp_path / "out"
+    result = launch(config, out, "--join", f"p4@{at}", env={"P2PDL_TEST_STEP_SLEEP": "0.2"})
+    assert result.returncode == 0, report(result, out)
+    summary = read_json(out / "summary.json")
+    [join] = summary["events"]
+    assert join["kind"] == "join" and join["name"] == "p4" and join["fired_step"] >= at, join
+    assert join["exit_code"] == 0 and join["address"].startswith("127.0.0.1:"), join
+    peers = peers_by_name(summary)
+    assert list(peers) == [*NAMES, "p4"]
+    for peer in peers.values():
+        assert peer["exit_code"] == 0 and peer["steps"] == steps and peer["stopped_early"] is False, peer
+    # It took the swarm's state instead of starting from step 0, and the others rewired to it.
+    joined = [row for row in read_metrics(out / "p4") if row.get("event") == "joined"]
+    assert len(joined) == 1 and joined[0]["step"] > 0, joined
+    first = min(row["step"] for row in read_metrics(out / "p4") if "loss" in row)
+    assert first >= joined[0]["step"], (first, joined)
+    assert any("p4" in rewire["added"] for rewire in read_json(out / "p0" / "summary.json")["rewires"])
