@@ -308,7 +308,9 @@ class Cluster:
         name = event.name
         proc = self.procs.get(name)
         running = proc is not None and proc.poll() is None
-        if proc is not None and not running and not (event.kind == "restart" and name in self.killed):
+        if proc is None and event.kind != "join":
+            event.skipped = f"{name} never started (its --join did not happen)"
+        elif proc is not None and not running and not (event.kind == "restart" and name in self.killed):
             event.skipped = f"{name} had already exited with code {proc.returncode}"
         elif event.kind == "join" and not self.polled():
             event.skipped = "no running peer to join through"

@@ -9,10 +9,12 @@ made no step while it was stopped, and a restarted peer resumed from its own che
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any
 
 import pytest
 from helpers import LOCAL_CLUSTER, PEER_ENV, REPO, free_ports, read_json, read_metrics, write_config
+
+from p2pdl.config import load_config
 
 NAMES = [f"p{i}" for i in range(4)]
 RECIPE = {"batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
@@ -31,15 +35,20 @@ FREEZE_SECONDS = 3.0
 SLOW_WORKLOAD = REPO / "tests" / "workloads" / "slow_cnn.py"  # sleeps P2PDL_TEST_STEP_SLEEP s per step
 
 
-def fault_schedule() -> ModuleType:
-    """scripts/fault_schedule.py, imported the way the launcher does (a sibling module)."""
-    path = LOCAL_CLUSTER.parent / "fault_schedule.py"
-    spec = importlib.util.spec_from_file_location("fault_schedule", path)
+def script_module(name: str) -> ModuleType:
+    """scripts/NAME.py, imported the way the launcher imports its sibling modules."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, LOCAL_CLUSTER.parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fault_schedule", module)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def fault_schedule() -> ModuleType:
+    return script_module("fault_schedule")
 
 
 def swarm_config(path: Path, *, steps: int, checkpoint_every: int = 0, workload: str = "mnist1d_cnn.py") -> Path:
@@ -141,6 +150,43 @@ def test_the_launcher_refuses_a_bad_schedule_before_starting_any_peer(tmp_path: 
     for problem in ("no peer 'p9'", "SECONDS must be a finite number > 0", "p0 is in [[peers]]", "from 0 to 99"):
         assert problem in result.stderr, result.stderr
     assert not out.exists(), "a refused schedule must not start anything"
+
+
+def test_faults_on_processes_are_applied_and_recorded(tmp_path: Path) -> None:
+    """The launcher's bookkeeping on stand-in processes: kill, freeze and thaw, and a skipped event."""
+    fault_schedule()
+    local_cluster = script_module("local_cluster")
+    config_path = swarm_config(tmp_path / "swarm.toml", steps=100)
+    args = argparse.Namespace(config=config_path, snapshot_every=None, device=None)
+    cluster = local_cluster.Cluster(args, load_config(config_path), tmp_path / "out", 100, dict(os.environ))
+    try:
+        for name in ("p0", "p1"):
+            cluster.procs[name] = subprocess.Popen(["sleep", "60"])
+        events, problems = fault_schedule().build_schedule(
+            [("kill", "p0@5"), ("freeze", "p1@6:30"), ("kill", "p4@9"), ("join", "p4@7")],
+            configured=NAMES,
+            steps=100,
+            checkpoint_every=0,
+        )
+        assert problems == []
+        kill, freeze, join, late_kill = events
+        assert "SIGKILL, exit -9" in cluster.fire(kill, 7)
+        assert cluster.procs["p0"].returncode == -signal.SIGKILL and cluster.killed == {"p0"}
+        assert (kill.fired_step, kill.exit_code) == (7, -signal.SIGKILL)
+        cluster.fire(freeze, 8)
+        assert cluster.polled() == [] and cluster.running() == ["p1"]  # stopped: not asked for /status
+        assert "no running peer to join through" in cluster.fire(join, 8)
+        assert "p4 never started" in cluster.fire(late_kill, 9)
+        assert cluster.thaw_due() == []  # 30 s are not up
+        assert cluster.thaw_due(everyone=True) == ["p1: SIGCONT"]
+        assert freeze.resumed_at is not None and freeze.resumed_at >= freeze.fired_at
+        assert cluster.polled() == ["p1"]
+        records = [event.record() for event in events]
+        assert [r.get("skipped") is None for r in records] == [True, True, False, False], records
+    finally:
+        for proc in cluster.procs.values():
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------------------------- real faults
