@@ -198,7 +198,7 @@ class Timeline:
 
 def _instrument(peer: Any, timeline: Timeline) -> None:
     """Record when each piece of ``reduce_gradients`` runs, without changing what it does."""
-    import p2pdl.strategies.base as strategies_module
+    import p2pdl.strategies.allreduce as strategies_module
     import p2pdl.wire.decode as wire_decode
     import p2pdl.wire.encode as wire_encode
 
@@ -237,7 +237,7 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     strategies_module.unflatten_chunks_into = timeline.wrap_sync(
         "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
     )
-    # transport.py imported encode_frame by name; point it at the timed one too.
+    # p2pdl.net.transport imported encode_frame by name; point it at the timed one too.
     import p2pdl.net.transport as transport_module
 
     transport_module.encode_frame = wire_encode.encode_frame

@@ -283,3 +283,30 @@ async def test_a_frame_failing_several_checks_is_counted_by_the_first_in_the_doc
         await wait_for(lambda: sum(rejected(b).values()) == 1)
         assert rejected(b) == {reason: 1}
         assert b.is_connected("a")
+
+
+async def test_a_json_reply_nested_past_the_parsers_stack_is_a_transport_error() -> None:
+    """A hostile peer's gossip reply of 100,000 nested lists must not escape as a RecursionError."""
+    from aiohttp import web
+
+    from p2pdl.errors import TransportError
+    from p2pdl.net.http import request_json
+
+    async def nested(_: web.Request) -> web.Response:
+        return web.Response(text="[" * 100_000, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/gossip", nested)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(TransportError, match="failed"):
+                await request_json(
+                    session, PeerSecurity(name="a"), f"127.0.0.1:{port}", "POST", "/gossip", {}, 5.0, 1 << 20
+                )
+    finally:
+        await runner.cleanup()

@@ -157,6 +157,9 @@ def _mutated(**changes: Any) -> dict[str, Any]:
         {"a": _mutated(k=[["b/../", 0, None]])},
         {"a": _mutated(k=[[f"n{i}", 0, None] for i in range(MAX_LINKS + 1)])},
         {"a": _mutated(k=[["b", 0, [[[[1]]]]]])},
+        {"a": _mutated(l=10**400)},  # valid JSON, beyond any float: neither a number nor within the bound
+        {"a": _mutated(h=-(2**60))},
+        {"a": _mutated(k=[["b", 1.0, None]])},  # health is an integer code
         {"a": _mutated(k={"b": 0})},
         {f"n{i}": entry_for(i) for i in range(MAX_ENTRIES + 1)},
     ],

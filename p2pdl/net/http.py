@@ -114,7 +114,8 @@ async def request_json(
         return json.loads(body)
     except TimeoutError as exc:
         raise PeerTimeoutError(f"{method} {address}{path} took longer than {timeout}s") from exc
-    except (aiohttp.ClientError, OSError, ValueError) as exc:
+    except (aiohttp.ClientError, OSError, ValueError, RecursionError) as exc:
+        # RecursionError: a reply nested deeper than the JSON parser's stack (hostile or broken).
         raise TransportError(f"{method} {address}{path} failed: {exc}") from exc
 
 

@@ -122,8 +122,17 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
 
 
+# Integers beyond float precision would break both the entry's size bound (a 300-digit integer
+# is valid JSON) and math.isfinite (OverflowError), so only integers of at most 2**53 count.
+_MAX_EXACT_INT = 2**53
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _MAX_EXACT_INT
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _check_field(key: str, kind: str, value: Any) -> None:
@@ -151,8 +160,8 @@ def _is_link(value: Any) -> bool:
     return (
         isinstance(neighbor, str)
         and bool(_NAME.fullmatch(neighbor))
+        and type(health) is int
         and health in (LINK_UP, LINK_CONNECTING, LINK_DOWN)
-        and not isinstance(health, bool)
         and (rate is None or (_is_number(rate) and rate >= 0))
     )
 
