@@ -16,6 +16,24 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+async def reap(tasks: Iterable[asyncio.Task[Any]], *, expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Wait for ``tasks`` (already cancelled or finishing) and re-raise the first unexpected failure.
+
+    A task's own cancellation and the ``expected`` errors are its normal end. Unlike ``await task``
+    under ``suppress(CancelledError)``, a cancellation of the caller itself still propagates.
+    """
+    pending = list(tasks)
+    if not pending:
+        return
+    await asyncio.wait(pending)
+    for task in pending:
+        if task.cancelled():
+            continue
+        error = task.exception()
+        if error is not None and not isinstance(error, expected):
+            raise error
+
+
 class TaskOwner:
     """A tracked set of named tasks, cancelled and awaited together."""
 

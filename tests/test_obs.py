@@ -393,3 +393,35 @@ async def test_the_metrics_server_demands_its_token(tmp_path: Path) -> None:
         assert code == 200
         rejected = a.status()["auth_rejected"]["by_reason"]
         assert rejected == {"metrics_token_missing": 1, "metrics_token_bad": 1}
+
+
+async def test_a_peer_whose_metrics_port_is_taken_fails_to_start_and_leaves_nothing_open() -> None:
+    """Peer.start raising after the transport is up (here: the metrics server cannot bind) closes
+    what it had started: the peer's own port is free again and its compute thread is gone."""
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    config = config_from_mapping(
+        {
+            "run": {"workload": str(PEERS_DIR / "mnist1d_cnn.py")},
+            "strategy": {"kind": "gossip", "round_timeout": 1.5},
+            "transport": {"startup_timeout": 5.0},
+            "observe": {"listen": f"127.0.0.1:{taken}"},
+            "peers": [{"name": "a", "address": "127.0.0.1:0"}],
+        }
+    )
+    model = make_model(0)
+    peer = Peer(config, "a", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    try:
+        with pytest.raises(OSError):
+            await peer.start()
+        assert peer.state == "closed"
+        port = peer.transport.port
+        with pytest.raises(OSError):  # nothing listens on the peer's own port any more
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+    finally:
+        blocker.close()

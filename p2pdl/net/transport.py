@@ -273,11 +273,14 @@ class Transport(LinkReceiver):
     async def wait_connected(self, timeout: float) -> tuple[str, ...]:
         """Wait until every neighbour is connected or left; return those still missing."""
         waits = [asyncio.ensure_future(lk.connected.wait()) for lk in self._links.values() if lk.state != "left"]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=timeout)
-            for task in pending:
+        try:
+            if waits:
+                await asyncio.wait(waits, timeout=timeout)
+        finally:
+            # Also when the caller is cancelled: no waiter outlives this call.
+            for task in waits:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*waits, return_exceptions=True)
         return tuple(n for n, lk in self._links.items() if lk.state not in ("connected", "left"))
 
     # ------------------------------------------------------------------ dialling

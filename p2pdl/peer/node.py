@@ -212,7 +212,19 @@ class Peer:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Bind, learn the membership, connect to neighbours (all bounded by ``startup_timeout``)."""
+        """Bind, learn the membership, connect to neighbours (all bounded by ``startup_timeout``).
+
+        If anything fails on the way, what was started is closed again before the error propagates
+        (``__aexit__`` never runs when ``__aenter__`` raises).
+        """
+        try:
+            await self._start()
+        except BaseException:
+            if self.state != "closed":
+                await self.close()
+            raise
+
+    async def _start(self) -> None:
         self.state = "starting"
         deadline = time.monotonic() + self.config.transport.startup_timeout
         port = await self.transport.start()
@@ -265,10 +277,12 @@ class Peer:
                 await self.gossip.leave(self.config.transport.shutdown_timeout)
             await self.gossip.close(self.config.transport.shutdown_timeout)
             await self.telemetry.close(self.config.transport.shutdown_timeout)
-            await self._strategy.close()
+            async with asyncio.timeout(self.config.transport.shutdown_timeout):
+                await self._strategy.close()
             await self.transport.close(announce=True)
         finally:
-            self._compute.shutdown(wait=True)
+            # Off the loop: the compute thread may still be finishing a step or a mix.
+            await asyncio.to_thread(self._compute.shutdown, wait=True)
             self.state = "closed"
 
     async def __aenter__(self) -> Peer:

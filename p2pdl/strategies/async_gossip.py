@@ -31,7 +31,6 @@ copies), which is the price AD-PSGD pays for wait-freedom.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from p2pdl.strategies.base import (
     neighbour_frame_specs,
     reported_degree,
 )
-from p2pdl.tasks import TaskOwner
+from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 
 ASYNC_PARAMS = "aparams"
@@ -322,6 +321,4 @@ class AsyncGossipStrategy(StrategyBase):
         await asyncio.gather(*(deliver(n) for n in self._neighbors()))
 
     async def close(self) -> None:
-        for task in self._tasks.cancel():
-            with contextlib.suppress(asyncio.CancelledError, TransportError):
-                await task
+        await reap(self._tasks.cancel(), expected=(TransportError,))

@@ -21,7 +21,7 @@ import torch
 from p2pdl.errors import FrameError, TransportError
 from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext
 from p2pdl.strategies.ps import AVERAGE, GRADIENT, PARAMETERS, ParameterServerRole
-from p2pdl.tasks import TaskOwner
+from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 
 FINAL_REPLY_GRACE = 2.0  # seconds replies in flight get to land before the server's final frame
@@ -282,6 +282,4 @@ class ParameterServer(ParameterServerRole):
         tasks = [t for t in (self._consumer, *self._tasks.cancel(), *self._replies.cancel()) if t is not None]
         for task in tasks:
             task.cancel()
-        for task in dict.fromkeys(tasks):
-            with contextlib.suppress(asyncio.CancelledError, TransportError):
-                await task
+        await reap(dict.fromkeys(tasks), expected=(TransportError,))
