@@ -701,7 +701,7 @@ async def test_a_rogue_members_well_formed_poison_is_accepted(secret_env: str) -
 
     The decoder checks form (size, schema, dtype, shape, finiteness, sender), not plausibility: a
     member holding the secret can send parameters of 1e30 and they pass. What bounds their effect is
-    robust mixing (``strategy.robust = "clip"`` or ``"trimmed-mean"``, see p2pdl/aggregation.py), a
+    robust mixing (``strategy.robust = "clip"`` or ``"trimmed-mean"``, see p2pdl/core/robust.py), a
     separate option, not validation; with plain gossip (the default) one round drags b all the way.
     """
     async with victim_and_rogue() as (b, rogue):

@@ -511,13 +511,16 @@ def test_unknown_sender() -> None:
 
 
 def test_checks_run_in_documented_order() -> None:
-    # Wrong shape, unknown sender and NaN at once: the shape check comes first.
+    # Wrong shape, unknown sender and NaN at once: the sender comes first, then finiteness, and
+    # the expected names and shapes last (PROTOCOL §1.3, the order a peer's receive path applies).
     encoded = encode_frame(_frame(t=torch.tensor([float("nan")])))
     expected = {"t": TensorSpec(dtype="float32", shape=(2,))}
-    with pytest.raises(ShapeMismatchError):
-        decode_frame(encoded, limits=LIMITS, known_senders=set(), expected=expected)
     with pytest.raises(UnknownSenderError):
-        decode_frame(encoded, limits=LIMITS, known_senders=set())
+        decode_frame(encoded, limits=LIMITS, known_senders=set(), expected=expected)
+    with pytest.raises(NonFiniteError):
+        decode_frame(encoded, limits=LIMITS, known_senders={"peer-a"}, expected=expected)
+    with pytest.raises(ShapeMismatchError):
+        decode_frame(encode_frame(_frame(t=torch.ones(1))), limits=LIMITS, expected=expected)
     # A disallowed dtype is reported before a byte-count mismatch in an earlier tensor.
     obj = _body(tensors=[["a", "float32", [2], b""], ["b", "complex64", [1], b""]])
     with pytest.raises(DtypeNotAllowedError):

@@ -150,7 +150,7 @@ async def run_peer(
     data = ShardedBatches(workload, run, config.shard_count, device)
     # Build or read the dataset before the peer goes live: once it is live, its event loop must
     # stay free for heartbeats, and a first run's dataset build takes seconds.
-    configured = sorted(entry.name for entry in config.peers)
+    configured = list(config.peer_names)
     await asyncio.to_thread(data.preload, assigned_shards(configured, name, config.shard_count))
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     started = time.perf_counter()

@@ -75,8 +75,8 @@ def decode_frame(
 
     Checks run cheapest-first: frame size, header, declared body size, decompression,
     msgpack, nesting depth, the body's ``v``, the rest of the schema, dtype allow-list, byte
-    counts, ``expected`` names/dtypes/shapes, ``known_senders``, and finally that
-    floating-point tensors are finite (docs/PROTOCOL.md section 1.3 numbers them).
+    counts, ``known_senders``, that floating-point tensors are finite, and finally
+    ``expected`` names/dtypes/shapes (docs/PROTOCOL.md section 1.3 numbers them).
 
     Raises only :class:`~p2pdl.errors.FrameError` subclasses. The returned tensors are
     read-only views of ``data`` when it is ``bytes`` (immutable, so nothing can change them),
@@ -91,13 +91,13 @@ def decode_frame(
     obj = unpack_body(body, limits)
     frame = _check_body(obj, limits)
 
-    if expected is not None:
-        check_tensors(frame, expected)
     if known_senders is not None and frame.sender not in known_senders:
         raise UnknownSenderError(f"sender {frame.sender!r} is not a known peer")
     for name, tensor in frame.tensors.items():
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise NonFiniteError(f"tensor {name!r} contains NaN or Inf")
+    if expected is not None:
+        check_tensors(frame, expected)
     return frame
 
 
