@@ -4,8 +4,9 @@ Every round a peer allocates and frees wire buffers of ~22 MB (encoded frames, r
 decoded tensors). With glibc's defaults each free either returns the mapping to the kernel (the
 dynamic mmap threshold, 128 KiB to 32 MiB) or trims the heap top (``M_TRIM_THRESHOLD``, 128 KiB),
 and the next round page-faults the same memory back in, which makes every large copy several
-times slower than memory bandwidth allows. Keeping big blocks on the heap and never trimming trades resident memory (the process
-keeps its high-water mark) for copies that run at memory bandwidth.
+times slower than memory bandwidth allows. Keeping big blocks on the heap and never trimming
+trades resident memory (the process keeps its high-water mark) for copies that run at memory
+bandwidth.
 
 The environment variables ``MALLOC_MMAP_THRESHOLD_=268435456`` and
 ``MALLOC_TRIM_THRESHOLD_=1073741824`` do the same from the first allocation and are what the
