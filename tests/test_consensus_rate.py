@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers import free_ports
 
 from p2pdl import Peer
 from p2pdl.config import config_from_mapping
@@ -33,19 +33,6 @@ WORKLOAD = Path(__file__).resolve().parent.parent / "peers" / "mnist1d_cnn.py"
 ROUNDS = 30
 FIT_FROM = 5  # by round 5 the next-fastest modes are below 1e-4 of the slowest on both graphs
 RATE_TOLERANCE = 0.01  # relative
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def zero_closure() -> torch.Tensor:
