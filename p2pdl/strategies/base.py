@@ -13,6 +13,13 @@ implementing ``_parameter_round``, and the base follows every completed round wi
 step, so the cadence of the outer optimizer lives with the strategy that makes the rounds and
 the node never learns of it. The strategies themselves live one per module beside this one
 and import only this module.
+
+Parameters may be stored in float32, bfloat16, float16 or float64 (:data:`PARAMETER_DTYPES`),
+one model mixing them if it likes; every strategy and compressor takes all of them. Frames carry
+each parameter in its own dtype, averages over 16-bit values are accumulated in float32 and
+rounded once (:mod:`p2pdl.core.mixing`), and the float32-only state (error-feedback residuals,
+DiLoCo's anchor and outer momentum, CHOCO's public copies) stays float32. Any other dtype is
+refused when the strategy is built, with a :class:`~p2pdl.errors.ConfigError` that names it.
 """
 
 from __future__ import annotations
