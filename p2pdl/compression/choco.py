@@ -16,6 +16,11 @@ Decoding runs the same code on every peer, so the copies agree bit for bit when 
 the same kind of device; PowerSGD's matmul may differ across devices, the elementwise
 compressors do not.
 
+The public copies are float32 even for parameters stored in bfloat16 or float16 (they are sums of
+many small decoded updates, which a 16-bit copy would round after each one), and the consensus
+step is summed in float32 and rounded once into the parameter. A full copy (a resync) therefore
+travels as float32.
+
 :class:`ChocoState` is the one implementation: the ``gossip`` strategy with compression
 (:mod:`p2pdl.strategies.choco`) wraps it with the wire and the resync protocol, and the tests
 simulate swarms with it directly.
@@ -28,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from p2pdl.compression.codec import TensorCodec
+from p2pdl.core.mixing import accumulation_dtype
 
 __all__ = ["ChocoState"]
 
@@ -35,8 +41,9 @@ __all__ = ["ChocoState"]
 class ChocoState:
     """One peer's public copies: x̂ of itself and of each neighbour, one tensor per parameter name.
 
-    ``like`` names the model's tensors; every copy starts at zero, with their shapes and dtypes,
-    on ``device`` (so peers that start together start in sync). ``codec`` compresses this peer's
+    ``like`` names the model's tensors; every copy starts at zero, with their shapes, in their
+    accumulation dtype (float32 for 16-bit tensors), on ``device`` (so peers that start together
+    start in sync). ``codec`` compresses this peer's
     differences; it is the peer's own (its encoder may keep warm starts), and it decodes what any
     neighbour with the same policy sent. Each round::
 
@@ -59,7 +66,10 @@ class ChocoState:
         self._public: dict[str, dict[str, torch.Tensor]] = {name: self._zeros() for name in neighbours}
 
     def _zeros(self) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros_like(t, device=self._device) for name, t in self._like.items()}
+        return {
+            name: torch.zeros_like(t, dtype=accumulation_dtype(t.dtype), device=self._device)
+            for name, t in self._like.items()
+        }
 
     @property
     def neighbours(self) -> frozenset[str]:
@@ -73,7 +83,10 @@ class ChocoState:
     @torch.no_grad()
     def compress_difference(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """q = C(x - x̂_self), the wire parts this peer sends; applies q to x̂_self as every holder will."""
-        difference = {name: x.detach() - self.public_self[name] for name, x in parameters.items()}
+        # x - x̂ in the copies' dtype (a 16-bit x is widened, exactly, to float32 first).
+        difference = {
+            name: x.detach().to(self.public_self[name].dtype) - self.public_self[name] for name, x in parameters.items()
+        }
         parts = self._codec.encode(difference)
         for name, delta in self._codec.decode(parts, self._device).items():
             self.public_self[name].add_(delta)
@@ -92,7 +105,10 @@ class ChocoState:
 
     def set_public(self, neighbour: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Replace x̂_neighbour by a full copy (a resync after a lost update, or a new neighbour)."""
-        self._public[neighbour] = {name: t.to(self._device, copy=True) for name, t in tensors.items()}
+        self._public[neighbour] = {
+            name: t.to(self._device, dtype=accumulation_dtype(self._like[name].dtype), copy=True)
+            for name, t in tensors.items()
+        }
 
     def drop(self, neighbour: str) -> None:
         """Forget a neighbour's copy (it is no longer a neighbour)."""
@@ -109,5 +125,8 @@ class ChocoState:
         """
         for name, x in parameters:
             own = self.public_self[name]
+            accumulator = x if x.dtype == own.dtype else x.to(own.dtype)  # 16-bit x: a float32 copy
             for neighbour, weight in weights.items():
-                x.add_(self._public[neighbour][name] - own, alpha=gamma * weight)
+                accumulator.add_(self._public[neighbour][name] - own, alpha=gamma * weight)
+            if accumulator is not x:
+                x.copy_(accumulator)

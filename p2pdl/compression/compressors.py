@@ -12,12 +12,18 @@ goes through them is :mod:`p2pdl.compression.codec`; CHOCO-gossip's public copie
 Compressors, with the wire bytes per fp32 element before frame-level lz4 (the ratios against
 fp32 after lz4 are what benchmarks/compressors.py reports for an 11.17M-element gradient)::
 
-    none      fp32 pass-through                                   4            exact
+    none      pass-through: fp32, or a 16-bit parameter's dtype    4 (2)        exact
     fp16      IEEE half, clamped to +-65504 so it never sends inf  2      (2x)  rel. err <= 2**-11
     bf16      bfloat16, fp32's range                              2      (2x)  rel. err <= 2**-8
     int8      per-chunk symmetric absmax scale, round-to-nearest  1+4/chunk (4x)  |err| <= scale/2
     topk      the k = ceil(ratio * numel) largest |x|             6 ratio (~100x at 1%)  biased
     powersgd  rank-r factors P (n, r), Q (m, r) of M (n, m)       4r(n+m)/(nm) (418x)    biased
+
+Parameters stored in bfloat16 or float16 go through the same compressors: every encoder reads
+its input as float32 (exact for 16-bit values), every decoder returns float32, and error-feedback
+residuals are float32 whatever the parameter's dtype, so what a 16-bit rounding drops is resent
+like anything else a compressor drops. Only the pass-through keeps the parameter's dtype on the
+wire (the codec builds it so); the other wire formats do not depend on the parameter's dtype.
 
 Trade-offs:
 
@@ -64,12 +70,14 @@ from p2pdl.wire import ALLOWED_DTYPES, TensorSpec
 __all__ = [
     "COMPRESSOR_KINDS",
     "EXACT_TOPK_MAX_NUMEL",
+    "PASS_THROUGH_DTYPES",
     "Compressor",
     "CompressorKind",
     "ErrorFeedback",
     "Float16Compressor",
     "Int8Compressor",
     "NoneCompressor",
+    "PassThroughDtype",
     "PowerSGDCompressor",
     "TopKCompressor",
     "build_compressor",
@@ -77,6 +85,8 @@ __all__ = [
 ]
 
 CompressorKind = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
+PassThroughDtype = Literal["float32", "float16", "bfloat16"]
+PASS_THROUGH_DTYPES: Final[tuple[PassThroughDtype, ...]] = ("float32", "float16", "bfloat16")
 COMPRESSOR_KINDS: Final[tuple[CompressorKind, ...]] = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 
 # Exact torch.topk below this many elements; sampled threshold above. Around 2**18 elements exact
@@ -108,7 +118,9 @@ class Compressor(Protocol):
     one compressor per stream. Its parts may alias the input (``none``). ``decode`` is stateless,
     validates ``parts`` against ``wire_specs(shape)`` (ShapeMismatchError), refuses values that
     decode to something invalid (FrameSchemaError, NonFiniteError), and returns a new float32
-    tensor of ``shape`` on ``device`` that the caller owns.
+    tensor of ``shape`` on ``device`` that the caller owns, whatever dtype the encoded tensor had:
+    float32 is the accumulation dtype, so a caller that averages several decoded streams into a
+    16-bit parameter sums them in float32 and rounds once.
     """
 
     name: str
@@ -166,15 +178,25 @@ def _key_seed(seed: int, key: str) -> int:
 
 
 class NoneCompressor:
-    """fp32 pass-through: one part ``values`` of the input's shape. Exact."""
+    """Pass-through: one part ``values`` of the input's shape, in ``dtype`` (float32 by default).
+
+    Exact for inputs of ``dtype`` or narrower. The codec gives a 16-bit parameter a pass-through
+    in the parameter's own dtype, so its uncompressed tensors cost 2 bytes per element, not 4.
+    """
 
     name = "none"
 
+    def __init__(self, dtype: PassThroughDtype = "float32") -> None:
+        if dtype not in PASS_THROUGH_DTYPES:
+            raise ValueError(f"pass-through dtype must be one of {', '.join(PASS_THROUGH_DTYPES)}, got {dtype!r}")
+        self.dtype_name: PassThroughDtype = dtype
+        self._dtype = ALLOWED_DTYPES[dtype]
+
     def wire_specs(self, shape: tuple[int, ...]) -> dict[str, TensorSpec]:
-        return {"values": TensorSpec(dtype="float32", shape=shape)}
+        return {"values": TensorSpec(dtype=self.dtype_name, shape=shape)}
 
     def encode(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"values": tensor.detach().to(torch.float32)}
+        return {"values": tensor.detach().to(self._dtype)}
 
     def decode(
         self, key: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], device: torch.device

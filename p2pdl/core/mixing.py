@@ -3,6 +3,14 @@
 Everything here runs on whatever device the tensors live on (the GPU when the model is there),
 in place where it can, so a mixing round costs one pass over the parameters and no host
 round-trips beyond the wire buffers that the caller already moved to the device.
+
+Parameters stored in a 16-bit float type (bfloat16, float16) are mixed in float32
+(:func:`accumulation_dtype`) and rounded once into the parameter: a weighted sum of n terms
+accumulated in bfloat16 would round after every term, and bfloat16 keeps 8 significant bits, so
+the error would grow with the degree. The price is one float32 temporary per tensor during the
+round. The order of the terms is fixed, so the result is still bit-identical wherever the same
+terms are mixed (what the exact all-reduce relies on). float32 and float64 are mixed in their
+own dtype, exactly as before.
 """
 
 from __future__ import annotations
@@ -10,6 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums over tensors of ``dtype`` are accumulated in: float32 for 16-bit floats."""
+    return torch.float32 if dtype in _SIXTEEN_BIT else dtype
 
 
 @torch.no_grad()
@@ -21,15 +36,29 @@ def mix_into(
     """x_i <- w_ii x_i + sum_j w_ij x_j, in place on ``local``'s device.
 
     ``contributions`` holds (w_ij, tensors of neighbour j) with tensors in the same order and
-    shapes as ``local``; they may be on the CPU (wire buffers) and are moved once each.
+    shapes as ``local``; they may be on the CPU (wire buffers) or of another dtype and are
+    moved once each. A 16-bit ``local`` tensor is mixed in float32 and rounded once.
     """
     for position, tensor in enumerate(local):
-        tensor.mul_(self_weight)
+        accumulator = _accumulator(tensor)
+        accumulator.mul_(self_weight)
         for weight, tensors in contributions:
-            incoming = tensors[position]
-            if incoming.device != tensor.device or incoming.dtype != tensor.dtype:
-                incoming = incoming.to(device=tensor.device, dtype=tensor.dtype)
-            tensor.add_(incoming, alpha=weight)
+            accumulator.add_(_matching(tensors[position], accumulator), alpha=weight)
+        if accumulator is not tensor:
+            tensor.copy_(accumulator)
+
+
+def _accumulator(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or a float32 copy of it when it is 16-bit (the caller copies it back)."""
+    wide = accumulation_dtype(tensor.dtype)
+    return tensor if wide == tensor.dtype else tensor.to(wide)
+
+
+def _matching(incoming: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``incoming`` on ``like``'s device and dtype (wire buffers arrive on the CPU)."""
+    if incoming.device != like.device or incoming.dtype != like.dtype:
+        return incoming.to(device=like.device, dtype=like.dtype)
+    return incoming
 
 
 def chunk_bounds(total: int, parts: int) -> list[int]:
@@ -108,12 +137,18 @@ def exact_mean(chunks_in_rank_order: Sequence[torch.Tensor], out: torch.Tensor) 
     """out <- mean of equally shaped chunks, summed in the given (rank) order.
 
     A fixed order makes the result bit-identical wherever it is computed, which is what lets
-    every peer of an all-reduce end with exactly the same parameters.
+    every peer of an all-reduce end with exactly the same parameters. A 16-bit ``out`` is
+    summed and divided in float32 and rounded once; the chunks may be of any float dtype, and
+    ``out`` may alias the first chunk (an average taken in place).
     """
-    out.copy_(chunks_in_rank_order[0])
+    wide = accumulation_dtype(out.dtype)
+    accumulator = out if wide == out.dtype else torch.empty_like(out, dtype=wide)
+    accumulator.copy_(chunks_in_rank_order[0])
     for chunk in chunks_in_rank_order[1:]:
-        out.add_(chunk.to(device=out.device, dtype=out.dtype))
-    out.div_(len(chunks_in_rank_order))
+        accumulator.add_(_matching(chunk, accumulator))
+    accumulator.div_(len(chunks_in_rank_order))
+    if accumulator is not out:
+        out.copy_(accumulator)
     return out
 
 

@@ -25,9 +25,10 @@ import torch
 
 from p2pdl.compression.codec import TensorCodec
 from p2pdl.core.mixing import chunk_bounds, exact_mean, flatten_into, unflatten_chunks_into
-from p2pdl.errors import AllReduceIncompleteError, ConfigError, FrameError, FrameSchemaError, TransportError
-from p2pdl.strategies.base import RoundConfig, RoundOutcome, StrategyBase, StrategyContext, build_codec
+from p2pdl.errors import AllReduceIncompleteError, FrameError, FrameSchemaError, TransportError
+from p2pdl.strategies.base import RoundConfig, RoundOutcome, StrategyBase, StrategyContext, build_codec, wire_dtype
 from p2pdl.wire import Frame, TensorSpec
+from p2pdl.wire.frame import dtype_name
 
 REDUCE_SCATTER = "rs"
 COMPRESSED_GRADIENTS = "cgrad"
@@ -52,17 +53,13 @@ class AllReduceStrategy(StrategyBase):
         super().__init__(ctx)
         self.config = AllReduceConfig.from_table(ctx.config)
         self._total = sum(p.numel() for _, p in ctx.parameters)
-        dtypes = {p.dtype for _, p in ctx.parameters}
-        if dtypes != {torch.float32}:
-            raise ConfigError(
-                [f"strategy.kind = 'allreduce' needs float32 parameters, the model has {sorted(map(str, dtypes))}"]
-            )
+        self._wire_dtype = wire_dtype(ctx.parameters)
         self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
         self.raw_bytes = 0
         self.payload_bytes = 0
         # Host-side wire buffers, reused every step: the flat gradient (total,) and the result.
-        self._flat = torch.empty(self._total, dtype=torch.float32)
-        self._averaged = torch.empty(self._total, dtype=torch.float32)
+        self._flat = torch.empty(self._total, dtype=self._wire_dtype)
+        self._averaged = torch.empty(self._total, dtype=self._wire_dtype)
 
     def _participants(self) -> tuple[str, ...]:
         return self._ctx.topology().names
@@ -97,7 +94,7 @@ class AllReduceStrategy(StrategyBase):
         else:
             raise FrameSchemaError(f"allreduce peers exchange only 'rs'/'ag' frames, got {kind!r}")
         bounds = self._bounds(peers)
-        return {"chunk": TensorSpec(dtype="float32", shape=(bounds[owner + 1] - bounds[owner],))}
+        return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(bounds[owner + 1] - bounds[owner],))}
 
     def _gradients(self) -> list[torch.Tensor]:
         grads = []
@@ -219,10 +216,7 @@ class AllReduceStrategy(StrategyBase):
                     # Undecodable contribution: the average cannot be exact, so fail loudly.
                     raise AllReduceIncompleteError(step, [peer]) from exc
             for (name, _), grad in zip(ctx.parameters, self._gradients(), strict=True):
-                grad.copy_(decoded[0][name])
-                for other in decoded[1:]:
-                    grad.add_(other[name])
-                grad.div_(len(peers))
+                exact_mean([stream[name] for stream in decoded], grad)  # float32 sum, one rounding
 
         await ctx.run_compute(average)
         return ctx.ledger.record(step, [], started)

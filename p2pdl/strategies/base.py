@@ -13,11 +13,19 @@ implementing ``_parameter_round``, and the base follows every completed round wi
 step, so the cadence of the outer optimizer lives with the strategy that makes the rounds and
 the node never learns of it. The strategies themselves live one per module beside this one
 and import only this module.
+
+Parameters may be stored in float32, bfloat16, float16 or float64 (:data:`PARAMETER_DTYPES`),
+one model mixing them if it likes; every strategy and compressor takes all of them. Frames carry
+each parameter in its own dtype, averages over 16-bit values are accumulated in float32 and
+rounded once (:mod:`p2pdl.core.mixing`), and the float32-only state (error-feedback residuals,
+DiLoCo's anchor and outer momentum, CHOCO's public copies) stays float32. Any other dtype is
+refused when the strategy is built, with a :class:`~p2pdl.errors.ConfigError` that names it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -31,7 +39,7 @@ from p2pdl.compression.compressors import build_compressor
 from p2pdl.config import CompressionConfig, OuterKind, StrategyConfig
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph
-from p2pdl.errors import FrameSchemaError, TransportError, UnknownSenderError
+from p2pdl.errors import ConfigError, FrameSchemaError, TransportError, UnknownSenderError
 from p2pdl.wire import Frame, TensorSpec
 
 # A peer behind its neighbours (a joiner, a restarted peer) catches up to their round, but never by
@@ -216,7 +224,39 @@ def build_codec(ctx: StrategyContext, *, error_feedback: bool) -> TensorCodec | 
     compressor = build_compressor(config.kind, ratio=config.ratio, rank=config.rank, chunk=config.chunk)
     policy = CompressionPolicy(compressor=compressor, min_numel=config.min_numel)
     shapes = {name: tuple(p.shape) for name, p in ctx.parameters}
-    return TensorCodec(policy, shapes, error_feedback=error_feedback)
+    dtypes = {name: p.dtype for name, p in ctx.parameters}
+    return TensorCodec(policy, shapes, error_feedback=error_feedback, dtypes=dtypes)
+
+
+# The parameter dtypes every strategy and compressor works with: each travels on the wire in its
+# own dtype, and sums over 16-bit ones are accumulated in float32 (p2pdl.core.mixing).
+PARAMETER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_parameter_dtypes(kind: str, parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
+    """ConfigError naming every parameter whose dtype no strategy can exchange (complex, float8...)."""
+    refused = [f"{name} ({_short(p.dtype)})" for name, p in parameters if p.dtype not in PARAMETER_DTYPES]
+    if refused:
+        allowed = ", ".join(_short(d) for d in PARAMETER_DTYPES)
+        raise ConfigError(
+            [f"strategy.kind = {kind!r} exchanges parameters of dtype {allowed} only; refused: {', '.join(refused)}"]
+        )
+
+
+def wire_dtype(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> torch.dtype:
+    """The dtype of the flat wire vector: the parameters' own, or float32 when they differ.
+
+    One dtype serves the whole vector, so a model that mixes float32 and bfloat16 parameters (or
+    bfloat16 and float16) sends float32: every 16-bit value is exact in float32 and the mean is
+    rounded once into each parameter's dtype, the same result per-dtype buckets would give, at
+    float32's bytes for the 16-bit part.
+    """
+    dtypes = {p.dtype for _, p in parameters}
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
 
 
 def parameter_specs(parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> dict[str, TensorSpec]:
@@ -256,6 +296,7 @@ class StrategyBase:
     name: str
 
     def __init__(self, ctx: StrategyContext) -> None:
+        check_parameter_dtypes(ctx.config.kind, ctx.parameters)
         self._ctx = ctx
         self._specs = parameter_specs(ctx.parameters)
         self._round = 0

@@ -57,6 +57,8 @@ class ChocoGossipStrategy(StrategyBase):
         # Every peer starts with all public copies at zero, so the initial neighbours are in sync.
         self._in_sync: set[str] = set(self._neighbors())
         self._state = ChocoState(codec, dict(ctx.parameters), self._in_sync, ctx.device)
+        # A full copy is a public copy: float32 for 16-bit parameters (see ChocoState).
+        self._full_specs = {name: TensorSpec.of_tensor(t) for name, t in self._state.public_self.items()}
         self._owe_full: set[str] = set()
         self._asked: set[str] = set()  # neighbours asked for a full copy in the last frame sent
         self.refused: Counter[str] = Counter()
@@ -71,7 +73,7 @@ class ChocoGossipStrategy(StrategyBase):
         if kind == CHOCO:
             return self._wire_specs
         if kind == CHOCO_FULL:
-            return self._specs
+            return self._full_specs
         raise FrameSchemaError(f"compressed gossip exchanges {CHOCO!r}/{CHOCO_FULL!r} frames, got {kind!r}")
 
     def _compress_difference(self) -> dict[str, torch.Tensor]:

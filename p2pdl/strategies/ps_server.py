@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from p2pdl.core.mixing import exact_mean
 from p2pdl.errors import FrameError, TransportError
 from p2pdl.strategies.base import MAX_ROUND_LEAD, RoundOutcome, StrategyContext
 from p2pdl.strategies.ps import AVERAGE, GRADIENT, PARAMETERS, ParameterServerRole
@@ -141,13 +142,12 @@ class ParameterServer(ParameterServerRole):
                     dense.append(self._gradients_of(frame))
                 except FrameError:
                     self.undecodable += 1  # a worker's compressed gradient that does not decode
-            count = 1 + len(dense)
             for name, p in ctx.parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                for gradients in dense:
-                    p.grad.add_(gradients[name].to(p.grad.device))
-                p.grad.div_(count)
+                # The server's own gradient first, then the workers' in name order; a 16-bit
+                # gradient is summed in float32 and rounded once.
+                exact_mean([p.grad, *(gradients[name] for gradients in dense)], p.grad)
 
         await ctx.run_compute(average_into_grads)
         self.applied += len(used)
@@ -165,9 +165,7 @@ class ParameterServer(ParameterServerRole):
         @torch.no_grad()
         def average() -> None:
             for name, p in ctx.parameters:
-                for frame in used:
-                    p.add_(frame.tensors[name].to(device=p.device, dtype=p.dtype))
-                p.div_(1 + len(used))
+                exact_mean([p, *(frame.tensors[name] for frame in used)], p)
 
         await ctx.run_compute(average)
         self.applied += len(used)

@@ -9,16 +9,24 @@ hold x = z / w, which is what the gradient is evaluated at (see :mod:`p2pdl.core
 Trade-off: one message per round per peer (the cheapest possible gossip) and exact averaging in
 log2 n rounds when n is a power of two, but a message that is lost takes its mass with it: the
 weights no longer sum to n and the consensus point shifts slightly (reported in ``/status``).
+
+Parameters stored in bfloat16 or float16 work: the push-sum weight is a Python float in the
+frame's meta, never a tensor, the message ``w s x`` travels in the parameters' dtype (exact when
+``w s`` is a power of two, as on the uniform one-peer schedule), and the rebias-mix-debias runs
+on float32 copies that are rounded once into the parameters.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from p2pdl.core.mixing import accumulation_dtype
 from p2pdl.core.pushsum import (
     PushSumMessage,
     one_peer_exponential_sources,
@@ -122,9 +130,20 @@ class PushSumStrategy(StrategyBase):
                 self.bad_weights += 1
                 continue
             incoming.append((weight_in, [received.tensors[name] for name, _ in ctx.parameters]))
-        self.weight = await ctx.run_compute(lambda: pushsum_mix_debiased(local, self.weight, keep, incoming))
+        self.weight = await ctx.run_compute(lambda: self._mix(local, keep, incoming))
         missing = [s for s in sources if s not in arrived]
         return ctx.ledger.record(round_index, missing, started)
+
+    def _mix(self, local: Sequence[torch.Tensor], keep: float, incoming: Sequence[PushSumMessage]) -> float:
+        """The de-biased push-sum mix in place; 16-bit parameters are mixed in float32 copies and
+        rounded once, so a round costs one rounding, as a gossip round does."""
+        wide = [p.detach().to(accumulation_dtype(p.dtype)) for p in local]  # the parameter itself when not 16-bit
+        weight = pushsum_mix_debiased(wide, self.weight, keep, incoming)
+        with torch.no_grad():
+            for parameter, mixed in zip(local, wide, strict=True):
+                if mixed.dtype != parameter.dtype:
+                    parameter.copy_(mixed)
+        return weight
 
     def status(self) -> dict[str, Any]:
         target, sources = self._schedule(self._round)
