@@ -110,6 +110,28 @@ def test_a_fresh_joiner_without_optimizer_state_takes_the_donors() -> None:
     optimizer.step()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_transfers_its_optimizer_state_in_its_own_dtype(dtype: torch.dtype) -> None:
+    """torch keeps Adam's moments in the parameter's dtype; the joiner must accept them as such."""
+
+    def trained_16(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = make_model(seed).to(dtype)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(5, 4).to(dtype)).float().pow(2).sum().backward()
+            optimizer.step()
+        return model, optimizer
+
+    donor_model, donor_optimizer = trained_16(7)
+    assert {v.dtype for s in donor_optimizer.state.values() for k, v in s.items() if k == "exp_avg"} == {dtype}
+    frames = list(state_frames(snapshot_state(donor_model, donor_optimizer, DONOR_STEP), "d", chunk_bytes=64))
+    model, optimizer = trained_16(1)
+    assert feed_all(StateAssembler(model, optimizer), frames) == DONOR_STEP
+    assert same(state_of(model, optimizer), state_of(donor_model, donor_optimizer))
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
 def _replace(name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, torch.Tensor]], Any]:
     def mutate(tensors: dict[str, torch.Tensor]) -> Any:
         tensors[name] = make(tensors[name])

@@ -94,7 +94,8 @@ def expected_state_specs(model: torch.nn.Module, optimizer: torch.optim.Optimize
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(ordered):
         for key in _PARAM_SHAPED:
-            specs[f"{OPTIMIZER_PREFIX}{index}/{key}"] = TensorSpec(dtype="float32", shape=tuple(param.shape))
+            # torch keeps moments and momentum buffers in the parameter's dtype (bf16 for a bf16 model)
+            specs[f"{OPTIMIZER_PREFIX}{index}/{key}"] = TensorSpec.of_tensor(param.detach())
         for key in _SCALAR:
             specs[f"{OPTIMIZER_PREFIX}{index}/{key}"] = TensorSpec(dtype="float32", shape=())
     return specs
