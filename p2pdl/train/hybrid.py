@@ -203,6 +203,7 @@ class LocalRanks:
         self._ddp: DistributedDataParallel | None = None
         self._loss_fn: LossFn | None = None
         self._sequence = 0
+        self._stopped = False  # the followers got the stop command and exit by themselves
 
     # -- lifecycle
 
@@ -242,8 +243,8 @@ class LocalRanks:
         await asyncio.to_thread(self._reap)
 
     def _reap(self) -> None:
-        """Every follower exits: on its own after a clean stop, else by SIGTERM, else by SIGKILL."""
-        deadline = time.monotonic() + REAP_TIMEOUT
+        """Every follower exits: on its own after the stop command, else by SIGTERM, else by SIGKILL."""
+        deadline = time.monotonic() + (REAP_TIMEOUT if self._stopped else 0.0)
         for proc in self._followers.values():
             if proc.poll() is None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -337,6 +338,7 @@ class LocalRanks:
         """The stop command: final parameters to every rank, then every rank's digest back."""
         assert self._model is not None
         self._post({"op": "stop"})
+        self._stopped = True
         _broadcast_state(self._model)
         digests = _gather_digests(self._model, rank_device(self.device, 0))
         dist.destroy_process_group()
