@@ -31,6 +31,8 @@ from p2pdl.core.topology import build_graph, describe
 from p2pdl.errors import ConfigError, P2PDLError
 from p2pdl.net.auth import security_from_config
 from p2pdl.obs.watch import watch
+from p2pdl.peer.node import resolve_device
+from p2pdl.train.hybrid import LocalRanks, local_rank_problems
 from p2pdl.train.loop import PeerOptions, run_peer
 
 log = logging.getLogger("p2pdl")
@@ -80,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     peer.add_argument(
         "--tensorboard", type=Path, metavar="DIR", help="write TensorBoard event files to DIR (needs tensorboard)"
+    )
+    peer.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train this peer on K local ranks under torch.distributed (one per GPU on CUDA; default 1)",
     )
 
     status = sub.add_parser("status", help="print a peer's /status")
@@ -178,14 +187,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _run_peer(config: Config, name: str, options: PeerOptions) -> int:
+async def _run_peer(config: Config, name: str, options: PeerOptions, nproc: int = 1) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        summary = await run_peer(config, name, options, stop)
+        if nproc > 1:  # a multi-GPU peer: this process is local rank 0 (p2pdl.train.hybrid)
+            device = resolve_device(config.run.device)
+            async with LocalRanks(config, name, nproc, device, options.out_dir) as local:
+                summary = await local.supervise(run_peer(config, name, options, stop, local=local))
+        else:
+            summary = await run_peer(config, name, options, stop)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -223,6 +237,9 @@ def _cmd_peer(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     if args.snapshot_every < 0:
         raise ConfigError([f"--snapshot-every must be >= 0, got {args.snapshot_every}"])
+    device = resolve_device(config.run.device) if args.nproc_per_node > 1 else None
+    if problems := local_rank_problems(args.nproc_per_node, device, config.run.batch_size):
+        raise ConfigError(problems)
     out = args.out if args.out is not None else Path("runs") / args.name
     runner = _event_loop_runner()
     with runner:
@@ -236,7 +253,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
             snapshot_every=args.snapshot_every,
             tensorboard=args.tensorboard,
         )
-        return runner.run(_run_peer(config, args.name, options))
+        return runner.run(_run_peer(config, args.name, options, args.nproc_per_node))
 
 
 def _event_loop_runner() -> asyncio.Runner:

@@ -27,6 +27,7 @@ never need to know which library sits underneath::
     ├── TransportError              connection-level failure (connect, send, handshake)
     │   └── PeerTimeoutError        a named timeout expired while talking to a peer
     ├── TrainingDivergedError       the loss became NaN or Inf (e.g. after mixing in a poisoned model)
+    ├── LocalRankError              a local rank of a multi-GPU peer died; the peer leaves the swarm
     └── RoundError                  a communication round could not complete
         └── AllReduceIncompleteError  exact averaging impossible: contributions missing
 
@@ -177,6 +178,10 @@ class PeerTimeoutError(TransportError):
 
 class TrainingDivergedError(P2PDLError):
     """The loss is not finite: training cannot continue from this state."""
+
+
+class LocalRankError(P2PDLError):
+    """A local rank of a multi-GPU peer (``--nproc-per-node``) died; the message names it."""
 
 
 class RoundError(P2PDLError):

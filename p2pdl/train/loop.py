@@ -29,6 +29,7 @@ from p2pdl.peer.node import Peer, StepResult, resolve_device
 from p2pdl.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, save_snapshot
 from p2pdl.train.data import BatchStream
 from p2pdl.train.files import MetricsWriter, atomic_write_json
+from p2pdl.train.hybrid import LocalRanks
 from p2pdl.train.tensorboard import TensorBoardLog
 from p2pdl.train.workload import LoadedWorkload, load_workload
 
@@ -125,9 +126,17 @@ class PeerOptions:
 
 
 async def run_peer(
-    config: Config, name: str, options: PeerOptions, stop: asyncio.Event | None = None
+    config: Config,
+    name: str,
+    options: PeerOptions,
+    stop: asyncio.Event | None = None,
+    local: LocalRanks | None = None,
 ) -> dict[str, Any]:
-    """Train this peer to ``config.run.steps`` (or until ``stop`` is set); return the summary."""
+    """Train this peer to ``config.run.steps`` (or until ``stop`` is set); return the summary.
+
+    With ``local`` (``--nproc-per-node K``, :mod:`p2pdl.train.hybrid`) this process is local rank 0
+    and each step's batch is trained by all K local ranks under DDP.
+    """
     run = config.run
     out_dir = options.out_dir
     board = TensorBoardLog(options.tensorboard) if options.tensorboard is not None else None
@@ -138,6 +147,8 @@ async def run_peer(
     workload = load_workload(run.workload)
     model = build_model(workload, run.seed, device)
     optimizer = build_optimizer(run, model)
+    if local is not None:  # hybrid parallelism: join the local ranks' process group, wrap in DDP
+        await local.attach(model, workload)
     # torch.optim imports torch._dynamo on the first optimizer step, which takes seconds. Pay that
     # before joining the swarm, so the first step after the start barrier does not stall the neighbours.
     await asyncio.to_thread(importlib.import_module, "torch._dynamo")
@@ -207,8 +218,11 @@ async def run_peer(
                     torch.autograd.backward(loss)
                     return loss
 
+                step_closure = closure if local is None else local.closure(batch)  # hybrid: all local ranks
                 try:
-                    stepped = await _step_unless_stopped(peer.step(closure), stop, config.transport.shutdown_timeout)
+                    stepped = await _step_unless_stopped(
+                        peer.step(step_closure), stop, config.transport.shutdown_timeout
+                    )
                     if stepped is None:
                         log.info("%s: stopping; abandoned a round still waiting on stopped partners", name)
                         stopped_early = True
