@@ -4,6 +4,7 @@
     sudo .venv/bin/python benchmarks/gpt_peers.py                      # both parts (~30 min on 2 cores)
     .venv/bin/python benchmarks/gpt_peers.py --parts loopback          # no root needed
     sudo .venv/bin/python benchmarks/gpt_peers.py --parts netns        # link timings; loopback curves kept
+    .venv/bin/python benchmarks/gpt_peers.py --parts derive            # recompute the derived times only
 
 Workload: ``benchmarks/workloads/gpt_small_ctx64.py``, the small byte-level GPT (6 layers, 384
 wide) with a 64-byte context (10,770,432 parameters, 43 MB in fp32). Every row trains the same
@@ -29,9 +30,10 @@ application payload; for DDP, which counts nothing, the ring all-reduce's
 with a tbf limit of ``--rates`` Mbit/s on its link, both directions (``benchmarks/netns.py``).
 Training a full row there would take hours at 20 Mbit/s (an exact average moves ~65 MB per peer
 per step), so only step times are measured on the links: ``--link-steps`` steps of DDP and of
-p2pdl allreduce (seconds per step: the median step duration after the first), and
-``--diloco-link-steps`` steps of DiLoCo H = 50, which include one outer round (the median local
-step, and the duration of the step that holds the outer round). Then
+p2pdl allreduce (seconds per step: the median step duration after the first), and H + 3 steps
+of DiLoCo with H = ``--diloco-link-h`` (10), which hold one outer round: the median local step,
+and the duration of the step that holds the outer round. Neither depends on H, so a short H
+times both. Then
 
     time to target (derived) = steps to target x seconds per step           (DDP, allreduce)
     time to target (derived) = ceil(steps to target / H) x period(H)        (DiLoCo)
@@ -45,9 +47,10 @@ DiLoCo's. A row that never reaches the target has no time to it.
 Trade-offs, also in the JSON: the derived figures assume the loopback run's steps to target hold
 on the link (the arithmetic is the same; only the clock differs), and a link step is timed with
 four processes sharing two cores, so the compute part is as slow as on loopback. Link byte
-counts include TCP/IP headers. Writes ``benchmarks/results/gpt_peers.json`` and
-``gpt_peers.png`` (validation loss over tokens and over training time); a part run alone keeps
-the other part of the previous results file.
+counts include TCP/IP headers. The link measurements go to ``benchmarks/results/gpt_peers_links.json``;
+``benchmarks/results/gpt_peers.json`` holds the loopback rows and the derived times, recomputed from
+both files after each part (``--parts derive`` recomputes them alone), and ``gpt_peers.png`` plots
+validation loss over tokens and over training time.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from time_to_accuracy import write_toml
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "gpt_peers.json"
+DEFAULT_LINKS = REPO / "benchmarks" / "results" / "gpt_peers_links.json"
 WORKLOAD = REPO / "benchmarks" / "workloads" / "gpt_small_ctx64.py"
 PARAMETERS = 10_770_432
 CONTEXT = 64  # bytes per window of the workload: tokens per sample
@@ -93,7 +97,8 @@ ROWS = (
     Row(key="diloco50", label="DiLoCo (H=50)", strategy={**DILOCO, "local_steps": 50}),
     Row(key="diloco100", label="DiLoCo (H=100)", strategy={**DILOCO, "local_steps": 100}),
 )
-LINK_ROWS = ("ddp", "allreduce", "diloco50")  # the rows whose step times are measured on the links
+LINK_DILOCO = "diloco50"  # the DiLoCo row timed on the links (with a short H: see run_netns)
+LINK_ROWS = ("ddp", "allreduce", LINK_DILOCO)  # the rows whose step times are measured on the links
 DILOCO_ROWS = {"diloco50": 50, "diloco100": 100}
 TARGET_VAL_GAP = 0.02  # DiLoCo's final validation loss within 2% of DDP's
 TARGET_BYTES_RATIO = 50.0  # and at least 50x fewer bytes
@@ -102,25 +107,32 @@ TARGET_SPEEDUP = {100.0: 3.0, 20.0: 10.0}  # time to DDP's final loss on these l
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=["loopback", "netns"], default=["loopback", "netns"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["loopback", "netns", "derive"],
+        default=["loopback", "netns"],
+        help="derive: run nothing, recompute the times to target from the results and the links file",
+    )
     parser.add_argument("--only", nargs="+", choices=[r.key for r in ROWS], help="loopback: run only these rows")
     parser.add_argument("--steps", type=int, default=200, help="steps per peer on loopback (default 200)")
     parser.add_argument("--batch-size", type=int, default=2, help="windows of 64 bytes per peer and step (default 2)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 20.0], help="link rates, Mbit/s")
     parser.add_argument("--link-steps", type=int, default=3, help="DDP and allreduce steps timed on each link")
-    parser.add_argument("--diloco-link-steps", type=int, default=53, help="DiLoCo H=50 steps timed on each link")
+    parser.add_argument("--diloco-link-h", type=int, default=10, help="DiLoCo's H for the link timing (default 10)")
     parser.add_argument("--row-timeout", type=float, default=1200.0, help="seconds before a run counts as hung")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpt_peers", help="run outputs and logs")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--link-results", type=Path, default=DEFAULT_LINKS, help="the netns part's measurements")
     args = parser.parse_args(argv)
     longest = max((h for key, h in DILOCO_ROWS.items() if args.only is None or key in args.only), default=1)
     if args.steps % longest:
         parser.error(f"--steps must be a multiple of {longest}, so that DiLoCo ends on an outer round")
     if args.link_steps < 3:
         parser.error(f"--link-steps must be >= 3 (the first step includes connecting), got {args.link_steps}")
-    if args.diloco_link_steps <= DILOCO_ROWS["diloco50"] + 1:
-        parser.error(f"--diloco-link-steps must exceed {DILOCO_ROWS['diloco50'] + 1}: one outer round and a step after")
+    if args.diloco_link_h < 2:
+        parser.error(f"--diloco-link-h must be >= 2 (local steps besides the outer round), got {args.diloco_link_h}")
     return args
 
 
@@ -147,7 +159,8 @@ def link_timeouts() -> dict[str, dict[str, Any]]:
 def write_config(
     row: Row, setting: Setting, batch_size: int, addresses: Sequence[str], path: Path, timeouts: dict[str, Any]
 ) -> Path:
-    round_timeout = 600.0 if setting.rate_mbit is not None else 120.0  # an exact average: 26 s at 20 Mbit/s
+    # An exact average takes ~26 s at 20 Mbit/s; below the relaxed membership.dead_after (240 s).
+    round_timeout = 200.0 if setting.rate_mbit is not None else 120.0
     base = {
         "run": {
             "workload": str(WORKLOAD),
@@ -416,7 +429,7 @@ def derived_times(loopback: list[dict[str, Any]], timings: dict[str, dict[str, A
         steps = steps_to(row, target)
         entry: dict[str, Any] = {"steps_to_target": steps}
         if key in DILOCO_ROWS:
-            timing = timings.get("diloco50", {})
+            timing = timings.get(LINK_DILOCO, {})
             local, outer = timing.get("local_step_seconds"), timing.get("outer_round_step_seconds")
             if local is not None and outer is not None:
                 period = (DILOCO_ROWS[key] - 1) * local + outer
@@ -435,14 +448,24 @@ def derived_times(loopback: list[dict[str, Any]], timings: dict[str, dict[str, A
     return derived
 
 
-def run_netns(args: argparse.Namespace, loopback: list[dict[str, Any]], provenance: Provenance) -> dict[str, Any]:
+def run_netns(args: argparse.Namespace, provenance: Provenance) -> dict[str, Any]:
+    """Time DDP, p2pdl allreduce and DiLoCo steps on each rate-limited LAN (measurements only)."""
     rates: dict[str, Any] = {}
     started = time.monotonic()
     for rate in args.rates:
         timings: dict[str, dict[str, Any]] = {}
         for key in LINK_ROWS:
             row = next(r for r in ROWS if r.key == key)
-            steps = args.diloco_link_steps if key in DILOCO_ROWS else args.link_steps
+            steps = args.link_steps
+            if key in DILOCO_ROWS:
+                # period(H) is built from a local step and an outer-round step, neither of which depends
+                # on H, so a short H times both; H + 3 steps hold one outer round and local steps around it.
+                row = Row(
+                    key=key,
+                    label=f"DiLoCo (H={args.diloco_link_h})",
+                    strategy={**DILOCO, "local_steps": args.diloco_link_h},
+                )
+                steps = args.diloco_link_h + 3
             setting = Setting(
                 name=f"netns{rate:g}",
                 workload=WORKLOAD,
@@ -460,17 +483,24 @@ def run_netns(args: argparse.Namespace, loopback: list[dict[str, Any]], provenan
                 timings[key] = {**link_timing(key, run_one(row, setting, args, lan)), "steps": steps}
             timings[key]["measured"] = stamp
             print(f"    {json.dumps({k: v for k, v in timings[key].items() if k != 'measured'})}", flush=True)
-        derived = derived_times(loopback, timings)
+        rates[f"{rate:g}"] = {"rate_mbit": rate, "measured": timings}
+    return {"batch_size": args.batch_size, "rates": rates}
+
+
+def derive(loopback: list[dict[str, Any]], links: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Each link's measured step times combined with the loopback curves: times to DDP's final loss."""
+    rates: dict[str, Any] = {}
+    for name, entry in links["rates"].items():
+        derived = derived_times(loopback, entry["measured"])
         speedups = {key: derived.get(key, {}).get("speedup_vs_ddp") for key in DILOCO_ROWS}
-        target = TARGET_SPEEDUP.get(rate)
-        rates[f"{rate:g}"] = {
-            "rate_mbit": rate,
-            "measured": timings,
+        target = TARGET_SPEEDUP.get(entry["rate_mbit"])
+        rates[name] = {
+            **entry,
             "derived": derived,
             "target_speedup": target,
             "target_met": {k: (s is not None and target is not None and s >= target) for k, s in speedups.items()},
         }
-    return {"rates": rates, "table": netns_table(rates)}
+    return {"measured_in": repo_relative(source), "rates": rates, "table": netns_table(rates)}
 
 
 def _seconds(value: float | None) -> str:
@@ -481,7 +511,8 @@ def _seconds(value: float | None) -> str:
 
 def netns_table(rates: dict[str, Any]) -> str:
     lines = [
-        "| link | row | measured: s per step (DiLoCo: local step / outer-round step) | MB on link per peer per step "
+        "| link | row | measured: s per step (DiLoCo: local step / outer-round step) "
+        "| MB on link per peer per step (DiLoCo: per outer round) "
         "| derived: time to DDP's final loss | speed-up vs DDP | target |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
@@ -489,14 +520,15 @@ def netns_table(rates: dict[str, Any]) -> str:
         measured, derived = entry["measured"], entry["derived"]
         for key in ("ddp", "allreduce", *DILOCO_ROWS):
             row = next(r for r in ROWS if r.key == key)
-            timing = measured.get("diloco50" if key in DILOCO_ROWS else key, {})
+            timing = measured.get(LINK_DILOCO if key in DILOCO_ROWS else key, {})
             if key in DILOCO_ROWS:
                 local, outer = timing.get("local_step_seconds"), timing.get("outer_round_step_seconds")
                 step_text = f"{_seconds(local)} / {_seconds(outer)}"
             else:
                 step_text = _seconds(timing.get("seconds_per_step"))
             link = timing.get("link_bytes_sent_per_peer")
-            per_step = None if not link else link["mean"] / timing["steps"]
+            # DiLoCo's link run holds one outer round (steps = H + 3): its bytes are that round's.
+            per_step = None if not link else link["mean"] / (1 if key in DILOCO_ROWS else timing["steps"])
             result = derived.get(key, {})
             steps = result.get("steps_to_target")
             time_text = "not reached" if steps is None else f"{_seconds(result.get('seconds'))} ({steps} steps)"
@@ -553,14 +585,18 @@ def main(argv: list[str] | None = None) -> int:
         "loopback": previous.get("loopback"),
         "netns": previous.get("netns"),
         "formula": {
-            "measured": "loopback: curves, final validation loss, tokens/s, bytes; netns: seconds per step on the "
-            "link (DDP, allreduce), seconds per local step and per outer-round step (DiLoCo H=50), link bytes",
+            "measured": "loopback: curves, final validation loss, tokens/s, bytes; netns (in the links file): "
+            "seconds per step on the link (DDP, allreduce), seconds per local step and per outer-round step "
+            "(DiLoCo), link bytes",
             "derived": "time to target = steps to target (loopback curve) x seconds per step (link); DiLoCo: "
             "ceil(steps to target / H) x period(H), period(H) = (H - 1) x local step s + outer-round step s",
         },
         "note": f"All {PEERS} processes of a run share this machine's {os.cpu_count()} CPU cores, "
         "one torch thread each.",
     }
+    if "loopback" not in args.parts and "provenance" in previous:
+        # The loopback rows were measured by an earlier invocation: its provenance stays with them.
+        result["earlier_provenance"] = [*previous.get("earlier_provenance", []), previous["provenance"]]
     status = 0
     if "loopback" in args.parts:
         earlier = (previous.get("loopback") or {}).get("rows", [])
@@ -569,20 +605,23 @@ def main(argv: list[str] | None = None) -> int:
         # Kept even if the netns part fails: that part can be rerun alone (--parts netns).
         write_result(args.results, "gpt_peers", {**result, "table": result["loopback"]["table"]}, provenance)
     if "netns" in args.parts:
-        if not result["loopback"]:
-            print("gpt_peers: the netns part derives its times from the loopback curves; run --parts loopback first")
-            return 2
         try:
-            result["netns"] = run_netns(args, result["loopback"]["rows"], provenance)
+            links = run_netns(args, provenance)
         except NetnsError as exc:  # no root, no tc: the loopback part stands, this part did not run
             print(f"gpt_peers: netns part unavailable: {exc}", file=sys.stderr)
-            result["netns"] = {"unavailable": str(exc)}
             status = 1
+        else:
+            write_result(args.link_results, "gpt_peers_links", links, provenance)
+    if args.link_results.exists() and result["loopback"]:
+        result["netns"] = derive(
+            result["loopback"]["rows"], json.loads(args.link_results.read_text()), args.link_results
+        )
     tables = [f"#### Loopback\n\n{result['loopback']['table']}"] if result["loopback"] else []
-    if result["netns"] and "table" in result["netns"]:
+    if result["netns"]:
         tables.append(f"#### Emulated links (netns, tbf)\n\n{result['netns']['table']}")
     result["table"] = "\n\n".join(tables)
-    write_result(args.results, "gpt_peers", result, provenance)
+    if result["loopback"]:
+        write_result(args.results, "gpt_peers", result, provenance)
     print(f"\n{result['table']}\n\nwrote {args.results}")
     return status
 
