@@ -124,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--row-timeout", type=float, default=1200.0, help="seconds before a run counts as hung")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpt_peers", help="run outputs and logs")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument(
+        "--reanalyze", action="store_true", help="loopback: train nothing, rebuild the rows from the run outputs"
+    )
     parser.add_argument("--link-results", type=Path, default=DEFAULT_LINKS, help="the netns part's measurements")
     args = parser.parse_args(argv)
     longest = max((h for key, h in DILOCO_ROWS.items() if args.only is None or key in args.only), default=1)
@@ -200,6 +203,46 @@ def run_one(row: Row, setting: Setting, args: argparse.Namespace, lan: NetnsLan 
         sent = [a["sent"] - b["sent"] for a, b in zip(lan.counters(), before, strict=True)]
         run["link_bytes_sent_per_peer"] = {"mean": statistics.mean(sent), "max": max(sent)}
     return run
+
+
+def recorded_run(row: Row, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A loopback row's run record and stamp, read back from its run directory (``--reanalyze``).
+
+    ``run.json`` holds both; a directory without one (a run by an older version of this script)
+    is rebuilt from the summaries its processes wrote, with a stamp that says so.
+    """
+    saved = folder / "run.json"
+    if saved.exists():
+        document = json.loads(saved.read_text())
+        return document["run"], document["measured"]
+    unstamped = {"note": f"rebuilt from {repo_relative(folder)}: the run's own stamp was not kept"}
+    if row.is_ddp:
+        summary = json.loads((folder / "ddp" / "summary.json").read_text())
+        peers = [
+            {"name": f"rank{r}", "exit_code": code, "steps": rank.get("steps"), "bytes_sent": None}
+            for r, (code, rank) in enumerate(zip(summary["exit_codes"], summary["ranks"], strict=True))
+        ]
+        files = [str(folder / "ddp" / f"rank{r}" / "metrics.jsonl") for r in range(PEERS)]
+        return {
+            "peers": peers,
+            "metric_files": files,
+            "hung": False,
+            "wall_seconds": summary["wall_seconds"],
+        }, unstamped
+    peers = []
+    for name in (f"p{i}" for i in range(PEERS)):
+        path = folder / name / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        peers.append(
+            {
+                "name": name,
+                "exit_code": 0 if summary else None,
+                "steps": summary.get("steps"),
+                "bytes_sent": summary.get("bytes_sent"),
+            }
+        )
+    files = [str(folder / p["name"] / "metrics.jsonl") for p in peers]
+    return {"peers": peers, "metric_files": files, "hung": False, "wall_seconds": None}, unstamped
 
 
 def failures(run: dict[str, Any]) -> list[str]:
@@ -361,12 +404,18 @@ def run_loopback(args: argparse.Namespace, previous: list[dict[str, Any]], prove
     for row in ROWS:
         if args.only and row.key not in args.only:
             continue
-        print(f"[{time.monotonic() - started:7.1f} s] loopback: {row.label} ...", flush=True)
-        stamp = provenance.stamp()
-        done = loopback_row(row, run_one(row, setting, args, None), args.steps, tokens_per_step)
+        folder = args.out.resolve() / setting.name / row.key
+        if args.reanalyze:
+            run, stamp = recorded_run(row, folder)
+        else:
+            print(f"[{time.monotonic() - started:7.1f} s] loopback: {row.label} ...", flush=True)
+            stamp = provenance.stamp()
+            run = run_one(row, setting, args, None)
+            (folder / "run.json").write_text(json.dumps({"run": run, "measured": stamp}, indent=1))
+        done = loopback_row(row, run, args.steps, tokens_per_step)
         done["measured"] = stamp
         kept[row.key] = done
-        print(f"    final val loss {done['final_val_loss']}, {done['wall_seconds']:.0f} s wall {done['problems']}")
+        print(f"    final val loss {done['final_val_loss']}, {done['wall_seconds']} s wall {done['problems']}")
     rows = [kept[r.key] for r in ROWS if r.key in kept]
     return {
         "setting": {
