@@ -620,6 +620,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     by_tokens.legend()
     figure.suptitle(f"~10M GPT (10.77M params), {PEERS} peers on 127.0.0.1")
     figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
 
