@@ -244,7 +244,11 @@ def recorded_run(row: Row, folder: Path) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def failures(run: dict[str, Any]) -> list[str]:
-    problems = [f"{p['name']} exited {p['exit_code']}" for p in run["peers"] if p["exit_code"] != 0]
+    problems = [
+        f"{p['name']} exited {p['exit_code']}" if p["exit_code"] is not None else f"{p['name']} did not finish"
+        for p in run["peers"]
+        if p["exit_code"] != 0
+    ]
     return problems + (["hung: still running at the row timeout"] if run["hung"] else [])
 
 
