@@ -507,6 +507,21 @@ def derived_times(loopback: list[dict[str, Any]], timings: dict[str, dict[str, A
         seconds = derived.get(key, {}).get("seconds")
         if seconds and ddp_seconds:
             derived[key]["speedup_vs_ddp"] = ddp_seconds / seconds
+    ddp_step = timings.get("ddp", {}).get("seconds_per_step")
+    for key, h in DILOCO_ROWS.items():
+        # Secondary: at the loss DiLoCo ends with, how much sooner than DDP gets there (same formulas).
+        diloco, entry = rows.get(key), derived.get(key)
+        if diloco is None or entry is None or diloco["final_val_loss"] is None or ddp_step is None:
+            continue
+        own, ddp_steps = steps_to(diloco, diloco["final_val_loss"]), steps_to(ddp, diloco["final_val_loss"])
+        if own is not None and ddp_steps is not None:
+            entry["at_own_final_loss"] = {
+                "val_loss": diloco["final_val_loss"],
+                "ddp_steps": ddp_steps,
+                "ddp_seconds": ddp_steps * ddp_step,
+                "seconds": math.ceil(own / h) * entry["period_seconds"],
+                "speedup_vs_ddp": ddp_steps * ddp_step / (math.ceil(own / h) * entry["period_seconds"]),
+            }
     return derived
 
 
@@ -571,12 +586,22 @@ def _seconds(value: float | None) -> str:
     return f"{value:,.1f} s" if value < 600 else f"{value / 60:,.1f} min"
 
 
+def own_loss_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
+    return (
+        f"{_seconds(entry['ddp_seconds'])} / {_seconds(entry['seconds'])} = {entry['speedup_vs_ddp']:.2f}{TIMES} "
+        f"(loss {entry['val_loss']:.4f})"
+    )
+
+
 def netns_table(rates: dict[str, Any]) -> str:
     lines = [
         "| link | row | measured: s per step (DiLoCo: local step / outer-round step) "
-        "| MB on link per peer per step (DiLoCo: per outer round) "
-        "| derived: time to DDP's final loss | speed-up vs DDP | target |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| MB on link per peer, whole timed run "
+        "| derived: time to DDP's final loss | speed-up vs DDP | target "
+        "| derived: at DiLoCo's own final loss, DDP's time / DiLoCo's |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for name, entry in rates.items():
         measured, derived = entry["measured"], entry["derived"]
@@ -589,8 +614,7 @@ def netns_table(rates: dict[str, Any]) -> str:
             else:
                 step_text = _seconds(timing.get("seconds_per_step"))
             link = timing.get("link_bytes_sent_per_peer")
-            # DiLoCo's link run holds one outer round (steps = H + 3): its bytes are that round's.
-            per_step = None if not link else link["mean"] / (1 if key in DILOCO_ROWS else timing["steps"])
+            total = None if not link else link["mean"]
             result = derived.get(key, {})
             steps = result.get("steps_to_target")
             time_text = "not reached" if steps is None else f"{_seconds(result.get('seconds'))} ({steps} steps)"
@@ -603,10 +627,11 @@ def netns_table(rates: dict[str, Any]) -> str:
                 f"{name} Mbit/s",
                 row.label,
                 step_text + (f" (**{problems}**)" if problems else ""),
-                _mb(per_step),
+                f"{_mb(total)} ({timing.get('steps')} steps)",
                 time_text,
                 "—" if speedup is None else f"{speedup:.2f}{TIMES}",
                 verdict,
+                own_loss_cell(result.get("at_own_final_loss")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
