@@ -510,17 +510,17 @@ def derived_times(loopback: list[dict[str, Any]], timings: dict[str, dict[str, A
     ddp_step = timings.get("ddp", {}).get("seconds_per_step")
     for key, h in DILOCO_ROWS.items():
         # Secondary: at the loss DiLoCo ends with, how much sooner than DDP gets there (same formulas).
-        diloco, entry = rows.get(key), derived.get(key)
-        if diloco is None or entry is None or diloco["final_val_loss"] is None or ddp_step is None:
+        diloco, outcome = rows.get(key), derived.get(key)
+        if diloco is None or outcome is None or diloco["final_val_loss"] is None or ddp_step is None:
             continue
         own, ddp_steps = steps_to(diloco, diloco["final_val_loss"]), steps_to(ddp, diloco["final_val_loss"])
         if own is not None and ddp_steps is not None:
-            entry["at_own_final_loss"] = {
+            outcome["at_own_final_loss"] = {
                 "val_loss": diloco["final_val_loss"],
                 "ddp_steps": ddp_steps,
                 "ddp_seconds": ddp_steps * ddp_step,
-                "seconds": math.ceil(own / h) * entry["period_seconds"],
-                "speedup_vs_ddp": ddp_steps * ddp_step / (math.ceil(own / h) * entry["period_seconds"]),
+                "seconds": math.ceil(own / h) * outcome["period_seconds"],
+                "speedup_vs_ddp": ddp_steps * ddp_step / (math.ceil(own / h) * outcome["period_seconds"]),
             }
     return derived
 
