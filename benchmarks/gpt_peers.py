@@ -318,6 +318,7 @@ def loopback_row(row: Row, run: dict[str, Any], steps: int, tokens_per_step: int
         "bytes_sent_per_peer_estimate": estimate,
         "wall_seconds": run["wall_seconds"],
         "peers": run["peers"],
+        "metric_files": [repo_relative(path) for path in run["metric_files"]],
         "curve": curve,
     }
 
@@ -335,6 +336,22 @@ def steps_to(row: dict[str, Any], target: float) -> int | None:
     return next((int(p["steps"]) for p in row["curve"] if p["val_loss"] <= target and p["steps"] % period == 0), None)
 
 
+def identical_prefix(first: dict[str, Any], second: dict[str, Any]) -> int | None:
+    """Steps from the start at which the first process of each row logged bit-identical training losses."""
+    if not first.get("metric_files") or not second.get("metric_files"):
+        return None
+    losses = [
+        [r["loss"] for r in read_jsonl(REPO / row["metric_files"][0]) if "loss" in r and not r.get("final")]
+        for row in (first, second)
+    ]
+    same = 0
+    for a, b in zip(*losses, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same
+
+
 def judge_loopback(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The issue's loopback targets, each with the figures it was decided on."""
     ddp = rows.get("ddp")
@@ -349,6 +366,10 @@ def judge_loopback(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         verdicts["allreduce_follows_ddp"] = {
             "max_abs_val_loss_gap": max(gaps) if gaps else None,
             "points_compared": len(gaps),
+            "final_val_loss_gap": None
+            if allreduce["final_val_loss"] is None
+            else allreduce["final_val_loss"] / reference - 1,
+            "identical_training_loss_steps": identical_prefix(ddp, allreduce),
         }
     for key in DILOCO_ROWS:
         row = rows.get(key)
