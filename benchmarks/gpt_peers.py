@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The ~10M GPT on 4 peers: DDP/gloo, p2pdl allreduce, gossip and DiLoCo, on loopback and on slow links.
 
-    sudo .venv/bin/python benchmarks/gpt_peers.py                      # both parts (~30 min on 2 cores)
+    sudo .venv/bin/python benchmarks/gpt_peers.py                      # both parts (tens of minutes on 2 cores)
     .venv/bin/python benchmarks/gpt_peers.py --parts loopback          # no root needed
     sudo .venv/bin/python benchmarks/gpt_peers.py --parts netns        # link timings; loopback curves kept
     .venv/bin/python benchmarks/gpt_peers.py --parts derive            # recompute the derived times only
