@@ -8,9 +8,19 @@ exported for ``scripts/gpt_sample.py``.
 
 from __future__ import annotations
 
-from p2pdl.train.gpt import TINY, GPTWorkload, generate, write_sample
+from p2pdl.train.gpt import HEADLINE, TINY, GPTWorkload, generate, write_sample
 
-__all__ = ["DESCRIPTION", "build_model", "evaluate", "generate", "load_shard", "loss_fn", "write_sample"]
+__all__ = [
+    "DESCRIPTION",
+    "HEADLINE",
+    "build_model",
+    "evaluate",
+    "generate",
+    "load_shard",
+    "loss_fn",
+    "sample",
+    "write_sample",
+]
 
 DESCRIPTION = "byte-level GPT, tiny (834,304 params), Python stdlib source, next-byte cross-entropy"
 
@@ -19,3 +29,4 @@ build_model = _workload.build_model
 load_shard = _workload.load_shard
 loss_fn = _workload.loss_fn
 evaluate = _workload.evaluate
+sample = _workload.sample  # written to OUT/sample.txt at the end of a run
