@@ -17,7 +17,7 @@ a fixed, evenly spaced set of validation windows: loss, perplexity, bits per byt
 accuracy as ``test_accuracy``.
 
 Sampling: :func:`generate` and :func:`write_sample`; :meth:`GPTWorkload.sample` is the workload's
-end-of-run hook (a greedy continuation of :data:`SAMPLE_PROMPT`, which the loop writes to
+end-of-run hook (a seeded continuation of :data:`SAMPLE_PROMPT`, which the loop writes to
 ``OUT/sample.txt``), and ``scripts/gpt_sample.py`` samples from a peer's ``model.pt`` afterwards.
 The headline metric is the validation loss, ``val_loss`` (lower is better).
 """
@@ -331,10 +331,12 @@ class GPTWorkload:
         }
 
     def sample(self, model: nn.Module, device: torch.device) -> str:
-        """The end-of-run sample: :data:`SAMPLE_PROMPT` and a greedy continuation, as text.
+        """The end-of-run sample: :data:`SAMPLE_PROMPT` and a continuation sampled at temperature
+        0.8 with seed 0, as text.
 
-        Greedy, so every peer holding the same parameters writes the same text. The model's
-        parameters may be in a low-precision dtype; generation runs in it unchanged.
+        Seeded, so peers holding the same parameters on the same kind of device write the same
+        text; sampled rather than greedy, because a greedy byte model early in training repeats
+        one byte. Generation runs in the parameters' dtype.
         """
-        continuation = generate(model, SAMPLE_PROMPT, _SAMPLE_BYTES, 0.0, device, seed=0)
+        continuation = generate(model, SAMPLE_PROMPT, _SAMPLE_BYTES, 0.8, device, seed=0)
         return (SAMPLE_PROMPT + continuation).decode("utf-8", errors="replace")
