@@ -3,7 +3,8 @@
 Trains on the Python standard library's source (or ``$P2PDL_GPT_TEXT``); small enough for
 tests and for a four-peer demo on a laptop CPU. The model, corpus and metrics live in
 :mod:`p2pdl.train.gpt` and :mod:`p2pdl.train.corpus`. ``generate`` and ``write_sample`` are
-exported for ``scripts/gpt_sample.py``.
+exported for ``scripts/gpt_sample.py``; ``sample`` writes each peer's ``OUT/sample.txt`` at the
+end of a run, and ``HEADLINE`` makes the validation loss the metric a swarm view shows.
 """
 
 from __future__ import annotations
