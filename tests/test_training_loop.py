@@ -463,6 +463,8 @@ def cluster(config_path: Path, out: Path, steps: int, *extra: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three short swarms, started one after the other
+@pytest.mark.usefixtures("mnist1d_built")
 def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path) -> None:
     names = ["p0", "p1"]
     path = write_config(
@@ -489,3 +491,21 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path: Path) -> None:
         assert whole.keys() == resumed.keys()
         assert all(torch.equal(whole[key], resumed[key]) for key in whole), name
         assert read_json(tmp_path / "split" / name / "summary.json")["steps"] == 12
+
+
+def test_a_joiner_places_its_schedule_at_the_swarms_step() -> None:
+    loaded = config(
+        {"steps": 40},
+        optimizer={"kind": "adamw", "lr": 0.01},
+        schedule={"kind": "cosine", "warmup_steps": 5, "final_lr_fraction": 0.1},
+    )
+    veteran = build_training(loaded, synthetic_workload(), mlp(), CPU)
+    rates = learning_rates(veteran.optimizer, veteran.scheduler, 17)
+    joiner = build_training(loaded, synthetic_workload(), mlp(), CPU)
+    joiner.optimizer.load_state_dict(veteran.optimizer.state_dict())  # what a state download carries
+    joiner.place_schedule(17)
+    assert joiner.optimizer.param_groups[0]["lr"] == pytest.approx(veteran.optimizer.param_groups[0]["lr"])
+    assert learning_rates(joiner.optimizer, joiner.scheduler, 10) == pytest.approx(
+        learning_rates(veteran.optimizer, veteran.scheduler, 10)
+    )
+    assert rates[5] == pytest.approx(0.01)

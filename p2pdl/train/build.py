@@ -13,6 +13,8 @@ A workload's ``build_optimizer`` and ``build_schedule`` hooks replace the config
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +39,35 @@ def build_model(
 
 @dataclass(frozen=True, slots=True)
 class Training:
-    """What the loop trains with; ``step`` is the peer's :class:`~p2pdl.peer.node.StepHooks`."""
+    """What the loop trains with; ``step`` is the peer's :class:`~p2pdl.peer.node.StepHooks` and
+    owns the schedule."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler
     precision: MixedPrecision
     step: TrainStep
+    build_schedule: Callable[[], LRScheduler]
+
+    @property
+    def scheduler(self) -> LRScheduler:
+        assert self.step.scheduler is not None
+        return self.step.scheduler
+
+    def place_schedule(self, step: int) -> None:
+        """Put the schedule at ``step`` (after downloading a live peer's state on join).
+
+        The downloaded optimizer carries the donor's current learning rate, which torch's
+        recursive schedulers would compound from; so every group goes back to its peak, the
+        schedule is built afresh, and it is stepped ``step`` times without optimizer steps.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.pop("initial_lr", group["lr"])
+        schedule = self.build_schedule()
+        with warnings.catch_warnings():
+            # "lr_scheduler.step() before optimizer.step()": intended here, the steps were the donor's.
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                schedule.step()
+        self.step.scheduler = schedule
 
 
 def build_training(config: Config, workload: LoadedWorkload, model: torch.nn.Module, device: torch.device) -> Training:
@@ -51,10 +76,13 @@ def build_training(config: Config, workload: LoadedWorkload, model: torch.nn.Mod
         optimizer = workload.build_optimizer(model, config)
     else:
         optimizer = build_optimizer(config.optimizer_settings, model)
-    if workload.build_schedule is not None:
-        scheduler = workload.build_schedule(optimizer, config)
-    else:
-        scheduler = build_schedule(config.schedule, optimizer, config.run.steps)
+
+    def schedule() -> LRScheduler:
+        if workload.build_schedule is not None:
+            return workload.build_schedule(optimizer, config)
+        return build_schedule(config.schedule, optimizer, config.run.steps)
+
+    scheduler = schedule()
     precision = MixedPrecision(config.run.precision, device)
     step = TrainStep(model, optimizer, scheduler, precision, loss_fn=workload.loss_fn, grad_clip=config.run.grad_clip)
-    return Training(optimizer=optimizer, scheduler=scheduler, precision=precision, step=step)
+    return Training(optimizer=optimizer, precision=precision, step=step, build_schedule=schedule)
