@@ -76,7 +76,7 @@ class TrainStep:
         for inputs, targets in micro_batches:
             with self.precision.autocast():
                 loss = self.loss_fn(self.model(inputs), targets)
-            torch.autograd.backward(self.precision.scale(loss / count))
+            torch.autograd.backward(self.precision.scale(loss / count if count > 1 else loss))
             total = total + loss.detach().float().cpu()
         self._mark_overflow()
         return total / count
