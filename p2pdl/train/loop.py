@@ -1,11 +1,15 @@
 """The CLI's training loop, built on the public :class:`~p2pdl.peer.node.Peer` API and a workload.
 
-It loads the workload named by the config, builds the model (seeded identically on every peer),
-takes this peer's shard and runs ``run.steps`` steps, evaluating every ``run.eval_every`` steps.
-It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per step), ``summary.json``, and the
-checkpoint, final model and snapshots of :mod:`p2pdl.train.checkpoints`, all through
-:mod:`p2pdl.train.files`. A stop request (SIGTERM, Ctrl+C) lets the current step finish
-(each step is bounded by the round timeout), then saves and leaves cleanly.
+It loads the workload named by the config, builds the model (seeded identically on every peer,
+in ``run.param_dtype``) and its training setup (:mod:`p2pdl.train.build`: optimizer, schedule,
+precision and the update step the peer runs in place of ``optimizer.step()``), takes this peer's
+shard and runs ``run.steps`` steps of ``run.accumulate`` micro-batches each, evaluating every
+``run.eval_every`` steps. It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per
+step), ``summary.json`` (with the workload's headline metric), ``sample.txt`` when the workload
+defines ``sample``, and the checkpoint, final model and snapshots of
+:mod:`p2pdl.train.checkpoints`, all through :mod:`p2pdl.train.files`. A stop request (SIGTERM,
+Ctrl+C) lets the current step finish (each step is bounded by the round timeout), then saves and
+leaves cleanly.
 """
 
 from __future__ import annotations
