@@ -7,9 +7,9 @@
 
 It starts one process per ``[[peers]]`` entry (rank r = peer index r) on 127.0.0.1, joined by a
 gloo process group (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), and trains exactly p2pdl's
-recipe: the same workload file, :func:`p2pdl.train.loop.build_model` (same seed, so the same initial
-weights), :func:`p2pdl.train.loop.build_optimizer`, ``workload.load_shard(rank, N)``, a
-:class:`~p2pdl.train.data.BatchStream` seeded with :func:`p2pdl.train.loop.data_seed`, ``workload.loss_fn``
+recipe: the same workload file, :func:`p2pdl.train.build.build_model` (same seed, so the same initial
+weights), :func:`p2pdl.train.optim.build_optimizer`, ``workload.load_shard(rank, N)``, a
+:class:`~p2pdl.train.data.BatchStream` seeded with :func:`p2pdl.train.shards.data_seed`, ``workload.loss_fn``
 and ``zero_grad(set_to_none=True)`` before each forward. The only difference from a p2pdl
 ``allreduce`` run is who averages the gradients (DDP's bucketed gloo all-reduce instead of p2pdl's
 reduce-scatter + all-gather), so the two must agree to floating-point rounding; that is what
@@ -61,9 +61,11 @@ from torch.nn.parallel import DistributedDataParallel
 from p2pdl.config import Config, RunConfig, load_config, with_overrides
 from p2pdl.errors import ConfigError
 from p2pdl.peer.node import resolve_device
+from p2pdl.train.build import build_model
 from p2pdl.train.data import BatchStream
 from p2pdl.train.files import MetricsWriter, atomic_write_bytes
-from p2pdl.train.loop import build_model, build_optimizer, data_seed
+from p2pdl.train.optim import build_optimizer
+from p2pdl.train.shards import data_seed
 from p2pdl.train.workload import load_workload
 
 DEFAULT_THRESHOLDS = (0.90, 0.93)
@@ -181,7 +183,7 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
         ddp = DistributedDataParallel(model, device_ids=None)
         register_comm_hook(ddp, args)
         # Same parameter order as p2pdl's optimizer over the bare model.
-        optimizer = build_optimizer(run, ddp)
+        optimizer = build_optimizer(config.optimizer_settings, ddp)
         ddp.train()
         for step in range(run.steps):
             batch_inputs, batch_targets = next(stream)

@@ -238,7 +238,15 @@ def _cmd_peer(args: argparse.Namespace) -> int:
     if args.snapshot_every < 0:
         raise ConfigError([f"--snapshot-every must be >= 0, got {args.snapshot_every}"])
     device = resolve_device(config.run.device) if args.nproc_per_node > 1 else None
-    if problems := local_rank_problems(args.nproc_per_node, device, config.run.batch_size):
+    run = config.run
+    if problems := local_rank_problems(
+        args.nproc_per_node,
+        device,
+        run.batch_size,
+        accumulate=run.accumulate,
+        precision=run.precision,
+        param_dtype=run.param_dtype,
+    ):
         raise ConfigError(problems)
     out = args.out if args.out is not None else Path("runs") / args.name
     runner = _event_loop_runner()

@@ -4,20 +4,24 @@
     python scripts/local_cluster.py configs/ring4.toml [--steps N] [--out DIR]
         [--kill NAME@STEP] [--freeze NAME@STEP:SECONDS] [--restart NAME@STEP] [--join NAME@STEP]
 
-Shows a live progress bar (mean step, mean loss, mean test accuracy) polled from every peer's
+Shows a live progress bar (mean step, mean loss, the mean of the workload's headline metric:
+test accuracy for a classifier, validation loss for a language model) polled from every peer's
 ``/status``, and splits the CPU cores between peers (``OMP_NUM_THREADS``). A fault schedule
 kills, freezes, restarts and adds peers when the swarm reaches given steps (see the options).
-At the end it writes ``DIR/summary.json`` (per peer: name, steps, final loss, test accuracy,
+At the end it writes ``DIR/summary.json`` (per peer: name, steps, final loss, headline metric and
+test accuracy,
 bytes sent and received, exit code, whether it was stopped before its last step or killed by the
 schedule; every scheduled event and when it fired; the final consensus distance
 max_i ||x_i - x̄|| / ||x̄|| over the peers still running, the wall time and whether ``--timeout``
-cut the run short) and ``DIR/training.png`` (loss, test accuracy and consensus distance over
+cut the run short) and ``DIR/training.png`` (loss, headline metric and consensus distance over
 steps, with the events marked). It exits 2 on a bad config or schedule before starting anything,
 and 1 if any peer failed, a scheduled event could not happen, or the timeout stopped the peers:
 a peer stopped that way still evaluates and exits 0, so its exit code alone would hide a stalled
 run. A peer killed by the schedule is expected to die by SIGKILL and does not count as failed;
 a restarted peer counts by the exit code of its last process. Ctrl+C stops every peer cleanly
-(SIGTERM), then reaps them.
+(SIGTERM), then reaps them. When the workload writes a text sample (``DIR/NAME/sample.txt``, a
+language model's continuation of a fixed prompt), the first peer's is printed at the end.
+``--resume`` starts every peer with ``--resume`` from its own ``DIR/NAME/checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "10
 POLL_SECONDS = 0.5
 # Outputs of an earlier run in DIR/NAME that would mix with this one's (a restart resumes from
 # checkpoint.pt, so an old one must not be there).
-STALE_OUTPUTS = ("metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt")
+CHECKPOINT_FILE = "checkpoint.pt"
+STALE_OUTPUTS = ("metrics.jsonl", "summary.json", "model.pt", "sample.txt", CHECKPOINT_FILE)
 
 SCHEDULE_HELP = """\
 how the fault schedule works:
@@ -111,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="steps between parameter snapshots (default run.eval_every)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    parser.add_argument(
+        "--resume", action="store_true", help="start every peer with --resume from DIR/NAME/checkpoint.pt"
+    )
     faults = parser.add_argument_group("fault schedule (each option repeatable; details below)")
     for kind in KINDS:
         faults.add_argument(
@@ -178,7 +186,14 @@ def consensus_over_steps(out: Path, names: list[str]) -> list[tuple[int, float]]
 EVENT_COLORS = {"kill": "tab:red", "freeze": "tab:blue", "restart": "tab:orange", "join": "tab:green"}
 
 
-def plot(out: Path, names: list[str], consensus: list[tuple[int, float]], events: list[Event], steps: int) -> Path:
+def plot(
+    out: Path,
+    names: list[str],
+    consensus: list[tuple[int, float]],
+    events: list[Event],
+    steps: int,
+    headline: str = "test_accuracy",
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,11 +210,11 @@ def plot(out: Path, names: list[str], consensus: list[tuple[int, float]], events
                 for i in range(len(losses))
             ]
             axes[0].plot([s for s, _ in losses], smoothed, label=name, linewidth=1)
-        accuracy = [(r["step"] + 1, r["test_accuracy"]) for r in rows if "test_accuracy" in r]
-        if accuracy:
-            axes[1].plot(*zip(*accuracy, strict=True), marker=".", label=name)
+        scores = [(r["step"] + 1, r[headline]) for r in rows if r.get(headline) is not None]
+        if scores:
+            axes[1].plot(*zip(*scores, strict=True), marker=".", label=name)
     axes[0].set(title="training loss (smoothed)", xlabel="step", ylabel="loss")
-    axes[1].set(title="test accuracy", xlabel="step", ylabel="accuracy")
+    axes[1].set(title=headline.replace("_", " "), xlabel="step", ylabel=headline)
     if consensus:
         axes[2].semilogy([s for s, _ in consensus], [max(c, 1e-12) for _, c in consensus], marker=".")
     axes[2].set(title="consensus distance max_i ||x_i - x̄|| / ||x̄||", xlabel="step")
@@ -274,7 +289,8 @@ class Cluster:
         peer_out = self._out / name
         peer_out.mkdir(parents=True, exist_ok=True)
         for stale in STALE_OUTPUTS:
-            (peer_out / stale).unlink(missing_ok=True)
+            if not (self._args.resume and stale == CHECKPOINT_FILE):
+                (peer_out / stale).unlink(missing_ok=True)
         for snapshot in (peer_out / "snapshots").glob("step_*.pt"):
             snapshot.unlink()
         command = [
@@ -284,6 +300,8 @@ class Cluster:
             "--snapshot-every", str(self._snapshot_every),
             *extra,
         ]  # fmt: skip
+        if self._args.resume and "--resume" not in extra:
+            command.append("--resume")
         if self._args.device:
             command += ["--device", self._args.device]
         self._commands[name] = command
@@ -379,6 +397,26 @@ class Cluster:
             log.close()
 
 
+def mean_headline(statuses: list[dict[str, Any]]) -> tuple[str, float | None]:
+    """The headline metric the peers' ``/status`` name (test accuracy by default) and its mean."""
+    named = [s["headline"] for s in statuses if isinstance(s.get("headline"), dict)]
+    metric = str(named[0]["metric"]) if named else "test_accuracy"
+    values = [float(h["value"]) for h in named if h.get("metric") == metric and h.get("value") is not None]
+    if not named:
+        values = [float(s[metric]) for s in statuses if s.get(metric) is not None]
+    return metric, sum(values) / len(values) if values else None
+
+
+def summary_headline(peers: list[dict[str, Any]]) -> tuple[str, str, float | None]:
+    """The headline metric of the peers' summaries, whether lower or higher is better, its mean."""
+    named = [p["headline"] for p in peers if isinstance(p.get("headline"), dict)]
+    if not named:
+        return "test_accuracy", "max", None
+    metric, goal = str(named[0]["metric"]), str(named[0]["goal"])
+    values = [float(h["value"]) for h in named if h.get("metric") == metric and h.get("value") is not None]
+    return metric, goal, sum(values) / len(values) if values else None
+
+
 def free_port(host: str) -> int:
     """A port free on ``host`` a moment ago (the OS picks it)."""
     with socket.socket() as probe:
@@ -433,12 +471,14 @@ def main(argv: list[str] | None = None) -> int:
             if statuses:
                 mean_step = sum(s["step"] for s in statuses) / len(statuses)
                 losses = [s["loss"] for s in statuses if s.get("loss") is not None]
-                accuracies = [s["test_accuracy"] for s in statuses if s.get("test_accuracy") is not None]
+                metric, mean = mean_headline(statuses)
                 bar.n = int(mean_step)
                 bar.set_postfix(
-                    loss=f"{sum(losses) / len(losses):.3f}" if losses else "-",
-                    acc=f"{sum(accuracies) / len(accuracies):.3f}" if accuracies else "-",
-                    up=f"{len(statuses)}/{len(cluster.running())}",
+                    {
+                        "loss": f"{sum(losses) / len(losses):.3f}" if losses else "-",
+                        metric: f"{mean:.3f}" if mean is not None else "-",
+                        "up": f"{len(statuses)}/{len(cluster.running())}",
+                    }
                 )
                 bar.refresh()
             time.sleep(cluster.pause())
@@ -464,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": summary.get("steps"),
                 "stopped_early": summary.get("stopped_early"),
                 "final_loss": summary.get("final_loss"),
+                "headline": summary.get("headline"),
                 "test_accuracy": summary.get("test_accuracy"),
                 "bytes_sent": summary.get("bytes_sent"),
                 "bytes_received": summary.get("bytes_received"),
@@ -478,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     consensus = consensus_over_steps(out, names)
     accuracies = [p["test_accuracy"] for p in peers if p["test_accuracy"] is not None]
+    metric, goal, headline_mean = summary_headline(peers)
     result = {
         "config": str(args.config),
         "strategy": config.strategy.kind,
@@ -486,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers": peers,
         "events": [event.record() for event in events],
         "mean_test_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+        "headline": {"metric": metric, "goal": goal, "mean": headline_mean},
         "final_consensus_distance": final_consensus,
         "consensus_over_steps": [{"step": s, "distance": d} for s, d in consensus],
         "wall_seconds": round(wall, 3),
@@ -493,15 +536,18 @@ def main(argv: list[str] | None = None) -> int:
         "threads_per_peer": threads,
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    png = plot(out, names, consensus, events, steps)
+    png = plot(out, names, consensus, events, steps, metric)
     failed = [str(p["name"]) for p in peers if not p["killed_by_schedule"] and p["exit_code"] != 0]
     missed = [e for e in events if e.missed is not None]
-    mean_accuracy = result["mean_test_accuracy"] if accuracies else float("nan")
+    headline_text = f"{headline_mean:.4f}" if headline_mean is not None else "n/a"
     consensus_text = f"{final_consensus:.3g}" if final_consensus is not None else "n/a"
     print(
-        f"{len(names)} peers, {steps} steps in {wall:.1f}s: mean test accuracy {mean_accuracy:.4f}, "
+        f"{len(names)} peers, {steps} steps in {wall:.1f}s: mean {metric.replace('_', ' ')} {headline_text}, "
         f"consensus distance {consensus_text}; wrote {out / 'summary.json'} and {png}"
     )
+    samples = [out / n / "sample.txt" for n in survivors if (out / n / "sample.txt").exists()]
+    if samples:
+        print(f"--- sample from {samples[0].parent.name} ({samples[0]}):\n{samples[0].read_text()}\n---")
     if failed:
         print(
             f"local_cluster: peers failed: {', '.join(failed)} (see {out}/NAME/peer.log)",

@@ -107,6 +107,13 @@ def test_local_rank_problems() -> None:
     assert "must be >= 1, got 0" in local_rank_problems(0, None, 32)[0]
     (problem,) = local_rank_problems(3, torch.device("cpu"), 32)
     assert "run.batch_size (32) must divide by --nproc-per-node (3)" in problem
+    assert local_rank_problems(1, None, 32, accumulate=4, precision="bf16", param_dtype="bfloat16") == []
+    problems = local_rank_problems(2, None, 32, accumulate=4, precision="bf16", param_dtype="bfloat16")
+    assert [p.split(" needs ")[1].split(" = ")[0] for p in problems] == [
+        "run.accumulate",
+        "run.precision",
+        "run.param_dtype",
+    ]
 
 
 def _cli(tmp_path: Path, *extra: str) -> list[str]:

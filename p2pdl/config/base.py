@@ -9,7 +9,10 @@ from typing import Literal
 
 from p2pdl.errors import ConfigError
 
-OptimizerKind = Literal["sgd", "adam"]
+OptimizerKind = Literal["sgd", "adam", "adamw"]
+ScheduleKind = Literal["constant", "cosine", "linear"]
+Precision = Literal["fp32", "bf16", "fp16"]  # autocast dtype of forward and backward ("fp32": none)
+ParamDtype = Literal["float32", "bfloat16", "float16"]  # the dtype parameters are stored in
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 StrategyKind = Literal["gossip", "allreduce", "async-gossip", "ps", "push-sum"]
 OuterKind = Literal["none", "diloco"]

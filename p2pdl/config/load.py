@@ -18,14 +18,17 @@ from p2pdl.config.sections import (
     CompressionConfig,
     MembershipConfig,
     ObserveConfig,
+    OptimizerConfig,
     PeerEntry,
     RunConfig,
+    ScheduleConfig,
     SecurityConfig,
     StrategyConfig,
     TopologyConfig,
     TransportConfig,
     observe_problems,
 )
+from p2pdl.config.training import LEGACY_OPTIMIZER_KEYS
 from p2pdl.core.topology import topology_problems
 from p2pdl.errors import ConfigError
 
@@ -35,6 +38,8 @@ class Config(_Validated):
     """A whole run: what every peer of the swarm agrees on."""
 
     run: RunConfig
+    optimizer: OptimizerConfig | None = None  # None: the legacy run.optimizer/lr/momentum/weight_decay keys
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -55,6 +60,11 @@ class Config(_Validated):
             if entry.name == name:
                 return entry
         return None
+
+    @property
+    def optimizer_settings(self) -> OptimizerConfig:
+        """The optimizer to build: ``[optimizer]``, or what the legacy ``run.*`` keys describe."""
+        return self.optimizer if self.optimizer is not None else OptimizerConfig.from_run(self.run)
 
     @property
     def shard_count(self) -> int:
@@ -121,6 +131,35 @@ class Config(_Validated):
         if self.membership.gossip_timeout > self.transport.startup_timeout:
             found.append("membership.gossip_timeout must be <= transport.startup_timeout")
         found.extend(observe_problems(self.observe, self.security))
+        found.extend(self._training_problems())
+        return found
+
+    def _training_problems(self) -> list[str]:
+        """Where [run], [schedule] and [strategy] must agree."""
+        found: list[str] = []
+        run, schedule, kind = self.run, self.schedule, self.strategy.kind
+        span = schedule.span(run.steps)
+        if schedule.warmup_steps > span:
+            found.append(
+                f"schedule.warmup_steps ({schedule.warmup_steps}) must be <= the steps the schedule spans "
+                f"({span}: schedule.total_steps, or run.steps when it is 0)"
+            )
+        if schedule.total_steps and schedule.total_steps < run.steps and schedule.kind == "cosine":
+            found.append(
+                f"schedule.total_steps ({schedule.total_steps}) must be >= run.steps ({run.steps}) with kind = "
+                "'cosine': past its end a cosine climbs back up"
+            )
+        gradients_pushed = kind == "ps" and self.strategy.local_steps == 1
+        if gradients_pushed and (run.grad_clip > 0 or run.precision == "fp16"):
+            found.append(
+                "run.grad_clip and run.precision = 'fp16' do not apply to kind = 'ps' with local_steps = 1: "
+                "the server applies the workers' raw gradients with its own optimizer step"
+            )
+        if run.precision == "fp16" and self.compression.kind != "none":
+            found.append(
+                "run.precision = 'fp16' cannot be combined with [compression]: error feedback would carry "
+                "gradients scaled by a loss scale that changes between steps"
+            )
         return found
 
 
@@ -129,6 +168,8 @@ class Config(_Validated):
 
 _SECTIONS: dict[str, type[_Validated]] = {
     "run": RunConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
     "strategy": StrategyConfig,
     "topology": TopologyConfig,
     "transport": TransportConfig,
@@ -174,6 +215,15 @@ def _coerce(value: Any, annotation: Any, key: str, problems: list[str]) -> Any:
     elif annotation is Path:
         if isinstance(value, str) and value:
             return Path(value)
+    elif origin is tuple and get_args(annotation) == (float, float):
+        if (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            return (float(value[0]), float(value[1]))
+        problems.append(f"{key}: expected a list of two numbers, got {value!r}")
+        return None
     elif origin is tuple and get_args(annotation) == (str, ...):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
@@ -235,7 +285,16 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path | None = None
             if key == "run" and key not in data:
                 problems.append("run: section is missing (it must name at least run.workload)")
                 continue
+            if key == "optimizer" and key not in data:
+                continue  # the legacy run.* optimizer keys apply (Config.optimizer_settings)
             sections[key] = _build_section(cls, table, key, problems, base_dir)
+        if "optimizer" in data and isinstance(data.get("run"), dict):
+            problems.extend(
+                f"run.{name}: set it in [optimizer] instead (with an [optimizer] section the run.optimizer, "
+                "run.lr, run.momentum and run.weight_decay keys are not used)"
+                for name in LEGACY_OPTIMIZER_KEYS
+                if name in data["run"]
+            )
         peers: list[PeerEntry] = []
         raw_peers = data.get("peers", [])
         if not isinstance(raw_peers, list):

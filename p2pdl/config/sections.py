@@ -11,8 +11,6 @@ from p2pdl.config.base import (
     MIB,
     Compression,
     CompressorKind,
-    DeviceChoice,
-    OptimizerKind,
     OuterKind,
     PsMode,
     RobustKind,
@@ -21,42 +19,24 @@ from p2pdl.config.base import (
     _Validated,
     parse_address,
 )
+from p2pdl.config.training import OptimizerConfig, RunConfig, ScheduleConfig
 from p2pdl.core.topology import TopologyKind
 
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RunConfig(_Validated):
-    """What to train and for how long. ``workload`` is a path relative to the config file."""
-
-    _section: typing.ClassVar[str] = "run"
-    workload: Path
-    steps: int = 600
-    seed: int = 0
-    batch_size: int = 32
-    optimizer: OptimizerKind = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    eval_every: int = 50  # steps; 0 disables periodic evaluation (a final one always runs)
-    device: DeviceChoice = "auto"
-    torch_threads: int = 0  # intra-op threads per peer; 0 leaves torch's default
-    data_shards: int = 0  # shards the training set is cut into; 0 means one per configured peer
-
-    def problems(self) -> list[str]:
-        found: list[str] = []
-        _check(found, self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")
-        _check(found, self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
-        _check(found, self.batch_size >= 1, f"run.batch_size must be >= 1, got {self.batch_size}")
-        _check(found, self.lr > 0, f"run.lr must be > 0, got {self.lr}")
-        _check(found, 0 <= self.momentum < 1, f"run.momentum must be in [0, 1), got {self.momentum}")
-        _check(found, self.weight_decay >= 0, f"run.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(found, self.eval_every >= 0, f"run.eval_every must be >= 0, got {self.eval_every}")
-        _check(
-            found,
-            self.torch_threads >= 0,
-            f"run.torch_threads must be >= 0, got {self.torch_threads}",
-        )
-        return found
+__all__ = [
+    "CheckpointConfig",
+    "CompressionConfig",
+    "MembershipConfig",
+    "ObserveConfig",
+    "OptimizerConfig",
+    "PeerEntry",
+    "RunConfig",
+    "ScheduleConfig",
+    "SecurityConfig",
+    "StrategyConfig",
+    "TopologyConfig",
+    "TransportConfig",
+    "observe_problems",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

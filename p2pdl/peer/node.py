@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
 import torch
@@ -63,6 +63,19 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+class StepHooks(Protocol):
+    """What a training loop may run in place of the plain ``optimizer.step()`` of :meth:`Peer.step`.
+
+    ``optimizer_step`` runs on the compute thread after the strategy's ``reduce_gradients`` (so it
+    sees the averaged gradients under allreduce, identical on every peer) and only when the
+    strategy wants a local step. It owns the whole update: unscaling, a non-finite check,
+    clipping, ``optimizer.step()`` (or not) and the learning-rate schedule. A decision it takes
+    from the averaged gradients alone is the same on every peer.
+    """
+
+    def optimizer_step(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """What one call of :meth:`Peer.step` did."""
@@ -86,6 +99,7 @@ class Peer:
         advertise: ``host:port`` other peers should dial (default: the configured or listen address).
         bootstrap: extra ``host:port`` addresses of live peers to learn the membership from.
         start_step: the step to start counting from (e.g. after resuming a checkpoint).
+        hooks: replaces the plain ``optimizer.step()`` (see :class:`StepHooks`); None keeps it.
     """
 
     def __init__(
@@ -100,6 +114,7 @@ class Peer:
         advertise: str | None = None,
         bootstrap: tuple[str, ...] = (),
         start_step: int = 0,
+        hooks: StepHooks | None = None,
     ) -> None:
         entry = config.peer(name)
         if entry is None and listen is None:
@@ -122,11 +137,13 @@ class Peer:
         self.name = name
         self.model = model
         self.optimizer = optimizer
+        self.hooks = hooks
         self.device = device or next(model.parameters()).device
         self.step_index = start_step
         self.state: PeerState = "created"
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
+        self.headline: str | None = None  # the workload's headline metric, a key of last_eval
         self.ledger = RoundLedger()
         self.rewires: list[dict[str, Any]] = []
         self._started_at = time.monotonic()
@@ -448,7 +465,10 @@ class Peer:
         loss = await self.run_compute(lambda: self._forward_backward(closure))
         gradient_round = await self.strategy.reduce_gradients(step)
         if self.strategy.wants_local_step():
-            await self.run_compute(self.optimizer.step)
+            if self.hooks is None:
+                await self.run_compute(self.optimizer.step)
+            else:
+                await self.run_compute(self.hooks.optimizer_step)
         parameter_round = await self.strategy.after_optimizer_step(step)
         self.step_index = step + 1
         if parameter_round is not None:
@@ -469,9 +489,12 @@ class Peer:
                 self.telemetry.round_done(self.strategy.name, outcome.seconds)
         return StepResult(step=step, loss=loss, gradient_round=gradient_round, parameter_round=parameter_round)
 
-    def record_eval(self, metrics: dict[str, float]) -> None:
-        """Publish evaluation results (e.g. ``test_accuracy``) in ``/status``."""
+    def record_eval(self, metrics: dict[str, float], headline: str | None = None) -> None:
+        """Publish evaluation results (e.g. ``test_accuracy``) in ``/status``; ``headline`` names
+        the one a swarm view shows (the workload's, e.g. ``val_loss`` for a language model)."""
         self.last_eval = dict(metrics)
+        if headline is not None:
+            self.headline = headline
 
     # ------------------------------------------------------------------ introspection
 
@@ -501,6 +524,9 @@ class Peer:
             "loss": self.last_loss,
             "test_accuracy": self.last_eval.get("test_accuracy"),
             "eval": self.last_eval,
+            "headline": None
+            if self.headline is None
+            else {"metric": self.headline, "value": self.last_eval.get(self.headline)},
             "rounds": self.ledger.as_dict(),
             "frames_superseded": self.transport.mailbox.superseded,
             "compression": self._compression_status(),

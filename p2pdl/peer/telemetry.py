@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 HEADLINE_METRICS = ("test_accuracy", "accuracy", "test_loss")
 
 
-def headline_metric(evaluation: Mapping[str, float]) -> tuple[str, float | None]:
-    """The one evaluation figure a swarm view shows: accuracy when the workload reports it."""
+def headline_metric(evaluation: Mapping[str, float], preferred: str | None = None) -> tuple[str, float | None]:
+    """The one evaluation figure a swarm view shows: the workload's own (``preferred``) when it
+    names one, else accuracy when the workload reports it."""
+    if preferred is not None and preferred in evaluation:
+        return preferred, evaluation[preferred]
     for name in HEADLINE_METRICS:
         if name in evaluation:
             return name, evaluation[name]
@@ -148,7 +151,7 @@ class PeerTelemetry:
                 version=(own.incarnation, own.heartbeat),
                 step=int(status["step"]),
                 loss=status["loss"],
-                headline=headline_metric(status["eval"]),
+                headline=headline_metric(status["eval"], (status.get("headline") or {}).get("metric")),
                 steps_per_second=self.steps_per_second,
                 complete=int(status["rounds"]["complete"]),
                 partial=int(status["rounds"]["partial"]),

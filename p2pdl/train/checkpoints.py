@@ -1,7 +1,8 @@
 """What a peer keeps on disk to resume, and what it leaves behind for inspection.
 
-* ``checkpoint.pt``: model, optimizer, step and torch RNG state, written every
-  ``checkpoint.every`` steps and at the end; ``--resume`` continues from it.
+* ``checkpoint.pt``: model, optimizer, learning-rate schedule, loss scaler, step, data position
+  and torch RNG state, written every ``checkpoint.every`` steps and at the end; ``--resume``
+  continues from it exactly where the run left off.
 * ``model.pt``: the final ``state_dict`` on the CPU.
 * ``snapshots/step_<n>.pt``: the flat float32 parameter vector after step ``n``, for consensus plots.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from p2pdl.train.files import atomic_torch_save
 
@@ -23,22 +25,55 @@ __all__ = ["CHECKPOINT", "load_checkpoint", "save_checkpoint", "save_model", "sa
 CHECKPOINT = "checkpoint.pt"
 
 
-def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
-    """Model, optimizer, step and RNG state, written atomically."""
+def save_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    path: Path,
+    *,
+    scheduler: LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    data_position: int | None = None,
+) -> None:
+    """Model, optimizer, schedule, loss scale, step, data position and RNG state, written atomically.
+
+    ``data_position`` is the index of the next batch this peer's data stream yields (the batch
+    of a step is a pure function of it, see :mod:`p2pdl.train.data`); it defaults to ``step``.
+    """
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": step,
+        "data_position": step if data_position is None else data_position,
         "torch_rng": torch.get_rng_state(),
     }
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     atomic_torch_save(path, state)
 
 
-def load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step."""
+def load_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+    *,
+    scheduler: LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step.
+
+    A schedule or loss scaler given here but absent from the file (a checkpoint from a run without
+    them) starts fresh at its initial state.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 

@@ -16,8 +16,10 @@ read disjoint text and a peer's memory holds only its windows, not the corpus. E
 a fixed, evenly spaced set of validation windows: loss, perplexity, bits per byte, and next-byte
 accuracy as ``test_accuracy``.
 
-Sampling: :func:`generate` and :func:`write_sample`. The train loop has no end-of-run hook to
-call them yet, so ``scripts/gpt_sample.py`` samples from a peer's ``model.pt`` afterwards.
+Sampling: :func:`generate` and :func:`write_sample`; :meth:`GPTWorkload.sample` is the workload's
+end-of-run hook (a seeded continuation of :data:`SAMPLE_PROMPT`, which the loop writes to
+``OUT/sample.txt``), and ``scripts/gpt_sample.py`` samples from a peer's ``model.pt`` afterwards.
+The headline metric is the validation loss, ``val_loss`` (lower is better).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from p2pdl.train.files import atomic_write_text
 
 __all__ = [
     "GPT",
+    "HEADLINE",
     "SAMPLE_PROMPT",
     "SIZES",
     "SMALL",
@@ -50,6 +53,8 @@ __all__ = [
 VOCAB = 256
 SAMPLE_PROMPT = b"def "
 _WINDOW_SEED = 0x6770_7400  # separates the window draw from any other seeded stream
+HEADLINE = ("val_loss", "min")
+_SAMPLE_BYTES = 200
 _EVAL_CHUNK = 16  # validation windows per forward: bounds the (B, heads, T, T) attention memory
 
 
@@ -298,7 +303,7 @@ class GPTWorkload:
         return self._validation[key]
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Validation ``test_loss`` (nats per byte), ``perplexity``, ``bits_per_byte``, and
+        """Validation ``val_loss`` (nats per byte; also as ``test_loss``), ``perplexity``, ``bits_per_byte``, and
         ``test_accuracy``: the fraction of positions whose most likely next byte is the right one."""
         inputs, targets = self._validation_set(device)
         total_loss, correct = 0.0, 0
@@ -318,8 +323,20 @@ class GPTWorkload:
         positions = targets.numel()
         test_loss = total_loss / positions
         return {
+            "val_loss": test_loss,
             "test_loss": test_loss,
             "test_accuracy": correct / positions,
             "perplexity": math.exp(test_loss),
             "bits_per_byte": test_loss / math.log(2),
         }
+
+    def sample(self, model: nn.Module, device: torch.device) -> str:
+        """The end-of-run sample: :data:`SAMPLE_PROMPT` and a continuation sampled at temperature
+        0.8 with seed 0, as text.
+
+        Seeded, so peers holding the same parameters on the same kind of device write the same
+        text; sampled rather than greedy, because a greedy byte model early in training repeats
+        one byte. Generation runs in the parameters' dtype.
+        """
+        continuation = generate(model, SAMPLE_PROMPT, _SAMPLE_BYTES, 0.8, device, seed=0)
+        return (SAMPLE_PROMPT + continuation).decode("utf-8", errors="replace")

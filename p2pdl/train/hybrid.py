@@ -91,11 +91,32 @@ def collective_timeout(config: Config) -> float:
     return max(MIN_COLLECTIVE_TIMEOUT, 2 * config.strategy.round_timeout)
 
 
-def local_rank_problems(nproc: int, device: torch.device | None, batch_size: int) -> list[str]:
-    """Every problem with ``--nproc-per-node`` for this device and ``run.batch_size`` (empty: fine)."""
+def local_rank_problems(
+    nproc: int,
+    device: torch.device | None,
+    batch_size: int,
+    *,
+    accumulate: int = 1,
+    precision: str = "fp32",
+    param_dtype: str = "float32",
+) -> list[str]:
+    """Every problem with ``--nproc-per-node`` for this device and ``[run]`` (empty: fine).
+
+    The followers run plain float32 forward and backward on one micro-batch per step, so
+    accumulation, autocast and 16-bit parameters stay single-rank features for now: refused by
+    name rather than silently trained differently on the followers.
+    """
     if nproc < 1:
         return [f"--nproc-per-node must be >= 1, got {nproc}"]
     problems = []
+    if nproc > 1:
+        for key, value, plain in (
+            ("run.accumulate", accumulate, 1),
+            ("run.precision", precision, "fp32"),
+            ("run.param_dtype", param_dtype, "float32"),
+        ):
+            if value != plain:
+                problems.append(f"--nproc-per-node {nproc} needs {key} = {plain!r} (got {value!r})")
     if device is not None and device.type == "cuda" and nproc > torch.cuda.device_count():
         problems.append(
             f"--nproc-per-node {nproc} needs {nproc} CUDA devices (one per local rank); "

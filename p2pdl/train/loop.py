@@ -1,11 +1,15 @@
 """The CLI's training loop, built on the public :class:`~p2pdl.peer.node.Peer` API and a workload.
 
-It loads the workload named by the config, builds the model (seeded identically on every peer),
-takes this peer's shard and runs ``run.steps`` steps, evaluating every ``run.eval_every`` steps.
-It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per step), ``summary.json``, and the
-checkpoint, final model and snapshots of :mod:`p2pdl.train.checkpoints`, all through
-:mod:`p2pdl.train.files`. A stop request (SIGTERM, Ctrl+C) lets the current step finish
-(each step is bounded by the round timeout), then saves and leaves cleanly.
+It loads the workload named by the config, builds the model (seeded identically on every peer,
+in ``run.param_dtype``) and its training setup (:mod:`p2pdl.train.build`: optimizer, schedule,
+precision and the update step the peer runs in place of ``optimizer.step()``), takes this peer's
+shard and runs ``run.steps`` steps of ``run.accumulate`` micro-batches each, evaluating every
+``run.eval_every`` steps. It writes, under ``--out``: ``metrics.jsonl`` (one JSON object per
+step), ``summary.json`` (with the workload's headline metric), ``sample.txt`` when the workload
+defines ``sample``, and the checkpoint, final model and snapshots of
+:mod:`p2pdl.train.checkpoints`, all through :mod:`p2pdl.train.files`. A stop request (SIGTERM,
+Ctrl+C) lets the current step finish (each step is bounded by the round timeout), then saves and
+leaves cleanly.
 """
 
 from __future__ import annotations
@@ -16,99 +20,27 @@ import functools
 import importlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from p2pdl.config import Config, RunConfig
+from p2pdl.config import Config
 from p2pdl.errors import AllReduceIncompleteError
 from p2pdl.peer.node import Peer, StepResult, resolve_device
+from p2pdl.train.build import Training, build_model, build_training
 from p2pdl.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, save_snapshot
-from p2pdl.train.data import BatchStream
-from p2pdl.train.files import MetricsWriter, atomic_write_json
+from p2pdl.train.files import MetricsWriter, atomic_write_json, atomic_write_text
 from p2pdl.train.hybrid import LocalRanks
+from p2pdl.train.shards import Batch, ShardedBatches, assigned_shards
 from p2pdl.train.tensorboard import TensorBoardLog
 from p2pdl.train.workload import LoadedWorkload, load_workload
 
+__all__ = ["PeerOptions", "assigned_shards", "build_model", "headline_of", "run_peer"]
+
 log = logging.getLogger(__name__)
-
-
-def build_optimizer(run: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer every peer (and the DDP reference) uses for a run config."""
-    if run.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-
-
-def build_model(workload: LoadedWorkload, seed: int, device: torch.device) -> torch.nn.Module:
-    """Identical initial parameters on every peer: seed, then build."""
-    torch.manual_seed(seed)
-    return workload.build_model().to(device)
-
-
-def data_seed(run: RunConfig, shard_index: int) -> int:
-    """Each peer shuffles its own shard with its own stream."""
-    return run.seed * 1000 + shard_index
-
-
-def assigned_shards(live: Sequence[str], name: str, shard_count: int) -> list[int]:
-    """The data rule under churn: shard s belongs to the live member at position s mod L.
-
-    ``live`` is the agreed order of live members (configured peers in config order, then joiners
-    by name), so every peer computes the same assignment: the live set always covers all
-    ``shard_count`` shards and each shard has exactly one owner. A peer that rejoins under its
-    old name takes its old position back, so no shard is trained twice at double weight.
-    """
-    if name not in live:
-        return []
-    position, members = live.index(name), len(live)
-    return [shard for shard in range(shard_count) if shard % members == position]
-
-
-class ShardedBatches:
-    """This peer's batches, re-cut whenever the live membership changes its shard assignment."""
-
-    def __init__(self, workload: LoadedWorkload, run: RunConfig, shard_count: int, device: torch.device) -> None:
-        self._workload = workload
-        self._run = run
-        self._shard_count = shard_count
-        self._device = device
-        self._shards: list[int] | None = None
-        self._stream: BatchStream | None = None
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def shards(self) -> list[int]:
-        return list(self._shards or [])
-
-    def _load(self, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if shard not in self._cache:
-            self._cache[shard] = self._workload.load_shard(shard, self._shard_count)
-        return self._cache[shard]
-
-    def preload(self, shards: list[int]) -> None:
-        """Load ``shards`` now (a first run builds the dataset here, which takes seconds)."""
-        for shard in shards:
-            self._load(shard)
-
-    def batch(self, shards: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The batch for ``step`` from ``shards``; None when this peer owns no data right now."""
-        if not shards:
-            self._shards, self._stream = shards, None
-            return None
-        if shards != self._shards or self._stream is None or self._stream.step != step:
-            parts = [self._load(s) for s in shards]
-            inputs = torch.cat([x for x, _ in parts])
-            targets = torch.cat([y for _, y in parts])
-            self._stream = BatchStream(
-                inputs, targets, self._run.batch_size, seed=data_seed(self._run, shards[0]), start_step=step
-            )
-            self._shards = shards
-        inputs, targets = next(self._stream)
-        return inputs.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,8 +77,10 @@ async def run_peer(
         torch.set_num_threads(run.torch_threads)
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     workload = load_workload(run.workload)
-    model = build_model(workload, run.seed, device)
-    optimizer = build_optimizer(run, model)
+    model = build_model(workload, run.seed, device, run.param_dtype)
+    training = build_training(config, workload, model, device)
+    optimizer, update = training.optimizer, training.step
+    headline = workload.headline[0]
     if local is not None:  # hybrid parallelism: join the local ranks' process group, wrap in DDP
         await local.attach(model, workload)
     # torch.optim imports torch._dynamo on the first optimizer step, which takes seconds. Pay that
@@ -156,7 +90,16 @@ async def run_peer(
     start_step = 0
     resumed = options.resume and checkpoint.exists()
     if resumed:
-        start_step = await asyncio.to_thread(load_checkpoint, model, optimizer, checkpoint)
+        start_step = await asyncio.to_thread(
+            functools.partial(
+                load_checkpoint,
+                model,
+                optimizer,
+                checkpoint,
+                scheduler=training.scheduler,
+                scaler=training.precision.scaler,
+            )
+        )
         log.info("%s resumed from %s at step %d", name, checkpoint, start_step)
     data = ShardedBatches(workload, run, config.shard_count, device)
     # Build or read the dataset before the peer goes live: once it is live, its event loop must
@@ -177,12 +120,14 @@ async def run_peer(
         advertise=options.advertise,
         bootstrap=options.bootstrap,
         start_step=start_step,
+        hooks=update,
     )
     try:
         async with peer:
             if not resumed and (options.join or config.peer(name) is None):
                 fetch_started = time.perf_counter()
                 await peer.fetch_state()
+                await peer.run_compute(functools.partial(training.place_schedule, peer.step_index))
                 metrics.write(
                     {"event": "joined", "step": peer.step_index, "seconds": time.perf_counter() - fetch_started}
                 )
@@ -211,14 +156,14 @@ async def run_peer(
                 # reads and concatenates arrays, which must not stall the event loop's heartbeats.
                 batch = await peer.run_compute(functools.partial(data.batch, shards, peer.step_index))
 
-                def closure(batch: tuple[torch.Tensor, torch.Tensor] | None = batch) -> torch.Tensor:
+                def closure(batch: list[Batch] | None = batch) -> torch.Tensor:
                     if batch is None:  # no shard assigned right now: only mix with neighbours
                         return torch.zeros(())
-                    loss = workload.loss_fn(model(batch[0]), batch[1])
-                    torch.autograd.backward(loss)
-                    return loss
+                    return update.backward(batch)
 
-                step_closure = closure if local is None else local.closure(batch)  # hybrid: all local ranks
+                # hybrid: all local ranks train the step's one micro-batch (the CLI refuses accumulation
+                # and autocast with --nproc-per-node > 1)
+                step_closure = closure if local is None else local.closure(None if batch is None else batch[0])
                 try:
                     stepped = await _step_unless_stopped(
                         peer.step(step_closure), stop, config.transport.shutdown_timeout
@@ -247,6 +192,9 @@ async def run_peer(
                     "bytes_received": peer.transport.stats.bytes_received,
                     "rounds_partial": peer.ledger.partial,
                     "shards": len(shards),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": update.last_grad_norm,
+                    "steps_skipped": update.skipped,
                 }
                 for outcome in (result.gradient_round, result.parameter_round):
                     if outcome is not None:
@@ -257,7 +205,7 @@ async def run_peer(
                             record["missing"] = list(outcome.missing)
                 if next_eval is not None and done >= next_eval and done < run.steps:
                     evaluation = await peer.run_compute(lambda: workload.evaluate(model, device))
-                    peer.record_eval(evaluation)
+                    peer.record_eval(evaluation, headline)
                     record.update(evaluation)
                     record["strategy"] = peer.strategy.status()  # its own figures: staleness, weight, ...
                     next_eval = _next_multiple(done, run.eval_every)
@@ -270,10 +218,10 @@ async def run_peer(
                     await peer.run_compute(functools.partial(save_snapshot, model, out_dir, done))
                     next_snapshot = _next_multiple(done, options.snapshot_every)
                 if next_checkpoint is not None and done >= next_checkpoint:
-                    await peer.run_compute(functools.partial(save_checkpoint, model, optimizer, done, checkpoint))
+                    await peer.run_compute(functools.partial(_checkpoint, training, model, done, checkpoint))
                     next_checkpoint = _next_multiple(done, config.checkpoint.every)
             evaluation = await peer.run_compute(lambda: workload.evaluate(model, device))
-            peer.record_eval(evaluation)
+            peer.record_eval(evaluation, headline)
             final_step = peer.step_index
             if board is not None:
                 board.evaluation(final_step - 1, evaluation)
@@ -285,15 +233,22 @@ async def run_peer(
         metrics.close()
         if board is not None:
             board.close()
-    await asyncio.to_thread(save_checkpoint, model, optimizer, final_step, checkpoint)
+    await asyncio.to_thread(_checkpoint, training, model, final_step, checkpoint)
     await asyncio.to_thread(save_model, model, out_dir / "model.pt")
+    sample = workload.sample
+    if sample is not None:
+        text = await asyncio.to_thread(sample, model, device)
+        await asyncio.to_thread(atomic_write_text, out_dir / "sample.txt", text)
     summary = {
         "name": name,
         "steps": final_step,
         "stopped_early": stopped_early,
         "final_loss": None if result is None else result.loss,
+        "headline": headline_of(workload, evaluation),
         "test_accuracy": evaluation.get("test_accuracy"),
         "test_loss": evaluation.get("test_loss"),
+        "optimizer_steps": update.applied,
+        "steps_skipped": update.skipped,
         "bytes_sent": status["bytes_sent"],
         "bytes_received": status["bytes_received"],
         "frames_rejected": status["frames_rejected"],
@@ -307,6 +262,23 @@ async def run_peer(
     }
     await asyncio.to_thread(atomic_write_json, out_dir / "summary.json", summary)
     return summary
+
+
+def headline_of(workload: LoadedWorkload, evaluation: dict[str, float]) -> dict[str, Any]:
+    """The workload's headline metric, its direction and its value in ``evaluation`` (None if absent)."""
+    metric, goal = workload.headline
+    return {"metric": metric, "goal": goal, "value": evaluation.get(metric)}
+
+
+def _checkpoint(training: Training, model: torch.nn.Module, step: int, path: Path) -> None:
+    save_checkpoint(
+        model,
+        training.optimizer,
+        step,
+        path,
+        scheduler=training.scheduler,
+        scaler=training.precision.scaler,
+    )
 
 
 async def _step_unless_stopped(

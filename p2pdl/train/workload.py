@@ -9,7 +9,19 @@ never ``exec``'d from config text, and must define four module-level functions::
     loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     evaluate(model: torch.nn.Module, device: torch.device) -> dict[str, float]
 
-and may define ``DESCRIPTION: str``. p2pdl calls ``torch.manual_seed(seed)`` right before
+and may define ``DESCRIPTION: str`` and these optional hooks::
+
+    build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer
+    build_schedule(optimizer: torch.optim.Optimizer, config: Config) -> LRScheduler
+    sample(model: torch.nn.Module, device: torch.device) -> str
+    HEADLINE: tuple[str, "min" | "max"]
+
+``build_optimizer`` and ``build_schedule`` replace what ``[optimizer]`` and ``[schedule]`` would
+build (for per-group weight decay, say); the schedule is stepped once per applied optimizer
+step. ``sample`` runs once at the end of a run and its text is written to ``OUT/sample.txt``
+(a language model's continuation of a fixed prompt). ``HEADLINE`` names the ``evaluate`` key a
+swarm view shows and whether lower or higher is better; the default is
+``("test_accuracy", "max")``. p2pdl calls ``torch.manual_seed(seed)`` right before
 ``build_model()`` so every peer starts from identical weights. ``load_shard`` returns this
 peer's CPU training inputs and int64 targets; ``loss_fn`` averages over the batch;
 ``evaluate`` scores held-out data under ``torch.no_grad()`` in eval mode, restores the
@@ -30,22 +42,31 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
+from p2pdl.config import Config
 from p2pdl.errors import WorkloadError
 from p2pdl.train.datasets import shard_indices
 
 __all__ = [
+    "DEFAULT_HEADLINE",
+    "OPTIONAL_FUNCTIONS",
     "REQUIRED_FUNCTIONS",
     "BuildModel",
+    "BuildOptimizer",
+    "BuildSchedule",
     "Evaluate",
+    "Headline",
     "LoadShard",
     "LoadedWorkload",
     "LossFn",
+    "Sample",
     "Workload",
+    "WorkloadHooks",
     "load_workload",
 ]
 
@@ -54,7 +75,14 @@ LoadShard = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Evaluate = Callable[[torch.nn.Module, torch.device], dict[str, float]]
 
+BuildOptimizer = Callable[[torch.nn.Module, Config], torch.optim.Optimizer]
+BuildSchedule = Callable[[torch.optim.Optimizer, Config], LRScheduler]
+Sample = Callable[[torch.nn.Module, torch.device], str]
+Headline = tuple[str, Literal["min", "max"]]
+
 REQUIRED_FUNCTIONS: tuple[str, ...] = ("build_model", "load_shard", "loss_fn", "evaluate")
+OPTIONAL_FUNCTIONS: tuple[str, ...] = ("build_optimizer", "build_schedule", "sample")
+DEFAULT_HEADLINE: Headline = ("test_accuracy", "max")
 
 
 class Workload(Protocol):
@@ -73,9 +101,23 @@ class Workload(Protocol):
     def evaluate(self) -> Evaluate: ...
 
 
+class WorkloadHooks(Protocol):
+    """The optional hooks a workload file may define (each one alone; see the module docstring)."""
+
+    def build_optimizer(self, model: torch.nn.Module, config: Config) -> torch.optim.Optimizer: ...
+
+    def build_schedule(self, optimizer: torch.optim.Optimizer, config: Config) -> LRScheduler: ...
+
+    def sample(self, model: torch.nn.Module, device: torch.device) -> str: ...
+
+    @property
+    def HEADLINE(self) -> Headline: ...  # the module-level constant
+
+
 @dataclass(frozen=True)
 class LoadedWorkload:
-    """A workload file after loading and checking; satisfies :class:`Workload`."""
+    """A workload file after loading and checking; satisfies :class:`Workload`, with each optional
+    hook of :class:`WorkloadHooks` or None (``headline`` always set)."""
 
     path: Path
     name: str
@@ -84,6 +126,10 @@ class LoadedWorkload:
     load_shard: LoadShard
     loss_fn: LossFn
     evaluate: Evaluate
+    build_optimizer: BuildOptimizer | None = None
+    build_schedule: BuildSchedule | None = None
+    sample: Sample | None = None
+    headline: Headline = DEFAULT_HEADLINE
 
 
 def _module_name(path: Path) -> str:
@@ -121,6 +167,19 @@ def _description(module: ModuleType, path: Path) -> str:
     return description
 
 
+def _headline(module: ModuleType, path: Path) -> Headline:
+    value = getattr(module, "HEADLINE", DEFAULT_HEADLINE)
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not isinstance(value[0], str)
+        or not value[0]
+        or value[1] not in ("min", "max")
+    ):
+        raise WorkloadError(f"workload {path}: HEADLINE must be (metric name, 'min' or 'max'), got {value!r}")
+    return cast(Headline, value)
+
+
 def load_workload(path: str | Path) -> LoadedWorkload:
     """Import the workload file at ``path`` and check it defines every required function.
 
@@ -142,6 +201,9 @@ def load_workload(path: str | Path) -> LoadedWorkload:
             problems.append(f"{name} (missing)")
         elif not callable(getattr(module, name)):
             problems.append(f"{name} (not callable: {type(getattr(module, name)).__name__})")
+    for name in OPTIONAL_FUNCTIONS:
+        if getattr(module, name, None) is not None and not callable(getattr(module, name)):
+            problems.append(f"{name} (optional, but not callable: {type(getattr(module, name)).__name__})")
     if problems:
         raise WorkloadError(
             f"workload {resolved}: must define module-level functions "
@@ -156,6 +218,10 @@ def load_workload(path: str | Path) -> LoadedWorkload:
         load_shard=module.load_shard,
         loss_fn=module.loss_fn,
         evaluate=module.evaluate,
+        build_optimizer=getattr(module, "build_optimizer", None),
+        build_schedule=getattr(module, "build_schedule", None),
+        sample=getattr(module, "sample", None),
+        headline=_headline(module, resolved),
     )
 
 

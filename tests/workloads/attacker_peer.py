@@ -15,7 +15,8 @@ import sys
 import torch
 
 from p2pdl import Peer, load_config
-from p2pdl.train.loop import build_model, build_optimizer
+from p2pdl.train.loop import build_model
+from p2pdl.train.optim import build_optimizer
 from p2pdl.train.workload import load_workload
 
 SCALE = 1000.0
@@ -26,7 +27,7 @@ async def main(config_path: str, name: str, steps: int) -> None:
     workload = load_workload(config.run.workload)
     model = build_model(workload, config.run.seed, torch.device("cpu"))
     poisoned = [p.detach().clone() * SCALE for p in model.parameters()]
-    optimizer = build_optimizer(config.run, model)
+    optimizer = build_optimizer(config.optimizer_settings, model)
     async with Peer(config, name, model, optimizer) as peer:
         while peer.step_index < steps:
             with torch.no_grad():

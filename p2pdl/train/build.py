@@ -1,0 +1,88 @@
+"""Everything a peer trains with, built from a config and a workload: the model (seeded, in its
+parameter dtype), the optimizer, the schedule, the precision and the update step.
+
+This is the Python API's shortcut to the CLI loop's training setup::
+
+    model = build_model(workload, config.run.seed, device, config.run.param_dtype)
+    training = build_training(config, workload, model, device)
+    async with Peer(config, name, model, training.optimizer, hooks=training.step) as peer:
+        await peer.step(lambda: training.step.backward(micro_batches))
+
+A workload's ``build_optimizer`` and ``build_schedule`` hooks replace the config's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from p2pdl.config import Config, ParamDtype
+from p2pdl.train.optim import build_optimizer, build_schedule
+from p2pdl.train.precision import PARAM_DTYPES, MixedPrecision
+from p2pdl.train.update import TrainStep
+from p2pdl.train.workload import LoadedWorkload
+
+__all__ = ["Training", "build_model", "build_training"]
+
+
+def build_model(
+    workload: LoadedWorkload, seed: int, device: torch.device, param_dtype: ParamDtype = "float32"
+) -> torch.nn.Module:
+    """Identical initial parameters on every peer: seed, build, then move and convert."""
+    torch.manual_seed(seed)
+    return workload.build_model().to(device=device, dtype=PARAM_DTYPES[param_dtype])
+
+
+@dataclass(frozen=True, slots=True)
+class Training:
+    """What the loop trains with; ``step`` is the peer's :class:`~p2pdl.peer.node.StepHooks` and
+    owns the schedule."""
+
+    optimizer: torch.optim.Optimizer
+    precision: MixedPrecision
+    step: TrainStep
+    build_schedule: Callable[[], LRScheduler]
+
+    @property
+    def scheduler(self) -> LRScheduler:
+        assert self.step.scheduler is not None
+        return self.step.scheduler
+
+    def place_schedule(self, step: int) -> None:
+        """Put the schedule at ``step`` (after downloading a live peer's state on join).
+
+        The downloaded optimizer carries the donor's current learning rate, which torch's
+        recursive schedulers would compound from; so every group goes back to its peak, the
+        schedule is built afresh, and it is stepped ``step`` times without optimizer steps.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.pop("initial_lr", group["lr"])
+        schedule = self.build_schedule()
+        with warnings.catch_warnings():
+            # "lr_scheduler.step() before optimizer.step()": intended here, the steps were the donor's.
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                schedule.step()
+        self.step.scheduler = schedule
+
+
+def build_training(config: Config, workload: LoadedWorkload, model: torch.nn.Module, device: torch.device) -> Training:
+    """Optimizer, schedule, precision and update step for ``model`` under ``config``."""
+    if workload.build_optimizer is not None:
+        optimizer = workload.build_optimizer(model, config)
+    else:
+        optimizer = build_optimizer(config.optimizer_settings, model)
+
+    def schedule() -> LRScheduler:
+        if workload.build_schedule is not None:
+            return workload.build_schedule(optimizer, config)
+        return build_schedule(config.schedule, optimizer, config.run.steps)
+
+    scheduler = schedule()
+    precision = MixedPrecision(config.run.precision, device)
+    step = TrainStep(model, optimizer, scheduler, precision, loss_fn=workload.loss_fn, grad_clip=config.run.grad_clip)
+    return Training(optimizer=optimizer, precision=precision, step=step, build_schedule=schedule)
