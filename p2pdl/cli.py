@@ -203,11 +203,14 @@ async def _run_peer(config: Config, name: str, options: PeerOptions, nproc: int 
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    headline = summary["headline"]
+    value = headline["value"]
     log.warning(
-        "%s finished: %d steps, test accuracy %.4f, %s",
+        "%s finished: %d steps, %s %s, %s",
         name,
         summary["steps"],
-        summary["test_accuracy"] or float("nan"),
+        headline["metric"].replace("_", " "),
+        "n/a" if value is None else f"{value:.4f}",
         "stopped early" if summary["stopped_early"] else "complete",
     )
     return EXIT_OK
