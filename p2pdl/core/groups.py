@@ -75,10 +75,10 @@ class Notice:
     round: int
     group: Group
     prev: int  # the epoch of the group whose average the sender applied last (-1: none yet)
-    phase: str  # "rs": proposing/reduce-scatter, "wait": below quorum, "done": finished the round
+    phase: str  # "rs": proposing and exchanging, "wait": below quorum
 
 
-PHASES = frozenset({"rs", "wait", "done"})
+PHASES = frozenset({"rs", "wait"})
 
 
 def group_meta(round_index: int, group: Group, prev: int, phase: str) -> dict[str, Any]:
