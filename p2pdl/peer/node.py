@@ -370,12 +370,16 @@ class Peer:
         response = web.StreamResponse(headers={"Content-Type": "application/x-p2pdl-state"})
         await response.prepare(request)
         timeout = self.config.transport.send_timeout
-        for frame in state_frames(snapshot, self.name, chunk_bytes=_STATE_CHUNK_BYTES):
-            data = await self.transport.encode(frame)
-            async with asyncio.timeout(timeout):
-                await response.write(LENGTH.pack(len(data)))
-                await response.write(data)
-        await response.write_eof()
+        try:
+            for frame in state_frames(snapshot, self.name, chunk_bytes=_STATE_CHUNK_BYTES):
+                data = await self.transport.encode(frame)
+                async with asyncio.timeout(timeout):
+                    await response.write(LENGTH.pack(len(data)))
+                    await response.write(data)
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            # The downloader went away (it gave up, or this peer is closing): its loss, not an error here.
+            log.info("%s: state download aborted by the other side: %s", self.name, exc)
         return response
 
     async def fetch_state(self, donor: str | None = None) -> int:

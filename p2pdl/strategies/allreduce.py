@@ -230,8 +230,7 @@ class AllReduceStrategy(StrategyBase):
                 self.bad_notices += 1
                 continue
             self._seen[sender] = notice
-            if notice.round >= round_index - 1:
-                self._suspects.discard(sender)  # heard from again at this round: eligible again
+            self._suspects.discard(sender)  # heard from again: eligible for the next proposal
         if not act:
             return None
         ahead = [
@@ -256,19 +255,16 @@ class AllReduceStrategy(StrategyBase):
         or with ``waited`` the group it waited below quorum with, kept while nothing changed).
 
         Members: the live peers in the agreed order that are in the last agreed group or have
-        announced this round (a joiner, a peer back from a freeze), minus those that missed an
-        attempt and have not been heard from since. The epoch is the agreed one for an unchanged
+        announced a round (a joiner, a peer back from a freeze: included, the group waits for it
+        at this round, and it resyncs to it), minus those that missed an attempt and have not
+        announced anything since. The epoch is the agreed one for an unchanged
         first attempt, else one above every epoch seen for this round.
         """
         me = self._ctx.name
         members = tuple(
             n
             for n in self._participants()
-            if n == me
-            or (
-                n not in self._suspects
-                and (n in self._agreed.members or (n in self._seen and self._seen[n].round >= round_index - 1))
-            )
+            if n == me or (n not in self._suspects and (n in self._agreed.members or n in self._seen))
         )
         if after is None and members == self._agreed.members:
             return self._agreed
