@@ -416,9 +416,9 @@ class AllReduceStrategy(StrategyBase):
             self._suspects.update(outcome.missing)
             adopt, failed = outcome.adopt, group
             stalled_since = stalled_since if stalled_since is not None else time.monotonic()
-            if time.monotonic() - stalled_since >= self.config.quorum_timeout:
-                waited = time.monotonic() - stalled_since
-                raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, waited)
+            stalled = time.monotonic() - stalled_since
+            if stalled >= self.config.quorum_timeout:
+                raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
 
     async def _catch_up(self, donors: Sequence[str]) -> None:
         """Re-admission: load the state of a member ahead of this peer; join at its next round."""
