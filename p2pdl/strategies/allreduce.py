@@ -292,8 +292,9 @@ class AllReduceStrategy(StrategyBase):
         while True:
             pending = [n for n in others if n not in got]
             remaining = deadline - loop.time()
-            if not pending or remaining <= 0:
-                return got, None
+            live = self._participants()
+            if not pending or remaining <= 0 or any(n not in live for n in pending):
+                return got, None  # a member that left or was declared dead is missing at once
             arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, remaining))
             for sender, frame in arrived.items():
                 # Same wire round means same epoch; a different member list (a conflicting
