@@ -145,6 +145,7 @@ class AllReduceStrategy(StrategyBase):
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
         self.bad_notices = 0
+        self._notice_seq = 0
 
     # ------------------------------------------------------------------ wire
 
@@ -205,10 +206,14 @@ class AllReduceStrategy(StrategyBase):
 
     async def _notify(self, round_index: int, group: Group, phase: str) -> None:
         """Tell every live peer (members or not) this peer's round and the group it proposes."""
+        # A notice's frame round is a per-sender sequence (wall-clock milliseconds, strictly
+        # increasing, so also across a restart): the mailbox keeps the newest and never sees a
+        # duplicate when a peer announces the same round twice.
+        self._notice_seq = max(self._notice_seq + 1, time.time_ns() // 1_000_000)
         notice = Frame(
             kind=GROUP_NOTICE,
             sender=self._ctx.name,
-            round=round_index,
+            round=self._notice_seq,
             step=round_index,
             meta=group_meta(round_index, group, self._prev, phase),
         )
@@ -424,8 +429,13 @@ class AllReduceStrategy(StrategyBase):
     async def _catch_up(self, donors: Sequence[str]) -> None:
         """Re-admission: load the state of a member ahead of this peer; join at its next round."""
         assert self._ctx.resync is not None
+        seen = dict(self._seen)
         step = await self._ctx.resync(donors)
         self._ctx.ledger.resyncs += 1
+        # Keep what the others announced for the round this peer now joins (their proposals, to
+        # adopt); older and newer notices are history it just skipped over or must hear again.
+        joins = step // self.config.local_steps
+        self._seen = {sender: notice for sender, notice in seen.items() if notice.round == joins}
         self._adopted = step
         self._skip_local_step = self.config.local_steps == 1
 
@@ -502,7 +512,7 @@ class AllReduceStrategy(StrategyBase):
     ) -> None:
         super().state_replaced(extra, meta)
         meta = meta or {}
-        self._seen.clear()
+        self._seen.clear()  # _catch_up puts back the notices of the round it joins
         self._suspects.clear()
         try:
             epoch, prev, completed = meta.get("xr_epoch"), meta.get("xr_prev"), meta.get("xr_completed")
