@@ -120,3 +120,107 @@ def ordered(names: Sequence[str], order: Sequence[str]) -> tuple[str, ...]:
     """``names`` in the order of ``order`` (the agreed live order); names not in it go last, sorted."""
     position = {name: i for i, name in enumerate(order)}
     return tuple(sorted(set(names), key=lambda n: (position.get(n, len(position)), n)))
+
+
+class Agreement:
+    """One peer's side of the group agreement: pure state, fed by the strategy that does the I/O.
+
+    It holds the agreed group (of the last applied round) and its epoch as ``prev``, the latest
+    notice of every peer, and the *suspects*: members that missed an attempt and have announced
+    nothing since. The rules are those of docs/PROTOCOL.md §11.3.
+    """
+
+    def __init__(self, me: str, configured: Sequence[str], members: Sequence[str]) -> None:
+        self.me = me
+        self.configured = tuple(configured)
+        self.agreed = Group(0, tuple(members) or (me,))
+        self.prev = -1  # the epoch of the group whose average this peer applied last
+        self.seen: dict[str, Notice] = {}
+        self.suspects: set[str] = set()
+
+    def observe(self, sender: str, notice: Notice) -> None:
+        """``sender`` announced ``notice``: remember it; a suspect heard from again is eligible again."""
+        self.seen[sender] = notice
+        self.suspects.discard(sender)
+
+    def ahead(self, round_index: int) -> list[str]:
+        """Peers past this one (a later round, or the same round after a later group's average),
+        furthest first: this peer is behind when the list is not empty."""
+        ahead = [
+            (n.round, n.prev, s)
+            for s, n in self.seen.items()
+            if n.round > round_index or (n.round == round_index and n.prev > self.prev)
+        ]
+        return [s for _, _, s in sorted(ahead, reverse=True)]
+
+    def higher(self, round_index: int, group: Group) -> Group | None:
+        """The greatest proposal for this round, after the same history, that includes this peer
+        and is greater than ``group`` (to adopt), if any."""
+        higher = [
+            n.group
+            for n in self.seen.values()
+            if n.round == round_index
+            and n.prev == self.prev
+            and self.me in n.group.members
+            and proposal_key(n.group) > proposal_key(group)
+        ]
+        return max(higher, key=proposal_key) if higher else None
+
+    def propose(self, round_index: int, live: Sequence[str], after: Group | None, *, waited: bool = False) -> Group:
+        """The group for the next attempt of ``round_index`` over the ``live`` members (agreed order).
+
+        ``after`` is the failed attempt, or with ``waited`` the group this peer waited below
+        quorum with (kept while nothing changed). Members: the live peers in the agreed group or
+        that announced a round, minus the suspects. The epoch is the agreed one for an unchanged
+        first attempt, else one above every epoch seen for this round.
+        """
+        members = tuple(
+            n for n in live if n == self.me or (n not in self.suspects and (n in self.agreed.members or n in self.seen))
+        )
+        if after is None and members == self.agreed.members:
+            return self.agreed
+        if waited and after is not None and members == after.members:
+            return after
+        seen = [n.group.epoch for n in self.seen.values() if n.round == round_index]
+        floor = max([self.agreed.epoch, *seen, *([after.epoch] if after else [])])
+        return Group(floor + 1, members)
+
+    def missed(self, names: Sequence[str]) -> None:
+        """These members missed an attempt: out of proposals until they announce again."""
+        self.suspects.update(names)
+
+    def applied(self, group: Group) -> None:
+        """A round was applied over ``group``: it is the agreed group now."""
+        self.agreed, self.prev = group, group.epoch
+
+    def missing_from(self, group: Group) -> list[str]:
+        """The configured and agreed members that ``group`` lacks (for QuorumLostError)."""
+        wanted = dict.fromkeys([*self.configured, *self.agreed.members])
+        return [n for n in wanted if n not in group.members]
+
+    def take_history(self, agreed: Group, prev: int) -> None:
+        """This peer loaded a member's state: take the donor's agreed group and ``prev``."""
+        self.agreed, self.prev = agreed, prev
+        self.suspects.clear()
+
+    def keep_notices_for(self, round_index: int) -> None:
+        """After a resync to ``round_index``: forget every notice except the proposals for that
+        round (to adopt); the others are history skipped over, or must be heard again."""
+        self.seen = {s: n for s, n in self.seen.items() if n.round == round_index}
+
+    def state_meta(self) -> dict[str, Any]:
+        """What a donor adds to the ``state_meta`` frame (docs/PROTOCOL.md §3.5)."""
+        return {"xr_epoch": self.agreed.epoch, "xr_group": self.agreed.encoded(), "xr_prev": self.prev}
+
+
+def donor_group(meta: Mapping[str, Any]) -> tuple[Group, int] | None:
+    """The agreed group and ``prev`` a donor put in its ``state_meta`` frame, or None if absent or bad."""
+    epoch, prev = meta.get("xr_epoch"), meta.get("xr_prev")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not isinstance(prev, int) or isinstance(prev, bool):
+        return None
+    try:
+        if not -1 <= prev < EPOCH_SPAN:
+            return None
+        return Group(epoch, parse_members(meta.get("xr_group"))), prev
+    except (FrameSchemaError, ValueError):
+        return None

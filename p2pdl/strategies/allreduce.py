@@ -39,16 +39,7 @@ from typing import Any
 import torch
 
 from p2pdl.compression.codec import TensorCodec
-from p2pdl.core.groups import (
-    Group,
-    Notice,
-    group_meta,
-    parse_members,
-    parse_notice,
-    proposal_key,
-    quorum,
-    wire_round,
-)
+from p2pdl.core.groups import Agreement, Group, donor_group, group_meta, parse_notice, quorum, wire_round
 from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
 from p2pdl.errors import (
     AllReduceIncompleteError,
@@ -131,10 +122,8 @@ class AllReduceStrategy(StrategyBase):
         self._flat = torch.zeros(self._total + MAX_GROUP, dtype=torch.float32)
         self._averaged = torch.zeros(self._total + MAX_GROUP, dtype=torch.float32)
         self._quorum = quorum(len(ctx.configured), self.config.min_peers)
-        self._agreed = Group(0, tuple(n for n in ctx.configured if n in ctx.topology().names) or (ctx.name,))
-        self._prev = -1  # the epoch of the group whose average this peer applied last
-        self._seen: dict[str, Notice] = {}  # the latest notice of each peer
-        self._suspects: set[str] = set()  # missed an attempt; back in a group once heard from again
+        initial = [n for n in ctx.configured if n in ctx.topology().names]
+        self._agreement = Agreement(ctx.name, ctx.configured, initial)  # PROTOCOL.md §11.3
         self._sizes: set[int] = set()  # data kinds used, so their mailbox rounds can be closed
         self._adopted: int | None = None  # the step a resync loaded, for the node
         self._skip_local_step = False
@@ -215,7 +204,7 @@ class AllReduceStrategy(StrategyBase):
             sender=self._ctx.name,
             round=self._notice_seq,
             step=round_index,
-            meta=group_meta(round_index, group, self._prev, phase),
+            meta=group_meta(round_index, group, self._agreement.prev, phase),
         )
         await self._ctx.exchange.broadcast(notice, self.communication_peers())
 
@@ -224,64 +213,20 @@ class AllReduceStrategy(StrategyBase):
     def _read_notices(self, round_index: int, group: Group, *, act: bool) -> Group | None:
         """Take the peers' latest notices; with ``act``, raise _Behind when this peer is behind and
         return a higher proposal that includes it (to adopt), if any."""
-        me = self._ctx.name
         for sender in self.communication_peers():
             frame = self._ctx.exchange.take_latest(GROUP_NOTICE, sender)
             if frame is None:
                 continue
             try:
-                notice = parse_notice(frame.meta)
+                self._agreement.observe(sender, parse_notice(frame.meta))
             except FrameError:
                 self.bad_notices += 1
-                continue
-            self._seen[sender] = notice
-            self._suspects.discard(sender)  # heard from again: eligible for the next proposal
         if not act:
             return None
-        ahead = [
-            (n.round, n.prev, s)
-            for s, n in self._seen.items()
-            if n.round > round_index or (n.round == round_index and n.prev > self._prev)
-        ]
+        ahead = self._agreement.ahead(round_index)
         if ahead:
-            raise _Behind([s for _, _, s in sorted(ahead, reverse=True)])
-        higher = [
-            n.group
-            for n in self._seen.values()
-            if n.round == round_index
-            and n.prev == self._prev
-            and me in n.group.members
-            and proposal_key(n.group) > proposal_key(group)
-        ]
-        return max(higher, key=proposal_key) if higher else None
-
-    def _propose(self, round_index: int, after: Group | None, *, waited: bool = False) -> Group:
-        """This peer's group for the next attempt of ``round_index`` (``after``: the failed attempt,
-        or with ``waited`` the group it waited below quorum with, kept while nothing changed).
-
-        Members: the live peers in the agreed order that are in the last agreed group or have
-        announced a round (a joiner, a peer back from a freeze: included, the group waits for it
-        at this round, and it resyncs to it), minus those that missed an attempt and have not
-        announced anything since. The epoch is the agreed one for an unchanged
-        first attempt, else one above every epoch seen for this round.
-        """
-        me = self._ctx.name
-        members = tuple(
-            n
-            for n in self._participants()
-            if n == me or (n not in self._suspects and (n in self._agreed.members or n in self._seen))
-        )
-        if after is None and members == self._agreed.members:
-            return self._agreed
-        if waited and after is not None and members == after.members:
-            return after
-        seen = [n.group.epoch for n in self._seen.values() if n.round == round_index]
-        floor = max([self._agreed.epoch, *seen, *([after.epoch] if after else [])])
-        return Group(floor + 1, members)
-
-    def _missing_from_quorum(self, group: Group) -> list[str]:
-        wanted = dict.fromkeys([*self._ctx.configured, *self._agreed.members])
-        return [n for n in wanted if n not in group.members]
+            raise _Behind(ahead)
+        return self._agreement.higher(round_index, group)
 
     # ------------------------------------------------------------------ one round
 
@@ -317,7 +262,7 @@ class AllReduceStrategy(StrategyBase):
         size, rank = group.size, members.index(me)
         others = tuple(p for p in members if p != me)
         wire = wire_round(round_index, group.epoch)
-        meta = group_meta(round_index, group, self._prev, "rs")
+        meta = group_meta(round_index, group, self._agreement.prev, "rs")
         await self._notify(round_index, group, "rs")
         if not others:
             return _Attempt(True)
@@ -375,7 +320,7 @@ class AllReduceStrategy(StrategyBase):
         """Below quorum: announce, listen for a while; a higher proposal to adopt, if one came."""
         waited = time.monotonic() - since
         if waited >= self.config.quorum_timeout:
-            missing = self._missing_from_quorum(group)
+            missing = self._agreement.missing_from(group)
             raise QuorumLostError(round_index, missing, group.size, self._quorum, waited)
         await self._notify(round_index, group, "wait")
         await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, self.communication_peers(), 1, _WAIT_NOTICE_EVERY)
@@ -393,12 +338,13 @@ class AllReduceStrategy(StrategyBase):
         stalled_since: float | None = None
         waited = False
         while True:
-            group = adopt if adopt is not None else self._propose(round_index, failed, waited=waited)
+            live = self._participants()
+            group = adopt if adopt is not None else self._agreement.propose(round_index, live, failed, waited=waited)
             adopt, waited = None, False
             try:
                 if group.size < self._quorum:
                     if strict:
-                        missing = self._missing_from_quorum(group)
+                        missing = self._agreement.missing_from(group)
                         ctx.ledger.record(round_index, missing, started)
                         raise AllReduceIncompleteError(round_index, missing)
                     stalled_since = stalled_since if stalled_since is not None else time.monotonic()
@@ -412,14 +358,14 @@ class AllReduceStrategy(StrategyBase):
                 await self._catch_up(behind.donors)
                 return None
             if outcome.complete:
-                self._agreed, self._prev = group, group.epoch
+                self._agreement.applied(group)
                 ctx.ledger.record_group(group.size)
                 return ctx.ledger.record(round_index, [], started)
             if strict:
                 ctx.ledger.record(round_index, outcome.missing, started)
                 raise AllReduceIncompleteError(round_index, outcome.missing)
             ctx.ledger.record_redo(round_index, group.epoch, outcome.phase, outcome.missing)
-            self._suspects.update(outcome.missing)
+            self._agreement.missed(outcome.missing)
             adopt, failed = outcome.adopt, group
             stalled_since = stalled_since if stalled_since is not None else time.monotonic()
             stalled = time.monotonic() - stalled_since
@@ -429,13 +375,9 @@ class AllReduceStrategy(StrategyBase):
     async def _catch_up(self, donors: Sequence[str]) -> None:
         """Re-admission: load the state of a member ahead of this peer; join at its next round."""
         assert self._ctx.resync is not None
-        seen = dict(self._seen)
-        step = await self._ctx.resync(donors)
+        step = await self._ctx.resync(donors)  # state_replaced takes the donor's group
         self._ctx.ledger.resyncs += 1
-        # Keep what the others announced for the round this peer now joins (their proposals, to
-        # adopt); older and newer notices are history it just skipped over or must hear again.
-        joins = step // self.config.local_steps
-        self._seen = {sender: notice for sender, notice in seen.items() if notice.round == joins}
+        self._agreement.keep_notices_for(step // self.config.local_steps)
         self._adopted = step
         self._skip_local_step = self.config.local_steps == 1
 
@@ -490,13 +432,7 @@ class AllReduceStrategy(StrategyBase):
 
     def served_state(self) -> ServedState:
         base = super().served_state() or ServedState()
-        meta = {
-            **base.meta,
-            "xr_epoch": self._agreed.epoch,
-            "xr_group": self._agreed.encoded(),
-            "xr_prev": self._prev,
-            "xr_completed": self._completed_round,
-        }
+        meta = {**base.meta, **self._agreement.state_meta(), "xr_completed": self._completed_round}
         if self._round_params is None:
             return ServedState(extra=base.extra, meta=meta)
         # Between two syncs the live model is mid-way; the last sync's parameters are resumable.
@@ -512,16 +448,12 @@ class AllReduceStrategy(StrategyBase):
     ) -> None:
         super().state_replaced(extra, meta)
         meta = meta or {}
-        self._seen.clear()  # _catch_up puts back the notices of the round it joins
-        self._suspects.clear()
-        try:
-            epoch, prev, completed = meta.get("xr_epoch"), meta.get("xr_prev"), meta.get("xr_completed")
-            if isinstance(epoch, int) and isinstance(prev, int) and isinstance(completed, int):
-                self._agreed = Group(epoch, parse_members(meta.get("xr_group")))
-                self._prev = prev
-                self._completed_round = max(-1, completed)
-        except (FrameError, ValueError):
-            pass  # a donor without a group: keep this peer's own
+        donor = donor_group(meta)
+        if donor is not None:  # a donor without a (valid) group: this peer keeps its own
+            self._agreement.take_history(*donor)
+        completed = meta.get("xr_completed")
+        if isinstance(completed, int) and not isinstance(completed, bool):
+            self._completed_round = max(-1, completed)
         if self._round_params is not None:
             for kept, (_, p) in zip(self._round_params, self._ctx.parameters, strict=True):
                 kept.copy_(p.detach())
@@ -570,7 +502,7 @@ class AllReduceStrategy(StrategyBase):
         return {
             **super().status(),
             "world_size": len(self._participants()),
-            "group": {"epoch": self._agreed.epoch, "members": list(self._agreed.members)},
+            "group": {"epoch": self._agreement.agreed.epoch, "members": list(self._agreement.agreed.members)},
             "min_peers": self._quorum,
             "on_failure": self.config.on_failure,
             "rounds_by_group_size": {str(k): v for k, v in sorted(ledger.by_group_size.items())},
