@@ -46,6 +46,10 @@ STRATEGIES = {
 }
 RUN = {"batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "eval_every": 0}
 FINISH_TIMEOUT = 600.0
+# Cases that start a process mid-run sleep in every step, so the swarm is still training however
+# long the new process takes to import torch on a busy machine.
+SLOW_WORKLOAD = REPO / "tests" / "workloads" / "slow_cnn.py"
+SLOW = {"P2PDL_TEST_STEP_SLEEP": "0.15"}
 
 
 @pytest.fixture(params=sorted(STRATEGIES))
@@ -189,16 +193,17 @@ def test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(
 def test_a_killed_peer_restarted_with_resume_catches_up_and_ends_identical(
     tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
 ) -> None:
-    steps = 200
+    steps = 300
     ports = free_ports(len(NAMES))
-    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps)
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, workload=str(SLOW_WORKLOAD))
     for name in NAMES:
-        peers.start(config, name)
+        peers.start(config, name, env=SLOW)
     wait_for(lambda: status(ports[2])["step"] >= 50, 300, "p2 past its first checkpoints")
     peers.procs["p2"].send_signal(signal.SIGKILL)
     peers.procs["p2"].wait(timeout=30)
-    wait_for(lambda: status(ports[0])["step"] >= 70, 300, "the others to train on without p2")
-    peers.start(config, "p2", "--resume")
+    killed_at = status(ports[0])["step"]
+    wait_for(lambda: status(ports[0])["step"] >= killed_at + 5, 300, "the others to train on without p2")
+    peers.start(config, "p2", "--resume", env=SLOW)
     peers.assert_all_finished(FINISH_TIMEOUT, steps)
     figures = check_outcome(tmp_path, NAMES, steps)
     assert "resumed from" in peers.log("p2")
@@ -212,19 +217,12 @@ def test_a_fifth_peer_joins_the_group_and_ends_identical(
 ) -> None:
     steps = 240
     ports = free_ports(len(NAMES) + 1)
-    config = swarm_config(
-        tmp_path / "swarm.toml",
-        strategy,
-        ports[:4],
-        steps=steps,
-        workload=str(REPO / "tests" / "workloads" / "slow_cnn.py"),
-    )
-    env = {"P2PDL_TEST_STEP_SLEEP": "0.1"}  # the swarm trains long enough for the joiner to start
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports[:4], steps=steps, workload=str(SLOW_WORKLOAD))
     for name in NAMES:
-        peers.start(config, name, env=env)
+        peers.start(config, name, env=SLOW)
     wait_for(lambda: status(ports[0])["step"] >= 10, 300, "p0 past step 10")
     joiner = f"127.0.0.1:{ports[4]}"
-    peers.start(config, "p4", "--join", "--listen", joiner, "--bootstrap", f"127.0.0.1:{ports[0]}", env=env)
+    peers.start(config, "p4", "--join", "--listen", joiner, "--bootstrap", f"127.0.0.1:{ports[0]}", env=SLOW)
     names = [*NAMES, "p4"]
     peers.assert_all_finished(FINISH_TIMEOUT, steps, names=names)
     figures = check_outcome(tmp_path, names, steps)
