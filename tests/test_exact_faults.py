@@ -240,7 +240,8 @@ def test_a_three_one_partition_trains_only_on_the_quorum_side_then_heals(
     port, steps = 29500, 200
     with NetnsLab(len(NAMES)) as lab:
         address = {name: f"{lab.addresses[i]}:{port}" for i, name in enumerate(NAMES)}
-        config = swarm_config(tmp_path / "swarm.toml", strategy, [port] * len(NAMES), steps=steps)
+        ports = [port] * len(NAMES)
+        config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, workload=str(SLOW_WORKLOAD))
         text = config.read_text()
         for name in NAMES:
             text = text.replace(f'"127.0.0.1:{port}"', f'"{address[name]}"', 1)
@@ -248,7 +249,7 @@ def test_a_three_one_partition_trains_only_on_the_quorum_side_then_heals(
         procs = NamespacedPeers(lab, tmp_path)
         try:
             for name in NAMES:
-                procs.start(config, name)
+                procs.start(config, name, env=SLOW)  # the majority is still training after the heal
 
             def step_of(name: str) -> int:
                 return int(get_json(address[name], "/status")["step"])
