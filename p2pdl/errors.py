@@ -29,7 +29,8 @@ never need to know which library sits underneath::
     ├── TrainingDivergedError       the loss became NaN or Inf (e.g. after mixing in a poisoned model)
     ├── LocalRankError              a local rank of a multi-GPU peer died; the peer leaves the swarm
     └── RoundError                  a communication round could not complete
-        └── AllReduceIncompleteError  exact averaging impossible: contributions missing
+        ├── AllReduceIncompleteError  exact averaging impossible: contributions missing
+        └── QuorumLostError         an exact round stayed below strategy.min_peers for quorum_timeout
 
 Each :class:`FrameError` subclass has a short ``reason`` used as the key of the
 ``frames_rejected`` counters in ``/status`` and the metrics.
@@ -200,4 +201,21 @@ class AllReduceIncompleteError(RoundError):
         super().__init__(
             f"all-reduce round {round_index} incomplete: no contribution from "
             f"{', '.join(self.missing)}; refusing to continue with a partial average"
+        )
+
+
+class QuorumLostError(RoundError):
+    """An exact round could not gather ``strategy.min_peers`` members within ``quorum_timeout``.
+
+    The peer did not train alone meanwhile; it names the configured peers it could not group with.
+    """
+
+    def __init__(self, round_index: int, missing: Sequence[str], have: int, need: int, waited: float) -> None:
+        self.round_index = round_index
+        self.missing: tuple[str, ...] = tuple(missing)
+        self.have = have
+        self.need = need
+        super().__init__(
+            f"exact round {round_index}: only {have} of the {need} peers a quorum needs agreed on a group "
+            f"for {waited:.1f} s; missing {', '.join(self.missing) or 'none'}; refusing to train without a quorum"
         )

@@ -249,13 +249,13 @@ def test_a_parameter_dtype_the_wire_cannot_carry_is_refused_by_name(kind: str) -
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
 def test_allreduce_chunks_travel_in_the_parameter_dtype_and_a_mixed_model_in_float32(dtype: torch.dtype) -> None:
     uniform = tuple(make_model(dtype).named_parameters())
-    spec = build_strategy(_context("allreduce", uniform)).expected_tensors("rs", "b")["chunk"]
+    spec = build_strategy(_context("allreduce", uniform)).expected_tensors("rs2", "b")["chunk"]
     assert spec.dtype == str(dtype).removeprefix("torch.")
     model = make_model(dtype)
     model[2].float()  # the head in float32, the rest 16-bit
-    spec = build_strategy(_context("allreduce", tuple(model.named_parameters()))).expected_tensors("rs", "b")["chunk"]
+    spec = build_strategy(_context("allreduce", tuple(model.named_parameters()))).expected_tensors("rs2", "b")["chunk"]
     assert spec.dtype == "float32"
-    wrong = Frame(kind="rs", sender="b", round=0, step=0, tensors={"chunk": torch.zeros(spec.shape, dtype=dtype)})
+    wrong = Frame(kind="rs2", sender="b", round=0, step=0, tensors={"chunk": torch.zeros(spec.shape, dtype=dtype)})
     with pytest.raises(ShapeMismatchError, match="expected float32"):
         check_tensors(wrong, {"chunk": spec})
 
@@ -318,8 +318,8 @@ async def test_a_frame_of_the_wrong_dtype_is_refused_and_counted(kind: str) -> N
             tensors = {name: p.detach().float() for name, p in a.model.named_parameters()}  # right shapes, float32
             frame = Frame(kind="params", sender="p0", round=0, step=0, meta={"degree": 1}, tensors=tensors)
         else:
-            chunk = torch.zeros(before.numel() // 2, dtype=torch.float32)  # p1's chunk of 2, in float32
-            frame = Frame(kind="rs", sender="p0", round=0, step=0, tensors={"chunk": chunk})
+            chunk = torch.zeros(-(-before.numel() // 2), dtype=torch.float32)  # a chunk of 2, in float32
+            frame = Frame(kind="rs2", sender="p0", round=0, step=0, tensors={"chunk": chunk})
         await a.transport.send_encoded("p1", encode_frame(frame))
         for _ in range(200):
             rejected = b.status()["frames_rejected"]

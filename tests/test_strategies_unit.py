@@ -261,13 +261,16 @@ def test_each_strategy_config_reads_only_keys_of_the_strategy_table() -> None:
     )
 
 
-async def test_an_allreduce_chunk_split_for_another_membership_is_missing_not_a_crash() -> None:
-    # b split the flat gradient (10 elements) for a swarm of one more peer: its chunk does not
-    # have the size of a's chunk in this round's split, though it passed the schema at arrival.
+async def test_an_allreduce_contribution_tagged_with_another_group_is_missing_not_a_crash() -> None:
+    # b proposed the same epoch with another member list (a conflicting proposal): its chunk has
+    # the right size but the wrong group, so it is never averaged in; strict mode then gives up.
     graph = build_graph("full", ["a", "b"])
-    ctx, _, exchange = make_context("a", graph, StrategyConfig(kind="allreduce"))
+    ctx, _, exchange = make_context(
+        "a", graph, StrategyConfig(kind="allreduce", on_failure="strict", round_timeout=0.2)
+    )
     strategy = AllReduceStrategy(ctx)
-    exchange.inbox.append(Frame(kind="rs", sender="b", round=0, step=0, tensors={"chunk": torch.zeros(4)}))
+    meta = {"xr": 0, "epoch": 0, "group": "b,a", "prev": -1, "phase": "rs"}
+    exchange.inbox.append(Frame(kind="rs2", sender="b", round=0, step=0, meta=meta, tensors={"chunk": torch.zeros(5)}))
     with pytest.raises(AllReduceIncompleteError) as info:
         await strategy.reduce_gradients(0)
     assert info.value.missing == ("b",)

@@ -70,6 +70,11 @@ class StrategyConfig(_Validated):
     clip_radius: float = 0.0  # clip: fixed radius (L2, whole model); 0 = 2 x the median accepted neighbour distance
     reject_factor: float = 10.0  # clip: a neighbour farther than this x the median accepted distance is ignored
     trim: int = 1  # trimmed-mean: values dropped at each end, per coordinate
+    # allreduce: what a failed exact round does: "redo" agrees on a new group and redoes the round;
+    # "strict" raises AllReduceIncompleteError as soon as one contribution is missing.
+    on_failure: typing.Literal["redo", "strict"] = "redo"
+    min_peers: int = 0  # allreduce: members an exact round needs; 0 = a strict majority of [[peers]]
+    quorum_timeout: float = 120.0  # allreduce: seconds below min_peers before QuorumLostError
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -89,6 +94,12 @@ class StrategyConfig(_Validated):
         _check(found, self.clip_radius >= 0, f"strategy.clip_radius must be >= 0, got {self.clip_radius}")
         _check(found, self.trim >= 1, f"strategy.trim must be >= 1, got {self.trim}")
         _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
+        _check(found, self.min_peers >= 0, f"strategy.min_peers must be >= 0, got {self.min_peers}")
+        _check(
+            found,
+            self.quorum_timeout > 0,
+            f"strategy.quorum_timeout must be > 0 seconds, got {self.quorum_timeout}",
+        )
         _check(
             found,
             self.robust == "none" or self.kind == "gossip",

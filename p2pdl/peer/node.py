@@ -210,6 +210,7 @@ class Peer:
                 ledger=self.ledger,
                 compression=config.compression,
                 last_step=config.run.steps - 1,
+                resync=self._resync,
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())
@@ -376,16 +377,26 @@ class Peer:
     # ------------------------------------------------------------------ state transfer
 
     async def _state_handler(self, request: web.Request) -> web.StreamResponse:
-        snapshot = await self.run_compute(lambda: snapshot_state(self.model, self.optimizer, self.step_index))
+        # The strategy says when the live state is consistent (not between an optimizer step and
+        # the step count that goes with it), and what it serves besides (outer state, its group).
+        async with asyncio.timeout(self.config.transport.state_timeout):
+            await self._strategy.state_ready()
+        snapshot = await self.run_compute(
+            lambda: snapshot_state(self.model, self.optimizer, self.step_index, self._strategy.served_state())
+        )
         response = web.StreamResponse(headers={"Content-Type": "application/x-p2pdl-state"})
         await response.prepare(request)
         timeout = self.config.transport.send_timeout
-        for frame in state_frames(snapshot, self.name, chunk_bytes=_STATE_CHUNK_BYTES):
-            data = await self.transport.encode(frame)
-            async with asyncio.timeout(timeout):
-                await response.write(LENGTH.pack(len(data)))
-                await response.write(data)
-        await response.write_eof()
+        try:
+            for frame in state_frames(snapshot, self.name, chunk_bytes=_STATE_CHUNK_BYTES):
+                data = await self.transport.encode(frame)
+                async with asyncio.timeout(timeout):
+                    await response.write(LENGTH.pack(len(data)))
+                    await response.write(data)
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            # The downloader went away (it gave up, or this peer is closing): its loss, not an error here.
+            log.info("%s: state download aborted by the other side: %s", self.name, exc)
         return response
 
     async def fetch_state(self, donor: str | None = None) -> int:
@@ -402,15 +413,24 @@ class Peer:
             except (P2PDLError, OSError) as exc:
                 errors.append(f"{name}: {exc}")
                 continue
-            self.step_index = step
-            self._strategy.state_replaced()
             log.info("%s: loaded state of step %d from %s", self.name, step, name)
             return step
         raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
 
+    async def _resync(self, donors: Sequence[str]) -> int:
+        """Re-admission: a peer that fell behind its group downloads a member's state (the first of
+        ``donors`` that serves it) and continues from its step."""
+        errors = []
+        for donor in donors:
+            try:
+                return await self.fetch_state(donor)
+            except (P2PDLError, OSError) as exc:
+                errors.append(str(exc))
+        raise TransportError(f"{self.name}: resync failed: {'; '.join(errors) or 'no donor'}")
+
     async def _fetch_state_from(self, donor: str, address: str) -> int:
         limits = self.transport.limits
-        assembler = StateAssembler(self.model, self.optimizer)
+        assembler = StateAssembler(self.model, self.optimizer, self._strategy.state_specs())
         loop = asyncio.get_running_loop()
         timeout = self.config.transport.state_timeout
         async with (
@@ -428,7 +448,15 @@ class Peer:
                     None, functools.partial(decode_frame, data, limits=limits, known_senders=(donor,))
                 )
                 assembler.feed(frame)
-        return await self.run_compute(assembler.apply)
+
+        def load() -> int:
+            # Model, optimizer, step and the strategy's state change together on the compute thread.
+            step = assembler.apply()
+            self.step_index = step
+            self._strategy.state_replaced(assembler.extra, assembler.meta)
+            return step
+
+        return await self.run_compute(load)
 
     # ------------------------------------------------------------------ training
 

@@ -1,5 +1,9 @@
 """State transfer for a peer that joins mid-training: parameters, optimizer state and step.
 
+A strategy adds what it needs to the stream (:class:`~p2pdl.strategies.base.ServedState`): DiLoCo's
+outer anchor and momentum as extra tensors, an exact strategy's agreed group in the meta frame,
+and, between two syncs of local SGD, the parameters of the last sync instead of the live ones.
+
 The donor takes a consistent snapshot at a step boundary (a CPU copy made on its compute thread,
 so it keeps training while the copy streams out) and serves it as a sequence of ordinary wire
 frames: one ``state_meta`` frame announcing the step and the tensor list, then ``state`` frames
@@ -16,12 +20,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from p2pdl.errors import FrameSchemaError, NonFiniteError, ShapeMismatchError
+from p2pdl.strategies.base import ServedState
 from p2pdl.wire import Frame, TensorSpec
 
 STATE_META = "state_meta"
@@ -41,15 +46,28 @@ class StateSnapshot:
     """CPU copies of everything a joiner needs, taken at one step boundary."""
 
     step: int
-    tensors: dict[str, torch.Tensor]  # "model/<name>" and "opt/<param index>/<key>"
+    tensors: dict[str, torch.Tensor]  # "model/<name>", "opt/<param index>/<key>" and the strategy's extras
+    meta: dict[str, Any] = field(default_factory=dict)  # the strategy's meta (scalars only)
 
 
 @torch.no_grad()
-def snapshot_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> StateSnapshot:
-    """Copy parameters and optimizer state to host memory (run on the compute thread)."""
+def snapshot_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, served: ServedState | None = None
+) -> StateSnapshot:
+    """Copy parameters and optimizer state to host memory (run on the compute thread).
+
+    ``served`` is the strategy's part: its extra tensors and meta, and, when set, the parameters
+    (of the trainable parameters, in order) and step to serve instead of the live ones.
+    """
     tensors: dict[str, torch.Tensor] = {
         MODEL_PREFIX + name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
     }
+    if served is not None and served.parameters is not None:
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        for name, tensor in zip(trainable, served.parameters, strict=True):
+            tensors[MODEL_PREFIX + name] = tensor.detach().to("cpu", copy=True)
+    if served is not None and served.step is not None:
+        step = served.step
     state = optimizer.state_dict()["state"]
     for index, entries in state.items():
         for key, value in entries.items():
@@ -57,7 +75,11 @@ def snapshot_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ste
                 tensors[f"{OPTIMIZER_PREFIX}{index}/{key}"] = value.detach().to("cpu", copy=True)
             elif isinstance(value, int | float):
                 tensors[f"{OPTIMIZER_PREFIX}{index}/{key}"] = torch.tensor(float(value))
-    return StateSnapshot(step=step, tensors=tensors)
+    if served is None:
+        return StateSnapshot(step=step, tensors=tensors)
+    for name, tensor in served.extra.items():
+        tensors[name] = tensor.detach().to("cpu", copy=True)
+    return StateSnapshot(step=step, tensors=tensors, meta=dict(served.meta))
 
 
 def state_frames(snapshot: StateSnapshot, sender: str, *, chunk_bytes: int) -> Iterator[Frame]:
@@ -69,6 +91,7 @@ def state_frames(snapshot: StateSnapshot, sender: str, *, chunk_bytes: int) -> I
         round=0,
         step=snapshot.step,
         meta={
+            **snapshot.meta,
             "tensors": len(names),
             "bytes": sum(t.numel() * t.element_size() for t in snapshot.tensors.values()),
         },
@@ -104,12 +127,19 @@ def expected_state_specs(model: torch.nn.Module, optimizer: torch.optim.Optimize
 class StateAssembler:
     """Collects validated state frames from a donor, then loads them in one go."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra_specs: dict[str, TensorSpec] | None = None,
+    ) -> None:
         self._model = model
         self._optimizer = optimizer
-        self._specs = expected_state_specs(model, optimizer)
+        self._extra_specs = dict(extra_specs or {})
+        self._specs = {**expected_state_specs(model, optimizer), **self._extra_specs}
         self._received: dict[str, torch.Tensor] = {}
         self.step: int | None = None
+        self.meta: dict[str, Any] = {}  # the donor's meta frame, for the strategy to validate
         self._announced: int | None = None
 
     def feed(self, frame: Frame) -> None:
@@ -119,6 +149,7 @@ class StateAssembler:
             if self.step is not None or not isinstance(count, int) or not 0 < count <= len(self._specs):
                 raise FrameSchemaError("state stream: bad or repeated state_meta frame")
             self.step, self._announced = frame.step, count
+            self.meta = dict(frame.meta)
             return
         if frame.kind != STATE or self.step is None or frame.step != self.step:
             raise FrameSchemaError(f"state stream: unexpected {frame.kind!r} frame")
@@ -144,6 +175,11 @@ class StateAssembler:
         self._received.update(frame.tensors)
 
     @property
+    def extra(self) -> dict[str, torch.Tensor]:
+        """The strategy's extra tensors received (shapes and values already checked)."""
+        return {name: t for name, t in self._received.items() if name in self._extra_specs}
+
+    @property
     def complete(self) -> bool:
         return self._announced is not None and len(self._received) == self._announced
 
@@ -151,7 +187,7 @@ class StateAssembler:
         """The received optimizer state per parameter index, checked for consistency."""
         state: dict[int, dict[str, Any]] = {}
         for name, tensor in self._received.items():
-            if name.startswith(OPTIMIZER_PREFIX):
+            if name.startswith(OPTIMIZER_PREFIX) and name not in self._extra_specs:
                 index_text, key = name[len(OPTIMIZER_PREFIX) :].split("/", 1)
                 state.setdefault(int(index_text), {})[key] = tensor.clone()
         # Every parameter with state carries the same entries (Adam needs step, exp_avg and

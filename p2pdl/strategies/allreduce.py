@@ -1,21 +1,36 @@
-"""``allreduce``: exact data-parallel averaging over the full mesh of live members.
+"""``allreduce``: exact data-parallel averaging over an agreed group of live members.
 
 With H = 1 it averages gradients before the optimizer step, the same result as DDP; with H > 1
 (local SGD) it averages the parameters every H steps, and with ``strategy.outer = "diloco"`` each
 such average feeds the outer optimizer (:class:`~p2pdl.strategies.base.StrategyBase` runs it).
 It runs a reduce-scatter then an all-gather (each peer owns 1/n of the flat vector), so each peer
 sends 2(n-1)/n of it, like a ring, but in two latency steps. Chunks are summed in rank order, so
-every peer ends with bit-identical values. A missing contribution raises
-:class:`~p2pdl.errors.AllReduceIncompleteError`; it never falls back to local values.
+every peer ends with bit-identical values; it never falls back to local values.
+
+Every round averages over a *group* (epoch + ordered members, :mod:`p2pdl.core.groups`) that
+each frame names. When a member fails mid-round, the survivors abort without touching a
+parameter, agree on a new group and redo the same round (``strategy.on_failure = "redo"``; with
+``"strict"`` a missing contribution raises :class:`~p2pdl.errors.AllReduceIncompleteError`). A
+round needs ``strategy.min_peers`` members (a strict majority of the configured peers by
+default); below it the peer waits for the group to re-form, then gives up with
+:class:`~p2pdl.errors.QuorumLostError`. A peer that finds its group ahead of it downloads a
+member's state and joins the next round. The protocol and its failure cases: docs/PROTOCOL.md §11.
+
+Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver checks a frame's shape
+from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
+kept, so a peer can serve a resumable state between syncs without stopping.
 
 With ``[compression]`` on, gradients are all-gathered compressed (with error feedback) instead:
 every peer decodes the same streams and averages them in rank order, so the result is still
-identical everywhere, though no longer the exact mean of the uncompressed gradients.
+identical everywhere, though no longer the exact mean of the uncompressed gradients. That path
+keeps the strict behaviour: error feedback has already been updated when a round fails, so it
+cannot be redone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,27 +39,76 @@ from typing import Any
 import torch
 
 from p2pdl.compression.codec import TensorCodec
-from p2pdl.core.mixing import chunk_bounds, exact_mean, flatten_into, unflatten_chunks_into
-from p2pdl.errors import AllReduceIncompleteError, FrameError, FrameSchemaError, TransportError
-from p2pdl.strategies.base import RoundConfig, RoundOutcome, StrategyBase, StrategyContext, build_codec, wire_dtype
+from p2pdl.core.groups import Agreement, Group, donor_group, group_meta, parse_notice, quorum, wire_round
+from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
+from p2pdl.errors import (
+    AllReduceIncompleteError,
+    FrameError,
+    FrameSchemaError,
+    QuorumLostError,
+    TransportError,
+)
+from p2pdl.strategies.base import (
+    RoundConfig,
+    RoundOutcome,
+    ServedState,
+    StrategyBase,
+    StrategyContext,
+    build_codec,
+    wire_dtype,
+)
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
-REDUCE_SCATTER = "rs"
+REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n members
 COMPRESSED_GRADIENTS = "cgrad"
 ALL_GATHER = "ag"
+GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (PROTOCOL.md §11)
+MAX_GROUP = 4096  # the most members a group may have (also the zero padding of the flat buffers)
+_LOOK_EVERY = 0.1  # seconds between looks at the notices while a round waits
+_WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AllReduceConfig(RoundConfig):
     """The ``[strategy]`` keys all-reduce reads: H = 1 averages gradients, H > 1 parameters."""
 
+    on_failure: str  # "redo" | "strict"
+    min_peers: int  # 0: a strict majority of the configured peers
+    quorum_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """How one attempt of a round ended."""
+
+    complete: bool
+    missing: tuple[str, ...] = ()
+    phase: str = "rs"
+    adopt: Group | None = None
+
+
+class _Behind(Exception):  # control flow only: never leaves this module
+    """Members of this peer's group are past its round: it must download a member's state."""
+
+    def __init__(self, donors: Sequence[str]) -> None:
+        super().__init__(", ".join(donors))
+        self.donors = tuple(donors)
+
+
+def _group_size(kind: str, prefix: str) -> int | None:
+    digits = kind[len(prefix) :]
+    if not kind.startswith(prefix) or not digits.isdigit() or digits != str(int(digits)):
+        return None
+    size = int(digits)
+    return size if 2 <= size <= MAX_GROUP else None
+
 
 class AllReduceStrategy(StrategyBase):
-    """Exact gradient averaging: reduce-scatter + all-gather over the full mesh of live members.
+    """Exact averaging: reduce-scatter + all-gather over the agreed group of live members.
 
-    The participants are the live members at the step, in the agreed order; rank r owns chunk r
-    of the flat gradient. If any participant's contribution is missing the step fails.
+    The members are in the agreed (rank) order; rank r owns chunk r of the flat vector. A round
+    is applied only when every member's contributions carried the same group.
     """
 
     name = "allreduce"
@@ -57,44 +121,51 @@ class AllReduceStrategy(StrategyBase):
         self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
         self.raw_bytes = 0
         self.payload_bytes = 0
-        # Host-side wire buffers, reused every step: the flat gradient (total,) and the result.
-        self._flat = torch.empty(self._total, dtype=self._wire_dtype)
-        self._averaged = torch.empty(self._total, dtype=self._wire_dtype)
+        # Host-side wire buffers, reused every step: the flat vector (total,) and the averaged chunk,
+        # each followed by zeros so that every chunk of any group size is ceil(total / n) long.
+        self._flat = torch.zeros(self._total + MAX_GROUP, dtype=self._wire_dtype)
+        self._averaged = torch.zeros(self._total + MAX_GROUP, dtype=self._wire_dtype)
+        self._quorum = quorum(len(ctx.configured), self.config.min_peers)
+        initial = [n for n in ctx.configured if n in ctx.topology().names]
+        self._agreement = Agreement(ctx.name, ctx.configured, initial)  # PROTOCOL.md §11.3
+        self._sizes: set[int] = set()  # data kinds used, so their mailbox rounds can be closed
+        self._adopted: int | None = None  # the step a resync loaded, for the node
+        self._skip_local_step = False
+        self._consistent = asyncio.Event()  # clear between an applied gradient round and its step
+        self._consistent.set()
+        self._completed_round = -1  # H > 1: the last parameter round applied, and its parameters
+        self._round_params: list[torch.Tensor] | None = None
+        if self.config.local_steps > 1:
+            self._round_params = [p.detach().clone() for _, p in ctx.parameters]
+        self.bad_notices = 0
+        self._notice_seq = 0
+
+    # ------------------------------------------------------------------ wire
 
     def _participants(self) -> tuple[str, ...]:
         return self._ctx.topology().names
 
-    def _bounds(self, peers: Sequence[str]) -> list[int]:
-        return chunk_bounds(self._total, len(peers))
+    def _round_deadline(self) -> float:
+        """Seconds one phase of an attempt waits for the members' frames."""
+        return self.config.round_timeout
 
-    @staticmethod
-    def _chunk(buffer: torch.Tensor, bounds: Sequence[int], rank: int) -> torch.Tensor:
-        return buffer[bounds[rank] : bounds[rank + 1]]
-
-    @staticmethod
-    def _fits(frame: Frame | None, bounds: Sequence[int], owner: int) -> bool:
-        """Whether ``frame`` arrived with chunk ``owner`` of this round's split. A sender that saw
-        a different membership when it split the vector sent chunks of other sizes (the frame
-        passed the schema of the membership at arrival); it counts as missing, never as a crash."""
-        return frame is not None and frame.tensors["chunk"].numel() == bounds[owner + 1] - bounds[owner]
+    def _chunk_size(self, size: int) -> int:
+        return math.ceil(self._total / size)
 
     def communication_peers(self) -> tuple[str, ...]:
         return tuple(p for p in self._participants() if p != self._ctx.name)
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
-        peers = self._participants()
-        if sender not in peers or self._ctx.name not in peers:
+        if sender not in self._participants():
             raise FrameSchemaError(f"{sender!r} is not an all-reduce participant")
+        if kind == GROUP_NOTICE:
+            return {}
         if kind == COMPRESSED_GRADIENTS and self._codec is not None:
             return self._codec.wire_specs()
-        if kind == REDUCE_SCATTER:
-            owner = peers.index(self._ctx.name)  # the sender's slice of *my* chunk
-        elif kind == ALL_GATHER:
-            owner = peers.index(sender)  # the sender's averaged chunk
-        else:
-            raise FrameSchemaError(f"allreduce peers exchange only 'rs'/'ag' frames, got {kind!r}")
-        bounds = self._bounds(peers)
-        return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(bounds[owner + 1] - bounds[owner],))}
+        size = _group_size(kind, REDUCE_SCATTER) or _group_size(kind, ALL_GATHER)
+        if size is None:
+            raise FrameSchemaError(f"allreduce peers exchange only 'xg', 'rs<n>' and 'ag<n>' frames, got {kind!r}")
+        return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(self._chunk_size(size),))}
 
     def _gradients(self) -> list[torch.Tensor]:
         grads = []
@@ -110,80 +181,286 @@ class AllReduceStrategy(StrategyBase):
         """Copy the averaged chunks straight into the tensors: one copy, no flat intermediate."""
         unflatten_chunks_into(chunks_in_rank_order, tensors)
 
-    async def _exchange(
-        self, kind: str, round_index: int, others: Sequence[str], frames: Mapping[str, Frame]
-    ) -> dict[str, Frame]:
-        ctx = self._ctx
-        # Each distinct frame is encoded once (the all-gather sends one frame to everyone) and
-        # sent as soon as its own encoding is done, while the others are still being encoded.
+    async def _send(self, frames: Mapping[str, Frame]) -> None:
+        """Encode each distinct frame once and send it; a broken link is a missing frame, not an error."""
+        exchange = self._ctx.exchange
         recipients: dict[int, list[str]] = {}
-        for n in others:
+        for n in frames:
             recipients.setdefault(id(frames[n]), []).append(n)
 
         async def encode_and_send(names: list[str]) -> list[BaseException | None]:
-            data = await ctx.exchange.encode(frames[names[0]])
-            return await asyncio.gather(*(ctx.exchange.send_encoded(n, data) for n in names), return_exceptions=True)
+            data = await exchange.encode(frames[names[0]])
+            return await asyncio.gather(*(exchange.send_encoded(n, data) for n in names), return_exceptions=True)
 
         results = await asyncio.gather(*(encode_and_send(names) for names in recipients.values()))
         for result in (r for group in results for r in group):
             if isinstance(result, BaseException) and not isinstance(result, TransportError):
                 raise result
-        arrived = await ctx.exchange.collect(kind, round_index, others, self.config.round_timeout)
-        ctx.exchange.advance(kind, round_index + 1)
-        return arrived
 
-    async def _average(self, round_index: int, tensors: Callable[[], list[torch.Tensor]]) -> RoundOutcome:
-        """Replace ``tensors()`` by their exact mean over the live participants, in place."""
+    async def _notify(self, round_index: int, group: Group, phase: str) -> None:
+        """Tell every live peer (members or not) this peer's round and the group it proposes."""
+        # A notice's frame round is a per-sender sequence (wall-clock milliseconds, strictly
+        # increasing, so also across a restart): the mailbox keeps the newest and never sees a
+        # duplicate when a peer announces the same round twice.
+        self._notice_seq = max(self._notice_seq + 1, time.time_ns() // 1_000_000)
+        notice = Frame(
+            kind=GROUP_NOTICE,
+            sender=self._ctx.name,
+            round=self._notice_seq,
+            step=round_index,
+            meta=group_meta(round_index, group, self._agreement.prev, phase),
+        )
+        await self._ctx.exchange.broadcast(notice, self.communication_peers())
+
+    # ------------------------------------------------------------------ agreement
+
+    def _read_notices(self, round_index: int, group: Group, *, act: bool) -> Group | None:
+        """Take the peers' latest notices; with ``act``, raise _Behind when this peer is behind and
+        return a higher proposal that includes it (to adopt), if any."""
+        for sender in self.communication_peers():
+            frame = self._ctx.exchange.take_latest(GROUP_NOTICE, sender)
+            if frame is None:
+                continue
+            try:
+                self._agreement.observe(sender, parse_notice(frame.meta))
+            except FrameError:
+                self.bad_notices += 1
+        if not act:
+            return None
+        ahead = self._agreement.ahead(round_index)
+        if ahead:
+            raise _Behind(ahead)
+        return self._agreement.higher(round_index, group)
+
+    # ------------------------------------------------------------------ one round
+
+    async def _gather(
+        self, kind: str, wire: int, others: Sequence[str], round_index: int, group: Group, *, act: bool
+    ) -> tuple[dict[str, Frame], Group | None]:
+        """The members' frames of one phase, until all came, the deadline passed or (``act``) a
+        higher proposal that includes this peer appeared."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._round_deadline()
+        encoded = group.encoded()
+        got: dict[str, Frame] = {}
+        while True:
+            pending = [n for n in others if n not in got]
+            remaining = deadline - loop.time()
+            live = self._participants()
+            if not pending or remaining <= 0 or any(n not in live for n in pending):
+                return got, None  # a member that left or was declared dead is missing at once
+            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, remaining))
+            for sender, frame in arrived.items():
+                # Same wire round means same epoch; a different member list (a conflicting
+                # proposal of the same epoch) makes the contribution unusable: it counts as missing.
+                if frame.meta.get("group") == encoded and frame.step == round_index:
+                    got[sender] = frame
+            adopt = self._read_notices(round_index, group, act=act)
+            if adopt is not None:
+                return got, adopt
+
+    async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> _Attempt:
+        """One attempt of ``round_index`` over ``group``; the tensors change only if it completes."""
+        ctx = self._ctx
+        members, me = group.members, ctx.name
+        size, rank = group.size, members.index(me)
+        others = tuple(p for p in members if p != me)
+        wire = wire_round(round_index, group.epoch)
+        meta = group_meta(round_index, group, self._agreement.prev, "rs")
+        await self._notify(round_index, group, "rs")
+        if not others:
+            return _Attempt(True)
+        chunk = self._chunk_size(size)
+        rs_kind, ag_kind = f"{REDUCE_SCATTER}{size}", f"{ALL_GATHER}{size}"
+        self._sizes.add(size)
+
+        def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
+            return buffer[index * chunk : (index + 1) * chunk]
+
+        try:
+            await self._send(
+                {
+                    p: Frame(
+                        kind=rs_kind,
+                        sender=me,
+                        round=wire,
+                        step=round_index,
+                        meta=meta,
+                        tensors={"chunk": piece(self._flat, index)},
+                    )
+                    for index, p in enumerate(members)
+                    if p != me
+                }
+            )
+            scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
+            if adopt is not None:
+                return _Attempt(False, phase="rs", adopt=adopt)
+            missing = tuple(p for p in others if p not in scattered)
+            if missing:
+                return _Attempt(False, missing, "rs")
+            in_rank_order = [piece(self._flat, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
+            own = piece(self._averaged, rank)
+            await ctx.run_compute(lambda: exact_mean(in_rank_order, own))
+            gather_frame = Frame(
+                kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own}
+            )
+            # From here on this peer's average is out: some members may complete the round, so
+            # this attempt is never replaced by a smaller group without them (PROTOCOL.md §11.4).
+            await self._send(dict.fromkeys(others, gather_frame))
+            gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
+            missing = tuple(p for p in others if p not in gathered)
+            if missing:
+                return _Attempt(False, missing, "ag")
+            averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
+            trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
+            await ctx.run_compute(lambda: self._write_back(trimmed, tensors()))
+            return _Attempt(True)
+        finally:
+            # Close this attempt's slots (and those of older attempts of any group size).
+            for kind in (f"{prefix}{n}" for n in self._sizes for prefix in (REDUCE_SCATTER, ALL_GATHER)):
+                ctx.exchange.advance(kind, wire + 1)
+
+    async def _wait_for_quorum(self, round_index: int, group: Group, since: float) -> Group | None:
+        """Below quorum: announce, listen for a while; a higher proposal to adopt, if one came."""
+        waited = time.monotonic() - since
+        if waited >= self.config.quorum_timeout:
+            missing = self._agreement.missing_from(group)
+            raise QuorumLostError(round_index, missing, group.size, self._quorum, waited)
+        await self._notify(round_index, group, "wait")
+        await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, self.communication_peers(), 1, _WAIT_NOTICE_EVERY)
+        return self._read_notices(round_index, group, act=True)
+
+    async def _average(self, round_index: int, tensors: Callable[[], list[torch.Tensor]]) -> RoundOutcome | None:
+        """Replace ``tensors()`` by their exact mean over an agreed group, in place; None when this
+        peer found itself behind and loaded a member's state instead."""
         ctx = self._ctx
         started = time.perf_counter()
-        peers = self._participants()
-        rank = peers.index(ctx.name)
-        others = tuple(p for p in peers if p != ctx.name)
-        bounds = self._bounds(peers)
-        await ctx.run_compute(lambda: flatten_into(tensors(), self._flat))
-        if not others:
-            return ctx.ledger.record(round_index, [], started)
-        scatter = {
-            n: Frame(
-                kind=REDUCE_SCATTER,
-                sender=ctx.name,
-                round=round_index,
-                step=round_index,
-                tensors={"chunk": self._chunk(self._flat, bounds, peers.index(n))},
-            )
-            for n in others
-        }
-        arrived = await self._exchange(REDUCE_SCATTER, round_index, others, scatter)
-        missing = [n for n in others if not self._fits(arrived.get(n), bounds, rank)]
-        if missing:
-            ctx.ledger.record(round_index, missing, started)
-            raise AllReduceIncompleteError(round_index, missing)
-        in_rank_order = [
-            self._chunk(self._flat, bounds, rank) if p == ctx.name else arrived[p].tensors["chunk"] for p in peers
-        ]
-        own = self._chunk(self._averaged, bounds, rank)
-        await ctx.run_compute(lambda: exact_mean(in_rank_order, own))
-        gather_frame = Frame(
-            kind=ALL_GATHER, sender=ctx.name, round=round_index, step=round_index, tensors={"chunk": own}
-        )
-        gathered = await self._exchange(ALL_GATHER, round_index, others, dict.fromkeys(others, gather_frame))
-        missing = [n for n in others if not self._fits(gathered.get(n), bounds, peers.index(n))]
-        if missing:
-            ctx.ledger.record(round_index, missing, started)
-            raise AllReduceIncompleteError(round_index, missing)
+        strict = self.config.on_failure == "strict"
+        await ctx.run_compute(lambda: flatten_into(tensors(), self._flat[: self._total]))
+        failed: Group | None = None
+        adopt: Group | None = None
+        stalled_since: float | None = None
+        waited = False
+        while True:
+            live = self._participants()
+            group = adopt if adopt is not None else self._agreement.propose(round_index, live, failed, waited=waited)
+            adopt, waited = None, False
+            try:
+                if group.size < self._quorum:
+                    if strict:
+                        missing = self._agreement.missing_from(group)
+                        ctx.ledger.record(round_index, missing, started)
+                        raise AllReduceIncompleteError(round_index, missing)
+                    stalled_since = stalled_since if stalled_since is not None else time.monotonic()
+                    adopt = await self._wait_for_quorum(round_index, group, stalled_since)
+                    failed, waited = group, True
+                    continue
+                outcome = await self._attempt(round_index, group, tensors)
+            except _Behind as behind:
+                if strict or ctx.resync is None:
+                    raise AllReduceIncompleteError(round_index, behind.donors) from None
+                await self._catch_up(behind.donors)
+                return None
+            if outcome.complete:
+                self._agreement.applied(group)
+                ctx.ledger.record_group(group.size)
+                return ctx.ledger.record(round_index, [], started)
+            if strict:
+                ctx.ledger.record(round_index, outcome.missing, started)
+                raise AllReduceIncompleteError(round_index, outcome.missing)
+            ctx.ledger.record_redo(round_index, group.epoch, outcome.phase, outcome.missing)
+            self._agreement.missed(outcome.missing)
+            adopt, failed = outcome.adopt, group
+            stalled_since = stalled_since if stalled_since is not None else time.monotonic()
+            stalled = time.monotonic() - stalled_since
+            if stalled >= self.config.quorum_timeout:
+                raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
 
-        averaged_in_rank_order = [own if p == ctx.name else gathered[p].tensors["chunk"] for p in peers]
-        await ctx.run_compute(lambda: self._write_back(averaged_in_rank_order, tensors()))
-        return ctx.ledger.record(round_index, [], started)
+    async def _catch_up(self, donors: Sequence[str]) -> None:
+        """Re-admission: load the state of a member ahead of this peer; join at its next round."""
+        assert self._ctx.resync is not None
+        step = await self._ctx.resync(donors)  # state_replaced takes the donor's group
+        self._ctx.ledger.resyncs += 1
+        self._agreement.keep_notices_for(step // self.config.local_steps)
+        self._adopted = step
+        self._skip_local_step = self.config.local_steps == 1
+
+    # ------------------------------------------------------------------ the node's calls
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         """H = 1: average gradients before the optimizer step (what DDP does)."""
         if self.config.local_steps != 1:
             return None
         self._round = step
+        outcome: RoundOutcome | None
         if self._codec is not None:
-            return await self._average_compressed(step, self._codec)
-        return await self._average(step, self._gradients)
+            outcome = await self._average_compressed(step, self._codec)
+        else:
+            outcome = await self._average(step, self._gradients)
+        if outcome is not None:
+            self._consistent.clear()  # until the optimizer step and the step count that follow it
+        return outcome
+
+    def wants_local_step(self) -> bool:
+        skip, self._skip_local_step = self._skip_local_step, False
+        return not skip
+
+    async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
+        try:
+            return await super().after_optimizer_step(step)
+        finally:
+            self._consistent.set()
+
+    def adopted_step(self) -> int | None:
+        adopted, self._adopted = self._adopted, None
+        return adopted
+
+    async def _parameter_round(self, step: int) -> RoundOutcome | None:
+        """H > 1 (local SGD): average the parameters exactly every H steps."""
+        local_steps = self.config.local_steps
+        if local_steps == 1 or (step + 1) % local_steps != 0:
+            return None
+        self._round = step // local_steps
+        return await self._average(self._round, lambda: [p.data for _, p in self._ctx.parameters])
+
+    def _round_applied(self) -> None:
+        if self._round_params is not None:
+            for kept, (_, p) in zip(self._round_params, self._ctx.parameters, strict=True):
+                kept.copy_(p.detach())
+            self._completed_round = self._round
+
+    # ------------------------------------------------------------------ state transfer
+
+    async def state_ready(self) -> None:
+        await self._consistent.wait()
+
+    def served_state(self) -> ServedState:
+        base = super().served_state() or ServedState()
+        meta = {**base.meta, **self._agreement.state_meta(), "xr_completed": self._completed_round}
+        if self._round_params is None:
+            return ServedState(extra=base.extra, meta=meta)
+        # Between two syncs the live model is mid-way; the last sync's parameters are resumable.
+        return ServedState(
+            step=(self._completed_round + 1) * self.config.local_steps,
+            parameters=tuple(self._round_params),
+            extra=base.extra,
+            meta=meta,
+        )
+
+    def state_replaced(
+        self, extra: Mapping[str, torch.Tensor] | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        super().state_replaced(extra, meta)
+        meta = meta or {}
+        donor = donor_group(meta)
+        if donor is not None:  # a donor without a (valid) group: this peer keeps its own
+            self._agreement.take_history(*donor)
+        completed = meta.get("xr_completed")
+        if isinstance(completed, int) and not isinstance(completed, bool):
+            self._completed_round = max(-1, completed)
+        if self._round_params is not None:
+            for kept, (_, p) in zip(self._round_params, self._ctx.parameters, strict=True):
+                kept.copy_(p.detach())
 
     async def _average_compressed(self, step: int, codec: TensorCodec) -> RoundOutcome:
         """All-gather of compressed gradients (with error feedback); everyone averages the same
@@ -221,18 +498,18 @@ class AllReduceStrategy(StrategyBase):
         await ctx.run_compute(average)
         return ctx.ledger.record(step, [], started)
 
-    async def _parameter_round(self, step: int) -> RoundOutcome | None:
-        """H > 1 (local SGD): average the parameters exactly every H steps."""
-        local_steps = self.config.local_steps
-        if local_steps == 1 or (step + 1) % local_steps != 0:
-            return None
-        self._round = step // local_steps
-        return await self._average(self._round, lambda: [p.data for _, p in self._ctx.parameters])
-
     def status(self) -> dict[str, Any]:
+        ledger = self._ctx.ledger
         return {
             **super().status(),
             "world_size": len(self._participants()),
+            "group": {"epoch": self._agreement.agreed.epoch, "members": list(self._agreement.agreed.members)},
+            "min_peers": self._quorum,
+            "on_failure": self.config.on_failure,
+            "rounds_by_group_size": {str(k): v for k, v in sorted(ledger.by_group_size.items())},
+            "rounds_redone": ledger.redone,
+            "resyncs": ledger.resyncs,
+            "bad_notices": self.bad_notices,
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
         }

@@ -45,6 +45,9 @@ from p2pdl.wire import Frame, TensorSpec
 # A peer behind its neighbours (a joiner, a restarted peer) catches up to their round, but never by
 # more than this: one bogus frame naming round 2**62 must not end everybody's training.
 MAX_ROUND_LEAD = 1000
+# Names of DiLoCo's outer state in a /state stream, per parameter index.
+OUTER_ANCHOR = "outer/anchor/"
+OUTER_MOMENTUM = "outer/momentum/"
 
 
 class Exchange(Protocol):
@@ -83,13 +86,29 @@ class RoundOutcome:
 
 @dataclass
 class RoundLedger:
-    """Complete versus partial rounds; a round missing any contribution is never 'complete'."""
+    """Complete versus partial rounds; a round missing any contribution is never 'complete'.
+
+    Exact rounds also count the group size each completed round averaged over, the attempts
+    that were aborted and redone, and the state downloads (resyncs) of a peer that fell behind.
+    """
 
     complete: int = 0
     partial: int = 0
     missing_by_peer: Counter[str] = field(default_factory=Counter)
     recent_partial: deque[tuple[int, tuple[str, ...]]] = field(default_factory=lambda: deque(maxlen=16))
     last: RoundOutcome | None = None
+    by_group_size: Counter[int] = field(default_factory=Counter)
+    redone: int = 0  # exact-round attempts aborted and redone with a new group
+    resyncs: int = 0  # state downloads after falling behind the group
+    recent_redone: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=16))
+
+    def record_group(self, size: int) -> None:
+        self.by_group_size[size] += 1
+
+    def record_redo(self, round_index: int, epoch: int, phase: str, missing: Sequence[str]) -> None:
+        self.redone += 1
+        self.missing_by_peer.update(missing)
+        self.recent_redone.append({"round": round_index, "epoch": epoch, "phase": phase, "missing": sorted(missing)})
 
     def record(self, round_index: int, missing: Sequence[str], started: float) -> RoundOutcome:
         outcome = RoundOutcome(
@@ -114,6 +133,10 @@ class RoundLedger:
             "missing_by_peer": dict(self.missing_by_peer),
             "recent_partial": [{"round": r, "missing": list(m)} for r, m in self.recent_partial],
             "last_round_seconds": None if self.last is None else round(self.last.seconds, 6),
+            "by_group_size": {str(size): count for size, count in sorted(self.by_group_size.items())},
+            "redone": self.redone,
+            "resyncs": self.resyncs,
+            "recent_redone": list(self.recent_redone),
         }
 
 
@@ -163,6 +186,23 @@ class StrategyContext:
     ledger: RoundLedger
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     last_step: int | None = None  # run.steps - 1: the step the swarm's run ends on (None: unknown)
+    # Download the state of one of the given peers (in preference order) over /state and load it
+    # (model, optimizer, this strategy's extras); returns the step it holds. None: cannot resync.
+    resync: Callable[[Sequence[str]], Awaitable[int]] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedState:
+    """What a strategy adds to (or overrides in) the state a peer serves on ``GET /state``.
+
+    ``parameters`` (in ``ctx.parameters`` order) and ``step`` replace the live model and step
+    when the live model is not a state another peer can resume from (mid-way between syncs).
+    """
+
+    step: int | None = None
+    parameters: tuple[torch.Tensor, ...] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy(Protocol):
@@ -211,8 +251,24 @@ class Strategy(Protocol):
         """Cancel background work (the node calls this before closing the transport)."""
         ...
 
-    def state_replaced(self) -> None:
-        """The model was overwritten outside a round (a state transfer from a live peer)."""
+    def state_replaced(
+        self, extra: Mapping[str, torch.Tensor] | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        """The model was overwritten outside a round (a state transfer from a live peer);
+        ``extra`` and ``meta`` are what the donor's :meth:`served_state` added (validated
+        against :meth:`state_specs`)."""
+        ...
+
+    async def state_ready(self) -> None:
+        """Return once the live model, optimizer and step are consistent enough to be served."""
+        ...
+
+    def served_state(self) -> ServedState | None:
+        """What to serve on ``/state`` besides the live model (called on the compute thread)."""
+        ...
+
+    def state_specs(self) -> dict[str, TensorSpec]:
+        """The extra tensors a donor's state may carry for this strategy (see :class:`ServedState`)."""
         ...
 
 
@@ -322,10 +378,22 @@ class StrategyBase:
 
     async def after_optimizer_step(self, step: int) -> RoundOutcome | None:
         outcome = await self._parameter_round(step)
-        if outcome is not None and self._outer is not None:
-            # DiLoCo: the change since the last sync, averaged, is the outer pseudo-gradient.
-            await self._ctx.run_compute(self._outer.step)
+        if outcome is not None:
+            # One compute call: a state snapshot (also on the compute thread) sees the outer state
+            # and the round's bookkeeping either both before this round or both after it.
+            await self._ctx.run_compute(self._finish_round)
         return outcome
+
+    def _finish_round(self) -> None:
+        """On the compute thread after a parameter round: DiLoCo's outer step, then the subclass's
+        bookkeeping of the round just applied (:meth:`_round_applied`)."""
+        if self._outer is not None:
+            # DiLoCo: the change since the last sync, averaged, is the outer pseudo-gradient.
+            self._outer.step()
+        self._round_applied()
+
+    def _round_applied(self) -> None:
+        """Runs on the compute thread after each parameter round and its outer step (default: nothing)."""
 
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         """This strategy's exchange of parameters after optimizer step ``step`` (None: no round)."""
@@ -343,9 +411,52 @@ class StrategyBase:
     async def close(self) -> None:
         return None
 
-    def state_replaced(self) -> None:
-        if self._outer is not None:
-            self._outer.reset_anchor()  # the outer momentum is kept; the new model is the anchor
+    async def state_ready(self) -> None:
+        return None
+
+    def served_state(self) -> ServedState | None:
+        """DiLoCo's outer state (anchor, momentum, step count) rides along with the model."""
+        if self._outer is None:
+            return None
+        state = self._outer.state_dict()
+        anchors, buffers = state["anchor"], state["momentum_buffer"]
+        assert isinstance(anchors, list) and isinstance(buffers, list)
+        extra = {f"{OUTER_ANCHOR}{i}": t for i, t in enumerate(anchors)}
+        extra.update({f"{OUTER_MOMENTUM}{i}": t for i, t in enumerate(buffers)})
+        return ServedState(extra=extra, meta={"outer_steps": self._outer.steps})
+
+    def state_specs(self) -> dict[str, TensorSpec]:
+        if self._outer is None:
+            return {}
+        specs = {}
+        for i, anchor in enumerate(self._outer.anchor):
+            spec = TensorSpec.of_tensor(anchor)
+            specs[f"{OUTER_ANCHOR}{i}"] = spec
+            specs[f"{OUTER_MOMENTUM}{i}"] = spec
+        return specs
+
+    def state_replaced(
+        self, extra: Mapping[str, torch.Tensor] | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        if self._outer is None:
+            return
+        count = len(self._outer.anchor)
+        names = [f"{prefix}{i}" for prefix in (OUTER_ANCHOR, OUTER_MOMENTUM) for i in range(count)]
+        steps = (meta or {}).get("outer_steps")
+        if extra is not None and all(n in extra for n in names) and isinstance(steps, int) and steps >= 0:
+            # The donor's outer state: the same anchor and momentum as every member of its group.
+            self._outer.load_state_dict(
+                {
+                    "anchor": [extra[f"{OUTER_ANCHOR}{i}"] for i in range(count)],
+                    "momentum_buffer": [extra[f"{OUTER_MOMENTUM}{i}"] for i in range(count)],
+                    "lr": self._outer.lr,
+                    "momentum": self._outer.momentum,
+                    "nesterov": float(self._outer.nesterov),
+                    "steps": steps,
+                }
+            )
+        else:
+            self._outer.reset_anchor()  # a donor without outer state: the new model is the anchor
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {"kind": self.name, "round": self._round}

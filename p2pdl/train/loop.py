@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from p2pdl.config import Config
-from p2pdl.errors import AllReduceIncompleteError
+from p2pdl.errors import AllReduceIncompleteError, QuorumLostError
 from p2pdl.peer.node import Peer, StepResult, resolve_device
 from p2pdl.train.build import Training, build_model, build_training
 from p2pdl.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint, save_model, save_snapshot
@@ -173,7 +173,7 @@ async def run_peer(
                         stopped_early = True
                         break
                     result = stepped
-                except AllReduceIncompleteError as exc:
+                except (AllReduceIncompleteError, QuorumLostError) as exc:
                     if stop is None or not stop.is_set():
                         raise
                     # Told to stop while a round was in flight and its partners, also stopping,

@@ -1,0 +1,282 @@
+"""Exact averaging under faults: allreduce (H = 1) and DiLoCo (H = 5) with real peer processes.
+
+Each case freezes, kills, restarts, adds or cuts off peers of a four-peer swarm and checks the
+promises of docs/PROTOCOL.md §11: every peer running at the end exits 0 having run every step,
+the final models are bit-identical, no group below the quorum ever trained (a strict majority of
+4 is 3, so no round of 1 or 2 members unless ``min_peers`` says so), and summary.json counts the
+rounds per group size, the rounds redone and the resyncs.
+
+Which phase (reduce-scatter or all-gather) a SIGKILL hits is not controlled: the kills land
+mid-run at whatever the victim is doing; summary.json records the phase of every redo.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import (
+    REPO,
+    PeerProcesses,
+    assert_finished,
+    assert_identical_models,
+    free_ports,
+    get_json,
+    read_metrics,
+    status,
+    wait_for,
+    write_config,
+)
+from netns_util import NetnsLab, require_netns
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.usefixtures("mnist1d_built")]
+
+NAMES = ["p0", "p1", "p2", "p3"]
+ROUND_TIMEOUT = 2.0
+# dead_after outlasts a round's deadline: a slow round never sees live partners declared dead.
+MEMBERSHIP = {"gossip_interval": 0.25, "gossip_timeout": 1.0, "suspect_after": 3.0, "dead_after": 6.0}
+FREEZE_SECONDS = 14.0
+STRATEGIES = {
+    "allreduce": {"kind": "allreduce", "local_steps": 1},
+    "diloco": {"kind": "allreduce", "local_steps": 5, "outer": "diloco"},
+}
+RUN = {"batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "eval_every": 0}
+FINISH_TIMEOUT = 600.0
+# Cases that start a process mid-run sleep in every step, so the swarm is still training however
+# long the new process takes to import torch on a busy machine.
+SLOW_WORKLOAD = REPO / "tests" / "workloads" / "slow_cnn.py"
+SLOW = {"P2PDL_TEST_STEP_SLEEP": "0.15"}
+
+
+@pytest.fixture(params=sorted(STRATEGIES))
+def strategy(request: pytest.FixtureRequest) -> dict[str, object]:
+    return {**STRATEGIES[request.param], "round_timeout": ROUND_TIMEOUT}
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[PeerProcesses]:
+    procs = PeerProcesses(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.close()
+
+
+def swarm_config(
+    path: Path,
+    strategy: dict[str, object],
+    ports: list[int],
+    *,
+    steps: int,
+    host: str = "127.0.0.1",
+    workload: str = "mnist1d_cnn.py",
+    **extra: object,
+) -> Path:
+    return write_config(
+        path,
+        names=NAMES,
+        ports=ports,
+        workload=workload,
+        run={**RUN, "steps": steps},
+        strategy={**strategy, **extra},
+        topology={"kind": "full"},
+        transport={"startup_timeout": 120.0},
+        membership=MEMBERSHIP,
+        checkpoint={"every": 20},
+        host=host,
+    )
+
+
+def check_outcome(tmp_path: Path, names: list[str], steps: int) -> dict[str, dict[str, Any]]:
+    """Every named peer ran all ``steps`` and all of them hold one model; no group below quorum trained."""
+    figures = {}
+    for name in names:
+        figures[name] = assert_finished(tmp_path / name, steps)["strategy_status"]
+    assert_identical_models(tmp_path / name for name in names)
+    for name, status_ in figures.items():
+        quorum = status_["min_peers"]
+        sizes = {int(size) for size in status_["rounds_by_group_size"]}
+        assert sizes and min(sizes) >= quorum, (name, status_)
+    return figures
+
+
+def steps_between(out: Path, start: float, end: float) -> list[int]:
+    """The steps this peer finished between two wall-clock times."""
+    return [row["step"] for row in read_metrics(out) if "loss" in row and start < row["wall"] < end]
+
+
+def report(figures: dict[str, dict[str, Any]]) -> str:
+    keys = ("rounds_by_group_size", "rounds_redone", "resyncs", "group")
+    return "\n".join(f"{n}: { ({k: f.get(k) for k in keys}) }" for n, f in figures.items())
+
+
+def test_a_freeze_of_three_of_four_stops_the_lone_peer_and_the_swarm_resumes(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    steps = 120
+    ports = free_ports(len(NAMES))
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps)
+    for name in NAMES:
+        peers.start(config, name)
+    wait_for(lambda: min(status(p)["step"] for p in ports) >= 20, 300, "every peer past step 20")
+    frozen = NAMES[1:]
+    for name in frozen:
+        peers.procs[name].send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    time.sleep(FREEZE_SECONDS)
+    for name in frozen:
+        peers.procs[name].send_signal(signal.SIGCONT)
+    thawed_at = time.time()
+    peers.assert_all_finished(FINISH_TIMEOUT, steps)
+    figures = check_outcome(tmp_path, NAMES, steps)
+    # p0 alone is below the quorum of 3: after its round's deadline it made no step at all.
+    alone = steps_between(tmp_path / "p0", stopped_at + 3 * ROUND_TIMEOUT, thawed_at)
+    assert alone == [], (alone, report(figures))
+    assert sum(f["rounds_redone"] + f["resyncs"] for f in figures.values()) >= 1, report(figures)
+    print(report(figures))
+
+
+def test_a_freeze_of_one_of_four_is_redone_around_and_the_thawed_peer_resyncs(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    steps = 160
+    ports = free_ports(len(NAMES))
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps)
+    for name in NAMES:
+        peers.start(config, name)
+    wait_for(lambda: min(status(p)["step"] for p in ports) >= 20, 300, "every peer past step 20")
+    peers.procs["p3"].send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    time.sleep(FREEZE_SECONDS)
+    peers.procs["p3"].send_signal(signal.SIGCONT)
+    thawed_at = time.time()
+    peers.assert_all_finished(FINISH_TIMEOUT, steps)
+    figures = check_outcome(tmp_path, NAMES, steps)
+    # The three others kept a quorum and trained on while p3 was stopped...
+    assert steps_between(tmp_path / "p0", stopped_at + 3 * ROUND_TIMEOUT, thawed_at), report(figures)
+    assert "3" in figures["p0"]["rounds_by_group_size"], report(figures)
+    assert figures["p0"]["rounds_redone"] >= 1, report(figures)
+    # ...and p3 noticed it was behind, downloaded a member's state and rejoined.
+    assert figures["p3"]["resyncs"] >= 1, report(figures)
+    print(report(figures))
+
+
+def test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    steps = 160
+    ports = free_ports(len(NAMES))
+    # Two of four die: the two survivors keep training only because min_peers says 2 suffice.
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, min_peers=2)
+    for name in NAMES:
+        peers.start(config, name)
+    wait_for(lambda: status(ports[0])["step"] >= 40, 300, "p0 past step 40")
+    peers.procs["p3"].send_signal(signal.SIGKILL)
+    wait_for(lambda: status(ports[0])["step"] >= 80, 300, "p0 past step 80")
+    peers.procs["p2"].send_signal(signal.SIGKILL)
+    survivors = ["p0", "p1"]
+    peers.assert_all_finished(FINISH_TIMEOUT, steps, names=survivors)
+    figures = check_outcome(tmp_path, survivors, steps)
+    for name in survivors:
+        assert {"4", "2"} <= set(figures[name]["rounds_by_group_size"]), report(figures)
+        assert figures[name]["rounds_redone"] >= 1, report(figures)
+    # No lost step: every step from 0 to the end appears once in each survivor's metrics.
+    for name in survivors:
+        assert [r["step"] for r in read_metrics(tmp_path / name) if "loss" in r] == list(range(steps))
+    print(report(figures))
+
+
+def test_a_killed_peer_restarted_with_resume_catches_up_and_ends_identical(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    steps = 300
+    ports = free_ports(len(NAMES))
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, workload=str(SLOW_WORKLOAD))
+    for name in NAMES:
+        peers.start(config, name, env=SLOW)
+    wait_for(lambda: status(ports[2])["step"] >= 50, 300, "p2 past its first checkpoints")
+    peers.procs["p2"].send_signal(signal.SIGKILL)
+    peers.procs["p2"].wait(timeout=30)
+    killed_at = status(ports[0])["step"]
+    wait_for(lambda: status(ports[0])["step"] >= killed_at + 5, 300, "the others to train on without p2")
+    peers.start(config, "p2", "--resume", env=SLOW)
+    peers.assert_all_finished(FINISH_TIMEOUT, steps)
+    figures = check_outcome(tmp_path, NAMES, steps)
+    assert "resumed from" in peers.log("p2")
+    assert figures["p2"]["resyncs"] >= 1, report(figures)  # its checkpoint was behind the group
+    assert "3" in figures["p0"]["rounds_by_group_size"], report(figures)
+    print(report(figures))
+
+
+def test_a_fifth_peer_joins_the_group_and_ends_identical(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    steps = 240
+    ports = free_ports(len(NAMES) + 1)
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports[:4], steps=steps, workload=str(SLOW_WORKLOAD))
+    for name in NAMES:
+        peers.start(config, name, env=SLOW)
+    wait_for(lambda: status(ports[0])["step"] >= 10, 300, "p0 past step 10")
+    joiner = f"127.0.0.1:{ports[4]}"
+    peers.start(config, "p4", "--join", "--listen", joiner, "--bootstrap", f"127.0.0.1:{ports[0]}", env=SLOW)
+    names = [*NAMES, "p4"]
+    peers.assert_all_finished(FINISH_TIMEOUT, steps, names=names)
+    figures = check_outcome(tmp_path, names, steps)
+    assert "5" in figures["p0"]["rounds_by_group_size"], report(figures)
+    assert "p4" in figures["p0"]["group"]["members"], report(figures)
+    joined = [row for row in read_metrics(tmp_path / "p4") if row.get("event") == "joined"]
+    assert len(joined) == 1 and joined[0]["step"] > 0, joined
+    print(report(figures))
+
+
+def test_a_three_one_partition_trains_only_on_the_quorum_side_then_heals(
+    tmp_path: Path, strategy: dict[str, object]
+) -> None:
+    require_netns()
+    port, steps = 29500, 200
+    with NetnsLab(len(NAMES)) as lab:
+        address = {name: f"{lab.addresses[i]}:{port}" for i, name in enumerate(NAMES)}
+        ports = [port] * len(NAMES)
+        config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, workload=str(SLOW_WORKLOAD))
+        text = config.read_text()
+        for name in NAMES:
+            text = text.replace(f'"127.0.0.1:{port}"', f'"{address[name]}"', 1)
+        config.write_text(text)
+        procs = NamespacedPeers(lab, tmp_path)
+        try:
+            for name in NAMES:
+                procs.start(config, name, env=SLOW)  # the majority is still training after the heal
+
+            def step_of(name: str) -> int:
+                return int(get_json(address[name], "/status")["step"])
+
+            wait_for(lambda: min(step_of(n) for n in NAMES) >= 20, 300, "every peer past step 20")
+            lab.cut((0, 1, 2), (3,))
+            cut_at = time.time()
+            time.sleep(FREEZE_SECONDS)
+            lab.heal()
+            healed_at = time.time()
+            procs.assert_all_finished(FINISH_TIMEOUT, steps)
+        finally:
+            procs.close()
+    figures = check_outcome(tmp_path, NAMES, steps)
+    # The side with the quorum trained on; the lone side made no step once its round timed out.
+    assert steps_between(tmp_path / "p0", cut_at + 3 * ROUND_TIMEOUT, healed_at), report(figures)
+    assert steps_between(tmp_path / "p3", cut_at + 3 * ROUND_TIMEOUT, healed_at) == [], report(figures)
+    assert figures["p3"]["resyncs"] >= 1, report(figures)
+    print(report(figures))
+
+
+class NamespacedPeers(PeerProcesses):
+    """``p2pdl peer`` processes, each inside its own network namespace."""
+
+    def __init__(self, lab: NetnsLab, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
+        self.lab = lab
+
+    def prefix(self, name: str) -> list[str]:
+        return ["ip", "netns", "exec", self.lab.names[NAMES.index(name)]]
