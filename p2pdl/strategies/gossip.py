@@ -1,8 +1,20 @@
 """``gossip``: D-PSGD (Lian et al. 2017), synchronous parameter gossip with the graph neighbours.
 
 Every H local steps a peer runs one round with its neighbours: x_i <- sum_j W_ij x_j with
-Metropolis-Hastings weights. A neighbour whose frame misses the ``round_timeout`` is left out and
-its weight moves to the peer itself; the round is recorded as *partial*, with who was missing.
+Metropolis-Hastings weights. A neighbour whose frame misses the round deadline (learnt from
+recent round times, at most ``round_timeout``: :meth:`StrategyBase.round_deadline`) is left out
+and its weight moves to the peer itself; the round is recorded as *partial*, with who was missing.
+
+Catch-up keeps what every peer learned. A frame is matched to a round by its *wire round*,
+which is the peer's own round (step // H) plus an offset. A peer that finds a neighbour's frame
+for a later wire round (it joined, restarted, or was frozen while the others went on) raises
+its offset to meet it: from the next round on it mixes with its neighbours at their wire round,
+with its own parameters and its own step count. It does not skip steps: every peer trains all of
+its ``run.steps``, and mixing averages the progress of the peer that ran ahead with the progress
+of those that were held up. (The previous rule, jumping the step count to the neighbours' round,
+made a thawed majority skip the rounds one lone peer had trained alone, and the swarm's average
+was dominated by three undertrained models.) Trade-off: peers no longer finish together; the
+one that ran ahead finishes first and leaves, and the others finish their steps without it.
 Optional robust rules (``strategy.robust``) bound what a faulty neighbour can do to a round, at
 the cost of mixing that is no longer exactly doubly stochastic. With ``[compression]`` on, the
 registry builds :class:`~p2pdl.strategies.choco.ChocoGossipStrategy` instead.
@@ -60,6 +72,7 @@ class GossipStrategy(StrategyBase):
         self.config = GossipConfig.from_table(ctx.config)
         self._row: dict[str, float] = {}
         self.robust_stats: dict[str, float] = {"clipped": 0, "rejected": 0, "trimmed_rounds": 0, "last_radius": 0.0}
+        self._offset = 0  # wire round - own round: raised to meet a neighbour that is ahead
         self._clipper = OutlierClipper(radius=self.config.clip_radius, reject_factor=self.config.reject_factor)
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
@@ -78,10 +91,13 @@ class GossipStrategy(StrategyBase):
             return None
         ctx = self._ctx
         neighbors = self._neighbors()
-        round_index = step // self.config.local_steps
+        own_round = step // self.config.local_steps
+        round_index = own_round + self._offset  # the wire round
         ahead = ctx.exchange.highest_round(PARAMS, neighbors)
         if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
-            round_index = ahead  # behind the swarm (joined or restarted): catch up to its round
+            # Behind a neighbour (joined, restarted, thawed): meet it at its wire round, keep our steps.
+            self._offset += ahead - round_index
+            round_index = ahead
         self._round = round_index
         started = time.perf_counter()
         # Training is paused while the round runs, so the parameters can be encoded in place.
@@ -94,7 +110,8 @@ class GossipStrategy(StrategyBase):
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         await ctx.exchange.broadcast(frame, neighbors)
-        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, self.config.round_timeout)
+        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, self.round_deadline())
+        self.observe_round(time.perf_counter() - started)
         ctx.exchange.advance(PARAMS, round_index + 1)
         row = self._row_for(neighbors, arrived)
         self._row = row
@@ -105,7 +122,8 @@ class GossipStrategy(StrategyBase):
         if contributions:
             await ctx.run_compute(lambda: self._mix(local, row[ctx.name], contributions))
         missing = [n for n in neighbors if n not in arrived]
-        return ctx.ledger.record(round_index, missing, started)
+        # The peer's own round: its step count never jumps (see the module docstring).
+        return ctx.ledger.record(own_round, missing, started)
 
     def _mix(
         self,
@@ -130,6 +148,7 @@ class GossipStrategy(StrategyBase):
         return {
             **super().status(),
             "local_steps": self.config.local_steps,
+            "round_offset": self._offset,
             "neighbors": list(self._neighbors()),
             "last_mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
             "robust": self.config.robust,
