@@ -95,6 +95,9 @@ class StrategyConfig(_Validated):
     clip_radius: float = 0.0  # clip: fixed radius (L2, whole model); 0 = 2 x the median accepted neighbour distance
     reject_factor: float = 10.0  # clip: a neighbour farther than this x the median accepted distance is ignored
     trim: int = 1  # trimmed-mean: values dropped at each end, per coordinate
+    # gossip: a peer that sees fewer than half of the configured peers live holds its training up
+    # to this many seconds for them to return (0: never), so it does not run ahead of a frozen majority
+    minority_wait: float = 20.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -123,6 +126,7 @@ class StrategyConfig(_Validated):
         _check(found, self.ps_quorum >= 0, f"strategy.ps_quorum must be >= 0, got {self.ps_quorum}")
         _check(found, self.clip_radius >= 0, f"strategy.clip_radius must be >= 0, got {self.clip_radius}")
         _check(found, self.trim >= 1, f"strategy.trim must be >= 1, got {self.trim}")
+        _check(found, self.minority_wait >= 0, f"strategy.minority_wait must be >= 0 seconds, got {self.minority_wait}")
         _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
         _check(
             found,
