@@ -12,8 +12,8 @@ time from just before the signal until that peer's ``GET /members`` first shows 
 (polled every 0.1 s). Each case runs once idle and once with ``--busy`` processes spinning
 ``while True: pass`` beside the peers, so the machine is oversubscribed. The detector promises
 a latency between the floor and the ceiling (plus up to one gossip period for the tick), and
-no live peer declared dead: ``false_deaths`` sums every survivor's ``declared_dead`` counters
-for the other survivors.
+no live peer declared dead: ``false_deaths`` is how much the survivors' ``declared_dead``
+counters for one another grew between the signal and the victim's removal.
 
 Trade-off: one victim per swarm and a fresh swarm per case keep the cases independent, at the
 cost of a swarm start (tens of seconds on a busy machine) per figure.
@@ -75,11 +75,25 @@ def write_config(path: Path, ports: list[int]) -> None:
     path.write_text("\n".join(lines))
 
 
-def members(port: int) -> dict[str, Any]:
+def get(port: int, path: str) -> dict[str, Any]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/members", timeout=2.0) as response:
+    with opener.open(f"http://127.0.0.1:{port}{path}", timeout=2.0) as response:
         data: dict[str, Any] = json.loads(response.read())
         return data
+
+
+def members(port: int) -> dict[str, Any]:
+    return get(port, "/members")
+
+
+def survivor_deaths(survivors: dict[str, int]) -> int:
+    """How often, in all, the survivors have declared one another dead."""
+    return sum(
+        member["declared_dead"]
+        for port in survivors.values()
+        for member in members(port)["members"]
+        if member["name"] in survivors
+    )
 
 
 def run_case(how: signal.Signals, busy: int, workdir: Path) -> dict[str, Any]:
@@ -101,7 +115,7 @@ def run_case(how: signal.Signals, busy: int, workdir: Path) -> dict[str, Any]:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if all(members(p)["step"] >= 30 for p in ports):
+                if all(get(p, "/status")["step"] >= 30 for p in ports):
                     break
             except OSError:
                 pass
@@ -110,6 +124,7 @@ def run_case(how: signal.Signals, busy: int, workdir: Path) -> dict[str, Any]:
             raise RuntimeError("the swarm did not reach step 30 within 300 s")
         survivors = {n: ports[i] for i, n in enumerate(NAMES) if n != VICTIM}
         limits = {n: next(m for m in members(p)["members"] if m["name"] == VICTIM) for n, p in survivors.items()}
+        deaths_before = survivor_deaths(survivors)
         sent = time.monotonic()
         procs[VICTIM].send_signal(how)
         latency: dict[str, float] = {}
@@ -121,11 +136,7 @@ def run_case(how: signal.Signals, busy: int, workdir: Path) -> dict[str, Any]:
                 if view[VICTIM]["state"] == "dead":
                     latency[name] = round(time.monotonic() - sent, 3)
             time.sleep(0.1)
-        false_deaths = 0
-        for port in survivors.values():
-            for member in members(port)["members"]:
-                if member["name"] in survivors:
-                    false_deaths += member["declared_dead"]
+        false_deaths = survivor_deaths(survivors) - deaths_before
         return {
             "signal": how.name,
             "busy_loops": busy,
