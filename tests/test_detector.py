@@ -63,6 +63,17 @@ def test_irregular_heartbeats_get_a_longer_limit_but_never_past_the_ceiling() ->
     assert slow.dead_after(THRESHOLD, FLOOR, CEILING) == CEILING
 
 
+def test_one_long_gap_is_clipped_and_does_not_make_the_detector_lax() -> None:
+    clipped, unclipped = ArrivalWindow(clip=FLOOR), ArrivalWindow()
+    at = 0.0
+    for gap in [1.0] * 30 + [60.0] + [1.0] * 5:
+        at += gap
+        clipped.arrived(at)
+        unclipped.arrived(at)
+    assert unclipped.dead_after(THRESHOLD, FLOOR, CEILING) == CEILING
+    assert clipped.dead_after(THRESHOLD, FLOOR, CEILING) < 10.0
+
+
 def test_too_few_samples_fall_back_to_the_ceiling() -> None:
     window = ArrivalWindow()
     for at in (0.0, 1.0, 2.0):

@@ -70,11 +70,18 @@ def silence_for_phi(threshold: float, mean: float, std: float) -> float:
 
 
 class ArrivalWindow:
-    """The last :data:`WINDOW` heartbeat inter-arrival times of one member (seconds)."""
+    """The last :data:`WINDOW` heartbeat inter-arrival times of one member (seconds).
 
-    def __init__(self, size: int = WINDOW) -> None:
+    ``clip``: intervals longer than this are recorded as this long. One long gap (a stall while
+    the receiver started up, a member that was frozen and came back) says no more about the
+    rhythm than a gap of the floor does, and unclipped it would keep the detector lax for the
+    next hundred heartbeats. None: no clipping.
+    """
+
+    def __init__(self, size: int = WINDOW, clip: float | None = None) -> None:
         self._intervals: deque[float] = deque(maxlen=size)
         self._last: float | None = None
+        self._clip = clip
 
     def __len__(self) -> int:
         return len(self._intervals)
@@ -82,7 +89,8 @@ class ArrivalWindow:
     def arrived(self, at: float) -> None:
         """A fresh heartbeat at local time ``at``; the gap since the previous one is a sample."""
         if self._last is not None and at > self._last:
-            self._intervals.append(at - self._last)
+            gap = at - self._last
+            self._intervals.append(gap if self._clip is None else min(gap, self._clip))
         self._last = at
 
     def forget_last(self) -> None:

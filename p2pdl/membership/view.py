@@ -6,7 +6,8 @@ every gossip period; views are merged by keeping, per member, the highest (incar
 heartbeat) pair (van Renesse et al. 1998). Each peer decides **locally** that a member is
 ``suspect`` when its counter has not advanced for ``suspect_after`` seconds and ``dead`` when
 its silence reaches a limit learnt from that member's own heartbeat rhythm: a phi-accrual
-detector (:mod:`p2pdl.core.deadline`) over the measured inter-arrival times, crossing
+detector (:mod:`p2pdl.core.deadline`) over the measured inter-arrival times (each clipped at
+``suspect_after``, so one long stall does not make it lax for long), crossing
 ``phi_threshold``, clamped to ``[suspect_after, dead_after]`` (before enough heartbeats are
 measured, and with ``phi_threshold = 0``, the limit is ``dead_after``). A regular peer is thus
 dropped a few seconds after it stops, and a peer on a loaded machine, whose heartbeats come
@@ -285,7 +286,8 @@ class MembershipView:
             if len(self._members) >= MAX_MEMBERS and current is None:
                 continue
             if current is None or incoming.incarnation != current.incarnation:
-                self._arrivals[incoming.name] = ArrivalWindow()  # a new life has its own rhythm
+                # A new life has its own rhythm; gaps beyond the floor are recorded as the floor.
+                self._arrivals[incoming.name] = ArrivalWindow(clip=self.timing.suspect_after)
             if current is None or incoming.version > current.version:
                 self._arrivals[incoming.name].arrived(at)
             self._members[incoming.name] = replace(incoming, heard_at=at)
