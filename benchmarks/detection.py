@@ -6,7 +6,8 @@
 
 Four real ``p2pdl peer`` processes train the MNIST-1D CNN with synchronous gossip on a ring, with
 the default ``[membership]`` (1 s heartbeats, ``suspect_after`` 5 s as the floor, ``dead_after``
-20 s as the ceiling, ``phi_threshold`` 8). Once the swarm is past step 30, p3 gets SIGSTOP (a
+20 s as the ceiling, ``phi_threshold`` 8). Once the swarm is past step 30 and 15 s more have
+passed (the detector needs 4 heartbeat intervals before it adapts), p3 gets SIGSTOP (a
 freeze: it cannot even close its sockets) or SIGKILL. The latency is, per surviving peer, the
 time from just before the signal until that peer's ``GET /members`` first shows p3 ``dead``
 (polled every 0.1 s). Each case runs once idle and once with ``--busy`` processes spinning
@@ -39,6 +40,7 @@ from _provenance import Provenance, write_result
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["p0", "p1", "p2", "p3"]
 VICTIM = "p3"
+WARMUP_SECONDS = 15.0
 ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -122,6 +124,7 @@ def run_case(how: signal.Signals, busy: int, workdir: Path) -> dict[str, Any]:
             time.sleep(0.2)
         else:
             raise RuntimeError("the swarm did not reach step 30 within 300 s")
+        time.sleep(WARMUP_SECONDS)  # let every survivor measure the victim's rhythm (>= 4 intervals)
         survivors = {n: ports[i] for i, n in enumerate(NAMES) if n != VICTIM}
         limits = {n: next(m for m in members(p)["members"] if m["name"] == VICTIM) for n, p in survivors.items()}
         deaths_before = survivor_deaths(survivors)
