@@ -53,7 +53,12 @@ class StrategyConfig(_Validated):
     _section: typing.ClassVar[str] = "strategy"
     kind: StrategyKind = "gossip"
     local_steps: int = 1  # H: local optimizer steps between communication rounds
-    round_timeout: float = 10.0  # seconds a round waits for contributions
+    round_timeout: float = 10.0  # seconds a round waits for contributions at most (the adaptive deadline's ceiling)
+    # Adaptive round deadline: wait round_margin x the 90th percentile of recent round times,
+    # never less than min_round_timeout seconds (capped at round_timeout) nor more than round_timeout
+    # (round_margin = 0: always round_timeout)
+    round_margin: float = 4.0
+    min_round_timeout: float = 1.0
     max_staleness: int = 20  # async-gossip: drop neighbour parameters older than this many steps
     # async-gossip: never run more than this many steps (plus local_steps) ahead of the fastest
     # connected neighbour; beyond it, wait up to round_timeout for a newer copy from any (0: off)
@@ -75,11 +80,24 @@ class StrategyConfig(_Validated):
     on_failure: typing.Literal["redo", "strict"] = "redo"
     min_peers: int = 0  # allreduce: members an exact round needs; 0 = a strict majority of [[peers]]
     quorum_timeout: float = 120.0  # allreduce: seconds below min_peers before QuorumLostError
+    # gossip: a peer that sees fewer than half of the configured peers live holds its training up
+    # to this many seconds for them to return (0: never), so it does not run ahead of a frozen majority
+    minority_wait: float = 20.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
         _check(found, self.local_steps >= 1, f"strategy.local_steps must be >= 1, got {self.local_steps}")
         _check(found, self.round_timeout > 0, f"strategy.round_timeout must be > 0 seconds, got {self.round_timeout}")
+        _check(
+            found,
+            self.round_margin == 0 or self.round_margin >= 1,
+            f"strategy.round_margin must be 0 (off) or >= 1, got {self.round_margin}",
+        )
+        _check(
+            found,
+            self.min_round_timeout > 0,
+            f"strategy.min_round_timeout must be > 0 seconds, got {self.min_round_timeout}",
+        )
         _check(found, self.max_staleness >= 0, f"strategy.max_staleness must be >= 0, got {self.max_staleness}")
         _check(
             found,
@@ -93,6 +111,7 @@ class StrategyConfig(_Validated):
         _check(found, self.ps_quorum >= 0, f"strategy.ps_quorum must be >= 0, got {self.ps_quorum}")
         _check(found, self.clip_radius >= 0, f"strategy.clip_radius must be >= 0, got {self.clip_radius}")
         _check(found, self.trim >= 1, f"strategy.trim must be >= 1, got {self.trim}")
+        _check(found, self.minority_wait >= 0, f"strategy.minority_wait must be >= 0 seconds, got {self.minority_wait}")
         _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
         _check(found, self.min_peers >= 0, f"strategy.min_peers must be >= 0, got {self.min_peers}")
         _check(
@@ -250,8 +269,11 @@ class MembershipConfig(_Validated):
     gossip_interval: float = 1.0  # period of heartbeats and membership push-pull
     gossip_timeout: float = 2.0  # one push-pull exchange
     fanout: int = 8  # members contacted per period (all of them in swarms up to this size)
-    suspect_after: float = 5.0  # no fresh heartbeat for this long: suspect (still a neighbour)
-    dead_after: float = 20.0  # no fresh heartbeat for this long: dead, rewired around (> strategy.round_timeout)
+    suspect_after: float = 5.0  # no fresh heartbeat for this long: suspect (still a neighbour); floor of the dead limit
+    dead_after: float = 20.0  # no fresh heartbeat for this long: dead whatever the rhythm (> strategy.round_timeout)
+    # Phi-accrual detection: dead once phi (-log10 P(a heartbeat still comes)) over the measured
+    # heartbeat intervals reaches this, within [suspect_after, dead_after]; 0 = always dead_after
+    phi_threshold: float = 8.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -264,6 +286,11 @@ class MembershipConfig(_Validated):
             value = getattr(self, name)
             _check(found, value > 0, f"membership.{name} must be > 0 seconds, got {value}")
         _check(found, self.fanout >= 1, f"membership.fanout must be >= 1, got {self.fanout}")
+        _check(
+            found,
+            self.phi_threshold == 0 or 1 <= self.phi_threshold <= 30,
+            f"membership.phi_threshold must be 0 (fixed dead_after) or in [1, 30], got {self.phi_threshold}",
+        )
         _check(
             found,
             self.suspect_after >= 2 * self.gossip_interval,

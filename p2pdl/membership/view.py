@@ -4,12 +4,23 @@ Pure state, no I/O: the node feeds it what it hears and asks it who is live. Eac
 a name, an address, an *incarnation* and a *heartbeat* counter. A member bumps its own heartbeat
 every gossip period; views are merged by keeping, per member, the highest (incarnation,
 heartbeat) pair (van Renesse et al. 1998). Each peer decides **locally** that a member is
-``suspect`` when its counter has not advanced for ``suspect_after`` seconds and ``dead`` after
-``dead_after``; death is therefore never gossiped, so a healed partition or a restarted peer is
+``suspect`` when its counter has not advanced for ``suspect_after`` seconds and ``dead`` when
+its silence reaches a limit learnt from that member's own heartbeat rhythm: a phi-accrual
+detector (:mod:`p2pdl.core.deadline`) over the measured inter-arrival times (each clipped at
+``suspect_after``, so one long stall does not make it lax for long), crossing
+``phi_threshold``, clamped to ``[suspect_after, dead_after]`` (before enough heartbeats are
+measured, and with ``phi_threshold = 0``, the limit is ``dead_after``). A regular peer is thus
+dropped a few seconds after it stops, and a peer on a loaded machine, whose heartbeats come
+irregularly, is given proportionally longer. Death is never gossiped, so a healed partition or a restarted peer is
 alive again as soon as fresh counters arrive. ``left`` *is* gossiped: a clean leave is announced
 and every peer rewires at once. A frame on a direct link is evidence of life too (:meth:`touch`),
 also from a configured peer that never gossips; that evidence is local and is not gossiped on,
 because a digest entry carries only counters the member itself advanced.
+
+A process that was itself paused (SIGSTOP, a stalled event loop) measures everybody's silence
+across its own pause. :meth:`beat` notices the gap between its own beats and extends every
+member's evidence by the excess (as Cassandra skips convictions after a local pause), so a
+thawed peer does not declare the whole swarm dead, and that gap is no sample of anyone's rhythm.
 
 The incarnation is the wall-clock start time of the peer process in milliseconds, so a peer that
 restarts under the same name is newer than any state of its previous life without storing
@@ -27,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from p2pdl.core.deadline import ArrivalWindow
 from p2pdl.errors import MembershipError
 
 MemberState = Literal["alive", "suspect", "left", "dead"]
@@ -101,7 +113,8 @@ class Timing:
 
     gossip_interval: float
     suspect_after: float
-    dead_after: float
+    dead_after: float  # the ceiling of the adaptive dead limit (the limit itself without history)
+    phi_threshold: float = 0.0  # phi at which a member is dead; 0: fixed dead_after, no adaptation
     tombstone_after: float = 600.0  # forget dead/left members after this long
 
 
@@ -138,6 +151,9 @@ class MembershipView:
         self._heard: set[str] = {name}  # learnt through gossip (or a leave): these are gossiped on
         self._linked: set[str] = set()  # heard only on a direct link so far: local evidence
         self._last_live: tuple[str, ...] = ()
+        self._arrivals: dict[str, ArrivalWindow] = {}  # heartbeat rhythm of each member, as heard here
+        self.deaths: dict[str, int] = {}  # per member: times this peer declared it dead (tick)
+        self.paused_seconds = 0.0  # this process's own pauses, forgiven to every member
         self.changes = 0  # bumped whenever the live set changes, so callers can rewire cheaply
 
     # ------------------------------------------------------------------ reading
@@ -156,11 +172,19 @@ class MembershipView:
         if name == self.name:
             return "alive"
         silent = (time.monotonic() if now is None else now) - member.heard_at
-        if silent >= self.timing.dead_after:
+        if silent >= self.dead_limit(name):
             return "dead"
         if silent >= self.timing.suspect_after:
             return "suspect"
         return "alive"
+
+    def dead_limit(self, name: str) -> float:
+        """Seconds of silence after which ``name`` is dead: adaptive, within the configured bounds."""
+        timing = self.timing
+        window = self._arrivals.get(name)
+        if timing.phi_threshold <= 0 or window is None:
+            return timing.dead_after
+        return window.dead_after(timing.phi_threshold, timing.suspect_after, timing.dead_after)
 
     def order_key(self, name: str) -> tuple[int, tuple[Any, ...]]:
         return (self._configured_order.get(name, len(self._configured_order)), natural_key(name))
@@ -185,6 +209,8 @@ class MembershipView:
                 **m.to_wire(),
                 "state": self.state_of(m.name, at),
                 "silent_seconds": round(at - m.heard_at, 3),
+                "dead_after_seconds": round(self.dead_limit(m.name), 3),
+                "declared_dead": self.deaths.get(m.name, 0),
             }
             for m in sorted(self._members.values(), key=lambda m: self.order_key(m.name))
         ]
@@ -198,7 +224,17 @@ class MembershipView:
     def beat(self) -> None:
         """Advance this peer's own heartbeat (once per gossip period)."""
         own = self._members[self.name]
-        self._members[self.name] = replace(own, heartbeat=own.heartbeat + 1, heard_at=time.monotonic())
+        now = time.monotonic()
+        paused = now - own.heard_at - self.timing.gossip_interval
+        if own.heartbeat > 0 and paused > self.timing.gossip_interval:
+            # This process did not run for a while: nobody could be heard meanwhile.
+            self.paused_seconds += paused
+            for name, member in self._members.items():
+                if name != self.name:
+                    self._members[name] = replace(member, heard_at=min(now, member.heard_at + paused))
+            for window in self._arrivals.values():
+                window.forget_last()
+        self._members[self.name] = replace(own, heartbeat=own.heartbeat + 1, heard_at=now)
 
     def touch(self, name: str, now: float | None = None) -> None:
         """Direct evidence of life (a frame arrived on a link): as good as a fresh heartbeat.
@@ -249,6 +285,11 @@ class MembershipView:
                 continue
             if len(self._members) >= MAX_MEMBERS and current is None:
                 continue
+            if current is None or incoming.incarnation != current.incarnation:
+                # A new life has its own rhythm; gaps beyond the floor are recorded as the floor.
+                self._arrivals[incoming.name] = ArrivalWindow(clip=self.timing.suspect_after)
+            if current is None or incoming.version > current.version:
+                self._arrivals[incoming.name].arrived(at)
             self._members[incoming.name] = replace(incoming, heard_at=at)
             self._heard.add(incoming.name)
         self._forget_tombstones(at)
@@ -261,6 +302,10 @@ class MembershipView:
         """Re-evaluate timeouts; returns True when the live set changed since the last call."""
         live = self.live_names(now)
         changed = live != self._last_live
+        for name in set(self._last_live) - set(live):
+            member = self._members.get(name)
+            if member is not None and not member.left:
+                self.deaths[name] = self.deaths.get(name, 0) + 1
         self._last_live = live
         if changed:
             self.changes += 1
@@ -274,5 +319,6 @@ class MembershipView:
             if n != self.name and n not in self._configured_order and now - m.heard_at > limit
         ]:
             del self._members[name]
+            self._arrivals.pop(name, None)
             self._heard.discard(name)
             self._linked.discard(name)

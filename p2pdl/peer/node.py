@@ -157,6 +157,7 @@ class Peer:
                 gossip_interval=membership.gossip_interval,
                 suspect_after=membership.suspect_after,
                 dead_after=membership.dead_after,
+                phi_threshold=membership.phi_threshold,
             ),
         )
         self._graph = self._graph_over(self.membership.live_names())

@@ -146,7 +146,13 @@ class AllReduceStrategy(StrategyBase):
         return self._ctx.topology().names
 
     def _round_deadline(self) -> float:
-        """Seconds one phase of an attempt waits for the members' frames."""
+        """Seconds one phase of an attempt waits for the members' frames.
+
+        A failed member ends the wait as soon as the membership's adaptive (phi-accrual) detector
+        declares it dead (:meth:`_gather`), so ``round_timeout`` is only the bound for a member
+        that is alive but silent. It is not learnt from round times as gossip's is: a spurious
+        abort here costs a redo and a state download, where gossip only mixes a partial round.
+        """
         return self.config.round_timeout
 
     def _chunk_size(self, size: int) -> int:

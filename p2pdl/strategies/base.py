@@ -37,6 +37,7 @@ import torch
 from p2pdl.compression.codec import CompressionPolicy, TensorCodec
 from p2pdl.compression.compressors import build_compressor
 from p2pdl.config import CompressionConfig, OuterKind, StrategyConfig
+from p2pdl.core.deadline import RoundDeadline
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.topology import Graph
 from p2pdl.errors import ConfigError, FrameSchemaError, TransportError, UnknownSenderError
@@ -363,6 +364,25 @@ class StrategyBase:
             self._outer = OuterOptimizer(
                 [p for _, p in ctx.parameters], lr=outer.outer_lr, momentum=outer.outer_momentum
             )
+        table = ctx.config
+        self._deadline: RoundDeadline | None = None
+        if table.round_margin > 0:
+            self._deadline = RoundDeadline(
+                floor=min(table.min_round_timeout, table.round_timeout),
+                ceiling=table.round_timeout,
+                margin=table.round_margin,
+            )
+
+    def round_deadline(self) -> float:
+        """Seconds the next round waits: learnt from recent rounds, within [min_round_timeout, round_timeout]."""
+        if self._deadline is None:
+            return self._ctx.config.round_timeout
+        return self._deadline.deadline()
+
+    def observe_round(self, seconds: float) -> None:
+        """A round took ``seconds`` (what it waited, when it hit its deadline): feeds ``round_deadline``."""
+        if self._deadline is not None:
+            self._deadline.observe(seconds)
 
     def _neighbors(self) -> tuple[str, ...]:
         return self._ctx.topology().neighbors.get(self._ctx.name, ())
@@ -462,4 +482,5 @@ class StrategyBase:
         status: dict[str, Any] = {"kind": self.name, "round": self._round}
         if self._outer is not None:
             status["outer_steps"] = self._outer.steps
+        status["round_deadline_seconds"] = round(self.round_deadline(), 3)
         return status

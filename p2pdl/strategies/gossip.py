@@ -1,8 +1,29 @@
 """``gossip``: D-PSGD (Lian et al. 2017), synchronous parameter gossip with the graph neighbours.
 
 Every H local steps a peer runs one round with its neighbours: x_i <- sum_j W_ij x_j with
-Metropolis-Hastings weights. A neighbour whose frame misses the ``round_timeout`` is left out and
-its weight moves to the peer itself; the round is recorded as *partial*, with who was missing.
+Metropolis-Hastings weights. A neighbour whose frame misses the round deadline (learnt from
+recent round times, at most ``round_timeout``: :meth:`StrategyBase.round_deadline`) is left out
+and its weight moves to the peer itself; the round is recorded as *partial*, with who was missing.
+
+After a freeze nobody throws away what it learned, by two rules:
+
+* *A minority does not run ahead.* A peer that sees fewer than half of the configured peers live
+  (e.g. the one peer left running while three of four are frozen) has almost nobody to mix with:
+  it holds its training, at most ``minority_wait`` seconds, until enough of them are back. The
+  frozen majority therefore finds it at most the few rounds ahead that it trained before its
+  failure detector dropped them, instead of the hundreds it could train alone. After the wait it
+  trains on with whoever is left (a real crash of most of the swarm costs one wait, not one per
+  round), and it never waits in the last two rounds, when peers finish and leave rather than fail.
+* *A peer behind catches up by round, not by discarding.* A peer that finds a neighbour's frame
+  for a later round (it was frozen, joined, restarted) mixes at that round, keeping its own
+  parameters; the node advances its step count to match, so every peer's last round is the same
+  and the final models agree. What the peer skips is only the lead of the peer ahead, which the
+  first rule keeps to a few rounds.
+
+Trade-off: peers finishing together (a last round every peer shares, so final models agree) is
+bought with those few skipped steps for the peers that were behind. Keeping every step instead
+(a round offset per peer) lets the peer ahead finish first and the others train their last
+steps without it, and the final models drift apart by what those unmixed steps change.
 Optional robust rules (``strategy.robust``) bound what a faulty neighbour can do to a round, at
 the cost of mixing that is no longer exactly doubly stochastic. With ``[compression]`` on, the
 registry builds :class:`~p2pdl.strategies.choco.ChocoGossipStrategy` instead.
@@ -10,6 +31,8 @@ registry builds :class:`~p2pdl.strategies.choco.ChocoGossipStrategy` instead.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +56,9 @@ from p2pdl.strategies.base import (
 from p2pdl.wire import Frame, TensorSpec
 
 PARAMS = "params"
+MINORITY_POLL_SECONDS = 0.1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +69,7 @@ class GossipConfig(RoundConfig):
     clip_radius: float  # clip: fixed L2 radius over the whole model; 0 = adaptive
     reject_factor: float  # clip: ignore a neighbour farther than this x the median accepted distance
     trim: int  # trimmed-mean: values dropped at each end, per coordinate
+    minority_wait: float  # seconds a peer seeing under half the configured peers live holds training
 
 
 class GossipStrategy(StrategyBase):
@@ -60,6 +87,9 @@ class GossipStrategy(StrategyBase):
         self.config = GossipConfig.from_table(ctx.config)
         self._row: dict[str, float] = {}
         self.robust_stats: dict[str, float] = {"clipped": 0, "rejected": 0, "trimmed_rounds": 0, "last_radius": 0.0}
+        self._held_alone = False  # waited minority_wait once already: train on with who is left
+        self.minority_waits = 0
+        self.minority_wait_seconds = 0.0
         self._clipper = OutlierClipper(radius=self.config.clip_radius, reject_factor=self.config.reject_factor)
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
@@ -77,11 +107,13 @@ class GossipStrategy(StrategyBase):
         if (step + 1) % self.config.local_steps != 0:
             return None
         ctx = self._ctx
+        if ctx.last_step is None or step + 2 * self.config.local_steps <= ctx.last_step:
+            await self._hold_while_minority()  # not in the last two rounds: peers finishing leave
         neighbors = self._neighbors()
         round_index = step // self.config.local_steps
         ahead = ctx.exchange.highest_round(PARAMS, neighbors)
         if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
-            round_index = ahead  # behind the swarm (joined or restarted): catch up to its round
+            round_index = ahead  # behind (thawed, joined, restarted): mix at the neighbours' round
         self._round = round_index
         started = time.perf_counter()
         # Training is paused while the round runs, so the parameters can be encoded in place.
@@ -94,7 +126,8 @@ class GossipStrategy(StrategyBase):
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         await ctx.exchange.broadcast(frame, neighbors)
-        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, self.config.round_timeout)
+        arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, self.round_deadline())
+        self.observe_round(time.perf_counter() - started)
         ctx.exchange.advance(PARAMS, round_index + 1)
         row = self._row_for(neighbors, arrived)
         self._row = row
@@ -106,6 +139,36 @@ class GossipStrategy(StrategyBase):
             await ctx.run_compute(lambda: self._mix(local, row[ctx.name], contributions))
         missing = [n for n in neighbors if n not in arrived]
         return ctx.ledger.record(round_index, missing, started)
+
+    def _in_minority(self) -> bool:
+        configured = len(self._ctx.configured)
+        return configured > 1 and 2 * len(self._ctx.topology().names) < configured
+
+    async def _hold_while_minority(self) -> None:
+        """Wait (at most ``minority_wait`` s) while fewer than half of the configured peers are live."""
+        if not self._in_minority():
+            self._held_alone = False
+            return
+        if self._held_alone or self.config.minority_wait <= 0:
+            return
+        self.minority_waits += 1
+        started = time.perf_counter()
+        deadline = started + self.config.minority_wait
+        # Polled: the live set changes in the membership layer, which has no event for a strategy.
+        while time.perf_counter() < deadline:
+            if not self._in_minority():
+                break
+            await asyncio.sleep(MINORITY_POLL_SECONDS)
+        self.minority_wait_seconds += time.perf_counter() - started
+        self._held_alone = self._in_minority()
+        if self._held_alone:
+            log.warning(
+                "%s: only %s of %d configured peers live after %.0f s; training on with them",
+                self._ctx.name,
+                list(self._ctx.topology().names),
+                len(self._ctx.configured),
+                self.config.minority_wait,
+            )
 
     def _mix(
         self,
@@ -130,6 +193,8 @@ class GossipStrategy(StrategyBase):
         return {
             **super().status(),
             "local_steps": self.config.local_steps,
+            "minority_waits": self.minority_waits,
+            "minority_wait_seconds": round(self.minority_wait_seconds, 3),
             "neighbors": list(self._neighbors()),
             "last_mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
             "robust": self.config.robust,
