@@ -124,7 +124,7 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
     config_path = swarm_config(args, strategy, out / "config.toml")
     config = load_config(config_path)
     snapshot_every = args.local_steps if strategy == "diloco" else args.snapshot_every
-    cluster_args = argparse.Namespace(config=config_path, device=None, snapshot_every=snapshot_every)
+    cluster_args = argparse.Namespace(config=config_path, device=None, snapshot_every=snapshot_every, resume=False)
     env = {**os.environ, **PEER_ENV, "OMP_NUM_THREADS": "1"}
     cluster = Cluster(cluster_args, config, out, args.steps, env)
     for entry in config.peers:

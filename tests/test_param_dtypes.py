@@ -282,7 +282,11 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, bool]] = {
 STEPS = 4
 
 
-@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    # bf16 in the fast tier; fp16 takes the same code paths with another rounding, in the slow tier
+    [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16", marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("case", list(CASES))
 async def test_every_strategy_trains_a_16_bit_model(case: str, dtype: torch.dtype) -> None:
     strategy, compression, exact = CASES[case]
