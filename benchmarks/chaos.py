@@ -146,7 +146,9 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
             if chaos and swarm_step >= 1 and next_kill == float("inf"):
                 # The clock of the chaos starts with training, not with the processes' start-up.
                 next_kill, next_freeze = now + args.kill_every, now + args.freeze_every
-            if chaos and swarm_step >= 1:
+            # No fault in the last checkpoint interval: a peer restarted after the swarm has finished
+            # finds no quorum to rejoin and, correctly, exits with QuorumLostError after quorum_timeout.
+            if chaos and 1 <= swarm_step < args.steps - args.checkpoint_every:
                 for kind, due in (("restart", now >= next_kill), ("freeze", now >= next_freeze)):
                     candidates = cluster.polled()
                     if not due or len(candidates) < 2:

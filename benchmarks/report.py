@@ -174,6 +174,41 @@ def robust_rows(document: dict[str, Any]) -> list[str]:
     return rows
 
 
+def detection_rows(document: dict[str, Any]) -> list[str]:
+    rows = [
+        "| signal | busy loops | time until the survivors declare the peer dead: min | max | false deaths |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for case in document["cases"]:
+        latencies = list(case["latency_seconds"].values())
+        rows.append(
+            f"| {case['signal']} | {case['busy_loops']} | {min(latencies):.2f} s | {max(latencies):.2f} s | "
+            f"{case['false_deaths']} |"
+        )
+    return rows
+
+
+def chaos_rows(document: dict[str, Any]) -> list[str]:
+    rows = [
+        "| strategy | goodput, chaos / failure-free | final val loss: failure-free, chaos (difference) "
+        "| longest global stall (target) | median step | bit-identical at every snapshot step | events |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in document["rows"]:
+        clean, chaos = r["clean"], r["chaos"]
+        identity = chaos["identity"]
+        difference = r.get("final_loss_vs_clean")
+        rows.append(
+            f"| {r['strategy']} | {r.get('goodput_ratio')} | {clean['final_test_loss']:.4f}, "
+            f"{chaos['final_test_loss']:.4f} ({difference:+.2%}) | {chaos['longest_stall_seconds']} s "
+            f"({r.get('stall_target_seconds')} s) | {chaos['median_step_seconds']} s | "
+            f"{'yes' if identity['always_identical'] else 'NO'} ({identity['steps_compared']} steps compared"
+            f"{', differing at ' + str(identity['steps_differing']) if identity['steps_differing'] else ''}) | "
+            f"{len(chaos['events'])} |"
+        )
+    return rows
+
+
 def own_table(document: dict[str, Any]) -> list[str]:
     """The markdown table the benchmark script rendered itself (its ``table`` key)."""
     return list(document["table"].splitlines())
@@ -189,6 +224,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "consensus": consensus_rows,
     "diloco_outer": diloco_rows,
     "robust_mixing": robust_rows,
+    "detection": detection_rows,
+    "chaos": chaos_rows,
 }
 
 
