@@ -266,8 +266,10 @@ def _ddp_rank(config_path: Path, out: Path, rank: int, world: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from p2pdl.config import load_config
+    from p2pdl.train.build import build_model
     from p2pdl.train.data import BatchStream
-    from p2pdl.train.loop import assigned_shards, build_model, build_optimizer, data_seed
+    from p2pdl.train.optim import build_optimizer
+    from p2pdl.train.shards import assigned_shards, data_seed
     from p2pdl.train.workload import load_workload
 
     config = load_config(config_path)
@@ -283,7 +285,7 @@ def _ddp_rank(config_path: Path, out: Path, rank: int, world: int) -> None:
     stream = BatchStream(inputs, targets, run.batch_size, seed=data_seed(run, shard))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=PROCESS_TIMEOUT))
     ddp = DistributedDataParallel(model)
-    optimizer = build_optimizer(run, model)
+    optimizer = build_optimizer(config.optimizer_settings, model)
     for _ in range(run.steps):
         batch_inputs, batch_targets = next(stream)
         optimizer.zero_grad(set_to_none=True)
