@@ -53,7 +53,7 @@ def test_two_peer_allreduce_cluster_runs_every_step_to_one_model(
     assert [m["step"] for m in read_metrics(out / "p0") if "loss" in m] == list(range(30))
 
 
-@pytest.mark.smoke
+@pytest.mark.slow  # 10-21 s of real processes: the full tier, to keep `make test` under 3 minutes
 def test_a_cluster_stopped_at_its_timeout_fails_even_though_its_peers_exit_0(
     tmp_path: Path, config_writer: Callable[..., Path]
 ) -> None:
@@ -148,7 +148,7 @@ def test_sigterm_stops_a_peer_cleanly_and_neighbours_see_the_leave(
     assert status["state"] == "training"
 
 
-@pytest.mark.smoke
+@pytest.mark.slow  # 10-21 s of real processes: the full tier, to keep `make test` under 3 minutes
 def test_allreduce_peer_alone_fails_loudly(
     tmp_path: Path, config_writer: Callable[..., Path], peer_processes: PeerProcesses
 ) -> None:
