@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import random
 import statistics
@@ -57,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from _provenance import Provenance, write_result  # noqa: E402
 from fault_schedule import Event  # noqa: E402
-from local_cluster import PEER_ENV, Cluster, fetch_status  # noqa: E402
+from local_cluster import PEER_ENV, Cluster, fetch_status, read_jsonl  # noqa: E402
 from time_to_accuracy import free_ports, write_toml  # noqa: E402
 
 from p2pdl.config import load_config  # noqa: E402
@@ -171,18 +170,6 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
     return analyse(out, cluster.names, exit_codes, events, args, strategy, timed_out, snapshot_every)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by SIGKILL
-            continue
-    return rows
-
-
 def analyse(
     out: Path,
     names: list[str],
@@ -197,7 +184,7 @@ def analyse(
     trained: set[tuple[str, int]] = set()
     finals: dict[str, dict[str, Any]] = {}
     for name in names:
-        for row in read_metrics(out / name / "metrics.jsonl"):
+        for row in read_jsonl(out / name / "metrics.jsonl"):
             if row.get("final"):
                 finals[name] = row
             elif "loss" in row and "wall" in row:
