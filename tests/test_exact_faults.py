@@ -185,9 +185,17 @@ def test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(
     for name in survivors:
         assert {"4", "2"} <= set(figures[name]["rounds_by_group_size"]), report(figures)
         assert figures[name]["rounds_redone"] >= 1, report(figures)
-    # No lost step: every step from 0 to the end appears once in each survivor's metrics.
+    # No lost step. A survivor that fell behind (a busy machine can make a live peer miss a round
+    # that the others, at quorum, complete without it) loads a member's state and jumps ahead: its
+    # own log then has a gap, one per resync at most, and the steps it skipped are in the other's.
+    logged = {}
     for name in survivors:
-        assert [r["step"] for r in read_metrics(tmp_path / name) if "loss" in r] == list(range(steps))
+        logged[name] = [r["step"] for r in read_metrics(tmp_path / name) if "loss" in r]
+        seen = logged[name]
+        assert seen == sorted(set(seen)) and seen[0] == 0 and seen[-1] == steps - 1, seen
+        gaps = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b != a + 1)
+        assert gaps <= figures[name]["resyncs"], (name, seen, report(figures))
+    assert set().union(*logged.values()) == set(range(steps)), report(figures)
     print(report(figures))
 
 
