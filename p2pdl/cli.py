@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from p2pdl import faults
 from p2pdl._malloc import tune_allocator
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.core.topology import build_graph, describe
@@ -251,6 +252,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
         param_dtype=run.param_dtype,
     ):
         raise ConfigError(problems)
+    faults.load()  # a malformed P2PDL_FAULT fails here, by name
     out = args.out if args.out is not None else Path("runs") / args.name
     runner = _event_loop_runner()
     with runner:

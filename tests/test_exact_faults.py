@@ -6,12 +6,15 @@ the final models are bit-identical, no group below the quorum ever trained (a st
 4 is 3, so no round of 1 or 2 members unless ``min_peers`` says so), and summary.json counts the
 rounds per group size, the rounds redone and the resyncs.
 
-Which phase (reduce-scatter or all-gather) a SIGKILL hits is not controlled: the kills land
-mid-run at whatever the victim is doing; summary.json records the phase of every redo.
+The two-kill case chooses the phase each crash hits with ``P2PDL_FAULT`` (p2pdl/faults.py): one
+victim dies right after sending its reduce-scatter chunks, the other right after its all-gather
+chunks. The other kills land mid-run at whatever the victim is doing; summary.json records the
+phase of every redo.
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from helpers import (
     assert_identical_models,
     free_ports,
     get_json,
+    log_tail,
     read_metrics,
     status,
     wait_for,
@@ -166,19 +170,23 @@ def test_a_freeze_of_one_of_four_is_redone_around_and_the_thawed_peer_resyncs(
     print(report(figures))
 
 
-def test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(
+def test_a_sigkill_in_a_reduce_scatter_and_one_in_an_all_gather_are_redone_around_without_a_lost_step(
     tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
 ) -> None:
     steps = 160
     ports = free_ports(len(NAMES))
     # Two of four die: the two survivors keep training only because min_peers says 2 suffice.
     config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, min_peers=2)
+    local_steps = int(str(strategy["local_steps"]))
+    # p3 dies after sending round 40's reduce-scatter chunks (every survivor lacks its all-gather
+    # chunk: the round is redone); p2 dies after sending its all-gather chunks of round 80 (the
+    # survivors may have completed that round, or redo the next).
+    deaths = {"p3": f"kill:rs:{40 // local_steps}", "p2": f"kill:ag:{80 // local_steps}"}
     for name in NAMES:
-        peers.start(config, name)
-    wait_for(lambda: status(ports[0])["step"] >= 40, 300, "p0 past step 40")
-    peers.procs["p3"].send_signal(signal.SIGKILL)
-    wait_for(lambda: status(ports[0])["step"] >= 80, 300, "p0 past step 80")
-    peers.procs["p2"].send_signal(signal.SIGKILL)
+        peers.start(config, name, env={"P2PDL_FAULT": deaths[name]} if name in deaths else None)
+    for victim in deaths:
+        assert peers.procs[victim].wait(timeout=FINISH_TIMEOUT) == -signal.SIGKILL, log_tail(tmp_path / victim)
+        assert "fault injection: SIGKILL at" in log_tail(tmp_path / victim)
     survivors = ["p0", "p1"]
     peers.assert_all_finished(FINISH_TIMEOUT, steps, names=survivors)
     figures = check_outcome(tmp_path, survivors, steps)
@@ -193,7 +201,7 @@ def test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(
         logged[name] = [r["step"] for r in read_metrics(tmp_path / name) if "loss" in r]
         seen = logged[name]
         assert seen == sorted(set(seen)) and seen[0] == 0 and seen[-1] == steps - 1, seen
-        gaps = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b != a + 1)
+        gaps = sum(1 for a, b in itertools.pairwise(seen) if b != a + 1)
         assert gaps <= figures[name]["resyncs"], (name, seen, report(figures))
     assert set().union(*logged.values()) == set(range(steps)), report(figures)
     print(report(figures))

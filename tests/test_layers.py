@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "tasks": 0,
     "_malloc": 0,
+    "faults": 0,
     "core": 1,
     "config": 2,
     "wire": 3,

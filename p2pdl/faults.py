@@ -1,0 +1,84 @@
+"""Fault injection at named protocol points, for fault tests and chaos runs.
+
+A test that kills a peer from outside cannot choose *where* in a round the peer dies: a SIGKILL
+sent when the victim passes step 40 lands in whatever it is doing. The exact-averaging protocol
+has two failure cases that need different recoveries (PROTOCOL.md §11.4): a member that dies
+after sending its reduce-scatter chunks but before its all-gather chunk leaves every survivor
+without that chunk (the round is redone), while one that dies after its all-gather chunk went
+out may leave survivors that completed the round next to survivors that did not. So the peer
+itself dies there, by the same SIGKILL, when the environment asks it to::
+
+    P2PDL_FAULT="kill:rs:40"           # die right after sending the reduce-scatter chunks of
+                                       # round 40 (or of the first round after it this peer runs)
+    P2PDL_FAULT="kill:ag:80,kill:rs:90"
+
+``PHASE`` is ``rs`` (after the reduce-scatter frames were sent) or ``ag`` (after the all-gather
+frames were sent); ``ROUND`` is the exact round (the step under ``local_steps = 1``, the step
+divided by ``local_steps`` otherwise); a peer that skipped that round (it caught up from a
+member's state) dies at the first such phase after it. Without the variable every hook is a check of an empty
+set. A malformed value is a :class:`~p2pdl.errors.ConfigError` at start-up
+(:func:`load`), never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Mapping
+
+from p2pdl.errors import ConfigError
+
+__all__ = ["ENV", "PHASES", "at", "load", "parse"]
+
+log = logging.getLogger(__name__)
+
+ENV = "P2PDL_FAULT"
+PHASES = ("rs", "ag")
+ACTIONS = ("kill",)
+
+_planned: frozenset[tuple[str, int]] | None = None
+
+
+def parse(spec: str) -> frozenset[tuple[str, int]]:
+    """The (phase, round) points of ``spec`` (``kill:PHASE:ROUND``, comma separated)."""
+    points: set[tuple[str, int]] = set()
+    problems: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        fields = item.split(":")
+        if len(fields) != 3:
+            problems.append(f"{ENV}: {item!r} is not ACTION:PHASE:ROUND (e.g. kill:rs:40)")
+            continue
+        action, phase, round_text = fields
+        if action not in ACTIONS:
+            problems.append(f"{ENV}: action {action!r} in {item!r} is not one of {', '.join(ACTIONS)}")
+        if phase not in PHASES:
+            problems.append(f"{ENV}: phase {phase!r} in {item!r} is not one of {', '.join(PHASES)}")
+        if not round_text.isdigit():
+            problems.append(f"{ENV}: round {round_text!r} in {item!r} is not a non-negative integer")
+        elif action in ACTIONS and phase in PHASES:
+            points.add((phase, int(round_text)))
+    if problems:
+        raise ConfigError(problems)
+    return frozenset(points)
+
+
+def load(environ: Mapping[str, str] = os.environ) -> frozenset[tuple[str, int]]:
+    """Read and check :data:`ENV` once; the peer calls it at start-up so a typo fails loudly."""
+    global _planned
+    _planned = parse(environ.get(ENV, ""))
+    if _planned:
+        log.warning("fault injection armed (%s): %s", ENV, sorted(_planned))
+    return _planned
+
+
+def at(phase: str, round_index: int) -> None:
+    """Die here (SIGKILL, no cleanup, like a crash) at a planned ``phase`` of a round at or past the plan's."""
+    planned = _planned if _planned is not None else load()
+    if any(phase == want and round_index >= start for want, start in planned):
+        log.warning("fault injection: SIGKILL at %s of round %d", phase, round_index)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
