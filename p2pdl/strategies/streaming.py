@@ -86,6 +86,7 @@ class StreamingDiLoCoStrategy(StrategyBase):
         self._in_flight: dict[int, tuple[int, float, asyncio.Task[torch.Tensor]]] = {}
         self._finished = False
         self.wait_seconds = 0.0  # held waiting for an exchange that was due (the node reads it)
+        self.training_wait_seconds = 0.0  # the same, before the last step's full sync
         self.raw_bytes = 0  # the same contributions as float32, for the node's compression ratio
         self.payload_bytes = 0
         self.fragment_syncs = 0
@@ -286,6 +287,7 @@ class StreamingDiLoCoStrategy(StrategyBase):
             ):
                 await self._apply(fragment)
         if final:
+            self.training_wait_seconds = self.wait_seconds
             for fragment in sorted(self._in_flight):
                 await self._apply(fragment)
             await self._final_sync(steps_completed)
@@ -307,6 +309,7 @@ class StreamingDiLoCoStrategy(StrategyBase):
             "overlap_steps": self.config.overlap_steps,
             "outer_quant": self.config.outer_quant,
             "wait_seconds": round(self.wait_seconds, 6),
+            "training_wait_seconds": round(self.training_wait_seconds if self._finished else self.wait_seconds, 6),
             "payload_bytes": self.payload_bytes,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "bad_frames": self.bad_frames,
