@@ -8,19 +8,27 @@ full sync that ends a run, hold bit-identical parameters on every peer.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from helpers import assert_identical_models, free_ports, read_json, run_cluster, write_config
 
-from p2pdl.config import StrategyConfig
+from p2pdl import Peer
+from p2pdl.config import Config, StrategyConfig, config_from_mapping
 from p2pdl.core.fragments import FragmentOuter, FragmentSchedule, split_fragments
 from p2pdl.core.outer import OuterOptimizer
 from p2pdl.core.quantize import Quantized, dequantize, error_bound, payload_numel, quantize
 from p2pdl.errors import ConfigError
+from p2pdl.strategies.streaming import StreamingDiLoCoStrategy
+from p2pdl.wire import Frame, encode_frame
+
+PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
 
 # ------------------------------------------------------------------ fragments and their schedule
 
@@ -262,3 +270,85 @@ def test_every_combination_of_small_periods_syncs_each_fragment_once() -> None:
                     f for t in range(first + overlap, first + overlap + local_steps) for f in schedule.applies_after(t)
                 ]
                 assert sorted(sent) == sorted(landed) == list(range(fragments))
+
+
+# ------------------------------------------------------------------ two in-process peers
+
+
+def _two_peer_config(steps: int) -> Config:
+    return config_from_mapping(
+        {
+            "run": {"workload": str(PEERS_DIR / "mnist1d_cnn.py"), "lr": 0.1, "momentum": 0.0, "steps": steps},
+            "strategy": {
+                "kind": "streaming-diloco",
+                "local_steps": 4,
+                "fragments": 2,
+                "overlap_steps": 1,
+                "outer_quant": "int4",
+                "quant_block": 8,
+                "outer_lr": 0.7,
+                "outer_momentum": 0.9,
+                "round_timeout": 5.0,
+            },
+            "topology": {"kind": "full"},
+            "transport": {"startup_timeout": 10.0, "heartbeat_interval": 1.0},
+            "peers": [{"name": "a", "address": "127.0.0.1:0"}, {"name": "b", "address": "127.0.0.1:0"}],
+        }
+    )
+
+
+def _closure(model: torch.nn.Module, seed: int) -> Callable[[], torch.Tensor]:
+    data = torch.Generator().manual_seed(seed)
+
+    def closure() -> torch.Tensor:
+        loss = model(torch.randn(8, 4, generator=data)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+async def test_two_peers_share_anchors_refuse_bad_fragments_and_end_identical() -> None:
+    steps = 11  # sends after steps 2, 4, 6, 8, 10; the last step lands them and syncs everything
+    config = _two_peer_config(steps)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same initial model on both peers, as a run builds it
+        models.append(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)))
+    b = Peer(config, "b", models[1], torch.optim.SGD(models[1].parameters(), lr=0.1))  # type: ignore[arg-type]
+    port = await b.transport.start()
+    a = Peer(  # type: ignore[arg-type]
+        config, "a", models[0], torch.optim.SGD(models[0].parameters(), lr=0.1), bootstrap=(f"127.0.0.1:{port}",)
+    )
+    closures = [_closure(models[0], 1), _closure(models[1], 2)]
+    try:
+        await asyncio.gather(a.start(), b.start())
+        strategies = [cast(StreamingDiLoCoStrategy, peer.strategy) for peer in (a, b)]
+        # A fragment index the strategy does not have, and a fragment of the wrong size: refused.
+        codes, scales = payload_numel("int4", strategies[0]._outers[0].numel, 8)
+        for kind, tensors in (
+            ("sd2", {"codes": torch.zeros(codes, dtype=torch.uint8), "scales": torch.zeros(scales)}),
+            ("sd0", {"codes": torch.zeros(codes + 1, dtype=torch.uint8), "scales": torch.zeros(scales)}),
+        ):
+            frame = Frame(kind=kind, sender="a", round=2, step=2, meta={"group": "a,b"}, tensors=tensors)
+            await a.transport.send_encoded("b", encode_frame(frame))
+        for step in range(steps - 1):
+            await asyncio.gather(a.step(closures[0]), b.step(closures[1]))
+            # Anchors and outer momentum are the same bits on both peers after every step.
+            for mine, theirs in zip(strategies[0]._outers, strategies[1]._outers, strict=True):
+                assert torch.equal(mine.anchor, theirs.anchor), step
+                assert torch.equal(mine.momentum_buffer, theirs.momentum_buffer), step
+        assert not torch.equal(_flat(models[0]), _flat(models[1]))  # each kept half of its own
+        assert [s.fragment_syncs for s in strategies] == [4, 4]
+        assert [(f, sent) for f, (sent, *_) in strategies[0]._in_flight.items()] == [(1, 10)]  # lands at the end
+        await asyncio.gather(a.step(closures[0]), b.step(closures[1]))
+        assert torch.equal(_flat(models[0]), _flat(models[1]))  # the final sync: one model
+        status = b.status()
+        assert status["frames_rejected"]["by_reason"] == {"schema": 1, "shape": 1}, status["frames_rejected"]
+        assert status["strategy"]["fragment_syncs"] == 5 and status["strategy"]["final_sync"]
+    finally:
+        await asyncio.gather(a.close(), b.close())
