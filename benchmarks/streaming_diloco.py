@@ -14,8 +14,7 @@ thread per peer. Rows, run one after the other in one invocation (``--repeats`` 
 * **streaming**: ``streaming-diloco`` with the same H and outer optimizer, F = ``--fragments``
   fragments synced at staggered steps, each sync overlapping tau = ``--overlap`` inner steps,
   outer gradients in int8 with a scale per 128 values, merged with alpha = 0.5; the run ends
-  with a full sync of every fragment (one more outer step each, replacing the local values),
-  so its peers end identical too, as DiLoCo's do after its last sync.
+  with a full sync of every fragment (plain averaging), so its peers end identical too.
 
 Figures per row:
 

@@ -159,6 +159,14 @@ class FragmentOuter:
         self.steps += 1
 
     @torch.no_grad()
+    def average(self, mean_outer_gradient: torch.Tensor) -> None:
+        """Plain averaging (no momentum): ``anchor <- anchor - g``, i.e. the mean of the replicas."""
+        gradient = mean_outer_gradient.to(device=self.anchor.device, dtype=torch.float32).reshape(-1)
+        if gradient.numel() != self.numel or not bool(torch.isfinite(gradient).all()):
+            raise ValueError("the averaged outer gradient does not fit the fragment or is not finite")
+        self.anchor.sub_(gradient)
+
+    @torch.no_grad()
     def merge(self, alpha: float) -> None:
         """``param <- alpha * param + (1 - alpha) * anchor`` for every tensor of the fragment
         (``alpha = 0``: the parameters become the anchor exactly)."""

@@ -15,8 +15,8 @@ kind ``sd<f>``, PROTOCOL.md §13). Every peer decodes every contribution, its ow
 from the same bytes, and sums them in float32 in the members' agreed order, so the average,
 the anchors and the outer momentum are bit-identical on every peer. The local parameters are
 not (each peer keeps ``merge_alpha`` of its own), so the run ends with a full sync of every
-fragment after the last step: one more outer step each, whose result replaces the local values
-(``merge_alpha`` = 0 there), so every peer then holds the same parameters, the global model.
+fragment after the last step, plain averaging with no mixing: every peer then holds the same
+parameters.
 
 Trade-offs: an all-gather sends each fragment to each of the n - 1 others, n / 2 times the
 bytes of a reduce-scatter + all-gather, in exchange for one phase, no re-quantization of
@@ -253,14 +253,14 @@ class StreamingDiLoCoStrategy(StrategyBase):
         self._ctx.ledger.record(sent_after, [], started)
 
     async def _final_sync(self, steps_completed: int) -> None:
-        """Every fragment's outer step at once, its result replacing the local values: one model everywhere."""
+        """Every fragment averaged at once, no outer momentum, no mixing: identical parameters everywhere."""
         for fragment in range(len(self._outers)):
             await self._send(fragment, steps_completed)
         means = [(fragment, (await self._settle(fragment))[2]) for fragment in range(len(self._outers))]
 
         def land() -> None:
             for fragment, mean in means:
-                self._outers[fragment].step(mean)
+                self._outers[fragment].average(mean)
                 self._outers[fragment].merge(0.0)
 
         await self._ctx.run_compute(land)
