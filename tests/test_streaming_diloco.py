@@ -106,6 +106,11 @@ def test_fragment_outer_step_is_diloco_s_outer_step_and_merge_mixes_with_alpha()
     assert torch.equal(torch.cat([p.reshape(-1) for p in params]), fragment.anchor)
     with pytest.raises(ValueError, match="not finite"):
         fragment.step(torch.full((fragment.numel,), float("nan")))
+    # The final sync's plain average: anchor - mean(anchor - x_i) is the mean of the replicas.
+    replicas = [fragment.anchor + torch.randn(fragment.numel) for _ in range(3)]
+    mean_gradient = torch.stack([fragment.anchor - x for x in replicas]).mean(dim=0)
+    fragment.average(mean_gradient)
+    torch.testing.assert_close(fragment.anchor, torch.stack(replicas).mean(dim=0))
 
 
 # ------------------------------------------------------------------ quantization
