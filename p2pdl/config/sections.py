@@ -12,6 +12,7 @@ from p2pdl.config.base import (
     Compression,
     CompressorKind,
     OuterKind,
+    OuterQuant,
     PsMode,
     RobustKind,
     StrategyKind,
@@ -48,6 +49,7 @@ class StrategyConfig(_Validated):
     * ``async-gossip``: AD-PSGD; mixes with the latest parameters from each neighbour, never waits.
     * ``ps``: a parameter server (``server``) holds the model; workers push gradients, pull parameters.
     * ``push-sum``: SGP over the one-peer exponential graph (directed, time-varying).
+    * ``streaming-diloco``: DiLoCo synced one fragment at a time, each sync overlapping inner steps.
     """
 
     _section: typing.ClassVar[str] = "strategy"
@@ -83,6 +85,14 @@ class StrategyConfig(_Validated):
     # gossip: a peer that sees fewer than half of the configured peers live holds its training up
     # to this many seconds for them to return (0: never), so it does not run ahead of a frozen majority
     minority_wait: float = 20.0
+    # streaming-diloco: F fragments synced at staggered steps; each sync overlaps overlap_steps
+    # (tau) inner steps; outer gradients travel as outer_quant with one float32 scale per
+    # quant_block values; the average is merged as merge_alpha * local + (1 - merge_alpha) * global
+    fragments: int = 4
+    overlap_steps: int = 1
+    outer_quant: OuterQuant = "int8"
+    quant_block: int = 128
+    merge_alpha: float = 0.5
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -146,6 +156,45 @@ class StrategyConfig(_Validated):
             "strategy.outer = 'diloco' with kind = 'allreduce' needs local_steps > 1 (parameters are averaged "
             "every H steps; with H = 1 gradients are averaged and there is no outer step)",
         )
+        found.extend(self._streaming_problems())
+        return found
+
+    def _streaming_problems(self) -> list[str]:
+        found: list[str] = []
+        if self.kind != "streaming-diloco":
+            defaults = StrategyConfig.__dataclass_fields__
+            changed = [
+                key
+                for key in ("fragments", "overlap_steps", "outer_quant", "quant_block", "merge_alpha")
+                if getattr(self, key) != defaults[key].default
+            ]
+            _check(
+                found, not changed, f"strategy.{', strategy.'.join(changed)} apply only to kind = 'streaming-diloco'"
+            )
+            return found
+        _check(
+            found,
+            self.outer == "none",
+            "strategy.outer must stay 'none' with kind = 'streaming-diloco' (it runs its own outer step per fragment)",
+        )
+        _check(
+            found,
+            1 <= self.fragments <= self.local_steps,
+            f"strategy.fragments must be in [1, local_steps = {self.local_steps}] (one sync offset per fragment), "
+            f"got {self.fragments}",
+        )
+        _check(
+            found,
+            0 <= self.overlap_steps < self.local_steps,
+            f"strategy.overlap_steps must be in [0, local_steps = {self.local_steps}) (a fragment's sync ends "
+            f"before its next one starts), got {self.overlap_steps}",
+        )
+        _check(
+            found,
+            2 <= self.quant_block <= 1 << 20 and self.quant_block % 2 == 0,
+            f"strategy.quant_block must be an even number of values in [2, 1048576], got {self.quant_block}",
+        )
+        _check(found, 0 <= self.merge_alpha <= 1, f"strategy.merge_alpha must be in [0, 1], got {self.merge_alpha}")
         return found
 
 

@@ -18,6 +18,7 @@ from p2pdl.strategies.ps import server_of
 from p2pdl.strategies.ps_server import ParameterServer
 from p2pdl.strategies.ps_worker import ParameterServerWorker
 from p2pdl.strategies.pushsum import PushSumStrategy
+from p2pdl.strategies.streaming import StreamingDiLoCoStrategy
 
 __all__ = ["build_strategy"]
 
@@ -42,5 +43,6 @@ def build_strategy(ctx: StrategyContext) -> Strategy:
         "async-gossip": AsyncGossipStrategy,
         "ps": _parameter_server,
         "push-sum": PushSumStrategy,
+        "streaming-diloco": StreamingDiLoCoStrategy,
     }
     return kinds[ctx.config.kind](ctx)
