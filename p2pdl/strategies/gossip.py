@@ -247,6 +247,9 @@ class GossipStrategy(StrategyBase):
                 self.cancelled_sends += 1
         if previous is not None:
             await reap([previous], expected=(TransportError,))
+        if not neighbors:
+            self._sent = None  # alone: nobody to send to, so no copy either
+            return
         tensors = await ctx.run_compute(lambda: snapshot([p for _, p in ctx.parameters]))
         sent = _SentSnapshot(
             round=round_index, tensors=tensors, degree=len(neighbors), neighbors=neighbors, unreached=set()
