@@ -1,9 +1,11 @@
 """One-step-delayed gossip (``strategy.delay = 1``) preserves the average on a doubly stochastic graph.
 
-Three tiers. The pure rule (:mod:`p2pdl.core.delayed`) on random tensors: mixing snapshot
+Four tiers. The pure rule (:mod:`p2pdl.core.delayed`) on random tensors: mixing snapshot
 differences keeps the network average to float rounding while the peers reach consensus, moves
 it by exactly the local updates and no more, and is D-PSGD's ``x <- W s + u``; a one-sided miss
-does move it (so the invariant is one the code can break). Real Peers on 127.0.0.1 in one event
+does move it (so the invariant is one the code can break). The strategy against a fake exchange:
+a snapshot that does not come, or a neighbour our own send missed, contributes nothing; a peer
+behind catches up without mixing; the last round sends nothing. Real Peers on 127.0.0.1 in one event
 loop: the mean of the four models moves by exactly the mean local update, every round is
 complete, and with no updates the disagreement shrinks at λ2 per round. Real peer processes
 train MNIST-1D with the delay on. Config refusals close the file.
@@ -14,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,10 +26,13 @@ import torch
 from helpers import assert_finished, free_ports, run_cluster, write_config
 
 from p2pdl import Peer
-from p2pdl.config import Config, config_from_mapping
+from p2pdl.config import Config, StrategyConfig, config_from_mapping
 from p2pdl.core.delayed import delayed_round, mix_delayed_into, snapshot
 from p2pdl.core.topology import build_graph, mixing_matrix, second_largest_eigenvalue_modulus
-from p2pdl.errors import ConfigError
+from p2pdl.errors import ConfigError, TransportError
+from p2pdl.strategies.base import RoundLedger, RoundOutcome, StrategyContext
+from p2pdl.strategies.gossip import PARAMS, GossipStrategy
+from p2pdl.wire import Frame
 
 WORKLOAD = Path(__file__).resolve().parent.parent / "peers" / "mnist1d_cnn.py"
 NAMES8 = [f"p{i}" for i in range(8)]
@@ -121,6 +127,141 @@ def test_sixteen_bit_parameters_mix_in_float32_and_peers_that_agree_stay_put() -
     mix_delayed_into(local, own, [(0.3, same), (0.3, [s.float() for s in same])])
     assert local[0].dtype == torch.bfloat16
     assert torch.equal(local[0], own[0] + 0.25)  # differences of equal snapshots add exactly zero
+
+
+# ------------------------------------------------------------------ the strategy, with a fake exchange
+
+
+class FakeExchange:
+    """Frames the test delivers; ``broadcast`` records and may fail for chosen neighbours."""
+
+    def __init__(self) -> None:
+        self.inbox: list[Frame] = []
+        self.sent: list[Frame] = []
+        self.unreachable: set[str] = set()
+        self.ahead: int | None = None
+
+    async def encode(self, frame: Frame) -> bytes:
+        return b""
+
+    async def send_encoded(self, neighbor: str, data: bytes) -> None:
+        return None
+
+    async def broadcast(self, frame: Frame, neighbors: Collection[str]) -> dict[str, TransportError]:
+        self.sent.append(frame)
+        return {n: TransportError(f"{n} unreachable") for n in neighbors if n in self.unreachable}
+
+    async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
+        return {f.sender: f for f in self.inbox if f.kind == kind and f.round == round_index and f.sender in senders}
+
+    def advance(self, kind: str, floor: int) -> None:
+        self.inbox = [f for f in self.inbox if f.round >= floor]
+
+    def highest_round(self, kind: str, senders: Collection[str]) -> int | None:
+        return self.ahead
+
+    def take_latest(self, kind: str, sender: str) -> Frame | None:
+        return None
+
+    async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]:
+        return set()
+
+    def is_connected(self, neighbor: str) -> bool:
+        return True
+
+
+def delayed_strategy(last_step: int | None = None) -> tuple[GossipStrategy, torch.nn.Module, FakeExchange]:
+    """p0 of a complete graph of 3 (neighbours p1, p2; MH weight 1/3 each), delay = 1, H = 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2, dtype=torch.float64)
+    exchange = FakeExchange()
+
+    async def run_compute(fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    ctx = StrategyContext(
+        name="p0",
+        topology=lambda: build_graph("full", ["p0", "p1", "p2"]),
+        parameters=tuple(model.named_parameters()),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        configured=("p0", "p1", "p2"),
+        device=torch.device("cpu"),
+        exchange=exchange,
+        run_compute=run_compute,
+        config=StrategyConfig(kind="gossip", delay=1, round_margin=0.0, round_timeout=0.01),
+        ledger=RoundLedger(),
+        last_step=last_step,
+    )
+    return GossipStrategy(ctx), model, exchange
+
+
+def frame_of(sender: str, round_index: int, tensors: dict[str, torch.Tensor], degree: int = 2) -> Frame:
+    return Frame(
+        kind=PARAMS, sender=sender, round=round_index, step=round_index, meta={"degree": degree}, tensors=tensors
+    )
+
+
+async def round_after(strategy: GossipStrategy, step: int) -> RoundOutcome | None:
+    """The strategy's work after optimizer step ``step``, then one loop turn for its send task."""
+    outcome = await strategy.after_optimizer_step(step)
+    await asyncio.sleep(0)
+    return outcome
+
+
+def shifted(model: torch.nn.Module, amount: float) -> dict[str, torch.Tensor]:
+    return {n: p.detach() + amount for n, p in model.named_parameters()}
+
+
+async def test_a_missing_snapshot_contributes_nothing_and_the_round_is_partial() -> None:
+    strategy, model, exchange = delayed_strategy()
+    assert await round_after(strategy, 0) is None  # round 0 only sends
+    own = {n: t.clone() for n, t in exchange.sent[-1].tensors.items()}
+    exchange.inbox.append(frame_of("p1", 0, shifted(model, 3.0)))  # p2's snapshot never comes
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # the local update of the next step
+    outcome = await round_after(strategy, 1)
+    assert outcome is not None and outcome.round == 0 and outcome.missing == ("p2",)
+    for name, p in model.named_parameters():
+        # x = s + u + w (s_1 - s_0): only p1's difference, with its MH weight 1 / (1 + 2)
+        torch.testing.assert_close(p.detach(), own[name] + 0.5 + 3.0 / 3, rtol=0.0, atol=1e-12)
+    assert exchange.sent[-1].round == 1
+
+
+async def test_a_neighbour_our_send_missed_is_left_out_even_when_its_snapshot_came() -> None:
+    strategy, model, exchange = delayed_strategy()
+    exchange.unreachable = {"p2"}
+    await round_after(strategy, 0)
+    exchange.unreachable = set()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exchange.inbox += [frame_of("p1", 0, shifted(model, 0.0)), frame_of("p2", 0, shifted(model, 9.0))]
+    outcome = await round_after(strategy, 1)
+    assert outcome is not None and outcome.missing == ("p2",)
+    assert strategy.failed_sends == 1
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0.0, atol=0.0)  # p1 agreed: nothing moved
+
+
+async def test_a_peer_behind_catches_up_without_mixing_and_the_last_round_sends_nothing() -> None:
+    strategy, model, exchange = delayed_strategy(last_step=7)
+    await round_after(strategy, 0)
+    exchange.ahead = 5
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    outcome = await round_after(strategy, 1)
+    assert outcome is not None and outcome.round == 5  # the node moves its step to 6
+    assert (strategy.catch_ups, strategy._ctx.ledger.complete, strategy._ctx.ledger.partial) == (1, 0, 0)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert exchange.sent[-1].round == 5
+    exchange.ahead = None
+    exchange.inbox += [frame_of(n, 5, shifted(model, 0.0)) for n in ("p1", "p2")]
+    sends = len(exchange.sent)
+    outcome = await round_after(strategy, 6)
+    assert outcome is not None and outcome.round == 5 and outcome.complete
+    assert len(exchange.sent) == sends + 1 and exchange.sent[-1].round == 6
+    exchange.inbox += [frame_of(n, 6, shifted(model, 0.0)) for n in ("p1", "p2")]
+    await round_after(strategy, 7)  # the run's last step: mixes round 6, sends nothing
+    assert len(exchange.sent) == sends + 1
+    await strategy.close()
 
 
 # ------------------------------------------------------------------ real peers, one event loop
