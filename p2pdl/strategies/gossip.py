@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,7 @@ class GossipStrategy(StrategyBase):
         round_index = step // local_steps
         started = time.perf_counter()
         outcome: RoundOutcome | None = None
+        mix: Callable[[], None] | None = None
         # On time, a neighbour is at most at this round (it mixes our snapshot of the previous one
         # before it sends its next); a later round means it went on without us: catch up.
         ahead = ctx.exchange.highest_round(PARAMS, neighbors)
@@ -201,23 +202,43 @@ class GossipStrategy(StrategyBase):
             # Not a mixing round (the ledger does not count it); it moves the node's step count.
             outcome = RoundOutcome(round=round_index, complete=False, missing=(), seconds=0.0)
         elif self._sent is not None:
-            outcome = await self._mix_previous(self._sent, started)
+            outcome, mix = await self._collect_previous(self._sent, started)
         self._round = round_index
         round_end = (round_index + 1) * local_steps - 1
-        if ctx.last_step is None or round_end < ctx.last_step:
-            await self._send_snapshot(round_index, round_end, neighbors)
-        else:
-            self._sent = None  # the last round: every peer mixes only up to the previous one
+        send = bool(neighbors) and (ctx.last_step is None or round_end < ctx.last_step)
+        self._sent = None  # alone, or the last round (every peer mixes only up to the previous one)
+        if send:
+            await self._settle_previous_send()
+        if mix is None and not send:
+            return outcome
+        parameters = [p for _, p in ctx.parameters]
+
+        def mix_then_copy() -> list[torch.Tensor] | None:
+            # One trip to the compute thread for both: the copy is of the parameters just mixed.
+            if mix is not None:
+                mix()
+            return snapshot(parameters) if send else None
+
+        tensors = await ctx.run_compute(mix_then_copy)
+        if tensors is not None:
+            self._start_send(round_index, round_end, neighbors, tensors)
         return outcome
 
-    async def _mix_previous(self, sent: _SentSnapshot, started: float) -> RoundOutcome:
-        """Wait (bounded by the round deadline) for the neighbours' snapshots of ``sent.round``; mix."""
+    async def _collect_previous(
+        self, sent: _SentSnapshot, started: float
+    ) -> tuple[RoundOutcome, Callable[[], None] | None]:
+        """Wait (bounded by the round deadline) for the neighbours' snapshots of ``sent.round``.
+
+        Returns the round's outcome and the mix to run on the compute thread (None: nothing came).
+        """
         ctx = self._ctx
-        self._sent = None
         deadline = self.round_deadline()
         if self._send is not None and not self._send.done():
             await TaskOwner.wait([self._send], deadline)  # our own copy must be out before we mix theirs
-        senders = [n for n in sent.neighbors if n not in sent.unreached]
+        # Not those our send missed (they do not mix ours), nor those no longer neighbours (their
+        # frames are refused now): both sides of an edge leave each other out.
+        current = set(self._neighbors())
+        senders = [n for n in sent.neighbors if n not in sent.unreached and n in current]
         remaining = max(0.0, deadline - (time.perf_counter() - started))
         arrived = await ctx.exchange.collect(PARAMS, sent.round, senders, remaining)
         waited = time.perf_counter() - started
@@ -230,27 +251,27 @@ class GossipStrategy(StrategyBase):
         contributions = [
             (row[sender], [arrived[sender].tensors[name] for name, _ in ctx.parameters]) for sender in arrived
         ]
-        if contributions:
-            await ctx.run_compute(lambda: mix_delayed_into(local, sent.tensors, contributions))
         missing = [n for n in sent.neighbors if n not in arrived]
-        return ctx.ledger.record(sent.round, missing, started)
+        outcome = ctx.ledger.record(sent.round, missing, started)
+        if not contributions:
+            return outcome, None
+        return outcome, lambda: mix_delayed_into(local, sent.tensors, contributions)
 
-    async def _send_snapshot(self, round_index: int, step: int, neighbors: tuple[str, ...]) -> None:
-        """Copy the parameters on the compute thread and send the copy from a background task."""
-        ctx = self._ctx
+    async def _settle_previous_send(self) -> None:
+        """At most one send in flight: a link slower than a whole round holds the next one back."""
         previous = self._send
-        if previous is not None and not previous.done():
-            # At most one send in flight: a link slower than a whole round holds the next one back.
+        if previous is None:
+            return
+        if not previous.done():
             await TaskOwner.wait([previous], self.round_deadline())
             if not previous.done():
                 previous.cancel()
                 self.cancelled_sends += 1
-        if previous is not None:
-            await reap([previous], expected=(TransportError,))
-        if not neighbors:
-            self._sent = None  # alone: nobody to send to, so no copy either
-            return
-        tensors = await ctx.run_compute(lambda: snapshot([p for _, p in ctx.parameters]))
+        await reap([previous], expected=(TransportError,))
+
+    def _start_send(self, round_index: int, step: int, neighbors: tuple[str, ...], tensors: list[torch.Tensor]) -> None:
+        """Send the snapshot ``tensors`` from a background task and keep it until its round is mixed."""
+        ctx = self._ctx
         sent = _SentSnapshot(
             round=round_index, tensors=tensors, degree=len(neighbors), neighbors=neighbors, unreached=set()
         )
