@@ -128,6 +128,8 @@ class Config(_Validated):
                 )
             if kind == "gossip" and self.strategy.robust != "none":
                 found.append("compression with gossip (CHOCO) cannot be combined with strategy.robust")
+            if kind == "gossip" and self.strategy.delay:
+                found.append("compression with gossip (CHOCO) cannot be combined with strategy.delay = 1")
         if self.membership.gossip_timeout > self.transport.startup_timeout:
             found.append("membership.gossip_timeout must be <= transport.startup_timeout")
         found.extend(observe_problems(self.observe, self.security))

@@ -93,6 +93,10 @@ class StrategyConfig(_Validated):
     outer_quant: OuterQuant = "int8"
     quant_block: int = 128
     merge_alpha: float = 0.5
+    # gossip: rounds by which mixing lags the send. 0: synchronous D-PSGD (wait for the neighbours'
+    # copies before the next step); 1: send a snapshot and train on, mixing the neighbours'
+    # snapshots one round later (p2pdl/core/delayed.py)
+    delay: int = 0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -122,6 +126,14 @@ class StrategyConfig(_Validated):
         _check(found, self.clip_radius >= 0, f"strategy.clip_radius must be >= 0, got {self.clip_radius}")
         _check(found, self.trim >= 1, f"strategy.trim must be >= 1, got {self.trim}")
         _check(found, self.minority_wait >= 0, f"strategy.minority_wait must be >= 0 seconds, got {self.minority_wait}")
+        _check(found, self.delay in (0, 1), f"strategy.delay must be 0 or 1 rounds, got {self.delay}")
+        _check(
+            found,
+            self.delay == 0 or (self.kind == "gossip" and self.robust == "none" and self.outer == "none"),
+            "strategy.delay = 1 applies to kind = 'gossip' with robust = 'none' and outer = 'none' "
+            "(delayed mixing of snapshot differences; robust rules and DiLoCo's outer step need the "
+            f"synchronous round); got kind = {self.kind!r}, robust = {self.robust!r}, outer = {self.outer!r}",
+        )
         _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
         _check(found, self.min_peers >= 0, f"strategy.min_peers must be >= 0, got {self.min_peers}")
         _check(

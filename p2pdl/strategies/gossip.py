@@ -24,6 +24,19 @@ Trade-off: peers finishing together (a last round every peer shares, so final mo
 bought with those few skipped steps for the peers that were behind. Keeping every step instead
 (a round offset per peer) lets the peer ahead finish first and the others train their last
 steps without it, and the final models drift apart by what those unmixed steps change.
+With ``strategy.delay = 1`` the round no longer stops training: after the optimizer step of
+round r the peer snapshots its parameters (on the compute thread), sends the snapshot from an
+owned background task and returns; the next round's local steps run while the copies travel,
+and at the end of round r + 1 the peer waits (at most the round deadline) for the neighbours'
+round-r snapshots and adds ``sum_j W_ij (s_j - s_i)`` to its parameters. The derivation, and why
+this mixing of snapshot differences preserves the network average on a doubly stochastic W,
+are in :mod:`p2pdl.core.delayed`. The weights are the MH weights of the degrees both sides
+reported with their snapshots, over the neighbours the snapshot was sent to; a snapshot that
+did not arrive in time (or a neighbour this peer's own send failed to reach) contributes
+nothing, the delayed form of "its weight stays home". A peer behind its neighbours relabels
+its parameters as their round and sends them as its snapshot for it, mixing from the next
+round on. The last round sends nothing: nobody would mix it.
+
 Optional robust rules (``strategy.robust``) bound what a faulty neighbour can do to a round, at
 the cost of mixing that is no longer exactly doubly stochastic. With ``[compression]`` on, the
 registry builds :class:`~p2pdl.strategies.choco.ChocoGossipStrategy` instead.
@@ -34,16 +47,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from p2pdl.config import RobustKind
+from p2pdl.core.delayed import mix_delayed_into, snapshot
 from p2pdl.core.mixing import mix_into
 from p2pdl.core.robust import OutlierClipper, trimmed_mean
 from p2pdl.core.topology import mh_weight
+from p2pdl.errors import TransportError
 from p2pdl.strategies.base import (
     MAX_ROUND_LEAD,
     RoundConfig,
@@ -53,6 +68,7 @@ from p2pdl.strategies.base import (
     neighbour_frame_specs,
     reported_degree,
 )
+from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 
 PARAMS = "params"
@@ -70,6 +86,18 @@ class GossipConfig(RoundConfig):
     reject_factor: float  # clip: ignore a neighbour farther than this x the median accepted distance
     trim: int  # trimmed-mean: values dropped at each end, per coordinate
     minority_wait: float  # seconds a peer seeing under half the configured peers live holds training
+    delay: int  # 0: synchronous rounds; 1: mix the neighbours' snapshots one round later
+
+
+@dataclass
+class _SentSnapshot:
+    """This peer's snapshot of one round, kept until the neighbours' snapshots of it are mixed."""
+
+    round: int
+    tensors: list[torch.Tensor]  # s_i, in ctx.parameters order (the frame sent carries the same tensors)
+    degree: int  # the degree reported with it: both sides of an edge weigh it with the same pair
+    neighbors: tuple[str, ...]  # whom it was sent to
+    unreached: set[str]  # neighbours the send failed to reach (filled in by the send task)
 
 
 class GossipStrategy(StrategyBase):
@@ -91,13 +119,23 @@ class GossipStrategy(StrategyBase):
         self.minority_waits = 0
         self.minority_wait_seconds = 0.0
         self._clipper = OutlierClipper(radius=self.config.clip_radius, reject_factor=self.config.reject_factor)
+        # strategy.delay = 1: the snapshot awaiting its round's mix, and its send in flight.
+        self._tasks = TaskOwner(f"{ctx.name}:gossip")
+        self._sent: _SentSnapshot | None = None
+        self._send: asyncio.Task[None] | None = None
+        self.wait_seconds = 0.0  # blocked collecting neighbour copies (the node's "waiting" phase)
+        self.catch_ups = 0
+        self.failed_sends = 0
+        self.cancelled_sends = 0
 
     def expected_tensors(self, kind: str, sender: str) -> Mapping[str, TensorSpec]:
         return neighbour_frame_specs(self._ctx, kind, sender, PARAMS, self._specs)
 
-    def _row_for(self, neighbors: Sequence[str], arrived: Mapping[str, Frame]) -> dict[str, float]:
+    def _row_for(
+        self, neighbors: Sequence[str], arrived: Mapping[str, Frame], own_degree: int | None = None
+    ) -> dict[str, float]:
         """This round's weights: MH from reported degrees; missing neighbours' weight stays home."""
-        own_degree = len(neighbors)
+        own_degree = len(neighbors) if own_degree is None else own_degree
         graph = self._ctx.topology()
         row = {s: mh_weight(own_degree, reported_degree(f, graph, s, own_degree)) for s, f in arrived.items()}
         row[self._ctx.name] = 1.0 - sum(row.values())
@@ -109,6 +147,8 @@ class GossipStrategy(StrategyBase):
         ctx = self._ctx
         if ctx.last_step is None or step + 2 * self.config.local_steps <= ctx.last_step:
             await self._hold_while_minority()  # not in the last two rounds: peers finishing leave
+        if self.config.delay:
+            return await self._delayed_round(step)
         neighbors = self._neighbors()
         round_index = step // self.config.local_steps
         ahead = ctx.exchange.highest_round(PARAMS, neighbors)
@@ -126,7 +166,9 @@ class GossipStrategy(StrategyBase):
             tensors={name: p.detach() for name, p in ctx.parameters},
         )
         await ctx.exchange.broadcast(frame, neighbors)
+        waited = time.perf_counter()
         arrived = await ctx.exchange.collect(PARAMS, round_index, neighbors, self.round_deadline())
+        self.wait_seconds += time.perf_counter() - waited
         self.observe_round(time.perf_counter() - started)
         ctx.exchange.advance(PARAMS, round_index + 1)
         row = self._row_for(neighbors, arrived)
@@ -139,6 +181,131 @@ class GossipStrategy(StrategyBase):
             await ctx.run_compute(lambda: self._mix(local, row[ctx.name], contributions))
         missing = [n for n in neighbors if n not in arrived]
         return ctx.ledger.record(round_index, missing, started)
+
+    async def _delayed_round(self, step: int) -> RoundOutcome | None:
+        """strategy.delay = 1: mix the neighbours' snapshots of the previous round, send this one's."""
+        ctx = self._ctx
+        local_steps = self.config.local_steps
+        neighbors = self._neighbors()
+        round_index = step // local_steps
+        started = time.perf_counter()
+        outcome: RoundOutcome | None = None
+        mix: Callable[[], None] | None = None
+        # On time, a neighbour is at most at this round (it mixes our snapshot of the previous one
+        # before it sends its next); a later round means it went on without us: catch up.
+        ahead = ctx.exchange.highest_round(PARAMS, neighbors)
+        if ahead is not None and round_index < ahead <= round_index + MAX_ROUND_LEAD:
+            round_index = ahead
+            self._sent = None  # a round the neighbours have closed: nothing of it will be mixed
+            ctx.exchange.advance(PARAMS, round_index)
+            self.catch_ups += 1
+            # Not a mixing round (the ledger does not count it); it moves the node's step count.
+            outcome = RoundOutcome(round=round_index, complete=False, missing=(), seconds=0.0)
+        elif self._sent is not None:
+            outcome, mix = await self._collect_previous(self._sent, started)
+        self._round = round_index
+        round_end = (round_index + 1) * local_steps - 1
+        send = bool(neighbors) and (ctx.last_step is None or round_end < ctx.last_step)
+        self._sent = None  # alone, or the last round (every peer mixes only up to the previous one)
+        if send:
+            await self._settle_previous_send()
+        if mix is None and not send:
+            return outcome
+        parameters = [p for _, p in ctx.parameters]
+
+        def mix_then_copy() -> list[torch.Tensor] | None:
+            # One trip to the compute thread for both: the copy is of the parameters just mixed.
+            if mix is not None:
+                mix()
+            return snapshot(parameters) if send else None
+
+        tensors = await ctx.run_compute(mix_then_copy)
+        if tensors is not None:
+            self._start_send(round_index, round_end, neighbors, tensors)
+        return outcome
+
+    async def _collect_previous(
+        self, sent: _SentSnapshot, started: float
+    ) -> tuple[RoundOutcome, Callable[[], None] | None]:
+        """Wait (bounded by the round deadline) for the neighbours' snapshots of ``sent.round``.
+
+        Returns the round's outcome and the mix to run on the compute thread (None: nothing came).
+        """
+        ctx = self._ctx
+        deadline = self.round_deadline()
+        if self._send is not None and not self._send.done():
+            await TaskOwner.wait([self._send], deadline)  # our own copy must be out before we mix theirs
+        # Not those our send missed (they do not mix ours), nor those no longer neighbours (their
+        # frames are refused now): both sides of an edge leave each other out.
+        current = set(self._neighbors())
+        senders = [n for n in sent.neighbors if n not in sent.unreached and n in current]
+        remaining = max(0.0, deadline - (time.perf_counter() - started))
+        arrived = await ctx.exchange.collect(PARAMS, sent.round, senders, remaining)
+        waited = time.perf_counter() - started
+        self.wait_seconds += waited
+        self.observe_round(waited)
+        ctx.exchange.advance(PARAMS, sent.round + 1)
+        row = self._row_for(sent.neighbors, arrived, own_degree=sent.degree)
+        self._row = row
+        local = [p for _, p in ctx.parameters]
+        contributions = [
+            (row[sender], [arrived[sender].tensors[name] for name, _ in ctx.parameters]) for sender in arrived
+        ]
+        missing = [n for n in sent.neighbors if n not in arrived]
+        outcome = ctx.ledger.record(sent.round, missing, started)
+        if not contributions:
+            return outcome, None
+        return outcome, lambda: mix_delayed_into(local, sent.tensors, contributions)
+
+    async def _settle_previous_send(self) -> None:
+        """At most one send in flight: a link slower than a whole round holds the next one back."""
+        previous = self._send
+        if previous is None:
+            return
+        if not previous.done():
+            await TaskOwner.wait([previous], self.round_deadline())
+            if not previous.done():
+                previous.cancel()
+                self.cancelled_sends += 1
+        await reap([previous], expected=(TransportError,))
+
+    def _start_send(self, round_index: int, step: int, neighbors: tuple[str, ...], tensors: list[torch.Tensor]) -> None:
+        """Send the snapshot ``tensors`` from a background task and keep it until its round is mixed."""
+        ctx = self._ctx
+        sent = _SentSnapshot(
+            round=round_index, tensors=tensors, degree=len(neighbors), neighbors=neighbors, unreached=set()
+        )
+        frame = Frame(
+            kind=PARAMS,
+            sender=ctx.name,
+            round=round_index,
+            step=step,
+            meta={"degree": sent.degree},
+            tensors={name: tensor for (name, _), tensor in zip(ctx.parameters, tensors, strict=True)},
+        )
+        self._sent = sent
+        self._send = self._tasks.spawn(self._broadcast(frame, sent), f"send:{round_index}")
+
+    async def _broadcast(self, frame: Frame, sent: _SentSnapshot) -> None:
+        failures = await self._ctx.exchange.broadcast(frame, sent.neighbors)
+        if failures:
+            self.failed_sends += len(failures)
+            sent.unreached.update(failures)  # they do not mix ours, so we leave theirs out too
+            log.info("%s: round %d snapshot not sent to %s", self._ctx.name, frame.round, sorted(failures))
+
+    async def finish(self) -> None:
+        """Let the last snapshot reach the neighbours that mix it (the node bounds this wait)."""
+        if self._send is not None:
+            await reap([self._send], expected=(TransportError,))
+
+    async def close(self) -> None:
+        await reap(self._tasks.cancel(), expected=(TransportError,))
+
+    def state_replaced(
+        self, extra: Mapping[str, torch.Tensor] | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        self._sent = None  # a snapshot of a model that was just overwritten
+        super().state_replaced(extra, meta)
 
     def _in_minority(self) -> bool:
         configured = len(self._ctx.configured)
@@ -199,4 +366,9 @@ class GossipStrategy(StrategyBase):
             "last_mixing_weights": {k: round(v, 6) for k, v in self._row.items()},
             "robust": self.config.robust,
             "robust_stats": dict(self.robust_stats),
+            "delay": self.config.delay,
+            "wait_seconds": round(self.wait_seconds, 3),
+            "catch_ups": self.catch_ups,
+            "failed_sends": self.failed_sends,
+            "cancelled_sends": self.cancelled_sends,
         }
