@@ -218,6 +218,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "time_to_accuracy": own_table,
     "compressors": own_table,
     "gpt_peers": own_table,
+    "overlap_allreduce": own_table,
     "fuzz_decoder": fuzz_rows,
     "demo": demo_rows,
     "exchange": exchange_rows,
