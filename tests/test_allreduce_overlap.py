@@ -11,8 +11,10 @@ Slow: real peers on 127.0.0.1 with several buckets end bit-identical to each oth
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_allreduce_parity as parity
@@ -21,11 +23,15 @@ import torch
 from helpers import PEERS_DIR, PeerProcesses, free_ports, write_config
 
 from p2pdl.config import config_from_mapping
-from p2pdl.config.sections import OVERLAP_MAX_BUCKETS
+from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
+from p2pdl.core.topology import build_graph
 from p2pdl.errors import ConfigError
+from p2pdl.strategies.allreduce import AllReduceStrategy
+from p2pdl.strategies.base import RoundLedger, StrategyContext
 from p2pdl.strategies.buckets import PADDING, GradientBuckets, bucket_layout
 from p2pdl.train.loop import build_model
 from p2pdl.train.workload import load_workload
+from p2pdl.wire import Frame
 
 WORKLOAD = str(PEERS_DIR / "mnist1d_cnn.py")
 # mnist1d_cnn has 5210 parameters (20.8 kB of float32): 5 kB buckets cut it into three.
@@ -222,3 +228,138 @@ def fault_peers(tmp_path: Path) -> Iterator[PeerProcesses]:
 def test_overlapped_allreduce_redoes_around_two_sigkills(tmp_path: Path, fault_peers: PeerProcesses) -> None:
     strategy = {"kind": "allreduce", "local_steps": 1, "round_timeout": faults.ROUND_TIMEOUT, **OVERLAP}
     faults.test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(tmp_path, fault_peers, strategy)
+
+
+# ---------------------------------------------------------------------------- in-process round
+
+
+class LoopbackExchange:
+    """Delivers frames between in-process strategies (no sockets): enough for one exact round."""
+
+    def __init__(self, name: str, hub: dict[str, LoopbackExchange]) -> None:
+        self.name, self.hub = name, hub
+        self.inbox: list[Frame] = []
+        self.floors: dict[str, int] = {}
+        self.encoded: dict[bytes, Frame] = {}
+
+    def _deliver(self, to: str, frame: Frame) -> None:
+        target = self.hub[to]
+        if frame.round >= target.floors.get(frame.kind, 0):
+            tensors = {k: v.clone() for k, v in frame.tensors.items()}  # what a decoded frame holds
+            target.inbox.append(
+                Frame(
+                    kind=frame.kind,
+                    sender=frame.sender,
+                    round=frame.round,
+                    step=frame.step,
+                    meta=dict(frame.meta),
+                    tensors=tensors,
+                )
+            )
+
+    async def encode(self, frame: Frame) -> bytes:
+        key = str(id(frame)).encode()
+        self.encoded[key] = frame
+        return key
+
+    async def send_encoded(self, neighbor: str, data: bytes) -> None:
+        self._deliver(neighbor, self.encoded[data])
+
+    async def broadcast(self, frame: Frame, neighbors: Collection[str]) -> dict[str, Any]:
+        for neighbor in neighbors:
+            self._deliver(neighbor, frame)
+        return {}
+
+    async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            got = {f.sender: f for f in self.inbox if f.kind == kind and f.round == round_index and f.sender in senders}
+            if len(got) == len(senders) or asyncio.get_running_loop().time() >= deadline:
+                return got
+            await asyncio.sleep(0.005)
+
+    def advance(self, kind: str, floor: int) -> None:
+        self.floors[kind] = max(floor, self.floors.get(kind, 0))
+        self.inbox = [f for f in self.inbox if f.kind != kind or f.round >= floor]
+
+    def highest_round(self, kind: str, senders: Collection[str]) -> int | None:
+        return None
+
+    def take_latest(self, kind: str, sender: str) -> Frame | None:
+        return None  # no notices: every peer proposes the same first group
+
+    async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]:
+        return set()
+
+    def is_connected(self, neighbor: str) -> bool:
+        return True
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+
+
+async def _round(names: list[str], *, overlap: bool, steps: int) -> list[list[torch.Tensor]]:
+    """``steps`` H = 1 rounds on in-process peers (same init, different data); their gradients."""
+    graph = build_graph("full", names)
+    hub: dict[str, LoopbackExchange] = {}
+    config = StrategyConfig(kind="allreduce", round_timeout=5.0, overlap=overlap, bucket_mb=1024 / (1024 * 1024))
+    models, strategies = [], []
+    for name in names:
+        model = _mlp(0)
+        hub[name] = LoopbackExchange(name, hub)
+
+        async def run_compute(fn: Callable[[], Any]) -> Any:
+            return fn()
+
+        ctx = StrategyContext(
+            name=name,
+            topology=lambda: graph,
+            parameters=tuple(model.named_parameters()),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            configured=graph.names,
+            device=torch.device("cpu"),
+            exchange=hub[name],
+            run_compute=run_compute,
+            config=config,
+            ledger=RoundLedger(),
+        )
+        models.append(model)
+        strategies.append(AllReduceStrategy(ctx))
+    if overlap:
+        assert all(s.status()["overlap"]["buckets"] == 3 for s in strategies)  # 1 kB: one layer each
+
+    async def peer(index: int, step: int) -> None:
+        model, strategy = models[index], strategies[index]
+        generator = torch.Generator().manual_seed(100 * step + index)
+        inputs = torch.randn(32, 8, generator=generator)
+
+        def backward() -> None:
+            model.zero_grad(set_to_none=True)
+            strategy.before_backward(step)
+            model(inputs).pow(2).mean().backward()
+
+        await asyncio.to_thread(backward)  # hooks reach the loop with call_soon_threadsafe
+        outcome = await strategy.reduce_gradients(step)
+        assert outcome is not None and not outcome.missing
+        await strategy.after_optimizer_step(step)
+
+    try:
+        for step in range(steps):
+            await asyncio.gather(*(peer(i, step) for i in range(len(names))))
+    finally:
+        for strategy in strategies:
+            await strategy.close()
+    return [[p.grad.clone() for p in model.parameters()] for model in models]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("peers", [2, 3])
+async def test_overlapped_rounds_are_bit_identical_to_the_plain_path(peers: int) -> None:
+    names = [f"p{i}" for i in range(peers)]
+    plain = await _round(names, overlap=False, steps=2)
+    overlapped = await _round(names, overlap=True, steps=2)
+    for grads in [*plain[1:], *overlapped]:
+        for got, expected in zip(grads, plain[0], strict=True):
+            assert torch.equal(got, expected)
+    assert any(g.abs().sum() > 0 for g in plain[0])

@@ -20,6 +20,14 @@ Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver check
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
 kept, so a peer can serve a resumable state between syncs without stopping.
 
+With ``strategy.overlap`` (H = 1, uncompressed, float32 parameters on the CPU) the gradients
+live in flat buckets (:mod:`p2pdl.strategies.buckets`) and each bucket's reduce-scatter and
+all-gather start from a backward hook as soon as backward has filled it, so the exchange runs
+while the rest of backward does. The round is the same: one group per attempt, every bucket a
+sub-round of it (kinds ``rs<n>_<k>``/``ag<n>_<k>``), applied only when every bucket completed,
+redone over all buckets from the untouched local buffers otherwise. Each element is averaged in
+rank order either way, so overlap changes no bit of the result.
+
 With ``[compression]`` on, gradients are all-gathered compressed (with error feedback) instead:
 every peer decodes the same streams and averages them in rank order, so the result is still
 identical everywhere, though no longer the exact mean of the uncompressed gradients. That path
