@@ -160,8 +160,10 @@ class AllReduceStrategy(StrategyBase):
         self.payload_bytes = 0
         # Host-side wire buffers, reused every step: the flat vector (total,) and the averaged chunk,
         # each followed by zeros so that every chunk of any group size is ceil(total / n) long.
-        self._flat = torch.zeros(self._total + MAX_GROUP, dtype=self._wire_dtype)
-        self._averaged = torch.zeros(self._total + MAX_GROUP, dtype=self._wire_dtype)
+        # With overlap the buckets replace both (below).
+        flat_size = self._total + MAX_GROUP
+        self._flat = torch.zeros(flat_size, dtype=self._wire_dtype)
+        self._averaged = torch.zeros(flat_size, dtype=self._wire_dtype)
         self._quorum = quorum(len(ctx.configured), self.config.min_peers)
         initial = [n for n in ctx.configured if n in ctx.topology().names]
         self._agreement = Agreement(ctx.name, ctx.configured, initial)  # PROTOCOL.md §11.3
@@ -194,6 +196,7 @@ class AllReduceStrategy(StrategyBase):
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
                 self._buckets = GradientBuckets(params, self.config.bucket_mb)
+                self._flat = self._averaged = torch.zeros(0, dtype=self._wire_dtype)  # the buckets replace them
                 self._reducer = ThreadPoolExecutor(1, thread_name_prefix=f"{ctx.name}-reduce")
             else:
                 log.info(
