@@ -12,6 +12,7 @@ Slow: real peers on 127.0.0.1 with several buckets end bit-identical to each oth
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 import test_allreduce_parity as parity
 import test_exact_faults as faults
 import torch
-from helpers import PEERS_DIR, PeerProcesses, free_ports, write_config
+from helpers import PEERS_DIR, PeerProcesses, free_ports, read_metrics, status, wait_for, write_config
 
 from p2pdl.config import config_from_mapping
 from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
@@ -234,8 +235,27 @@ def fault_peers(tmp_path: Path) -> Iterator[PeerProcesses]:
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("mnist1d_built")
 def test_overlapped_allreduce_redoes_around_two_sigkills(tmp_path: Path, fault_peers: PeerProcesses) -> None:
+    """test_exact_faults' two-kill case with overlap on: survivors redo from their kept buckets."""
     strategy = {"kind": "allreduce", "local_steps": 1, "round_timeout": faults.ROUND_TIMEOUT, **OVERLAP}
-    faults.test_two_sigkills_mid_run_are_redone_around_without_a_lost_step(tmp_path, fault_peers, strategy)
+    steps = 120
+    ports = free_ports(len(faults.NAMES))
+    # Two of four die: the two survivors keep training only because min_peers says 2 suffice.
+    config = faults.swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, min_peers=2)
+    for name in faults.NAMES:
+        fault_peers.start(config, name)
+    wait_for(lambda: status(ports[0])["step"] >= 30, 300, "p0 past step 30")
+    fault_peers.procs["p3"].send_signal(signal.SIGKILL)
+    wait_for(lambda: status(ports[0])["step"] >= 60, 300, "p0 past step 60")
+    fault_peers.procs["p2"].send_signal(signal.SIGKILL)
+    survivors = ["p0", "p1"]
+    fault_peers.assert_all_finished(faults.FINISH_TIMEOUT, steps, names=survivors)
+    figures = faults.check_outcome(tmp_path, survivors, steps)  # every step run, one model
+    for name in survivors:
+        assert figures[name]["overlap"] == {"buckets": 3}, faults.report(figures)
+        assert {"4", "2"} <= set(figures[name]["rounds_by_group_size"]), faults.report(figures)
+        assert figures[name]["rounds_redone"] >= 1, faults.report(figures)
+    logged = [{r["step"] for r in read_metrics(tmp_path / name) if "loss" in r} for name in survivors]
+    assert set().union(*logged) == set(range(steps)), faults.report(figures)  # no lost step
 
 
 # ---------------------------------------------------------------------------- in-process round
