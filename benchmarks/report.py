@@ -220,6 +220,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "gpt_peers": own_table,
     "streaming_diloco": own_table,
     "gossip_delay": own_table,
+    "overlap_allreduce": own_table,
     "fuzz_decoder": fuzz_rows,
     "demo": demo_rows,
     "exchange": exchange_rows,

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from p2pdl.config.base import DeviceChoice, _check, _collector, _Validated, parse_address
 from p2pdl.config.sections import (
+    OVERLAP_MAX_BUCKETS,
     CheckpointConfig,
     CompressionConfig,
     MembershipConfig,
@@ -136,6 +137,31 @@ class Config(_Validated):
         found.extend(self._training_problems())
         return found
 
+    def _overlap_problems(self) -> list[str]:
+        """What strategy.overlap (buckets reduced during backward) cannot be combined with."""
+        found: list[str] = []
+        if self.compression.kind != "none":
+            found.append(
+                "strategy.overlap cannot be combined with [compression]: compressed gradients are averaged "
+                "after backward"
+            )
+        if self.run.accumulate != 1:
+            found.append(
+                "strategy.overlap needs run.accumulate = 1 (a bucket is sent after one backward), "
+                f"got {self.run.accumulate}"
+            )
+        if self.run.precision == "fp16":
+            found.append(
+                "strategy.overlap cannot be combined with run.precision = 'fp16': a loss-scale overflow is "
+                "only known after backward"
+            )
+        if self.transport.inbox_frames < 2 * OVERLAP_MAX_BUCKETS + 2:
+            found.append(
+                f"strategy.overlap needs transport.inbox_frames >= {2 * OVERLAP_MAX_BUCKETS + 2} (two frames "
+                f"per bucket may wait per peer), got {self.transport.inbox_frames}"
+            )
+        return found
+
     def _training_problems(self) -> list[str]:
         """Where [run], [schedule] and [strategy] must agree."""
         found: list[str] = []
@@ -162,6 +188,8 @@ class Config(_Validated):
                 "run.precision = 'fp16' cannot be combined with [compression]: error feedback would carry "
                 "gradients scaled by a loss scale that changes between steps"
             )
+        if self.strategy.overlap:
+            found.extend(self._overlap_problems())
         return found
 
 

@@ -24,6 +24,7 @@ from p2pdl.config.training import OptimizerConfig, RunConfig, ScheduleConfig
 from p2pdl.core.topology import TopologyKind
 
 __all__ = [
+    "OVERLAP_MAX_BUCKETS",
     "CheckpointConfig",
     "CompressionConfig",
     "MembershipConfig",
@@ -38,6 +39,11 @@ __all__ = [
     "TransportConfig",
     "observe_problems",
 ]
+
+
+# strategy.overlap: the most gradient buckets a model may be cut into (each bucket's frames occupy
+# mailbox slots while a slower peer is still in backward, so transport.inbox_frames must hold them)
+OVERLAP_MAX_BUCKETS = 6
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,6 +103,10 @@ class StrategyConfig(_Validated):
     # copies before the next step); 1: send a snapshot and train on, mixing the neighbours'
     # snapshots one round later (p2pdl/core/delayed.py)
     delay: int = 0
+    # allreduce, local_steps = 1: reduce gradient buckets from backward hooks while backward runs
+    # (gradients live in reusable flat buckets); bucket_mb: MiB per bucket, the first at most 1 MiB
+    overlap: bool = False
+    bucket_mb: float = 25.0
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -136,6 +146,13 @@ class StrategyConfig(_Validated):
         )
         _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
         _check(found, self.min_peers >= 0, f"strategy.min_peers must be >= 0, got {self.min_peers}")
+        _check(found, self.bucket_mb > 0, f"strategy.bucket_mb must be > 0 MiB, got {self.bucket_mb}")
+        _check(
+            found,
+            not self.overlap or (self.kind == "allreduce" and self.local_steps == 1),
+            "strategy.overlap applies to kind = 'allreduce' with local_steps = 1 (gradients averaged every step), "
+            f"got kind = {self.kind!r}, local_steps = {self.local_steps}",
+        )
         _check(
             found,
             self.quorum_timeout > 0,

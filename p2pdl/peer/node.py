@@ -474,6 +474,7 @@ class Peer:
 
     def _forward_backward(self, closure: Callable[[], torch.Tensor]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.before_backward(self.step_index)  # overlap: bind gradients to buckets, arm hooks
         loss = closure()
         value = float(loss.detach())
         if not math.isfinite(value):

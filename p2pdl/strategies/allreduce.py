@@ -20,6 +20,14 @@ Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver check
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
 kept, so a peer can serve a resumable state between syncs without stopping.
 
+With ``strategy.overlap`` (H = 1, uncompressed, float32 parameters on the CPU) the gradients
+live in flat buckets (:mod:`p2pdl.strategies.buckets`) and each bucket's reduce-scatter and
+all-gather start from a backward hook as soon as backward has filled it, so the exchange runs
+while the rest of backward does. The round is the same: one group per attempt, every bucket a
+sub-round of it (kinds ``rs<n>_<k>``/``ag<n>_<k>``), applied only when every bucket completed,
+redone over all buckets from the untouched local buffers otherwise. Each element is averaged in
+rank order either way, so overlap changes no bit of the result.
+
 With ``[compression]`` on, gradients are all-gathered compressed (with error feedback) instead:
 every peer decodes the same streams and averages them in rank order, so the result is still
 identical everywhere, though no longer the exact mean of the uncompressed gradients. That path
@@ -30,11 +38,13 @@ cannot be redone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -57,6 +67,8 @@ from p2pdl.strategies.base import (
     build_codec,
     wire_dtype,
 )
+from p2pdl.strategies.buckets import PADDING, GradientBuckets
+from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
@@ -64,9 +76,12 @@ REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n mem
 COMPRESSED_GRADIENTS = "cgrad"
 ALL_GATHER = "ag"
 GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (PROTOCOL.md §11)
-MAX_GROUP = 4096  # the most members a group may have (also the zero padding of the flat buffers)
+MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
 _LOOK_EVERY = 0.1  # seconds between looks at the notices while a round waits
 _WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,6 +91,8 @@ class AllReduceConfig(RoundConfig):
     on_failure: str  # "redo" | "strict"
     min_peers: int  # 0: a strict majority of the configured peers
     quorum_timeout: float
+    overlap: bool  # H = 1: reduce gradient buckets from backward hooks while backward runs
+    bucket_mb: float  # MiB of gradients per bucket (the first holds at most 1 MiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +105,18 @@ class _Attempt:
     adopt: Group | None = None
 
 
+@dataclass(slots=True)
+class _Launch:
+    """One step's overlapped round: which buckets are ready to send, and its first attempt."""
+
+    step: int
+    ready: list[asyncio.Event]
+    backward_done: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.perf_counter)
+    first: tuple[Group, asyncio.Task[_Attempt]] | None = None
+    declined: bool = False  # below quorum at the first bucket: the round starts after backward
+
+
 class _Behind(Exception):  # control flow only: never leaves this module
     """Members of this peer's group are past its round: it must download a member's state."""
 
@@ -96,12 +125,20 @@ class _Behind(Exception):  # control flow only: never leaves this module
         self.donors = tuple(donors)
 
 
+def _number(digits: str) -> int | None:
+    return int(digits) if digits.isdigit() and digits == str(int(digits)) else None
+
+
 def _group_size(kind: str, prefix: str) -> int | None:
-    digits = kind[len(prefix) :]
-    if not kind.startswith(prefix) or not digits.isdigit() or digits != str(int(digits)):
-        return None
-    size = int(digits)
-    return size if 2 <= size <= MAX_GROUP else None
+    size = _number(kind[len(prefix) :]) if kind.startswith(prefix) else None
+    return size if size is not None and 2 <= size <= MAX_GROUP else None
+
+
+def _bucket_kind(kind: str, prefix: str) -> tuple[int, int] | None:
+    """(group size, bucket) of an overlapped data kind ``rs<n>_<k>`` / ``ag<n>_<k>``."""
+    head, _, tail = kind.partition("_")
+    size, bucket = _group_size(head, prefix), _number(tail)
+    return (size, bucket) if size is not None and bucket is not None else None
 
 
 class AllReduceStrategy(StrategyBase):
@@ -123,8 +160,10 @@ class AllReduceStrategy(StrategyBase):
         self.payload_bytes = 0
         # Host-side wire buffers, reused every step: the flat vector (total,) and the averaged chunk,
         # each followed by zeros so that every chunk of any group size is ceil(total / n) long.
-        self._flat = torch.zeros(self._total + MAX_GROUP, dtype=self._wire_dtype)
-        self._averaged = torch.zeros(self._total + MAX_GROUP, dtype=self._wire_dtype)
+        # With overlap the buckets replace both (below).
+        flat_size = self._total + MAX_GROUP
+        self._flat = torch.zeros(flat_size, dtype=self._wire_dtype)
+        self._averaged = torch.zeros(flat_size, dtype=self._wire_dtype)
         self._quorum = quorum(len(ctx.configured), self.config.min_peers)
         initial = [n for n in ctx.configured if n in ctx.topology().names]
         self._agreement = Agreement(ctx.name, ctx.configured, initial)  # PROTOCOL.md §11.3
@@ -139,6 +178,35 @@ class AllReduceStrategy(StrategyBase):
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
         self.bad_notices = 0
         self._notice_seq = 0
+        # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
+        # reduced while backward runs; exact means run on a reduce thread, because the compute
+        # thread is busy with backward.
+        self._buckets: GradientBuckets | None = None
+        self._reducer: ThreadPoolExecutor | None = None
+        self._launch: _Launch | None = None
+        self._tasks = TaskOwner(f"{ctx.name}:allreduce")
+        self._bucket_sizes: set[int] = set()
+        # H = 1: seconds per phase of the step, summed (status()["phase_seconds"]): forward and
+        # backward (from before_backward to reduce_gradients), the wait in reduce_gradients (the
+        # whole exchange without overlap, the buckets' tail with it), and the copies into and out
+        # of the flat vector (flatten + write-back; rebinding the gradients with overlap).
+        self.phase_seconds = {"forward_backward": 0.0, "reduce": 0.0, "copies": 0.0}
+        self._backward_started: float | None = None
+        if self.config.overlap and self.config.local_steps == 1 and self._codec is None:
+            params = [p for _, p in ctx.parameters]
+            if params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
+                self._buckets = GradientBuckets(params, self.config.bucket_mb)
+                self._flat = self._averaged = torch.zeros(0, dtype=self._wire_dtype)  # the buckets replace them
+                self._reducer = ThreadPoolExecutor(1, thread_name_prefix=f"{ctx.name}-reduce")
+            else:
+                log.info(
+                    "strategy.overlap: parameters are not all float32 on the CPU; gradients are averaged after backward"
+                )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # taken at the first round instead
 
     # ------------------------------------------------------------------ wire
 
@@ -168,9 +236,19 @@ class AllReduceStrategy(StrategyBase):
             return {}
         if kind == COMPRESSED_GRADIENTS and self._codec is not None:
             return self._codec.wire_specs()
+        if self._buckets is not None:
+            sized = _bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER)
+            if sized is not None and sized[1] < len(self._buckets.buckets):
+                members, bucket = sized
+                chunk = math.ceil(self._buckets.buckets[bucket].numel / members)
+                return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(chunk,))}
         size = _group_size(kind, REDUCE_SCATTER) or _group_size(kind, ALL_GATHER)
         if size is None:
-            raise FrameSchemaError(f"allreduce peers exchange only 'xg', 'rs<n>' and 'ag<n>' frames, got {kind!r}")
+            raise FrameSchemaError(
+                f"allreduce peers exchange only 'xg', 'rs<n>' and 'ag<n>' frames (and 'rs<n>_<k>', 'ag<n>_<k>' "
+                f"for bucket k < {len(self._buckets.buckets) if self._buckets else 0} with strategy.overlap), "
+                f"got {kind!r}"
+            )
         return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(self._chunk_size(size),))}
 
     def _gradients(self) -> list[torch.Tensor]:
@@ -319,12 +397,184 @@ class AllReduceStrategy(StrategyBase):
                 return _Attempt(False, missing, "ag")
             averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
             trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
+            writing = time.perf_counter()
             await ctx.run_compute(lambda: self._write_back(trimmed, tensors()))
+            self.phase_seconds["copies"] += time.perf_counter() - writing
             return _Attempt(True)
         finally:
             # Close this attempt's slots (and those of older attempts of any group size).
             for kind in (f"{prefix}{n}" for n in self._sizes for prefix in (REDUCE_SCATTER, ALL_GATHER)):
                 ctx.exchange.advance(kind, wire + 1)
+
+    # ------------------------------------------------------------------ overlap (buckets)
+
+    async def _reduce(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the reduce thread (the compute thread may be running backward)."""
+        return await asyncio.get_running_loop().run_in_executor(self._reducer, fn)
+
+    async def _attempt_buckets(self, round_index: int, group: Group, launch: _Launch) -> _Attempt:
+        """One attempt over ``group``, bucket by bucket as each is ready; the first bucket that
+        fails ends the attempt (the others are cancelled), and nothing is applied. Complete: every
+        ``.grad`` is rebound to the averaged buffers."""
+        assert self._buckets is not None
+        buckets = self._buckets
+        await self._notify(round_index, group, "rs")
+        if group.size == 1:
+            await launch.backward_done.wait()
+            buckets.bind_local()  # the mean of one contribution is itself
+            return _Attempt(True)
+        wire = wire_round(round_index, group.epoch)
+        self._bucket_sizes.add(group.size)
+        exchanges = [
+            self._tasks.spawn(self._bucket_exchange(number, round_index, group, launch), f"bucket{number}")
+            for number in range(len(buckets.buckets))
+        ]
+        try:
+            pending: set[asyncio.Task[_Attempt]] = set(exchanges)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    outcome = task.result()  # _Behind propagates
+                    if not outcome.complete:
+                        return outcome
+            applied = time.perf_counter()
+            buckets.bind_averaged()
+            self.phase_seconds["copies"] += time.perf_counter() - applied
+            return _Attempt(True)
+        finally:
+            for task in exchanges:
+                task.cancel()
+            await reap(exchanges, expected=(_Behind,))
+            for kind in (
+                f"{prefix}{n}_{number}"
+                for n in self._bucket_sizes
+                for prefix in (REDUCE_SCATTER, ALL_GATHER)
+                for number in range(len(buckets.buckets))
+            ):
+                self._ctx.exchange.advance(kind, wire + 1)
+
+    async def _bucket_exchange(self, number: int, round_index: int, group: Group, launch: _Launch) -> _Attempt:
+        """Reduce-scatter then all-gather of bucket ``number`` (as :meth:`_attempt`, over the
+        bucket's buffers: chunk c = ceil(numel / n), kinds ``rs<n>_<k>`` / ``ag<n>_<k>``)."""
+        assert self._buckets is not None
+        bucket = self._buckets.buckets[number]
+        members, me = group.members, self._ctx.name
+        size, rank = group.size, members.index(me)
+        others = tuple(p for p in members if p != me)
+        wire = wire_round(round_index, group.epoch)
+        meta = group_meta(round_index, group, self._agreement.prev, "rs")
+        chunk = math.ceil(bucket.numel / size)
+        rs_kind, ag_kind = f"{REDUCE_SCATTER}{size}_{number}", f"{ALL_GATHER}{size}_{number}"
+
+        def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
+            return buffer[index * chunk : (index + 1) * chunk]
+
+        await launch.ready[number].wait()
+        if not launch.backward_done.is_set() and not await self._reduce(
+            lambda: bool(torch.isfinite(bucket.local[: bucket.numel].sum()))
+        ):
+            # A non-finite gradient is refused by every receiver: wait until backward is over,
+            # when the training loop has replaced it by its overflow sentinel.
+            await launch.backward_done.wait()
+        await self._send(
+            {
+                p: Frame(
+                    kind=rs_kind,
+                    sender=me,
+                    round=wire,
+                    step=round_index,
+                    meta=meta,
+                    tensors={"chunk": piece(bucket.local, index)},
+                )
+                for index, p in enumerate(members)
+                if p != me
+            }
+        )
+        scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
+        if adopt is not None:
+            return _Attempt(False, phase="rs", adopt=adopt)
+        missing = tuple(p for p in others if p not in scattered)
+        if missing:
+            return _Attempt(False, missing, "rs")
+        in_rank_order = [piece(bucket.local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
+        own = piece(bucket.averaged, rank)
+        await self._reduce(lambda: exact_mean(in_rank_order, own))
+        gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
+        await self._send(dict.fromkeys(others, gather_frame))
+        gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
+        missing = tuple(p for p in others if p not in gathered)
+        if missing:
+            return _Attempt(False, missing, "ag")
+
+        @torch.no_grad()
+        def write_back() -> None:
+            for index, p in enumerate(members):
+                if p != me:
+                    piece(bucket.averaged, index).copy_(gathered[p].tensors["chunk"])
+
+        await self._reduce(write_back)
+        return _Attempt(True)
+
+    def before_backward(self, step: int) -> None:
+        """On the compute thread, before the closure: bind the gradients to the buckets and arm
+        the hooks that start each bucket's exchange as soon as backward has filled it."""
+        self._backward_started = time.perf_counter()
+        if self._buckets is None:
+            return
+        loop = self._loop
+        if loop is None:
+            self._buckets.arm(lambda _number: None)  # no loop known yet: all buckets go after backward
+            return
+
+        def ready(number: int) -> None:
+            loop.call_soon_threadsafe(self._bucket_ready, step, number)
+
+        self._buckets.arm(ready)
+
+    def _launch_for(self, step: int) -> _Launch:
+        assert self._buckets is not None
+        if self._launch is None or self._launch.step != step:
+            self._launch = _Launch(step=step, ready=[asyncio.Event() for _ in self._buckets.buckets])
+        return self._launch
+
+    def _bucket_ready(self, step: int, number: int) -> None:
+        """On the event loop: bucket ``number`` of ``step`` is complete; the first one proposes the
+        round's group and starts its first attempt (every later bucket joins that attempt)."""
+        launch = self._launch_for(step)
+        launch.ready[number].set()
+        if launch.first is not None or launch.declined:
+            return
+        group = self._agreement.propose(step, self._participants(), None)
+        if group.size < self._quorum:
+            launch.declined = True  # the round's loop waits for the quorum after backward
+            return
+        task = self._tasks.spawn(self._attempt_buckets(step, group, launch), f"round{step}")
+        launch.first = (group, task)
+
+    async def _reduce_buckets(self, step: int) -> RoundOutcome | None:
+        """H = 1 with overlap: wait for the buckets' round (redo it from the local buffers if it failed)."""
+        assert self._buckets is not None
+        self._loop = asyncio.get_running_loop()
+        launch = self._launch_for(step)
+        self._buckets.disarm()  # unused parameters keep the zeros their bucket started with
+        launch.backward_done.set()
+        for ready in launch.ready:
+            ready.set()
+        try:
+            return await self._average(step, self._gradients, launch)
+        finally:
+            self._launch = None
+            if launch.first is not None and not launch.first[1].done():
+                launch.first[1].cancel()
+                await reap([launch.first[1]], expected=(_Behind,))
+
+    async def close(self) -> None:
+        await self._tasks.cancel_all(self.config.round_timeout)
+        if self._buckets is not None:
+            self._buckets.close()
+        if self._reducer is not None:
+            self._reducer.shutdown(wait=False, cancel_futures=True)
+        await super().close()
 
     async def _wait_for_quorum(self, round_index: int, group: Group, since: float) -> Group | None:
         """Below quorum: announce, listen for a while; a higher proposal to adopt, if one came."""
@@ -336,23 +586,40 @@ class AllReduceStrategy(StrategyBase):
         await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, self.communication_peers(), 1, _WAIT_NOTICE_EVERY)
         return self._read_notices(round_index, group, act=True)
 
-    async def _average(self, round_index: int, tensors: Callable[[], list[torch.Tensor]]) -> RoundOutcome | None:
+    async def _average(
+        self, round_index: int, tensors: Callable[[], list[torch.Tensor]], launch: _Launch | None = None
+    ) -> RoundOutcome | None:
         """Replace ``tensors()`` by their exact mean over an agreed group, in place; None when this
-        peer found itself behind and loaded a member's state instead."""
+        peer found itself behind and loaded a member's state instead.
+
+        With ``launch`` (overlap) the gradients are already in the buckets, and the first attempt
+        may be running since the first bucket was ready; a redo runs over all buckets at once.
+        """
         ctx = self._ctx
-        started = time.perf_counter()
+        started = time.perf_counter() if launch is None else launch.started
         strict = self.config.on_failure == "strict"
-        await ctx.run_compute(lambda: flatten_into(tensors(), self._flat[: self._total]))
+        if launch is None:
+            await ctx.run_compute(lambda: flatten_into(tensors(), self._flat[: self._total]))
+            self.phase_seconds["copies"] += time.perf_counter() - started
+        first = launch.first if launch is not None else None
         failed: Group | None = None
         adopt: Group | None = None
         stalled_since: float | None = None
         waited = False
         while True:
             live = self._participants()
-            group = adopt if adopt is not None else self._agreement.propose(round_index, live, failed, waited=waited)
+            if first is not None:
+                group = first[0]  # proposed (above quorum) when the first bucket was ready
+            else:
+                group = (
+                    adopt if adopt is not None else self._agreement.propose(round_index, live, failed, waited=waited)
+                )
             adopt, waited = None, False
             try:
-                if group.size < self._quorum:
+                if first is not None:
+                    running, first = first[1], None
+                    outcome = await running
+                elif group.size < self._quorum:
                     if strict:
                         missing = self._agreement.missing_from(group)
                         ctx.ledger.record(round_index, missing, started)
@@ -361,7 +628,10 @@ class AllReduceStrategy(StrategyBase):
                     adopt = await self._wait_for_quorum(round_index, group, stalled_since)
                     failed, waited = group, True
                     continue
-                outcome = await self._attempt(round_index, group, tensors)
+                elif launch is not None:
+                    outcome = await self._attempt_buckets(round_index, group, launch)
+                else:
+                    outcome = await self._attempt(round_index, group, tensors)
             except _Behind as behind:
                 if strict or ctx.resync is None:
                     raise AllReduceIncompleteError(round_index, behind.donors) from None
@@ -398,13 +668,20 @@ class AllReduceStrategy(StrategyBase):
         if self.config.local_steps != 1:
             return None
         self._round = step
+        reducing = time.perf_counter()
+        if self._backward_started is not None:
+            self.phase_seconds["forward_backward"] += reducing - self._backward_started
+            self._backward_started = None
         outcome: RoundOutcome | None
         if self._codec is not None:
             outcome = await self._average_compressed(step, self._codec)
+        elif self._buckets is not None:
+            outcome = await self._reduce_buckets(step)
         else:
             outcome = await self._average(step, self._gradients)
         if outcome is not None:
             self._consistent.clear()  # until the optimizer step and the step count that follow it
+        self.phase_seconds["reduce"] += time.perf_counter() - reducing
         return outcome
 
     def wants_local_step(self) -> bool:
@@ -518,4 +795,6 @@ class AllReduceStrategy(StrategyBase):
             "bad_notices": self.bad_notices,
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
+            "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
+            "phase_seconds": {phase: round(value, 6) for phase, value in self.phase_seconds.items()},
         }

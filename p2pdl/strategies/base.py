@@ -219,6 +219,10 @@ class Strategy(Protocol):
         """The tensors a frame of ``kind`` from ``sender`` must carry; FrameSchemaError if unknown."""
         ...
 
+    def before_backward(self, step: int) -> None:
+        """Runs on the compute thread after the gradients were zeroed, before forward and backward."""
+        ...
+
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         """Runs after backward, before the optimizer step."""
         ...
@@ -389,6 +393,9 @@ class StrategyBase:
 
     def communication_peers(self) -> tuple[str, ...]:
         return self._neighbors()
+
+    def before_backward(self, step: int) -> None:
+        return None
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         return None
