@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from p2pdl import faults
 from p2pdl.compression.codec import TensorCodec
 from p2pdl.core.groups import Agreement, Group, donor_group, group_meta, parse_notice, quorum, wire_round
 from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
@@ -376,6 +377,7 @@ class AllReduceStrategy(StrategyBase):
                     if p != me
                 }
             )
+            faults.at("rs", round_index)  # P2PDL_FAULT: die with the chunks out
             scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
             if adopt is not None:
                 return _Attempt(False, phase="rs", adopt=adopt)
@@ -391,6 +393,7 @@ class AllReduceStrategy(StrategyBase):
             # From here on this peer's average is out: some members may complete the round, so
             # this attempt is never replaced by a smaller group without them (PROTOCOL.md §11.4).
             await self._send(dict.fromkeys(others, gather_frame))
+            faults.at("ag", round_index)
             gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
             missing = tuple(p for p in others if p not in gathered)
             if missing:
@@ -490,6 +493,7 @@ class AllReduceStrategy(StrategyBase):
                 if p != me
             }
         )
+        faults.at("rs", round_index)  # P2PDL_FAULT: die with the chunks out
         scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
         if adopt is not None:
             return _Attempt(False, phase="rs", adopt=adopt)
@@ -501,6 +505,7 @@ class AllReduceStrategy(StrategyBase):
         await self._reduce(lambda: exact_mean(in_rank_order, own))
         gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
         await self._send(dict.fromkeys(others, gather_frame))
+        faults.at("ag", round_index)
         gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
         missing = tuple(p for p in others if p not in gathered)
         if missing:
