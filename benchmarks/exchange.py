@@ -225,11 +225,12 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     transport._decode_data = timeline.wrap_sync("decode(codec thread)", transport._decode_data)
     original_on_bytes = transport._on_bytes
 
-    async def on_bytes(link: Any, data: bytes) -> None:
-        # The moment aiohttp hands over a whole message: the end of its receive.
+    async def on_bytes(link: Any, data: Any, **kwargs: Any) -> None:
+        # The moment a whole frame is in (a WebSocket message, a POST body or a stream record).
         now = time.perf_counter()
-        timeline.add(f"message in ({len(data) / 1e6:.1f} MB)", now, now)
-        await original_on_bytes(link, data)
+        via = "stream" if kwargs.get("owned") else "aiohttp"
+        timeline.add(f"frame in via {via} ({len(data) / 1e6:.1f} MB)", now, now)
+        await original_on_bytes(link, data, **kwargs)
 
     transport._on_bytes = on_bytes
     wire_decode._all_finite = timeline.wrap_sync("  finite check", wire_decode._all_finite)
