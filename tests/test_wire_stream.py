@@ -15,20 +15,23 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import torch
+from helpers import free_ports
+from tls_util import make_ca, make_peer_cert
 
 import p2pdl.net.transport as transport_module
 from p2pdl.config import TransportConfig
 from p2pdl.errors import FrameSchemaError
+from p2pdl.net.auth import PeerSecurity, client_ssl_context, server_ssl_context
 from p2pdl.net.http import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.net.stream import RECORD_PREFIX, STREAM_PATH, UPGRADE, BufferPool, upgrade_request
 from p2pdl.net.transport import Transport
 from p2pdl.wire import Frame, TensorSpec
-from tests.helpers import free_ports
 
 CHUNK = 300_000  # float32 values per frame: 1.2 MB, far above the 64 KiB stream threshold
 MIB = 1024 * 1024
@@ -49,8 +52,10 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def swarm(names: tuple[str, ...] = ("a", "b")) -> AsyncIterator[dict[str, Transport]]:
-    """Fully linked Transports; every link's frame stream is up on both ends."""
+async def swarm(
+    names: tuple[str, ...] = ("a", "b"), *, tls: tuple[Path, Path, Path] | None = None
+) -> AsyncIterator[dict[str, Transport]]:
+    """Fully linked Transports (TLS with ``tls`` = (ca, cert, key)); every link's frame stream is up on both ends."""
     ports = free_ports(len(names))
     addresses = {n: f"127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)}
     config = TransportConfig(max_frame_mib=4.0, handshake_timeout=5.0)
@@ -63,6 +68,7 @@ async def swarm(names: tuple[str, ...] = ("a", "b")) -> AsyncIterator[dict[str, 
             config=config,
             expected_tensors=expected_tensors,
             status=dict,
+            security=security(n, tls),
         )
         for n, p in zip(names, ports, strict=True)
     }
@@ -74,6 +80,17 @@ async def swarm(names: tuple[str, ...] = ("a", "b")) -> AsyncIterator[dict[str, 
             assert await transport.wait_connected(10.0) == ()
         await wait_for(lambda: all(lk.stream is not None for t in transports.values() for lk in t._links.values()))
         yield transports
+
+
+def security(name: str, tls: tuple[Path, Path, Path] | None) -> PeerSecurity:
+    if tls is None:
+        return PeerSecurity(name=name)
+    ca, cert, key = tls
+    return PeerSecurity(
+        name=name,
+        server_ssl=server_ssl_context(cert, key, ca, require_client_cert=True),
+        client_ssl=client_ssl_context(ca, cert, key),
+    )
 
 
 def chunk_frame(sender: str, round_index: int, values: torch.Tensor) -> Frame:
@@ -96,8 +113,15 @@ def test_a_buffer_is_reused_only_once_nothing_views_it() -> None:
     assert pool.allocations == 3
 
 
-async def test_large_frames_go_over_the_stream_both_ways_with_identical_values_into_reused_buffers() -> None:
-    async with swarm() as peers:
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_large_frames_go_over_the_stream_both_ways_with_identical_values_into_reused_buffers(
+    tls: bool, tmp_path: Path
+) -> None:
+    certificates = None
+    if tls:
+        ca = make_ca(tmp_path)
+        certificates = (ca[0], *make_peer_cert(tmp_path, ca, "swarm"))
+    async with swarm(tls=certificates) as peers:
         a, b = peers["a"], peers["b"]
         generator = torch.Generator().manual_seed(13)
         rounds = 4

@@ -5,12 +5,15 @@ parts it uses live beside it: :mod:`~p2pdl.net.receive` (accepting links and eve
 comes in), :mod:`~p2pdl.net.dialer` (dialling with back-off), :mod:`~p2pdl.net.links` (link state
 and the HELLO handshake), :mod:`~p2pdl.net.http` (``POST /frames``, JSON requests, ``/healthz``
 and ``/status``), :mod:`~p2pdl.net.mailbox` (where received frames wait for a strategy),
-:mod:`~p2pdl.net.guard` (connection limits, the request-head deadline, the frame rate limit),
-:mod:`~p2pdl.net.stats` (counters) and :mod:`~p2pdl.net.auth` (credentials and TLS).
+:mod:`~p2pdl.net.stream` (frame streams), :mod:`~p2pdl.net.guard` (connection limits, the
+request-head deadline, the frame rate limit), :mod:`~p2pdl.net.stats` (counters) and
+:mod:`~p2pdl.net.auth` (credentials and TLS).
 
 For each pair of neighbours exactly one side dials, and the link carries frames both ways, so a
-pair costs one handshake. The dialer sends frames of ``_POST_FRAME_BYTES`` or more as
-``POST /frames`` bodies instead of masked WebSocket messages (see :mod:`~p2pdl.net.http`).
+pair costs one handshake. Frames of ``_POST_FRAME_BYTES`` or more go, both ways, over the link's
+frame stream (:mod:`~p2pdl.net.stream`), received straight into reused buffers; while a link has
+none, the dialer sends them as ``POST /frames`` bodies instead of masked WebSocket messages (see
+:mod:`~p2pdl.net.http`) and the acceptor on the WebSocket.
 
 Trade-offs:
 
