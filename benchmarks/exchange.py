@@ -4,14 +4,17 @@ Each system runs as ``n`` real processes on loopback, started by this script (th
 reaped by it. Both see the same model, ``nn.Linear(3342, 3342)`` (11,172,306 parameters incl.
 bias, 44.7 MB of fp32 gradients), the same environment (``MALLOC_*_THRESHOLD_``,
 ``OMP_NUM_THREADS=1``) and the same barrier (a gloo ``barrier`` before every round), and the runs
-alternate gloo, p2pdl, p2pdl, gloo per process count so that machine noise hits both alike.
+alternate gloo, p2pdl, p2pdl, gloo per process count (with ``--aiohttp-path``: gloo, p2pdl,
+p2pdl_aiohttp, then the reverse) so that machine noise hits both alike.
 
 * ``gloo``: ``torch.distributed.all_reduce`` of one flat (11,172,306,) fp32 tensor.
 * ``gloo_ddp``: the same plus what p2pdl's round also does: flatten the grads into a bucket,
   all-reduce, divide, copy back (DDP's bucket path), for an apples-to-apples reference.
 * ``p2pdl``: a real :class:`p2pdl.Peer` per process (allreduce strategy, uvloop like the CLI);
   the timed call is ``await peer.strategy.reduce_gradients(step)``: flatten, encode, send,
-  receive, decode, reduce, all-gather, unflatten.
+  receive, decode, reduce, all-gather, unflatten. Large frames go over the links' frame streams.
+* ``p2pdl_aiohttp`` (with ``--aiohttp-path``): the same with no frame stream, so large frames take
+  the older path through aiohttp (``POST /frames`` from the dialer, the WebSocket from the acceptor).
 
 A round's time is the slowest rank's (each rank times from the barrier to its own end). Round 0
 is checked against the exact mean. After the timed rounds every p2pdl rank runs a few
@@ -225,11 +228,12 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     transport._decode_data = timeline.wrap_sync("decode(codec thread)", transport._decode_data)
     original_on_bytes = transport._on_bytes
 
-    async def on_bytes(link: Any, data: bytes) -> None:
-        # The moment aiohttp hands over a whole message: the end of its receive.
+    async def on_bytes(link: Any, data: Any, **kwargs: Any) -> None:
+        # The moment a whole frame is in (a WebSocket message, a POST body or a stream record).
         now = time.perf_counter()
-        timeline.add(f"message in ({len(data) / 1e6:.1f} MB)", now, now)
-        await original_on_bytes(link, data)
+        via = "stream" if kwargs.get("owned") else "aiohttp"
+        timeline.add(f"frame in via {via} ({len(data) / 1e6:.1f} MB)", now, now)
+        await original_on_bytes(link, data, **kwargs)
 
     transport._on_bytes = on_bytes
     wire_decode._all_finite = timeline.wrap_sync("  finite check", wire_decode._all_finite)
@@ -278,6 +282,12 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
 
     names = [f"p{r}" for r in range(args.world)]
     ports = [int(p) for p in args.ports.split(",")]
+    if args.worker == "p2pdl_aiohttp":
+        # The path before frame streams, for comparison: no link opens one, so large frames go
+        # over POST /frames (dialer) and the WebSocket (acceptor).
+        from p2pdl.net.transport import Transport
+
+        Transport._open_stream_task = lambda self, link, ws: None  # type: ignore[method-assign]
     config = config_from_mapping(
         {
             "run": {"workload": str(WORKLOAD), "eval_every": 0},
@@ -369,7 +379,7 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "rank": args.rank,
         "params": sum(p.numel() for p in params),
-        "times": {"p2pdl": times},
+        "times": {args.worker: times},
         "exact": exact,
         "max_abs_error": max_error,
     }
@@ -477,7 +487,11 @@ def main_parent(args: argparse.Namespace) -> int:
             samples: dict[str, list[float]] = {"gloo": [], "gloo_ddp": [], "p2pdl": []}
             extra: dict[str, Any] = {}
             # ABBA order: gloo, p2pdl, p2pdl, gloo, ... so drift in machine load cancels out.
-            order = [("gloo", "p2pdl") if k % 2 == 0 else ("p2pdl", "gloo") for k in range(args.repeats)]
+            systems_in_order = ["gloo", "p2pdl"]
+            if args.aiohttp_path:
+                samples["p2pdl_aiohttp"] = []
+                systems_in_order.append("p2pdl_aiohttp")
+            order = [systems_in_order if k % 2 == 0 else systems_in_order[::-1] for k in range(args.repeats)]
             profiled = False
             for systems in order:
                 for system in systems:
@@ -496,6 +510,9 @@ def main_parent(args: argparse.Namespace) -> int:
                             extra["cprofile_rank0_event_loop_thread"] = results[0][
                                 "cprofile_event_loop_thread"
                             ].splitlines()
+                    elif system == "p2pdl_aiohttp":
+                        exact = all(r["exact"] for r in results)
+                        extra.setdefault("p2pdl_aiohttp_bit_exact_vs_mean", []).append(exact)
                     else:
                         extra["gloo_max_abs_error"] = max(r["max_abs_error"] for r in results)
             entry = {key: _stats_ms(values) for key, values in samples.items()}
@@ -503,17 +520,23 @@ def main_parent(args: argparse.Namespace) -> int:
             entry["ratio_p2pdl_over_gloo_ddp_median"] = round(
                 entry["p2pdl"]["median_ms"] / entry["gloo_ddp"]["median_ms"], 3
             )
+            if args.aiohttp_path:
+                aiohttp_ms = entry["p2pdl_aiohttp"]["median_ms"]
+                entry["ratio_p2pdl_aiohttp_over_gloo_median"] = round(aiohttp_ms / entry["gloo"]["median_ms"], 3)
+                entry["ratio_p2pdl_over_p2pdl_aiohttp_median"] = round(entry["p2pdl"]["median_ms"] / aiohttp_ms, 3)
             entry.update(extra)
             report["by_world"][str(world)] = entry
 
     print()
-    print(f"{'peers':>5} {'system':>9} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}   ratio p2pdl/gloo")
+    print(f"{'peers':>5} {'system':>13} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}   ratio p2pdl/gloo")
     for world, entry in report["by_world"].items():
-        for system in ("gloo", "gloo_ddp", "p2pdl"):
+        for system in ("gloo", "gloo_ddp", "p2pdl", "p2pdl_aiohttp"):
+            if system not in entry:
+                continue
             s = entry[system]
-            ratio = f"{entry['ratio_p2pdl_over_gloo_median']:.2f}x" if system == "p2pdl" else ""
+            ratio = f"{entry[f'ratio_{system}_over_gloo_median']:.2f}x" if system.startswith("p2pdl") else ""
             cells = f"{s['median_ms']:>10.1f} {s['p10_ms']:>8.1f} {s['p90_ms']:>8.1f}"
-            print(f"{world:>5} {system:>9} {cells}   {ratio}")
+            print(f"{world:>5} {system:>13} {cells}   {ratio}")
         print(
             f"{'':>5} exact mean: p2pdl bit-exact={entry.get('p2pdl_bit_exact_vs_mean')}, "
             f"gloo max abs err={entry.get('gloo_max_abs_error'):.2e}"
@@ -541,7 +564,12 @@ def main() -> int:
         help="extra environment for every worker, e.g. MALLOC_TRIM_THRESHOLD_=1073741824",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "exchange.json")
-    parser.add_argument("--worker", choices=("gloo", "p2pdl"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--aiohttp-path",
+        action="store_true",
+        help="also time p2pdl without frame streams (large frames over POST /frames and the WebSocket)",
+    )
+    parser.add_argument("--worker", choices=("gloo", "p2pdl", "p2pdl_aiohttp"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)

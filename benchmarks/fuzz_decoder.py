@@ -18,8 +18,10 @@ mutator:
 * ``object``: a random msgpack object (nested, with ext types, NaN, huge ints) in a valid header;
 * ``random``: random bytes, with or without a valid header in front.
 
-Every case is decoded with ``decode_frame`` (sometimes with ``known_senders`` and ``expected``, and
-sometimes from a ``bytearray`` that is overwritten afterwards). It passes when it raises a
+Every case is decoded with ``decode_frame`` (sometimes with ``known_senders`` and ``expected``,
+sometimes from a ``bytearray`` that is overwritten afterwards, and sometimes on the frame stream's
+path too: from a writable receive buffer decoded in place, ``owned=True``, whose outcome must equal
+the bytes path's, the same refusal reason or the same accepted tensors). It passes when it raises a
 :class:`~p2pdl.errors.FrameError` subclass, or returns a frame that satisfies the invariants: every
 tensor of an allowed dtype, finite when floating point, with at most 8 dims and its bytes within the
 decompressed cap; at most ``max_tensors`` tensors; sender, kind, round, step and meta within the
@@ -52,6 +54,7 @@ from typing import Any
 
 import lz4.block
 import msgpack
+import numpy as np
 import torch
 from _provenance import Provenance, write_result
 
@@ -375,6 +378,33 @@ class Failure:
     data: bytes
 
 
+def owned_path_disagrees(
+    data: bytes,
+    outcome: str,
+    frame: Frame | None,
+    known: Any,
+    expected: Mapping[str, TensorSpec] | None,
+) -> str:
+    """Decode ``data`` as a frame stream does (in place, from a writable buffer); "" when it agrees."""
+    buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
+    try:
+        in_place = decode_frame(
+            memoryview(buffer.data), limits=LIMITS, known_senders=known, expected=expected, owned=True
+        )
+    except FrameError as exc:
+        return "" if exc.reason == outcome else f"owned path refused it as {exc.reason}, bytes path: {outcome}"
+    except Exception as exc:
+        return f"owned path raised {type(exc).__name__}: {exc}"[:300]
+    if frame is None:
+        return f"owned path accepted it, bytes path refused it as {outcome}"
+    if in_place.tensors.keys() != frame.tensors.keys() or any(
+        not torch.equal(in_place.tensors[n].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        for n, t in frame.tensors.items()
+    ):
+        return "the two paths accepted different tensors"
+    return ""
+
+
 def run(cases: int, seed: int, max_failures_shown: int = 5) -> dict[str, Any]:
     rng = random.Random(seed)
     seeds = corpus()
@@ -383,6 +413,7 @@ def run(cases: int, seed: int, max_failures_shown: int = 5) -> dict[str, Any]:
     by_mutator: dict[str, Counter[str]] = {name: Counter() for name in names}
     failures: list[Failure] = []
     durations: list[float] = []
+    owned_cases = 0  # also decoded on the frame stream's path and compared
     slowest = (0.0, "", b"")
     started = time.perf_counter()
     for _ in range(cases):
@@ -392,17 +423,27 @@ def run(cases: int, seed: int, max_failures_shown: int = 5) -> dict[str, Any]:
         known = KNOWN_SENDERS if rng.random() < 0.5 else None
         expected = chosen.specs if rng.random() < 0.3 else None
         mutable = rng.random() < 0.2
+        owned = not mutable and rng.random() < 0.3
         given: bytes | bytearray = bytearray(data) if mutable else data
         case_started = time.perf_counter()
         try:
-            frame = decode_frame(given, limits=LIMITS, known_senders=known, expected=expected)
+            frame: Frame | None = decode_frame(given, limits=LIMITS, known_senders=known, expected=expected)
+            outcome = "accepted"
         except FrameError as exc:
             outcome = exc.reason
             str(exc)  # the message itself must render
+            frame = None
         except Exception as exc:  # the point of the run: anything but FrameError is a bug
             outcome = "UNEXPECTED"
             failures.append(Failure(mutator, f"{type(exc).__name__}: {exc}"[:300], data))
-        else:
+            frame = None
+        owned_cases += owned
+        if owned and outcome != "UNEXPECTED":
+            disagreement = owned_path_disagrees(data, outcome, frame, known, expected)
+            if disagreement:
+                outcome = "PATHS_DISAGREE"
+                failures.append(Failure(mutator, disagreement, data))
+        if frame is not None and outcome != "PATHS_DISAGREE":
             outcome = "accepted"
             snapshot = {name: t.clone() for name, t in frame.tensors.items()} if mutable else {}
             if mutable:  # the caller reuses its buffer: the frame must not change with it
@@ -435,6 +476,7 @@ def run(cases: int, seed: int, max_failures_shown: int = 5) -> dict[str, Any]:
         print(f"... and {len(failures) - max_failures_shown} more failures", file=sys.stderr)
     return {
         "cases": cases,
+        "cases_also_decoded_in_place": owned_cases,
         "seed": seed,
         "seconds": round(seconds, 3),
         "cases_per_second": round(cases / seconds, 1),

@@ -102,6 +102,7 @@ EXCHANGE_PHASES = (
     ("compute:flatten", "flatten"),
     ("encode(await)", "encode"),
     ("send(await)", "sends (await, summed)"),
+    ("decode(codec thread)", "decode (summed)"),
     ("compute:reduce(exact_mean)", "exact mean"),
     ("compute:assemble(unflatten_chunks)", "assemble"),
 )

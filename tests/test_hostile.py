@@ -41,7 +41,7 @@ import torch
 
 from p2pdl import Peer
 from p2pdl.config import config_from_mapping
-from p2pdl.errors import FrameError
+from p2pdl.errors import FrameError, TransportError
 from p2pdl.net.auth import (
     HEADER,
     Secret,
@@ -54,6 +54,7 @@ from p2pdl.net.auth import (
 from p2pdl.net.auth import verify_reply as verify_acceptor_reply
 from p2pdl.net.http import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.net.links import CLOSE_NOT_A_NEIGHBOR, CLOSE_PROTOCOL_ERROR
+from p2pdl.net.stream import RECORD_PREFIX, STREAM_PATH, FrameStream, open_stream
 from p2pdl.wire import Frame, Limits, TensorSpec, decode_frame, encode_frame
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
@@ -624,6 +625,63 @@ async def hostile_posts(b: Peer, rogue: Rogue, payloads: dict[str, list[bytes]])
     async with rogue.session.post(f"{rogue.base}/frames", data=chunks(), headers=headers) as response:
         assert response.status == 411
     await asyncio.sleep(30 / RATE)
+
+
+async def rogue_stream(b: Peer, rogue: Rogue) -> FrameStream:
+    """The rogue's frame stream to b (GET /stream with its frames token), once b has taken it as the link's."""
+    headers = {SENDER_HEADER: "a", TOKEN_HEADER: rogue.frames_token, **auth("a", "b", f"GET {STREAM_PATH}")}
+    stream = await open_stream(
+        rogue.base.removeprefix("http://"),
+        headers,
+        ssl=None,
+        max_record=MIB,
+        on_refused=lambda exc: None,
+        timeout=5.0,
+    )
+    await wait_for(lambda: b.transport._links["a"].stream is not None)
+    return stream
+
+
+async def test_every_hostile_payload_over_a_frame_stream_is_refused_for_the_same_reason(secret_env: str) -> None:
+    """The zero-copy receive path refuses every frame the WebSocket and POST paths refuse, counted alike."""
+    async with victim_and_rogue() as (b, rogue):
+        received_before = b.status()["frames_received"]
+        stream = await rogue_stream(b, rogue)
+        payloads = hostile_payloads(b.model)
+        for reason, batch in payloads.items():
+            records = [data for data in batch if data]  # a 0-byte record is the stream's own refusal, below
+            before = rejected(b)
+            for data in records:
+                await stream.send(data)
+            delta = await new_rejections(b, before, len(records))
+            assert delta == Counter({reason: len(records)}), (reason, delta)
+            await asyncio.sleep(len(records) / RATE)  # let the rate limiter's bucket refill
+        assert not stream.closed.is_set() and b.transport._links["a"].stream is not None
+        assert b.status()["frames_received"] == received_before
+        assert b.status()["stream_frames_received"] == 0
+
+        # Records the stream cannot read: counted, the stream closed, the link kept.
+        for declared, reason in ((0, "format"), (MIB + 1, "too_large"), (2**32 - 1, "too_large")):
+            stream = await rogue_stream(b, rogue)
+            before = rejected(b)
+            assert stream._transport is not None
+            stream._transport.write(RECORD_PREFIX.pack(declared) + b"\x00" * 64)
+            assert await new_rejections(b, before, 1) == Counter({reason: 1})
+            await asyncio.wait_for(stream.closed.wait(), timeout=5.0)
+            assert b.transport.is_connected("a")
+
+        # Without the link's token: 403, counted, no stream.
+        before = rejected(b)
+        with pytest.raises(TransportError, match="refused GET /stream"):
+            await open_stream(
+                rogue.base.removeprefix("http://"),
+                {SENDER_HEADER: "a", TOKEN_HEADER: "0" * 32, **auth("a", "b", f"GET {STREAM_PATH}")},
+                ssl=None,
+                max_record=MIB,
+                on_refused=lambda exc: None,
+                timeout=5.0,
+            )
+        assert rejected(b) - before == Counter(unknown_sender=1)
 
 
 async def stale_and_duplicate_frames(b: Peer, rogue: Rogue) -> None:

@@ -1,4 +1,10 @@
-"""Tests for p2pdl.wire: round trips, every rejection path, and fuzzing of hostile input."""
+"""Tests for p2pdl.wire: round trips, every rejection path, and fuzzing of hostile input.
+
+Every test runs on both receive paths (the module-scoped ``receive_path`` fixture): the bytes a
+WebSocket message or ``POST /frames`` body arrives as, and a frame stream's writable receive
+buffer decoded in place (``decode_frame(owned=True)``, :mod:`p2pdl.net.stream`). The in-place
+path must give the same values and refuse every frame the bytes path refuses, for the same reason.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 
 import lz4.block
 import msgpack
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +37,38 @@ from p2pdl.wire.unpack import MAX_NESTING, _Extension, _extension, _unpack_in_pl
 
 LIMITS = Limits(max_frame_bytes=64 * 2**20, max_decompressed_bytes=64 * 2**20)
 FLAGS_OFFSET = 3
+
+_decode_bytes = decode_frame
+# Tests about how the bytes path treats the caller's buffer (aliasing, copies): not the stream's path.
+_BYTES_PATH_ONLY = {
+    "test_decoded_tensors_do_not_alias_the_input_buffer",
+    "test_decoded_tensors_view_immutable_input_without_a_copy",
+}
+
+
+def _decode_owned(data: bytes | bytearray | memoryview, **kwargs: Any) -> Frame:
+    """The frame stream's receive path: the bytes in a writable receive buffer, decoded in place."""
+    source = memoryview(data).cast("B")
+    buffer = np.empty(source.nbytes, dtype=np.uint8)
+    buffer[:] = np.frombuffer(source, dtype=np.uint8)
+    return _decode_bytes(memoryview(buffer.data), owned=True, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["bytes", "owned_buffer"], autouse=True)
+def receive_path(request: pytest.FixtureRequest) -> Any:
+    """Rebinds this module's ``decode_frame`` to the in-place path for the second run of every test."""
+    if request.param == "bytes":
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(globals(), "decode_frame", _decode_owned)
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _skip_bytes_path_only(receive_path: str, request: pytest.FixtureRequest) -> None:
+    if receive_path == "owned_buffer" and request.function.__name__ in _BYTES_PATH_ONLY:
+        pytest.skip("about the bytes path's copy of a caller's mutable buffer")
 
 
 def _frame(**tensors: torch.Tensor) -> Frame:
@@ -128,6 +167,17 @@ def test_decoded_tensors_view_immutable_input_without_a_copy() -> None:
     start = torch.frombuffer(address, dtype=torch.uint8).data_ptr()
     assert start < decoded.tensors["t"].data_ptr() < start + len(encoded)
     assert torch.equal(decoded.tensors["t"], torch.arange(1000, dtype=torch.float32))
+
+
+def test_an_owned_buffer_is_viewed_in_place_with_identical_values() -> None:
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    encoded = encode_frame(_frame(t=values, i=torch.arange(7)), compression="never")
+    buffer = np.frombuffer(bytearray(encoded), dtype=np.uint8)
+    decoded = _decode_bytes(memoryview(buffer.data), limits=LIMITS, owned=True)
+    start = buffer.ctypes.data
+    assert start < decoded.tensors["t"].data_ptr() < start + len(encoded)  # no copy
+    assert torch.equal(decoded.tensors["t"], values) and torch.equal(decoded.tensors["i"], torch.arange(7))
+    assert torch.equal(decoded.tensors["t"], _decode_bytes(encoded, limits=LIMITS).tensors["t"])
 
 
 def test_tensor_spec_of_tensor() -> None:

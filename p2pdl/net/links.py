@@ -37,6 +37,7 @@ from p2pdl.net.auth import (
 )
 from p2pdl.net.guard import TokenBucket
 from p2pdl.net.stats import TransportStats
+from p2pdl.net.stream import FrameStream
 from p2pdl.wire import Frame, Limits, decode_frame, encode_frame
 
 LinkState = Literal["connecting", "connected", "disconnected", "left"]
@@ -69,6 +70,8 @@ class Link:
     # The POST /frames credential of the current connection: issued by the acceptor in its HELLO
     # reply, presented by the dialer; "" while down or when the acceptor offers none.
     frames_token: str = ""
+    # The link's frame stream for large frames, both ways (net.stream); None while there is none.
+    stream: FrameStream | None = None
     bucket: TokenBucket = field(default_factory=TokenBucket)  # rate limit of received frames
     # Data-frame bytes on this link (handshake frames are counted only in the transport's totals).
     bytes_sent: int = 0

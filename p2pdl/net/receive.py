@@ -1,10 +1,12 @@
 """The receive half of :class:`~p2pdl.net.transport.Transport`: every way a frame comes in.
 
 Frames arrive on a link's WebSocket (``GET /ws``: the acceptor's handshake, then the read loop,
-the same loop the dialer runs on its side) or, from a link's dialer, as a ``POST /frames`` body
-(:mod:`~p2pdl.net.http`). Both end in :meth:`LinkReceiver._on_bytes`: the rate limit, then the
-decoder with the link's peer as the only known sender, then the expected tensors, then the
-mailbox. Large frames are decoded in the codec thread pool, never on the event loop.
+the same loop the dialer runs on its side), from a link's dialer as a ``POST /frames`` body
+(:mod:`~p2pdl.net.http`), or, both ways, on the link's frame stream (``GET /stream``, opened by the
+dialer once the WebSocket is up; :mod:`~p2pdl.net.stream`). All end in
+:meth:`LinkReceiver._on_bytes`: the rate limit, then the decoder with the link's peer as the only
+known sender, then the expected tensors, then the mailbox. Large frames are decoded in the codec
+thread pool, never on the event loop.
 
 Trade-offs:
 
@@ -20,6 +22,7 @@ Trade-offs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -37,6 +40,7 @@ from p2pdl.errors import (
     FrameSchemaError,
     FrameTooLargeError,
     RateLimitedError,
+    TransportError,
     UnknownSenderError,
 )
 from p2pdl.net.auth import PEER_KEY, PeerSecurity
@@ -57,6 +61,8 @@ from p2pdl.net.links import (
 )
 from p2pdl.net.mailbox import Mailbox
 from p2pdl.net.stats import LogThrottle, TransportStats
+from p2pdl.net.stream import STREAM_PATH, UPGRADE, FrameStream, open_stream
+from p2pdl.tasks import TaskOwner
 from p2pdl.wire import Frame, Limits, TensorSpec, check_tensors, decode_frame
 
 __all__ = ["ExpectedTensors", "LinkReceiver"]
@@ -86,6 +92,8 @@ class LinkReceiver:
     _on_heard: Callable[[str], None]
     _codec: ThreadPoolExecutor
     _warnings: LogThrottle
+    _tasks: TaskOwner
+    _frame_streams: bool
 
     def _add_link(self, neighbor: str) -> Link:
         if neighbor == self.name:
@@ -160,8 +168,8 @@ class LinkReceiver:
             if link.frames_token == token:  # a newer connection may already hold its own
                 link.frames_token = ""
 
-    async def _accept_frame(self, request: web.Request) -> web.StreamResponse:
-        """POST /frames: one frame from the dialer of a live link, as a plain HTTP body."""
+    def _token_link(self, request: web.Request) -> Link | None:
+        """The live accepted link whose dialer made ``request`` (its sender and frames token), if any."""
         sender = request.headers.get(SENDER_HEADER, "")
         token = request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape")
         link = self._links.get(sender)
@@ -172,6 +180,13 @@ class LinkReceiver:
             or not link.frames_token
             or not hmac.compare_digest(token, link.frames_token.encode())
         ):
+            return None
+        return link
+
+    async def _accept_frame(self, request: web.Request) -> web.StreamResponse:
+        """POST /frames: one frame from the dialer of a live link, as a plain HTTP body."""
+        link = self._token_link(request)
+        if link is None:
             self._reject(UnknownSenderError("POST /frames without a live link's token"), request.remote or "?")
             raise web.HTTPForbidden()
         length = request.content_length
@@ -195,18 +210,89 @@ class LinkReceiver:
         await self._on_bytes(link, data)
         return web.Response(status=204)
 
+    async def _accept_stream(self, request: web.Request) -> web.StreamResponse:
+        """GET /stream: the dialer of a live link upgrades this connection to the link's frame stream."""
+        link = self._token_link(request)
+        if link is None:
+            self._reject(UnknownSenderError(f"GET {STREAM_PATH} without a live link's token"), request.remote or "?")
+            raise web.HTTPForbidden()
+        if request.headers.get("Upgrade", "").strip().lower() != UPGRADE:
+            raise web.HTTPBadRequest(text=f"GET {STREAM_PATH} needs Upgrade: {UPGRADE}")
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise web.HTTPBadRequest(text="no transport to upgrade")
+        response = web.StreamResponse(status=101, headers={"Connection": "Upgrade", "Upgrade": UPGRADE})
+        await response.prepare(request)
+        request.protocol.keep_alive(False)
+        stream = FrameStream(
+            max_record=self._limits.max_frame_bytes, on_refused=lambda exc: self._reject(exc, link.name)
+        )
+        # aiohttp's protocol (and the connection guard around it) hears of the end of the connection.
+        stream.attach(transport, previous=transport.get_protocol())
+        await self._serve_stream(link, stream)
+        return response
+
+    def _open_stream_task(self, link: Link, ws: WebSocket) -> None:
+        if link.dials and link.frames_token and self._frame_streams:
+            self._tasks.spawn(self._dial_stream(link, ws, link.frames_token), f"stream-{link.name}")
+
+    async def _dial_stream(self, link: Link, ws: WebSocket, token: str) -> None:
+        """The dialer's side: open the link's frame stream and read it until it or the link ends."""
+        headers = {
+            SENDER_HEADER: self.name,
+            TOKEN_HEADER: token,
+            **self.security.headers(target=link.name, method="GET", path=STREAM_PATH),
+        }
+        try:
+            stream = await open_stream(
+                link.address,
+                headers,
+                ssl=self.security.client_ssl,
+                max_record=self._limits.max_frame_bytes,
+                on_refused=lambda exc: self._reject(exc, link.name),
+                timeout=self._config.handshake_timeout,
+            )
+        except (OSError, TimeoutError, TransportError, ValueError) as exc:
+            # Large frames keep going over POST /frames and the WebSocket.
+            log.info("%s: no frame stream to %s: %s", self.name, link.name, exc)
+            return
+        if link.ws is not ws:
+            stream.close()
+            return
+        await self._serve_stream(link, stream)
+
+    async def _serve_stream(self, link: Link, stream: FrameStream) -> None:
+        """Read ``stream``'s records into the receive path until it closes; it is the link's meanwhile."""
+        old, link.stream = link.stream, stream
+        if old is not None:
+            old.close()
+        try:
+            while (record := await stream.next_record()) is not None:
+                await self._on_bytes(link, record, owned=True)
+                del record  # the buffer is reusable once the frame's consumer drops it too
+        finally:
+            if link.stream is stream:
+                link.stream = None
+            stream.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.shutdown_timeout):
+                    await stream.closed.wait()
+
     async def _serve_link(self, link: Link, ws: WebSocket) -> None:
         link.ws = ws
         link.state = "connected"
         link.connects += 1
         link.connected.set()
         log.info("%s: link to %s up (%s)", self.name, link.name, "dialled" if link.dials else "accepted")
+        self._open_stream_task(link, ws)
         try:
             await self._read_loop(link, ws)
         finally:
             if link.ws is ws:
                 link.ws = None
                 link.connected.clear()
+                if link.stream is not None:
+                    link.stream.close()
                 if not link.has_left():
                     link.state = "disconnected"
                 log.info("%s: link to %s down", self.name, link.name)
@@ -230,7 +316,8 @@ class LinkReceiver:
                 await ws.close()
                 break
 
-    async def _on_bytes(self, link: Link, data: bytes) -> None:
+    async def _on_bytes(self, link: Link, data: bytes | memoryview, *, owned: bool = False) -> None:
+        """One received frame's bytes; ``owned``: a frame stream's buffer, decoded in place."""
         self.stats.bytes_received += len(data)
         link.bytes_received += len(data)
         if not link.bucket.take(self._config.max_frames_per_second):
@@ -240,10 +327,10 @@ class LinkReceiver:
         try:
             if len(data) > INLINE_CODEC_BYTES:
                 frame = await asyncio.get_running_loop().run_in_executor(
-                    self._codec, self._decode_data, data, link.name
+                    self._codec, self._decode_data, data, link.name, owned
                 )
             else:
-                frame = self._decode_data(data, link.name)
+                frame = self._decode_data(data, link.name, owned)
             if frame.kind == BYE:
                 link.state = "left"
                 self.mailbox.mark_gone(link.name)
@@ -253,6 +340,7 @@ class LinkReceiver:
             self._on_heard(link.name)
             self.mailbox.put(frame)
             self.stats.frames_received += 1
+            self.stats.stream_frames_received += owned
         except FrameError as exc:
             self._reject(exc, link.name)
         except Exception:
@@ -263,9 +351,9 @@ class LinkReceiver:
     def _count_auth_reject(self, request: web.Request, exc: AuthError) -> None:
         self.stats.auth_rejected[exc.reason] += 1
 
-    def _decode_data(self, data: bytes, sender: str) -> Frame:
+    def _decode_data(self, data: bytes | memoryview, sender: str, owned: bool = False) -> Frame:
         """Decode and validate a frame from ``sender`` (runs in the codec pool when large)."""
-        frame = decode_frame(data, limits=self._limits, known_senders=(sender,))
+        frame = decode_frame(data, limits=self._limits, known_senders=(sender,), owned=owned)
         if frame.kind in CONTROL_KINDS:
             if frame.tensors:
                 raise FrameSchemaError(f"{frame.kind!r} control frame must not carry tensors")

@@ -23,6 +23,8 @@ class TransportStats:
     bytes_received: int = 0
     frames_sent: int = 0
     frames_received: int = 0
+    stream_frames_sent: int = 0  # of frames_sent: frames that went over a frame stream
+    stream_frames_received: int = 0  # of frames_received: frames that came over a frame stream
     frames_rejected: Counter[str] = field(default_factory=Counter)
     auth_rejected: Counter[str] = field(default_factory=Counter)
     connections_refused: int = 0
@@ -35,6 +37,8 @@ class TransportStats:
             "bytes_received": self.bytes_received,
             "frames_sent": self.frames_sent,
             "frames_received": self.frames_received,
+            "stream_frames_sent": self.stream_frames_sent,
+            "stream_frames_received": self.stream_frames_received,
             "frames_rejected": {
                 "total": sum(self.frames_rejected.values()),
                 "by_reason": dict(self.frames_rejected),

@@ -5,12 +5,15 @@ parts it uses live beside it: :mod:`~p2pdl.net.receive` (accepting links and eve
 comes in), :mod:`~p2pdl.net.dialer` (dialling with back-off), :mod:`~p2pdl.net.links` (link state
 and the HELLO handshake), :mod:`~p2pdl.net.http` (``POST /frames``, JSON requests, ``/healthz``
 and ``/status``), :mod:`~p2pdl.net.mailbox` (where received frames wait for a strategy),
-:mod:`~p2pdl.net.guard` (connection limits, the request-head deadline, the frame rate limit),
-:mod:`~p2pdl.net.stats` (counters) and :mod:`~p2pdl.net.auth` (credentials and TLS).
+:mod:`~p2pdl.net.stream` (frame streams), :mod:`~p2pdl.net.guard` (connection limits, the
+request-head deadline, the frame rate limit), :mod:`~p2pdl.net.stats` (counters) and
+:mod:`~p2pdl.net.auth` (credentials and TLS).
 
 For each pair of neighbours exactly one side dials, and the link carries frames both ways, so a
-pair costs one handshake. The dialer sends frames of ``_POST_FRAME_BYTES`` or more as
-``POST /frames`` bodies instead of masked WebSocket messages (see :mod:`~p2pdl.net.http`).
+pair costs one handshake. Frames of ``_POST_FRAME_BYTES`` or more go, both ways, over the link's
+frame stream (:mod:`~p2pdl.net.stream`), received straight into reused buffers; while a link has
+none, the dialer sends them as ``POST /frames`` bodies instead of masked WebSocket messages (see
+:mod:`~p2pdl.net.http`) and the acceptor on the WebSocket.
 
 Trade-offs:
 
@@ -45,6 +48,7 @@ from p2pdl.net.links import BYE, Link, close_quietly
 from p2pdl.net.mailbox import Mailbox
 from p2pdl.net.receive import INLINE_CODEC_BYTES, ExpectedTensors, LinkReceiver
 from p2pdl.net.stats import LogThrottle, TransportStats
+from p2pdl.net.stream import STREAM_PATH
 from p2pdl.tasks import TaskOwner
 from p2pdl.wire import Frame, Limits, encode_frame
 
@@ -71,8 +75,11 @@ class Transport(LinkReceiver):
         on_peer_left: Callable[[str], None] | None = None,
         on_heard: Callable[[str], None] | None = None,
         security: PeerSecurity | None = None,
+        frame_streams: bool = True,
     ) -> None:
+        """``frame_streams``: the dialer of each link opens a frame stream for large frames (both ways)."""
         self.name = name
+        self._frame_streams = frame_streams
         self.security = security or PeerSecurity(name=name)
         self._listen = (listen_host, listen_port)
         self._addresses = dict(addresses)
@@ -104,6 +111,7 @@ class Transport(LinkReceiver):
         http.add_info_routes(self._app, status)
         self._app.router.add_get("/ws", self._accept)
         self._app.router.add_post(FRAMES_PATH, self._accept_frame)
+        self._app.router.add_get(STREAM_PATH, self._accept_stream)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
@@ -166,6 +174,8 @@ class Transport(LinkReceiver):
             await self._best_effort(self.broadcast(bye, [n for n, lk in self._links.items() if lk.ws is not None]))
         cancelled = self._tasks.cancel()
         for link in self._links.values():
+            if link.stream is not None:
+                link.stream.close()
             if link.ws is not None and not link.ws.closed:
                 await self._best_effort(link.ws.close())
         await self._tasks.wait(cancelled, self._config.shutdown_timeout)
@@ -215,6 +225,8 @@ class Transport(LinkReceiver):
             link = self._links.pop(name)
             if link.dialer is not None:
                 link.dialer.cancel()
+            if link.stream is not None:
+                link.stream.close()
             if link.ws is not None and not link.ws.closed:
                 self._tasks.spawn(close_quietly(link.ws, self._config.shutdown_timeout), f"unlink-{name}")
             self.mailbox.mark_gone(name)
@@ -319,6 +331,22 @@ class Transport(LinkReceiver):
         ws = link.ws
         if ws is None or ws.closed:
             raise TransportError(f"link to {neighbor!r} is {link.state}")
+        stream = link.stream
+        if stream is not None and stream.usable and len(data) >= _POST_FRAME_BYTES:
+            try:
+                async with asyncio.timeout(self._config.send_timeout):
+                    await stream.send(data)
+            except TimeoutError as exc:
+                stream.abort()  # nothing of this record may go out later
+                raise PeerTimeoutError(
+                    f"send to {neighbor!r} took longer than send_timeout={self._config.send_timeout}s"
+                ) from exc
+            except ConnectionError:
+                pass  # the stream closed under this send: the frame goes the other way below
+            else:
+                self._count_sent(link, len(data))
+                self.stats.stream_frames_sent += 1
+                return
         try:
             if link.dials and link.frames_token and len(data) >= _POST_FRAME_BYTES:
                 async with asyncio.timeout(self._config.send_timeout):
@@ -332,9 +360,12 @@ class Transport(LinkReceiver):
             ) from exc
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
             raise TransportError(f"send to {neighbor!r} failed: {exc}") from exc
-        self.stats.bytes_sent += len(data)
+        self._count_sent(link, len(data))
+
+    def _count_sent(self, link: Link, nbytes: int) -> None:
+        self.stats.bytes_sent += nbytes
         self.stats.frames_sent += 1
-        link.bytes_sent += len(data)
+        link.bytes_sent += nbytes
 
     async def _post_frame(self, link: Link, data: bytes) -> None:
         assert self._session is not None

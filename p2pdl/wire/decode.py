@@ -11,7 +11,9 @@ Trade-offs:
   bomb is impossible.
 * Tensors are not copied when the input is ``bytes``: they are read-only views of it
   (``bytes`` are immutable, so the views are safe). A mutable input (``bytearray``,
-  ``memoryview``) is copied once first, since its owner may reuse it.
+  ``memoryview``) is copied once first, since its owner may reuse it, unless the caller hands it
+  over with ``owned=True`` (a receive buffer that is reused only once nothing views it, see
+  :mod:`~p2pdl.net.stream`): then its tensors view it in place, and every check is the same.
 * Every floating-point tensor is checked to be finite on every frame, with one reduction
   pass and no temporaries.
 
@@ -70,6 +72,7 @@ def decode_frame(
     limits: Limits,
     known_senders: Container[str] | None = None,
     expected: Mapping[str, TensorSpec] | None = None,
+    owned: bool = False,
 ) -> Frame:
     """Parse and validate one frame received from the network.
 
@@ -80,12 +83,14 @@ def decode_frame(
 
     Raises only :class:`~p2pdl.errors.FrameError` subclasses. The returned tensors are
     read-only views of ``data`` when it is ``bytes`` (immutable, so nothing can change them),
-    and of a private copy otherwise, never of a buffer the caller may reuse.
+    and of a private copy otherwise, never of a buffer the caller may reuse. ``owned=True``: the
+    caller gives ``data`` (mutable) to the frame and will not write to it while any view of it
+    lives, so the tensors view it without the copy.
     """
     view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
     if view.nbytes > limits.max_frame_bytes:
         raise FrameTooLargeError(f"frame is {view.nbytes} bytes; max_frame_bytes is {limits.max_frame_bytes}")
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes) and not owned:
         view = memoryview(view.tobytes())  # the tensors will view this private copy
     body = _read_body(view, limits)
     obj = unpack_body(body, limits)

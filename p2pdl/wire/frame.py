@@ -102,9 +102,10 @@ class Limits:
 class Frame:
     """One message between peers.
 
-    Tensors of a decoded frame are read-only views of the received bytes (no copy); torch
-    warns once ("The given buffer is not writable") when it creates them. Clone a tensor
-    before writing to it in place.
+    Tensors of a decoded frame are views of the received bytes (no copy): read-only ``bytes``
+    (torch warns once, "The given buffer is not writable", when it creates them), or a frame
+    stream's receive buffer, which is reused only once nothing views it. Clone a tensor before
+    writing to it in place.
     """
 
     kind: str
