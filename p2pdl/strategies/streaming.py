@@ -11,7 +11,7 @@ Nesterov step, and the new global fragment is merged into the then-current param
 ``merge_alpha * local + (1 - merge_alpha) * global`` (the paper's mixing; 0.5 by default).
 
 The exchange is an all-gather of the quantized outer gradients among the live members (frame
-kind ``sd<f>``, PROTOCOL.md §13). Every peer decodes every contribution, its own included,
+kind ``sd<f>``, PROTOCOL.md §12). Every peer decodes every contribution, its own included,
 from the same bytes, and sums them in float32 in the members' agreed order, so the average,
 the anchors and the outer momentum are bit-identical on every peer. The local parameters are
 not (each peer keeps ``merge_alpha`` of its own), so the run ends with a full sync of every
@@ -43,7 +43,7 @@ from p2pdl.strategies.base import RoundConfig, RoundOutcome, StrategyBase, Strat
 from p2pdl.tasks import TaskOwner
 from p2pdl.wire import Frame, TensorSpec
 
-FRAGMENT = "sd"  # frame kinds "sd<f>": fragment f's outer gradient (PROTOCOL.md §13)
+FRAGMENT = "sd"  # frame kinds "sd<f>": fragment f's outer gradient (PROTOCOL.md §12)
 _CLOSE_TIMEOUT = 5.0  # seconds close() waits for cancelled exchanges
 _APPLY_MARGIN = 5.0  # seconds beyond an exchange's own bounds that applying it waits
 
