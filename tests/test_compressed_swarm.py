@@ -1,7 +1,7 @@
 """Real peer processes train MNIST-1D with each compressor and keep the promises compression makes.
 
-Gradient compressors run under the exact all-reduce (a compressed all-gather, with error feedback
-for top-k and PowerSGD): every peer decompresses the same frames and sums them in one order, so
+Gradient compressors run under the exact all-reduce (a compressed reduce-scatter, or PowerSGD's
+all-gather, with error feedback): every peer decompresses the same frames and sums them in one order, so
 the peers must end with bit-identical parameters, and the wire must carry at most 1/ratio of the
 fp32 bytes. CHOCO-gossip compresses parameter differences on a ring: the peers must stay close
 (consensus distance) while the wire ratio holds. The wide MLP (4.3M parameters) runs too, so that
