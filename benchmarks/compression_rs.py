@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The compressed reduce-scatter and DGC against the fp32 all-reduce, 8 peers, at equal steps.
 
-    .venv/bin/python benchmarks/compression_rs.py                    # the wide MLP, 200 steps (~15 min on 2 cores)
+    .venv/bin/python benchmarks/compression_rs.py                    # every row, the wide MLP, 200 steps
+    .venv/bin/python benchmarks/compression_rs.py --mlp-steps 80 --only ar-none ar-topk1-dgc   # BENCHMARKS §19
     .venv/bin/python benchmarks/compression_rs.py --tables loopback --loopback-steps 600   # the CNN
     .venv/bin/python benchmarks/compression_rs.py --reanalyze        # rebuild the tables from runs/compression_rs
 
@@ -22,6 +23,8 @@ the same invocation). Rows, all ``strategy.kind = "allreduce"`` with H = 1:
 
 The wide MLP (4.3M parameters) is the default table: on the 5,210-parameter CNN the frame headers
 alone are more than 1/64 of an fp32 round, so no compressor can reach 64x there.
+
+A row of 80 MLP steps takes 8-12 minutes with 8 processes on 2 busy cores.
 
 Writes ``benchmarks/results/compression_rs.json`` and prints the tables.
 """
