@@ -13,8 +13,9 @@ bytes saved buy. Rows:
 
 * the exact all-reduce uncompressed, and with fp16, bf16, int8 (scale per 256 values), top-k
   1% and 0.1% and PowerSGD rank 4 (both with error feedback; tensors under 1000 values stay
-  fp32), which run as an all-gather of the compressed gradients (every peer decodes all of
-  them, so every peer applies the same step);
+  fp32). They were measured as an all-gather of the compressed gradients; since then every
+  compressor but PowerSGD runs a compressed reduce-scatter instead
+  (``benchmarks/compression_rs.py``, BENCHMARKS.md §19);
 * gossip on a ring, uncompressed and CHOCO-gossip with top-1% (consensus step 0.04);
 * DDP on gloo, plain and with ``fp16_compress_hook`` and ``powerSGD_hook`` (rank 4), in the same
   run.

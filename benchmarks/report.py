@@ -215,6 +215,16 @@ def own_table(document: dict[str, Any]) -> list[str]:
     return list(document["table"].splitlines())
 
 
+def setting_tables(document: dict[str, Any]) -> list[str]:
+    """Each setting's tables as the strategies runner rendered them (``table``, ``extra_table``)."""
+    lines: list[str] = []
+    for table in document["tables"].values():
+        lines += [*table["table"].splitlines(), ""]
+        if "extra_table" in table:
+            lines += [*table["extra_table"].splitlines(), ""]
+    return lines[:-1]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "time_to_accuracy": own_table,
     "compressors": own_table,
@@ -230,6 +240,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "robust_mixing": robust_rows,
     "detection": detection_rows,
     "chaos": chaos_rows,
+    "compression_rs": setting_tables,
 }
 
 

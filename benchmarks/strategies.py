@@ -93,6 +93,7 @@ class Row:
     step_scale: int = 1
     compression: dict[str, Any] = field(default_factory=dict)  # the [compression] table, if any
     ddp_args: tuple[str, ...] = ()  # DDP rows: extra benchmarks/ddp_reference.py flags (comm hooks)
+    run: dict[str, Any] = field(default_factory=dict)  # [run] keys over the setting's (DGC: momentum 0)
 
     def steps(self, setting: Setting) -> int:
         return setting.steps * self.step_scale
@@ -207,6 +208,7 @@ def write_config(setting: Setting, row: Row, addresses: Sequence[str], path: Pat
             "momentum": setting.momentum,
             "eval_every": setting.eval_every,
             "torch_threads": 1,
+            **row.run,
         },
         "strategy": strategy,
         "topology": {"kind": row.topology},

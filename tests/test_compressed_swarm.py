@@ -1,7 +1,7 @@
 """Real peer processes train MNIST-1D with each compressor and keep the promises compression makes.
 
-Gradient compressors run under the exact all-reduce (a compressed all-gather, with error feedback
-for top-k and PowerSGD): every peer decompresses the same frames and sums them in one order, so
+Gradient compressors run under the exact all-reduce (a compressed reduce-scatter, or PowerSGD's
+all-gather, with error feedback): every peer decompresses the same frames and sums them in one order, so
 the peers must end with bit-identical parameters, and the wire must carry at most 1/ratio of the
 fp32 bytes. CHOCO-gossip compresses parameter differences on a ring: the peers must stay close
 (consensus distance) while the wire ratio holds. The wide MLP (4.3M parameters) runs too, so that
@@ -30,10 +30,12 @@ ROUND_TIMEOUT = 30.0
 MEMBERSHIP = {"suspect_after": ROUND_TIMEOUT, "dead_after": 2 * ROUND_TIMEOUT}
 CNN_FLOOR = 0.5  # test accuracy after 300 steps; chance is 0.1
 
-# name: (strategy, topology, compression, the least fp32/wire ratio it must report)
+# name: (strategy, topology, compression, the least fp32/wire ratio it must report). The ratio is
+# against the fp32 reduce-scatter + all-gather payload; fp16's 2x loses ~4% to the headers of the
+# reduce-scatter's 2 (n - 1) frames per step on a 5,210-parameter model, and membership traffic.
 CNN_CASES: dict[str, tuple[dict[str, Any], str, dict[str, Any], float]] = {
-    "fp16": ({"kind": "allreduce"}, "full", {"kind": "fp16", "min_numel": 0}, 1.9),
-    "bf16": ({"kind": "allreduce"}, "full", {"kind": "bf16", "min_numel": 0}, 1.9),
+    "fp16": ({"kind": "allreduce"}, "full", {"kind": "fp16", "min_numel": 0}, 1.8),
+    "bf16": ({"kind": "allreduce"}, "full", {"kind": "bf16", "min_numel": 0}, 1.8),
     "int8": ({"kind": "allreduce"}, "full", {"kind": "int8", "min_numel": 0, "chunk": 256}, 3.0),
     "topk-ef": ({"kind": "allreduce"}, "full", {"kind": "topk", "ratio": 0.05, "min_numel": 1000}, 4.0),
     "powersgd-ef": ({"kind": "allreduce"}, "full", {"kind": "powersgd", "rank": 2, "min_numel": 1000}, 2.0),

@@ -399,6 +399,11 @@ class TopKCompressor:
             self._generators[device] = generator
         return generator
 
+    @staticmethod
+    def sent_indices(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The int64 flat indices that ``parts`` (this peer's own encode output) carry."""
+        return torch.cumsum(parts["indices"].to(torch.int64), dim=0)
+
     def decode(
         self, key: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:

@@ -131,6 +131,7 @@ class Config(_Validated):
                 found.append("compression with gossip (CHOCO) cannot be combined with strategy.robust")
             if kind == "gossip" and self.strategy.delay:
                 found.append("compression with gossip (CHOCO) cannot be combined with strategy.delay = 1")
+            found.extend(self._momentum_correction_problems())
         if self.membership.gossip_timeout > self.transport.startup_timeout:
             found.append("membership.gossip_timeout must be <= transport.startup_timeout")
         found.extend(observe_problems(self.observe, self.security))
@@ -159,6 +160,28 @@ class Config(_Validated):
             found.append(
                 f"strategy.overlap needs transport.inbox_frames >= {2 * OVERLAP_MAX_BUCKETS + 2} (two frames "
                 f"per bucket may wait per peer), got {self.transport.inbox_frames}"
+            )
+        return found
+
+    def _momentum_correction_problems(self) -> list[str]:
+        """DGC owns the momentum: the optimizer must not apply it a second time."""
+        compression, optimizer = self.compression, self.optimizer_settings
+        if compression.momentum_correction == 0 and compression.warmup_steps == 0:
+            return []
+        found: list[str] = []
+        if self.strategy.kind != "allreduce":
+            found.append(
+                "compression.momentum_correction and compression.warmup_steps apply to strategy.kind = 'allreduce', "
+                f"not {self.strategy.kind!r}"
+            )
+        if compression.momentum_correction > 0 and (
+            optimizer.kind != "sgd" or optimizer.momentum or optimizer.nesterov
+        ):
+            found.append(
+                f"compression.momentum_correction = {compression.momentum_correction} applies the momentum before "
+                "compressing, so the optimizer must be kind = 'sgd' with momentum = 0 and nesterov = false (got "
+                f"kind = {optimizer.kind!r}, momentum = {optimizer.momentum}, nesterov = {optimizer.nesterov}); "
+                "with the legacy keys set run.momentum = 0"
             )
         return found
 

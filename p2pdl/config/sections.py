@@ -405,6 +405,9 @@ class CompressionConfig(_Validated):
     min_numel: int = 4096  # tensors smaller than this go uncompressed (fp32)
     error_feedback: bool = True  # gradient strategies: carry what compression dropped to the next step
     choco_gamma: float = 0.03  # gossip: CHOCO consensus step size (top-1%: 0.02-0.04; int8: 0.5-1.0)
+    # allreduce + topk: DGC momentum correction (0 = off); the optimizer must then run momentum 0
+    momentum_correction: float = 0.0
+    warmup_steps: int = 0  # allreduce + topk: steps over which the kept fraction falls 25%, 6.25%, ... to ratio
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -413,6 +416,23 @@ class CompressionConfig(_Validated):
         _check(found, self.chunk >= 1, f"compression.chunk must be >= 1, got {self.chunk}")
         _check(found, self.min_numel >= 0, f"compression.min_numel must be >= 0, got {self.min_numel}")
         _check(found, 0 < self.choco_gamma <= 1, f"compression.choco_gamma must be in (0, 1], got {self.choco_gamma}")
+        _check(
+            found,
+            0 <= self.momentum_correction < 1,
+            f"compression.momentum_correction must be in [0, 1), got {self.momentum_correction}",
+        )
+        _check(found, self.warmup_steps >= 0, f"compression.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            found,
+            self.kind == "topk" or (self.momentum_correction == 0 and self.warmup_steps == 0),
+            f"compression.momentum_correction and compression.warmup_steps apply to kind = 'topk', not {self.kind!r}",
+        )
+        _check(
+            found,
+            self.momentum_correction == 0 or self.error_feedback,
+            "compression.momentum_correction needs compression.error_feedback = true (DGC accumulates the velocity "
+            "in the error-feedback residual)",
+        )
         return found
 
 

@@ -28,11 +28,11 @@ sub-round of it (kinds ``rs<n>_<k>``/``ag<n>_<k>``), applied only when every buc
 redone over all buckets from the untouched local buffers otherwise. Each element is averaged in
 rank order either way, so overlap changes no bit of the result.
 
-With ``[compression]`` on, gradients are all-gathered compressed (with error feedback) instead:
-every peer decodes the same streams and averages them in rank order, so the result is still
-identical everywhere, though no longer the exact mean of the uncompressed gradients. That path
-keeps the strict behaviour: error feedback has already been updated when a round fails, so it
-cannot be redone.
+With ``[compression]`` on, gradients go through a compressed reduce-scatter that re-compresses
+the partial sums instead (:mod:`p2pdl.strategies.allreduce_compressed`): every peer decodes the
+same bytes, so the result is still identical everywhere, though no longer the exact mean of the
+uncompressed gradients. That path is strict: error feedback has already moved when a round
+fails, so it cannot be redone.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from typing import Any, TypeVar
 import torch
 
 from p2pdl import faults
-from p2pdl.compression.codec import TensorCodec
 from p2pdl.core.groups import Agreement, Group, donor_group, group_meta, parse_notice, quorum, wire_round
 from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
 from p2pdl.errors import (
@@ -59,6 +58,7 @@ from p2pdl.errors import (
     QuorumLostError,
     TransportError,
 )
+from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter, all_gather_compressed
 from p2pdl.strategies.base import (
     RoundConfig,
     RoundOutcome,
@@ -74,7 +74,7 @@ from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
 REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n members
-COMPRESSED_GRADIENTS = "cgrad"
+COMPRESSED_GRADIENTS = "cgrad"  # PowerSGD's all-gather (allreduce_compressed.py)
 ALL_GATHER = "ag"
 GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (PROTOCOL.md §11)
 MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
@@ -156,7 +156,19 @@ class AllReduceStrategy(StrategyBase):
         self.config = AllReduceConfig.from_table(ctx.config)
         self._total = sum(p.numel() for _, p in ctx.parameters)
         self._wire_dtype = wire_dtype(ctx.parameters)
-        self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback)
+        # PowerSGD all-gathers whole compressed gradients; any other compressor runs the
+        # compressed reduce-scatter (allreduce_compressed.py).
+        kind = ctx.compression.kind
+        self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback) if kind == "powersgd" else None
+        self._compressed: CompressedReduceScatter | None = None
+        if kind not in ("none", "powersgd"):
+            self._compressed = CompressedReduceScatter(
+                ctx,
+                ctx.compression,
+                participants=self._participants,
+                send=self._send,
+                round_timeout=self.config.round_timeout,
+            )
         self.raw_bytes = 0
         self.payload_bytes = 0
         # Host-side wire buffers, reused every step: the flat vector (total,) and the averaged chunk,
@@ -243,6 +255,9 @@ class AllReduceStrategy(StrategyBase):
                 members, bucket = sized
                 chunk = math.ceil(self._buckets.buckets[bucket].numel / members)
                 return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(chunk,))}
+        compressed = self._compressed.expected_tensors(kind) if self._compressed is not None else None
+        if compressed is not None:
+            return compressed
         size = _group_size(kind, REDUCE_SCATTER) or _group_size(kind, ALL_GATHER)
         if size is None:
             raise FrameSchemaError(
@@ -678,8 +693,17 @@ class AllReduceStrategy(StrategyBase):
             self.phase_seconds["forward_backward"] += reducing - self._backward_started
             self._backward_started = None
         outcome: RoundOutcome | None
-        if self._codec is not None:
-            outcome = await self._average_compressed(step, self._codec)
+        if self._compressed is not None:
+            try:
+                outcome = await self._compressed.run(step, self._gradients)
+            finally:
+                self.raw_bytes, self.payload_bytes = self._compressed.raw_bytes, self._compressed.payload_bytes
+        elif self._codec is not None:
+            outcome, raw, payload = await all_gather_compressed(
+                self._ctx, self._codec, step, self._gradients, self._participants(), self.config.round_timeout
+            )
+            self.raw_bytes += raw
+            self.payload_bytes += payload
         elif self._buckets is not None:
             outcome = await self._reduce_buckets(step)
         else:
@@ -750,42 +774,6 @@ class AllReduceStrategy(StrategyBase):
             for kept, (_, p) in zip(self._round_params, self._ctx.parameters, strict=True):
                 kept.copy_(p.detach())
 
-    async def _average_compressed(self, step: int, codec: TensorCodec) -> RoundOutcome:
-        """All-gather of compressed gradients (with error feedback); everyone averages the same
-        decoded values in rank order, so the result is identical on every peer."""
-        ctx = self._ctx
-        started = time.perf_counter()
-        peers = self._participants()
-        others = tuple(p for p in peers if p != ctx.name)
-        names = [name for name, _ in ctx.parameters]
-        own = await ctx.run_compute(lambda: codec.encode(dict(zip(names, self._gradients(), strict=True))))
-        frame = Frame(kind=COMPRESSED_GRADIENTS, sender=ctx.name, round=step, step=step, tensors=own)
-        await ctx.exchange.broadcast(frame, others)
-        self.raw_bytes += codec.raw_bytes * len(others)
-        self.payload_bytes += sum(t.numel() * t.element_size() for t in own.values()) * len(others)
-        arrived = await ctx.exchange.collect(COMPRESSED_GRADIENTS, step, others, self.config.round_timeout)
-        ctx.exchange.advance(COMPRESSED_GRADIENTS, step + 1)
-        missing = [n for n in others if n not in arrived]
-        if missing:
-            ctx.ledger.record(step, missing, started)
-            raise AllReduceIncompleteError(step, missing)
-
-        @torch.no_grad()
-        def average() -> None:
-            decoded = []
-            for peer in peers:
-                stream = own if peer == ctx.name else arrived[peer].tensors
-                try:
-                    decoded.append(codec.decode(stream, ctx.device))
-                except FrameError as exc:
-                    # Undecodable contribution: the average cannot be exact, so fail loudly.
-                    raise AllReduceIncompleteError(step, [peer]) from exc
-            for (name, _), grad in zip(ctx.parameters, self._gradients(), strict=True):
-                exact_mean([stream[name] for stream in decoded], grad)  # float32 sum, one rounding
-
-        await ctx.run_compute(average)
-        return ctx.ledger.record(step, [], started)
-
     def status(self) -> dict[str, Any]:
         ledger = self._ctx.ledger
         return {
@@ -802,4 +790,5 @@ class AllReduceStrategy(StrategyBase):
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
             "phase_seconds": {phase: round(value, 6) for phase, value in self.phase_seconds.items()},
+            **({"warmup_stage": self._compressed.stage(self._round)} if self._compressed is not None else {}),
         }
