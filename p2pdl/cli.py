@@ -25,11 +25,11 @@ from typing import Any
 
 from rich.console import Console
 
-from p2pdl import faults
 from p2pdl._malloc import tune_allocator
 from p2pdl.config import Config, load_config, parse_address, with_overrides
 from p2pdl.core.topology import build_graph, describe
 from p2pdl.errors import ConfigError, P2PDLError
+from p2pdl.faults import load as load_faults
 from p2pdl.net.auth import security_from_config
 from p2pdl.obs.watch import watch
 from p2pdl.peer.node import resolve_device
@@ -252,7 +252,7 @@ def _cmd_peer(args: argparse.Namespace) -> int:
         param_dtype=run.param_dtype,
     ):
         raise ConfigError(problems)
-    faults.load()  # a malformed P2PDL_FAULT fails here, by name
+    load_faults()  # a malformed P2PDL_FAULT fails here, by name
     out = args.out if args.out is not None else Path("runs") / args.name
     runner = _event_loop_runner()
     with runner:

@@ -48,7 +48,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from p2pdl import faults
 from p2pdl.core.groups import Agreement, Group, donor_group, group_meta, parse_notice, quorum, wire_round
 from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
 from p2pdl.errors import (
@@ -58,6 +57,7 @@ from p2pdl.errors import (
     QuorumLostError,
     TransportError,
 )
+from p2pdl.faults import at as inject_fault
 from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter, all_gather_compressed
 from p2pdl.strategies.base import (
     RoundConfig,
@@ -392,7 +392,7 @@ class AllReduceStrategy(StrategyBase):
                     if p != me
                 }
             )
-            faults.at("rs", round_index)  # P2PDL_FAULT: die with the chunks out
+            inject_fault("rs", round_index)  # P2PDL_FAULT: die with the chunks out
             scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
             if adopt is not None:
                 return _Attempt(False, phase="rs", adopt=adopt)
@@ -408,7 +408,7 @@ class AllReduceStrategy(StrategyBase):
             # From here on this peer's average is out: some members may complete the round, so
             # this attempt is never replaced by a smaller group without them (PROTOCOL.md §11.4).
             await self._send(dict.fromkeys(others, gather_frame))
-            faults.at("ag", round_index)
+            inject_fault("ag", round_index)
             gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
             missing = tuple(p for p in others if p not in gathered)
             if missing:
@@ -508,7 +508,7 @@ class AllReduceStrategy(StrategyBase):
                 if p != me
             }
         )
-        faults.at("rs", round_index)  # P2PDL_FAULT: die with the chunks out
+        inject_fault("rs", round_index)  # P2PDL_FAULT: die with the chunks out
         scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
         if adopt is not None:
             return _Attempt(False, phase="rs", adopt=adopt)
@@ -520,7 +520,7 @@ class AllReduceStrategy(StrategyBase):
         await self._reduce(lambda: exact_mean(in_rank_order, own))
         gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
         await self._send(dict.fromkeys(others, gather_frame))
-        faults.at("ag", round_index)
+        inject_fault("ag", round_index)
         gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
         missing = tuple(p for p in others if p not in gathered)
         if missing:
