@@ -41,7 +41,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -359,6 +359,59 @@ class AllReduceStrategy(StrategyBase):
             if adopt is not None:
                 return got, adopt
 
+    async def _scatter_gather(
+        self,
+        round_index: int,
+        group: Group,
+        local: torch.Tensor,
+        averaged: torch.Tensor,
+        chunk: int,
+        suffix: str,
+        run: Callable[[Callable[[], Any]], Awaitable[Any]],
+    ) -> tuple[_Attempt | None, dict[str, Frame]]:
+        """Steps 3 and 5 of PROTOCOL.md §11.3 over one vector: send chunk r of ``local`` to rank r
+        (kind ``rs<n><suffix>``), average the chunk this peer owns in rank order into its chunk of
+        ``averaged`` (on ``run``'s thread) and send it to every member (``ag<n><suffix>``).
+        Returns the failed attempt, or None and the members' all-gather frames."""
+        members, me = group.members, self._ctx.name
+        size, rank = group.size, members.index(me)
+        others = tuple(p for p in members if p != me)
+        wire = wire_round(round_index, group.epoch)
+        meta = group_meta(round_index, group, self._agreement.prev, "rs")
+        rs_kind, ag_kind = f"{REDUCE_SCATTER}{size}{suffix}", f"{ALL_GATHER}{size}{suffix}"
+
+        def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
+            return buffer[index * chunk : (index + 1) * chunk]
+
+        scatter = {
+            p: Frame(
+                kind=rs_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": piece(local, r)}
+            )
+            for r, p in enumerate(members)
+            if p != me
+        }
+        await self._send(scatter)
+        inject_fault("rs", round_index)  # P2PDL_FAULT: die with the chunks out
+        scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
+        if adopt is not None:
+            return _Attempt(False, phase="rs", adopt=adopt), {}
+        missing = tuple(p for p in others if p not in scattered)
+        if missing:
+            return _Attempt(False, missing, "rs"), {}
+        in_rank_order = [piece(local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
+        own = piece(averaged, rank)
+        await run(lambda: exact_mean(in_rank_order, own))
+        gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
+        # From here on this peer's average is out: some members may complete the round, so this
+        # attempt is never replaced by a smaller group without them (PROTOCOL.md §11.4).
+        await self._send(dict.fromkeys(others, gather_frame))
+        inject_fault("ag", round_index)
+        gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
+        missing = tuple(p for p in others if p not in gathered)
+        if missing:
+            return _Attempt(False, missing, "ag"), {}
+        return None, gathered
+
     async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> _Attempt:
         """One attempt of ``round_index`` over ``group``; the tensors change only if it completes."""
         ctx = self._ctx
@@ -366,53 +419,18 @@ class AllReduceStrategy(StrategyBase):
         size, rank = group.size, members.index(me)
         others = tuple(p for p in members if p != me)
         wire = wire_round(round_index, group.epoch)
-        meta = group_meta(round_index, group, self._agreement.prev, "rs")
         await self._notify(round_index, group, "rs")
         if not others:
             return _Attempt(True)
         chunk = self._chunk_size(size)
-        rs_kind, ag_kind = f"{REDUCE_SCATTER}{size}", f"{ALL_GATHER}{size}"
         self._sizes.add(size)
-
-        def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
-            return buffer[index * chunk : (index + 1) * chunk]
-
         try:
-            await self._send(
-                {
-                    p: Frame(
-                        kind=rs_kind,
-                        sender=me,
-                        round=wire,
-                        step=round_index,
-                        meta=meta,
-                        tensors={"chunk": piece(self._flat, index)},
-                    )
-                    for index, p in enumerate(members)
-                    if p != me
-                }
+            failed, gathered = await self._scatter_gather(
+                round_index, group, self._flat, self._averaged, chunk, "", ctx.run_compute
             )
-            inject_fault("rs", round_index)  # P2PDL_FAULT: die with the chunks out
-            scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
-            if adopt is not None:
-                return _Attempt(False, phase="rs", adopt=adopt)
-            missing = tuple(p for p in others if p not in scattered)
-            if missing:
-                return _Attempt(False, missing, "rs")
-            in_rank_order = [piece(self._flat, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
-            own = piece(self._averaged, rank)
-            await ctx.run_compute(lambda: exact_mean(in_rank_order, own))
-            gather_frame = Frame(
-                kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own}
-            )
-            # From here on this peer's average is out: some members may complete the round, so
-            # this attempt is never replaced by a smaller group without them (PROTOCOL.md §11.4).
-            await self._send(dict.fromkeys(others, gather_frame))
-            inject_fault("ag", round_index)
-            gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
-            missing = tuple(p for p in others if p not in gathered)
-            if missing:
-                return _Attempt(False, missing, "ag")
+            if failed is not None:
+                return failed
+            own = self._averaged[rank * chunk : (rank + 1) * chunk]
             averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
             trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
             writing = time.perf_counter()
@@ -477,12 +495,7 @@ class AllReduceStrategy(StrategyBase):
         assert self._buckets is not None
         bucket = self._buckets.buckets[number]
         members, me = group.members, self._ctx.name
-        size, rank = group.size, members.index(me)
-        others = tuple(p for p in members if p != me)
-        wire = wire_round(round_index, group.epoch)
-        meta = group_meta(round_index, group, self._agreement.prev, "rs")
-        chunk = math.ceil(bucket.numel / size)
-        rs_kind, ag_kind = f"{REDUCE_SCATTER}{size}_{number}", f"{ALL_GATHER}{size}_{number}"
+        chunk = math.ceil(bucket.numel / group.size)
 
         def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
             return buffer[index * chunk : (index + 1) * chunk]
@@ -494,37 +507,11 @@ class AllReduceStrategy(StrategyBase):
             # A non-finite gradient is refused by every receiver: wait until backward is over,
             # when the training loop has replaced it by its overflow sentinel.
             await launch.backward_done.wait()
-        await self._send(
-            {
-                p: Frame(
-                    kind=rs_kind,
-                    sender=me,
-                    round=wire,
-                    step=round_index,
-                    meta=meta,
-                    tensors={"chunk": piece(bucket.local, index)},
-                )
-                for index, p in enumerate(members)
-                if p != me
-            }
+        failed, gathered = await self._scatter_gather(
+            round_index, group, bucket.local, bucket.averaged, chunk, f"_{number}", self._reduce
         )
-        inject_fault("rs", round_index)  # P2PDL_FAULT: die with the chunks out
-        scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
-        if adopt is not None:
-            return _Attempt(False, phase="rs", adopt=adopt)
-        missing = tuple(p for p in others if p not in scattered)
-        if missing:
-            return _Attempt(False, missing, "rs")
-        in_rank_order = [piece(bucket.local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
-        own = piece(bucket.averaged, rank)
-        await self._reduce(lambda: exact_mean(in_rank_order, own))
-        gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
-        await self._send(dict.fromkeys(others, gather_frame))
-        inject_fault("ag", round_index)
-        gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
-        missing = tuple(p for p in others if p not in gathered)
-        if missing:
-            return _Attempt(False, missing, "ag")
+        if failed is not None:
+            return failed
 
         @torch.no_grad()
         def write_back() -> None:
