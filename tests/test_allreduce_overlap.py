@@ -189,7 +189,9 @@ PROCESS_TIMEOUT = 240.0
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * PROCESS_TIMEOUT + 60)
-@pytest.mark.parametrize("peers", [2, 4])
+# Two ranks: gloo sums them in one order, so the match is bit for bit (with more ranks its ring
+# order differs from the rank-order mean; tests/test_allreduce_parity.py checks 4 ranks within float32 rounding).
+@pytest.mark.parametrize("peers", [2])
 def test_overlapped_allreduce_matches_ddp(
     peers: int, tmp_path: Path, peer_processes: PeerProcesses, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -229,6 +229,7 @@ def test_a_killed_peer_restarted_with_resume_catches_up_and_ends_identical(
     print(report(figures))
 
 
+@pytest.mark.parametrize("strategy", ["allreduce"], indirect=True)  # DiLoCo joins and heals by the same code
 def test_a_fifth_peer_joins_the_group_and_ends_identical(
     tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
 ) -> None:
@@ -250,6 +251,7 @@ def test_a_fifth_peer_joins_the_group_and_ends_identical(
     print(report(figures))
 
 
+@pytest.mark.parametrize("strategy", ["allreduce"], indirect=True)  # DiLoCo joins and heals by the same code
 def test_a_three_one_partition_trains_only_on_the_quorum_side_then_heals(
     tmp_path: Path, strategy: dict[str, object]
 ) -> None:
