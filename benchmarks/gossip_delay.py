@@ -44,18 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from _provenance import Provenance, write_result
+from strategies import CNN, PEER_ENV, REPO, WIDE_MLP  # the same workloads and peer environment as §8
 from time_to_accuracy import free_ports, write_toml
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "gossip_delay.json"
-CNN = REPO / "peers" / "mnist1d_cnn.py"
-WIDE_MLP = REPO / "peers" / "mnist1d_wide_mlp.py"
-PEER_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "268435456",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 PEERS = 4
 TARGET_RATIO = 1.15
 # Relaxed for a loaded machine: a slow round must stay a slow round, not become churn.
