@@ -71,3 +71,57 @@ async def test_cancelling_close_still_cancels() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_closing_mid_handshake_closes_the_dialled_socket() -> None:
+    """A peer that closes while its dial waits for the HELLO reply closes that WebSocket (no leaked connection).
+
+    Dropped rather than closed, the socket still ends when the session closes, but aiohttp's
+    connection object is left unreleased and warns when collected: the acceptor sees no close frame.
+    """
+    from aiohttp import web
+
+    opened = asyncio.Event()
+    closed = asyncio.Event()
+    codes: list[int | None] = []
+
+    async def silent_acceptor(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # the HELLO: the dialer now waits for a reply that never comes
+        opened.set()
+        async for _ in ws:  # ends when the dialer closes
+            pass
+        codes.append(ws.close_code)
+        closed.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", silent_acceptor)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        transport = Transport(
+            name="a",  # sorts first: a dials b
+            listen_host="127.0.0.1",
+            listen_port=0,
+            addresses={"b": f"127.0.0.1:{port}"},
+            config=TransportConfig(handshake_timeout=30.0, shutdown_timeout=5.0),
+            expected_tensors=refuse,
+            status=dict,
+        )
+        await transport.start()
+        transport.set_neighbors(["b"])
+        try:
+            async with asyncio.timeout(10):
+                await opened.wait()
+        finally:
+            await transport.close(announce=False)
+        async with asyncio.timeout(10):
+            await closed.wait()
+        assert codes == [1000]  # a close frame: the dial closed its socket, not the session under it
+    finally:
+        await runner.cleanup()

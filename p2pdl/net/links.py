@@ -143,7 +143,8 @@ async def dial(
         if hello.kind != HELLO:
             raise TransportError(f"{link.name} answered the handshake with {hello.kind!r}")
         _verify_acceptor(security, link.name, headers, hello)
-    except Exception:
+    except BaseException:
+        # Cancellation too (the peer closing mid-handshake): a socket left open leaks its connection.
         await close_quietly(ws, config.handshake_timeout)
         raise
     token = hello.meta.get(FRAMES_TOKEN_META)
