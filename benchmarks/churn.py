@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from _provenance import Provenance, write_result
+
+from p2pdl.net.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "churn.json"
@@ -81,20 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.transfers < 1:
         parser.error("--transfers must be >= 1")
     return args
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that were free a moment ago on 127.0.0.1 (the OS picks them)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def write_config(path: Path, *, workload: Path, peers: dict[str, int], run: dict[str, Any], args: Any) -> Path:

@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from _provenance import Provenance, write_result
 from p2pdl import Peer
 from p2pdl.config import Config, config_from_mapping
 from p2pdl.core.topology import build_graph, mixing_matrix, second_largest_eigenvalue_modulus
+from p2pdl.net.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = REPO / "peers" / "mnist1d_cnn.py"  # must exist for the config; never run
@@ -53,20 +53,6 @@ TOPOLOGIES: tuple[tuple[str, dict[str, Any], int], ...] = (
     ("torus-4x4", {"kind": "torus", "rows": 4, "cols": 4}, 16),
     ("exponential-8", {"kind": "exponential"}, 8),
 )
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that were free a moment ago on 127.0.0.1 (peers dial configured addresses)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def gossip_config(topology: dict[str, Any], count: int) -> Config:

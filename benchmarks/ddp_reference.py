@@ -46,7 +46,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from p2pdl.config import Config, RunConfig, load_config, with_overrides
 from p2pdl.errors import ConfigError
+from p2pdl.net.ports import free_ports
 from p2pdl.peer.node import resolve_device
 from p2pdl.train.build import build_model
 from p2pdl.train.data import BatchStream
@@ -140,13 +140,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--powersgd-start-iter must be >= 2 (error feedback and warm start), got {args.powersgd_start_iter}"
         )
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------- one rank
@@ -295,7 +288,7 @@ def launch(args: argparse.Namespace, config: Config, argv: list[str]) -> int:
     world_size = len(config.peers)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    port = args.master_port or free_port()
+    port = args.master_port or free_ports(1)[0]
     env = {**os.environ, **WORKER_ENV, "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(port)}
     if args.gloo_ifname:
         env["GLOO_SOCKET_IFNAME"] = args.gloo_ifname

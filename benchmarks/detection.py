@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,22 +36,13 @@ from typing import Any
 
 from _provenance import Provenance, write_result
 
+from p2pdl.net.ports import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["p0", "p1", "p2", "p3"]
 VICTIM = "p3"
 WARMUP_SECONDS = 15.0
 ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def write_config(path: Path, ports: list[int]) -> None:

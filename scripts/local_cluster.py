@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from p2pdl.config import Config, load_config
 from p2pdl.core.mixing import consensus_distance
 from p2pdl.errors import ConfigError
 from p2pdl.net.auth import PeerSecurity, security_from_config
+from p2pdl.net.ports import free_ports
 
 # glibc maps big buffers freshly and trims the heap after each free without these, so every
 # round page-faults its frame buffers back in; see p2pdl/_malloc.py.
@@ -355,7 +355,7 @@ class Cluster:
             event.pid = event.process.pid
             return f"{event.label}: SIGKILL, exit {event.exit_code}; started again with --resume, pid {event.pid}"
         bootstrap = [flag for peer in self.polled() for flag in ("--bootstrap", self.addresses[peer])]
-        event.address = f"{self._host}:{free_port(self._host)}"
+        event.address = f"{self._host}:{free_ports(1, self._host)[0]}"
         self.addresses[name] = event.address
         event.process = self.launch(name, ("--join", "--listen", event.address, *bootstrap))
         event.pid = event.process.pid
@@ -415,14 +415,6 @@ def summary_headline(peers: list[dict[str, Any]]) -> tuple[str, str, float | Non
     metric, goal = str(named[0]["metric"]), str(named[0]["goal"])
     values = [float(h["value"]) for h in named if h.get("metric") == metric and h.get("value") is not None]
     return metric, goal, sum(values) / len(values) if values else None
-
-
-def free_port(host: str) -> int:
-    """A port free on ``host`` a moment ago (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from p2pdl.net.ports import free_ports as free_ports  # re-exported: tests take it from here
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / "peers"
@@ -40,20 +41,6 @@ PEER_ENV = {
 DEFAULT_ROUND_TIMEOUT = 10.0
 DEFAULT_SUSPECT_AFTER = 5.0
 DEFAULT_DEAD_AFTER = 20.0
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that were free a moment ago on 127.0.0.1 (the OS picks them)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _toml_value(v: object) -> str:
