@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each row, alternating")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also run streaming rows that each change one setting (and a control with every setting DiLoCo's)",
+    )
     parser.add_argument("--row-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "streaming_diloco")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -95,19 +100,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# --ablate: streaming rows that each change one setting of the streaming row, and a control that
+# changes all of them to DiLoCo's (one fragment, no overlap, fp32 outer gradients, the global value
+# taken as is), which leaves only the final sync (a plain average) between it and DiLoCo.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "streaming_fp32": {"outer_quant": "none"},
+    "streaming_alpha0": {"merge_alpha": 0.0},
+    "streaming_tau0": {"overlap_steps": 0},
+    "streaming_f1": {"fragments": 1},
+    "streaming_control": {"fragments": 1, "overlap_steps": 0, "outer_quant": "none", "merge_alpha": 0.0},
+}
+
+
 def rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     outer = {"outer_lr": 0.7, "outer_momentum": 0.9, "local_steps": args.local_steps}
-    return {
-        "diloco": {"kind": "allreduce", "outer": "diloco", **outer},
-        "streaming": {
-            "kind": "streaming-diloco",
-            "fragments": args.fragments,
-            "overlap_steps": args.overlap,
-            "outer_quant": args.quant,
-            "merge_alpha": 0.5,
-            **outer,
-        },
+    streaming = {
+        "kind": "streaming-diloco",
+        "fragments": args.fragments,
+        "overlap_steps": args.overlap,
+        "outer_quant": args.quant,
+        "merge_alpha": 0.5,
+        **outer,
     }
+    found = {"diloco": {"kind": "allreduce", "outer": "diloco", **outer}, "streaming": streaming}
+    if args.ablate:
+        found.update({name: {**streaming, **change} for name, change in ABLATIONS.items()})
+    return found
+
+
+def ablation(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each ablation row's final loss against the DiLoCo row of the same repeat (runs in order)."""
+    found = []
+    diloco = None
+    for run in runs:
+        if run["row"] == "diloco":
+            diloco = run["final_val_loss"]
+        elif run["row"] in ABLATIONS or run["row"] == "streaming":
+            loss = run["final_val_loss"]
+            found.append(
+                {
+                    "row": run["row"],
+                    "change": ABLATIONS.get(run["row"], {}),
+                    "final_val_loss": loss,
+                    "loss_ratio_to_diloco": loss / diloco if loss and diloco else None,
+                }
+            )
+    return found
 
 
 def write_config(strategy: dict[str, Any], args: argparse.Namespace, lan: NetnsLan, path: Path) -> Path:
@@ -233,7 +271,7 @@ def analyse(
     exit_codes: Sequence[int | None],
     hung: bool,
 ) -> dict[str, Any]:
-    peers = []
+    peers: list[dict[str, Any]] = []
     for index, peer in enumerate(names):
         records = [r for r in read_jsonl(out / peer / "metrics.jsonl") if "loss" in r and "step" in r]
         summary_path = out / peer / "summary.json"
@@ -336,6 +374,17 @@ def table(runs: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, Any]]) ->
             f"{'n/a' if busy is None else f'{busy:.1%}'} ({'met' if verdict['compute_busy_met'] else 'missed'}) | "
             f"{'n/a' if base is None else f'{base:.1%}'} |"
         )
+    rows_changed = ablation(runs) if any(run["row"] in ABLATIONS for run in runs) else []
+    if rows_changed:
+        lines += ["", "| row | what it changes from the streaming row | final val loss | / DiLoCo |"]
+        lines += ["|---|---|---:|---:|"]
+        for row in rows_changed:
+            change = ", ".join(f"{key} = {value}" for key, value in row["change"].items()) or "nothing"
+            loss, ratio = row["final_val_loss"], row["loss_ratio_to_diloco"]
+            lines.append(
+                f"| {row['row']} | {change} | {'n/a' if loss is None else f'{loss:.4f}'} | "
+                f"{'n/a' if ratio is None else f'{ratio:.4f}'} |"
+            )
     return "\n".join(lines)
 
 
@@ -350,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             if repeat % 2:
                 order.reverse()  # alternate which row runs first
             done = {name: run_row(name, strategy, args, lan, repeat) for name, strategy in order}
-            runs += [done["diloco"], done["streaming"]]
+            runs += [done["diloco"], *(run for name, run in done.items() if name != "diloco")]
             verdicts.append(judge(done["diloco"], done["streaming"]))
             print(table(runs, verdicts), flush=True)
     result = {
@@ -369,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "verdicts": verdicts,
+        "ablation": ablation(runs) if args.ablate else [],
         "table": table(runs, verdicts),
     }
     write_result(args.results, "streaming_diloco", result, provenance)
