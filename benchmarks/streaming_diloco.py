@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run streaming rows that each change one setting (and a control with every setting DiLoCo's)",
     )
+    parser.add_argument("--seed", type=int, default=0, help="run.seed of every row (initial weights, data order)")
     parser.add_argument("--row-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "streaming_diloco")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -153,7 +154,7 @@ def write_config(strategy: dict[str, Any], args: argparse.Namespace, lan: NetnsL
         "run": {
             "workload": str(WORKLOAD),
             "steps": args.steps,
-            "seed": 0,
+            "seed": args.seed,
             "batch_size": args.batch_size,
             "eval_every": 0,
             "torch_threads": 1,
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "fragments": args.fragments,
             "overlap_steps": args.overlap,
             "outer_quant": args.quant,
+            "seed": args.seed,
             "window_seconds": WINDOW,
             "sample_every_seconds": SAMPLE_EVERY,
         },
