@@ -105,8 +105,17 @@ class Mailbox:
                     await self._arrival.wait()
 
     async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
-        """Wait up to ``timeout`` seconds for each sender's frame; return those that arrived."""
-        waiting = {s: self._slot(kind, round_index, s) for s in senders if s not in self._gone}
+        """Wait up to ``timeout`` seconds for each sender's frame; return those that arrived.
+
+        A sender that has left is not waited for, but a frame it sent before leaving counts: a
+        peer that finishes first leaves while the others still collect the frames it sent them.
+        """
+        waiting: dict[str, asyncio.Future[Frame]] = {}
+        for sender in senders:
+            if sender not in self._gone:
+                waiting[sender] = self._slot(kind, round_index, sender)
+            elif (slot := self._slots.get((kind, round_index, sender))) is not None and slot.done():
+                waiting[sender] = slot
         pending = [f for f in waiting.values() if not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)

@@ -1,0 +1,66 @@
+"""The mailbox: frames by (kind, round, sender), late frames refused, a leaver's sent frames kept."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from p2pdl.errors import InboxFullError, StaleFrameError
+from p2pdl.net.mailbox import Mailbox
+from p2pdl.wire import Frame
+
+
+def frame(sender: str, round_index: int, kind: str = "grad") -> Frame:
+    return Frame(kind=kind, sender=sender, round=round_index, step=round_index)
+
+
+async def test_a_frame_sent_before_its_sender_left_still_counts() -> None:
+    """The peer that finishes first leaves while the others still collect what it sent them."""
+    mailbox = Mailbox(per_sender_limit=4)
+    mailbox.put(frame("b", 7))
+    mailbox.mark_gone("b")
+    arrived = await mailbox.collect("grad", 7, ["b"], timeout=30.0)
+    assert set(arrived) == {"b"} and arrived["b"].round == 7
+
+
+async def test_a_sender_that_left_without_sending_is_not_waited_for() -> None:
+    mailbox = Mailbox(per_sender_limit=4)
+    mailbox.put(frame("a", 3))
+    mailbox.mark_gone("b")
+    async with asyncio.timeout(5.0):  # far below the collect's own timeout: b is not awaited
+        arrived = await mailbox.collect("grad", 3, ["a", "b"], timeout=600.0)
+    assert set(arrived) == {"a"}
+
+
+async def test_leaving_wakes_a_collect_waiting_on_the_leaver() -> None:
+    mailbox = Mailbox(per_sender_limit=4)
+    collecting = asyncio.create_task(mailbox.collect("grad", 1, ["b"], timeout=600.0))
+    await asyncio.sleep(0)
+    mailbox.mark_gone("b")
+    async with asyncio.timeout(5.0):
+        assert await collecting == {}
+
+
+async def test_late_and_duplicate_frames_are_refused() -> None:
+    mailbox = Mailbox(per_sender_limit=4)
+    mailbox.put(frame("a", 5))
+    with pytest.raises(StaleFrameError, match="duplicate"):
+        mailbox.put(frame("a", 5))
+    assert set(await mailbox.collect("grad", 5, ["a"], timeout=1.0)) == {"a"}
+    mailbox.advance("grad", 6)
+    with pytest.raises(StaleFrameError, match="after the round closed"):
+        mailbox.put(frame("a", 5))
+
+
+async def test_a_sender_far_ahead_supersedes_its_oldest_frame_of_the_kind() -> None:
+    mailbox = Mailbox(per_sender_limit=2)
+    mailbox.put(frame("a", 1))
+    mailbox.put(frame("a", 2))
+    mailbox.put(frame("a", 3))  # over the limit: round 1 goes
+    assert mailbox.superseded == 1
+    assert await mailbox.collect("grad", 1, ["a"], timeout=0.01) == {}
+    assert set(await mailbox.collect("grad", 3, ["a"], timeout=1.0)) == {"a"}
+    mailbox.put(frame("a", 4, kind="other"))
+    with pytest.raises(InboxFullError):  # full, and nothing older of this kind to drop
+        mailbox.put(frame("a", 5, kind="third"))
