@@ -108,6 +108,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "streaming_fp32": {"outer_quant": "none"},
     "streaming_alpha0": {"merge_alpha": 0.0},
     "streaming_tau0": {"overlap_steps": 0},
+    "streaming_tau1": {"overlap_steps": 1},
     "streaming_f1": {"fragments": 1},
     "streaming_control": {"fragments": 1, "overlap_steps": 0, "outer_quant": "none", "merge_alpha": 0.0},
 }
@@ -347,6 +348,10 @@ def judge(diloco: dict[str, Any], streaming: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
 def table(runs: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| row | peak bytes/s per peer (training) | last step's peak | final val loss | compute busy | "
@@ -357,10 +362,11 @@ def table(runs: Sequence[dict[str, Any]], verdicts: Sequence[dict[str, Any]]) ->
         loss = run["final_val_loss"]
         busy = run["compute_busy"]
         sent = run["link_bytes_sent_per_peer"]
+        seconds = run["training_seconds"]
         lines.append(
-            f"| {run['row']} | {run['peak_bytes_per_second']:,} | {run['peak_last_step']:,} | "
+            f"| {run['row']} | {count(run['peak_bytes_per_second'])} | {count(run['peak_last_step'])} | "
             f"{'n/a' if loss is None else f'{loss:.4f}'} | {'n/a' if busy is None else f'{busy:.1%}'} | "
-            f"{run['training_seconds']:.1f} | {'n/a' if sent is None else f'{sent / 1e6:.2f}'} | "
+            f"{'n/a' if seconds is None else f'{seconds:.1f}'} | {'n/a' if sent is None else f'{sent / 1e6:.2f}'} | "
             f"{'; '.join(run['problems']) or 'ok'} |"
         )
     lines += ["", "| repeat | peak bandwidth, DiLoCo / streaming (>= 10) | final loss, streaming / DiLoCo (<= 1.01) "
