@@ -125,3 +125,27 @@ async def test_closing_mid_handshake_closes_the_dialled_socket() -> None:
         assert codes == [1000]  # a close frame: the dial closed its socket, not the session under it
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_a_frame_on_the_stream_just_before_the_bye_still_reaches_the_round(attempt: int) -> None:
+    """The bye travels on the WebSocket and may overtake the last large frame on the frame stream.
+
+    The receiver reads the stream to its end before it treats the sender as gone, so a collect
+    already waiting for that frame gets it (the finishing peer's last round).
+    """
+    import torch
+    from test_wire_stream import CHUNK, chunk_frame, swarm
+
+    async with swarm() as peers:
+        a, b = peers["a"], peers["b"]
+        collecting = asyncio.create_task(b.collect("rs2", attempt, ["a"], 30.0))
+        await asyncio.sleep(0)
+        values = torch.randn(CHUNK, generator=torch.Generator().manual_seed(attempt))
+        await a.send("b", chunk_frame("a", attempt, values))
+        await a.close(announce=True)
+        async with asyncio.timeout(30.0):
+            got = await collecting
+        assert set(got) == {"a"}
+        assert torch.equal(got["a"].tensors["chunk"], values)
+        assert b._links["a"].state == "left"  # the bye was heard, after the frame

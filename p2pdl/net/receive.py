@@ -332,6 +332,13 @@ class LinkReceiver:
             else:
                 frame = self._decode_data(data, link.name, owned)
             if frame.kind == BYE:
+                stream = link.stream
+                if stream is not None and not owned:
+                    # The bye came on the WebSocket; the leaver closes its frame stream right after,
+                    # and records it sent before the bye may still be in flight there.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._config.shutdown_timeout):
+                            await stream.drained.wait()
                 link.state = "left"
                 self.mailbox.mark_gone(link.name)
                 log.info("%s: %s announced its leave", self.name, link.name)

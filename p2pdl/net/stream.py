@@ -112,6 +112,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._writable.set()
         self._reading_paused = False
         self.closed = asyncio.Event()
+        self.drained = asyncio.Event()  # closed, and every record received was handed to the reader
         self.records_received = 0
         self.records_sent = 0
 
@@ -229,6 +230,7 @@ class FrameStream(asyncio.BufferedProtocol):
         """The next complete record (a frame's bytes, owned by the caller), or None once closed."""
         while not self._ready:
             if self.closed.is_set():
+                self.drained.set()
                 return None
             self._arrival.clear()
             await self._arrival.wait()
