@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run streaming rows that each change one setting (and a control with every setting DiLoCo's)",
     )
+    parser.add_argument(
+        "--only", nargs="+", metavar="ROW", help="run only these rows (diloco and streaming are always run)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="run.seed of every row (initial weights, data order)")
     parser.add_argument("--row-timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "streaming_diloco")
@@ -98,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps % args.local_steps:
         parser.error("--steps must be a multiple of --local-steps, so that DiLoCo ends on a sync")
+    unknown = sorted(set(args.only or ()) - {"diloco", "streaming", *(ABLATIONS if args.ablate else ())})
+    if unknown:
+        parser.error(f"--only: no row {', '.join(unknown)} (ablation rows need --ablate)")
     return args
 
 
@@ -127,6 +133,8 @@ def rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     found = {"diloco": {"kind": "allreduce", "outer": "diloco", **outer}, "streaming": streaming}
     if args.ablate:
         found.update({name: {**streaming, **change} for name, change in ABLATIONS.items()})
+    if args.only:
+        found = {name: row for name, row in found.items() if name in {"diloco", "streaming", *args.only}}
     return found
 
 
