@@ -12,7 +12,8 @@ p2pdl_aiohttp, then the reverse) so that machine noise hits both alike.
   all-reduce, divide, copy back (DDP's bucket path), for an apples-to-apples reference.
 * ``p2pdl``: a real :class:`p2pdl.Peer` per process (allreduce strategy, uvloop like the CLI);
   the timed call is ``await peer.strategy.reduce_gradients(step)``: flatten, encode, send,
-  receive, decode, reduce, all-gather, unflatten. Large frames go over the links' frame streams.
+  receive, decode, reduce, all-gather, unflatten. Large frames go over the links' frame streams,
+  each chunk written from the flat buffer itself (encode packs only the frame's framing).
 * ``p2pdl_aiohttp`` (with ``--aiohttp-path``): the same with no frame stream, so large frames take
   the older path through aiohttp (``POST /frames`` from the dialer, the WebSocket from the acceptor).
 
@@ -222,7 +223,7 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
         compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(unflatten_chunks)"))
 
     timeline.reset_labels = reset_labels  # type: ignore[attr-defined]
-    transport.encode = timeline.wrap_async("encode(await)", transport.encode)
+    transport.encode_parts = timeline.wrap_async("encode(await)", transport.encode_parts)
     transport.send_encoded = timeline.wrap_async("send(await)", transport.send_encoded)
     transport.collect = timeline.wrap_async("collect(wait)", transport.collect)
     transport._decode_data = timeline.wrap_sync("decode(codec thread)", transport._decode_data)
@@ -237,14 +238,19 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
 
     transport._on_bytes = on_bytes
     wire_decode._all_finite = timeline.wrap_sync("  finite check", wire_decode._all_finite)
-    wire_encode.encode_frame = timeline.wrap_sync("  encode_frame(codec thread)", wire_encode.encode_frame)
+    wire_encode.encode_frame_parts = timeline.wrap_sync(
+        "  encode_frame_parts(codec thread)", wire_encode.encode_frame_parts
+    )
     strategies_module.unflatten_chunks_into = timeline.wrap_sync(
         "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
     )
-    # p2pdl.net.transport imported encode_frame by name; point it at the timed one too.
+    # p2pdl.net.transport imported both encoders by name; point it at the timed ones too.
     import p2pdl.net.transport as transport_module
 
-    transport_module.encode_frame = wire_encode.encode_frame
+    transport_module.encode_frame_parts = wire_encode.encode_frame_parts
+    transport_module.encode_frame_parts_inline = timeline.wrap_sync(
+        "  encode_frame_parts_inline(event loop)", wire_encode.encode_frame_parts_inline
+    )
 
 
 def _summarise_timeline(events: list[tuple[str, float, float, str]], starts: list[float]) -> dict[str, Any]:

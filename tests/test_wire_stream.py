@@ -212,13 +212,18 @@ async def test_get_stream_without_the_links_token_is_refused_403_and_counted() -
 
 async def test_broadcast_encodes_a_frame_once_for_every_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Frame] = []
-    original = transport_module.encode_frame_parts
+    on_thread, on_loop = transport_module.encode_frame_parts, transport_module.encode_frame_parts_inline
 
     def counting(frame: Frame, **kwargs: Any) -> EncodedFrame:
         calls.append(frame)
-        return original(frame, **kwargs)
+        return on_thread(frame, **kwargs)
+
+    def counting_inline(frame: Frame, **kwargs: Any) -> EncodedFrame | None:
+        calls.append(frame)
+        return on_loop(frame, **kwargs)
 
     monkeypatch.setattr(transport_module, "encode_frame_parts", counting)
+    monkeypatch.setattr(transport_module, "encode_frame_parts_inline", counting_inline)
     async with swarm(("a", "b", "c")) as peers:
         values = torch.randn(CHUNK, generator=torch.Generator().manual_seed(3))
         frame = Frame(kind="ag2", sender="a", round=0, step=0, tensors={"chunk": values})

@@ -25,8 +25,9 @@ from helpers import free_ports
 
 from p2pdl import Peer
 from p2pdl.config import config_from_mapping
+from p2pdl.errors import FrameSchemaError
 from p2pdl.wire import EncodedFrame, Frame, Limits, decode_frame, encode_frame, encode_frame_parts
-from p2pdl.wire.encode import BORROW_MIN_BYTES
+from p2pdl.wire.encode import BORROW_MIN_BYTES, encode_frame_parts_inline
 from p2pdl.wire.frame import FLAG_LZ4, HEADER, MAGIC, PROTOCOL_VERSION, dtype_name
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "peers"
@@ -133,6 +134,25 @@ def test_a_body_lz4_compresses_keeps_the_copying_path() -> None:
         zeros.fill_(1.0)  # compressed: the bytes are a copy
         assert torch.equal(decode_frame(only, limits=LIMITS).tensors["z"], torch.zeros(BIG))
         zeros.zero_()
+
+
+def test_the_event_loop_encodes_only_what_is_cheap_and_gets_the_same_bytes() -> None:
+    in_place = frame_of(chunk=random(4 * BIG)[BIG : 2 * BIG], small=random(8, 8).t())
+    cheap = encode_frame_parts_inline(in_place, compression="auto", max_copy_bytes=1024)
+    assert cheap is not None and cheap.borrowed
+    assert cheap.join() == encode_frame(in_place)
+    never = encode_frame_parts_inline(in_place, compression="never", max_copy_bytes=0)
+    assert never is None, "the small transposed tensor needs a copy, over a limit of 0 bytes"
+    # lz4 (a compressible body, or "always") and large copies go to a thread instead.
+    assert encode_frame_parts_inline(frame_of(z=torch.zeros(BIG)), compression="auto", max_copy_bytes=2**30) is None
+    assert encode_frame_parts_inline(in_place, compression="always", max_copy_bytes=2**30) is None
+    transposed = frame_of(t=random(BIG // 64, 128).t())
+    size = transposed.tensors["t"].numel() * 4
+    assert encode_frame_parts_inline(transposed, compression="never", max_copy_bytes=size - 1) is None
+    copied = encode_frame_parts_inline(transposed, compression="never", max_copy_bytes=size)
+    assert copied is not None and not copied.borrowed and copied.join() == reference_bytes(transposed)
+    with pytest.raises(FrameSchemaError):
+        encode_frame_parts_inline(frame_of(**{"": random(3)}), compression="never", max_copy_bytes=0)
 
 
 # --------------------------------------------------------------------------- exact rounds, real peers

@@ -17,8 +17,10 @@ none, the dialer sends them as ``POST /frames`` bodies instead of masked WebSock
 
 Trade-offs:
 
-* Encoding and decoding of large frames run in a small codec thread pool, never on the event
-  loop, so heartbeats and other neighbours' frames keep flowing while a large frame is packed.
+* Decoding of large frames, and encoding of those that need a copy or lz4, run in a small codec
+  thread pool, never on the event loop, so heartbeats and other neighbours' frames keep flowing
+  meanwhile. A frame sent from its tensors' own memory is encoded on the loop: it is only its
+  msgpack framing, and the trip to a thread (and back through the GIL) would cost more.
 * :meth:`Transport.broadcast` and :meth:`Transport.send` send a frame's large tensors over frame
   streams from the tensors' own memory (:func:`~p2pdl.wire.encode.encode_frame_parts`), with no
   copy of the tensor in user space; the bytes are the same as a copied frame's. The price is a
@@ -57,6 +59,7 @@ from p2pdl.net.stats import LogThrottle, TransportStats
 from p2pdl.net.stream import STREAM_PATH
 from p2pdl.tasks import TaskOwner
 from p2pdl.wire import EncodedFrame, Frame, Limits, encode_frame, encode_frame_parts
+from p2pdl.wire.encode import encode_frame_parts_inline
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +337,18 @@ class Transport(LinkReceiver):
         return encode_frame(frame, compression=self._config.compression)
 
     async def encode_parts(self, frame: Frame) -> EncodedFrame:
-        """Encode without copying large tensors (valid while they do not change), off the loop when large."""
-        if _frame_bytes(frame) > INLINE_CODEC_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._codec,
-                functools.partial(encode_frame_parts, frame, compression=self._config.compression),
-            )
-        return encode_frame_parts(frame, compression=self._config.compression)
+        """Encode without copying large tensors (valid while they do not change).
+
+        On the event loop when that is cheap (no more than ``INLINE_CODEC_BYTES`` to copy, nothing
+        to compress): a trip through the codec thread would cost more than the encoding itself.
+        """
+        compression = self._config.compression
+        inline = encode_frame_parts_inline(frame, compression=compression, max_copy_bytes=INLINE_CODEC_BYTES)
+        if inline is not None:
+            return inline
+        return await asyncio.get_running_loop().run_in_executor(
+            self._codec, functools.partial(encode_frame_parts, frame, compression=compression)
+        )
 
     async def send_encoded(self, neighbor: str, data: bytes | EncodedFrame) -> None:
         """Send one encoded frame; raises TransportError if the link is down or too slow.

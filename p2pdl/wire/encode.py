@@ -52,7 +52,7 @@ from p2pdl.wire.schema import (
     check_tensor_name,
 )
 
-__all__ = ["BORROW_MIN_BYTES", "EncodedFrame", "encode_frame", "encode_frame_parts"]
+__all__ = ["BORROW_MIN_BYTES", "EncodedFrame", "encode_frame", "encode_frame_parts", "encode_frame_parts_inline"]
 
 _MAX_U32: Final[int] = 2**32 - 1
 # Tensor data of at least this many bytes stays a view of the tensor's memory in an
@@ -115,6 +115,24 @@ def encode_frame_parts(frame: Frame, *, compression: Compression = "auto") -> En
     of :data:`BORROW_MIN_BYTES` or more as a view of its memory. Same arguments and errors as
     :func:`encode_frame`.
     """
+    encoded = _encode(frame, compression, max_copy_bytes=None)
+    assert encoded is not None
+    return encoded
+
+
+def encode_frame_parts_inline(frame: Frame, *, compression: Compression, max_copy_bytes: int) -> EncodedFrame | None:
+    """:func:`encode_frame_parts` where that is cheap enough for an event loop; None where it is not.
+
+    Cheap: at most ``max_copy_bytes`` of tensor data needs a copy (a tensor off the CPU, not
+    C-contiguous, or on a big-endian host) and there is no body to compress: ``"never"``, or
+    ``"auto"`` whose 64 KiB sample (one small lz4 call) finds the body incompressible.
+    ``"always"`` is never cheap. On None, run :func:`encode_frame_parts` on a thread.
+    """
+    return _encode(frame, compression, max_copy_bytes=max_copy_bytes)
+
+
+def _encode(frame: Frame, compression: Compression, *, max_copy_bytes: int | None) -> EncodedFrame | None:
+    """The encoder; with ``max_copy_bytes``, None instead of copying more or compressing."""
     if compression not in ("auto", "always", "never"):
         raise ValueError(f"compression must be 'auto', 'always' or 'never', not {compression!r}")
     check_kind(frame.kind)
@@ -124,6 +142,16 @@ def encode_frame_parts(frame: Frame, *, compression: Compression = "auto") -> En
     check_meta(frame.meta)
     if not isinstance(frame.tensors, Mapping):
         raise FrameSchemaError("tensors must be a mapping of name to tensor")
+    if max_copy_bytes is not None:
+        if compression == "always":
+            return None
+        copies = sum(
+            t.numel() * t.element_size()
+            for t in frame.tensors.values()
+            if isinstance(t, torch.Tensor) and not _in_place(t)
+        )
+        if copies > max_copy_bytes:
+            return None
 
     packer = msgpack.Packer(use_bin_type=True, autoreset=True)
     # The body is built as a list of pieces so that no tensor is copied here. Small pieces are
@@ -172,6 +200,8 @@ def encode_frame_parts(frame: Frame, *, compression: Compression = "auto") -> En
         raise FrameTooLargeError(f"frame body is {body_len} bytes; the header allows 2**32-1")
 
     if compression == "always" or (compression == "auto" and _worth_compressing(parts, body_len)):
+        if max_copy_bytes is not None:
+            return None
         body = b"".join(parts)
         compressed: bytes = lz4.block.compress(body, store_size=False)
         if len(compressed) < body_len:
@@ -201,6 +231,11 @@ def _coalesce(parts: list[bytes | memoryview], shared: set[int]) -> EncodedFrame
 
 def _size(piece: bytes | memoryview) -> int:
     return len(piece) if isinstance(piece, bytes) else piece.nbytes
+
+
+def _in_place(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's wire bytes are its own memory (no copy to encode it)."""
+    return tensor.device.type == "cpu" and tensor.is_contiguous() and LITTLE_ENDIAN_HOST
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> tuple[memoryview, bool]:
