@@ -5,14 +5,19 @@ reaped by it. Both see the same model, ``nn.Linear(3342, 3342)`` (11,172,306 par
 bias, 44.7 MB of fp32 gradients), the same environment (``MALLOC_*_THRESHOLD_``,
 ``OMP_NUM_THREADS=1``) and the same barrier (a gloo ``barrier`` before every round), and the runs
 alternate gloo, p2pdl, p2pdl, gloo per process count (with ``--aiohttp-path``: gloo, p2pdl,
-p2pdl_aiohttp, then the reverse) so that machine noise hits both alike.
+p2pdl_aiohttp, then the reverse; ``--copy-path`` adds p2pdl_copy) so that machine noise hits
+both alike.
 
 * ``gloo``: ``torch.distributed.all_reduce`` of one flat (11,172,306,) fp32 tensor.
 * ``gloo_ddp``: the same plus what p2pdl's round also does: flatten the grads into a bucket,
   all-reduce, divide, copy back (DDP's bucket path), for an apples-to-apples reference.
 * ``p2pdl``: a real :class:`p2pdl.Peer` per process (allreduce strategy, uvloop like the CLI);
   the timed call is ``await peer.strategy.reduce_gradients(step)``: flatten, encode, send,
-  receive, decode, reduce, all-gather, unflatten. Large frames go over the links' frame streams.
+  receive, decode, reduce, all-gather, unflatten. Large frames go over the links' frame streams,
+  each chunk written from the flat buffer itself (encode packs only the frame's framing).
+* ``p2pdl_copy`` (with ``--copy-path``): the same over frame streams, but every frame copied into
+  one ``bytes`` on the codec thread before it is sent (the send path before zero-copy sends), to
+  measure what sending chunks from the flat buffer saves, side by side.
 * ``p2pdl_aiohttp`` (with ``--aiohttp-path``): the same with no frame stream, so large frames take
   the older path through aiohttp (``POST /frames`` from the dialer, the WebSocket from the acceptor).
 
@@ -222,7 +227,7 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
         compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(unflatten_chunks)"))
 
     timeline.reset_labels = reset_labels  # type: ignore[attr-defined]
-    transport.encode = timeline.wrap_async("encode(await)", transport.encode)
+    transport.encode_parts = timeline.wrap_async("encode(await)", transport.encode_parts)
     transport.send_encoded = timeline.wrap_async("send(await)", transport.send_encoded)
     transport.collect = timeline.wrap_async("collect(wait)", transport.collect)
     transport._decode_data = timeline.wrap_sync("decode(codec thread)", transport._decode_data)
@@ -237,14 +242,19 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
 
     transport._on_bytes = on_bytes
     wire_decode._all_finite = timeline.wrap_sync("  finite check", wire_decode._all_finite)
-    wire_encode.encode_frame = timeline.wrap_sync("  encode_frame(codec thread)", wire_encode.encode_frame)
+    wire_encode.encode_frame_parts = timeline.wrap_sync(
+        "  encode_frame_parts(codec thread)", wire_encode.encode_frame_parts
+    )
     strategies_module.unflatten_chunks_into = timeline.wrap_sync(
         "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
     )
-    # p2pdl.net.transport imported encode_frame by name; point it at the timed one too.
+    # p2pdl.net.transport imported both encoders by name; point it at the timed ones too.
     import p2pdl.net.transport as transport_module
 
-    transport_module.encode_frame = wire_encode.encode_frame
+    transport_module.encode_frame_parts = wire_encode.encode_frame_parts
+    transport_module.encode_frame_parts_inline = timeline.wrap_sync(
+        "  encode_frame_parts_inline(event loop)", wire_encode.encode_frame_parts_inline
+    )
 
 
 def _summarise_timeline(events: list[tuple[str, float, float, str]], starts: list[float]) -> dict[str, Any]:
@@ -288,6 +298,15 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
         from p2pdl.net.transport import Transport
 
         Transport._open_stream_task = lambda self, link, ws: None  # type: ignore[method-assign]
+    if args.worker == "p2pdl_copy":
+        # The send path before zero-copy sends: the whole frame copied into one bytes, off the loop.
+        from p2pdl.net.transport import Transport
+        from p2pdl.wire import EncodedFrame
+
+        async def copying(self: Transport, frame: Any) -> EncodedFrame:
+            return EncodedFrame((await self.encode(frame),), borrowed=False)
+
+        Transport.encode_parts = copying  # type: ignore[method-assign]
     config = config_from_mapping(
         {
             "run": {"workload": str(WORKLOAD), "eval_every": 0},
@@ -488,9 +507,10 @@ def main_parent(args: argparse.Namespace) -> int:
             extra: dict[str, Any] = {}
             # ABBA order: gloo, p2pdl, p2pdl, gloo, ... so drift in machine load cancels out.
             systems_in_order = ["gloo", "p2pdl"]
-            if args.aiohttp_path:
-                samples["p2pdl_aiohttp"] = []
-                systems_in_order.append("p2pdl_aiohttp")
+            for flag, variant in ((args.copy_path, "p2pdl_copy"), (args.aiohttp_path, "p2pdl_aiohttp")):
+                if flag:
+                    samples[variant] = []
+                    systems_in_order.append(variant)
             order = [systems_in_order if k % 2 == 0 else systems_in_order[::-1] for k in range(args.repeats)]
             profiled = False
             for systems in order:
@@ -510,9 +530,9 @@ def main_parent(args: argparse.Namespace) -> int:
                             extra["cprofile_rank0_event_loop_thread"] = results[0][
                                 "cprofile_event_loop_thread"
                             ].splitlines()
-                    elif system == "p2pdl_aiohttp":
+                    elif system in ("p2pdl_aiohttp", "p2pdl_copy"):
                         exact = all(r["exact"] for r in results)
-                        extra.setdefault("p2pdl_aiohttp_bit_exact_vs_mean", []).append(exact)
+                        extra.setdefault(f"{system}_bit_exact_vs_mean", []).append(exact)
                     else:
                         extra["gloo_max_abs_error"] = max(r["max_abs_error"] for r in results)
             entry = {key: _stats_ms(values) for key, values in samples.items()}
@@ -520,6 +540,10 @@ def main_parent(args: argparse.Namespace) -> int:
             entry["ratio_p2pdl_over_gloo_ddp_median"] = round(
                 entry["p2pdl"]["median_ms"] / entry["gloo_ddp"]["median_ms"], 3
             )
+            if args.copy_path:
+                copy_ms = entry["p2pdl_copy"]["median_ms"]
+                entry["ratio_p2pdl_copy_over_gloo_median"] = round(copy_ms / entry["gloo"]["median_ms"], 3)
+                entry["ratio_p2pdl_over_p2pdl_copy_median"] = round(entry["p2pdl"]["median_ms"] / copy_ms, 3)
             if args.aiohttp_path:
                 aiohttp_ms = entry["p2pdl_aiohttp"]["median_ms"]
                 entry["ratio_p2pdl_aiohttp_over_gloo_median"] = round(aiohttp_ms / entry["gloo"]["median_ms"], 3)
@@ -530,7 +554,7 @@ def main_parent(args: argparse.Namespace) -> int:
     print()
     print(f"{'peers':>5} {'system':>13} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}   ratio p2pdl/gloo")
     for world, entry in report["by_world"].items():
-        for system in ("gloo", "gloo_ddp", "p2pdl", "p2pdl_aiohttp"):
+        for system in ("gloo", "gloo_ddp", "p2pdl", "p2pdl_copy", "p2pdl_aiohttp"):
             if system not in entry:
                 continue
             s = entry[system]
@@ -569,7 +593,12 @@ def main() -> int:
         action="store_true",
         help="also time p2pdl without frame streams (large frames over POST /frames and the WebSocket)",
     )
-    parser.add_argument("--worker", choices=("gloo", "p2pdl", "p2pdl_aiohttp"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--copy-path",
+        action="store_true",
+        help="also time p2pdl with every frame copied before it is sent (the send path before zero-copy sends)",
+    )
+    parser.add_argument("--worker", choices=("gloo", "p2pdl", "p2pdl_copy", "p2pdl_aiohttp"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)

@@ -5,8 +5,14 @@ sent, in receive buffers reused across rounds; a frame of the wrong shape is ref
 as on every other path; a record the stream cannot read (length 0 or over ``max_frame_bytes``)
 is counted and closes the stream only, after which large frames go over ``POST /frames`` and
 the WebSocket again; ``GET /stream`` without the link's token is refused. ``broadcast`` encodes a
-frame once however many neighbours it goes to. The hostile payload suite over a stream is in
-tests/test_hostile.py.
+frame once however many neighbours it goes to.
+
+Large tensors are sent from their own memory (no copy): the record on the wire is byte for byte
+the copied frame's; a send returns only once the kernel has every byte, so a buffer rewritten right
+after a send is never sent changed; a send cancelled while some of its bytes still wait in the
+transport aborts the stream, so the receiver never gets a record with changed bytes. These run on
+both asyncio's loop and uvloop, whose gathered write is the one that really sends in place. The
+hostile payload suite over a stream is in tests/test_hostile.py.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +37,30 @@ from p2pdl.net.auth import PeerSecurity, client_ssl_context, server_ssl_context
 from p2pdl.net.http import SENDER_HEADER, TOKEN_HEADER
 from p2pdl.net.stream import RECORD_PREFIX, STREAM_PATH, UPGRADE, BufferPool, upgrade_request
 from p2pdl.net.transport import Transport
-from p2pdl.wire import Frame, TensorSpec
+from p2pdl.wire import EncodedFrame, Frame, TensorSpec, encode_frame
 
 CHUNK = 300_000  # float32 values per frame: 1.2 MB, far above the 64 KiB stream threshold
+# float32 values of a frame larger than what loopback TCP buffers while its receiver does not read
+# (net.ipv4.tcp_wmem's 4 MiB cap on the sender, the receiver's unread window), so part of it waits
+# in the sender's transport until the receiver reads again.
+LARGE = 4 * 2**20
 MIB = 1024 * 1024
+LOOPS = ["asyncio", "uvloop"]
 
 
 def expected_tensors(kind: str, sender: str) -> Mapping[str, TensorSpec]:
+    if kind == "big":
+        return {"chunk": TensorSpec(dtype="float32", shape=(LARGE,))}
     if kind not in ("rs2", "ag2"):
         raise FrameSchemaError(f"no frames of kind {kind!r} here")
     return {"chunk": TensorSpec(dtype="float32", shape=(CHUNK,))}
+
+
+def run_on(loop: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` on asyncio's own loop or on uvloop (the CLI's)."""
+    factory = pytest.importorskip("uvloop").new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
 
 
 async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
@@ -53,12 +73,12 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 @contextlib.asynccontextmanager
 async def swarm(
-    names: tuple[str, ...] = ("a", "b"), *, tls: tuple[Path, Path, Path] | None = None
+    names: tuple[str, ...] = ("a", "b"), *, tls: tuple[Path, Path, Path] | None = None, max_frame_mib: float = 4.0
 ) -> AsyncIterator[dict[str, Transport]]:
     """Fully linked Transports (TLS with ``tls`` = (ca, cert, key)); every link's frame stream is up on both ends."""
     ports = free_ports(len(names))
     addresses = {n: f"127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)}
-    config = TransportConfig(max_frame_mib=4.0, handshake_timeout=5.0)
+    config = TransportConfig(max_frame_mib=max_frame_mib, handshake_timeout=5.0)
     transports = {
         n: Transport(
             name=n,
@@ -192,13 +212,18 @@ async def test_get_stream_without_the_links_token_is_refused_403_and_counted() -
 
 async def test_broadcast_encodes_a_frame_once_for_every_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Frame] = []
-    original = transport_module.encode_frame
+    on_thread, on_loop = transport_module.encode_frame_parts, transport_module.encode_frame_parts_inline
 
-    def counting(frame: Frame, **kwargs: Any) -> bytes:
+    def counting(frame: Frame, **kwargs: Any) -> EncodedFrame:
         calls.append(frame)
-        return original(frame, **kwargs)
+        return on_thread(frame, **kwargs)
 
-    monkeypatch.setattr(transport_module, "encode_frame", counting)
+    def counting_inline(frame: Frame, **kwargs: Any) -> EncodedFrame | None:
+        calls.append(frame)
+        return on_loop(frame, **kwargs)
+
+    monkeypatch.setattr(transport_module, "encode_frame_parts", counting)
+    monkeypatch.setattr(transport_module, "encode_frame_parts_inline", counting_inline)
     async with swarm(("a", "b", "c")) as peers:
         values = torch.randn(CHUNK, generator=torch.Generator().manual_seed(3))
         frame = Frame(kind="ag2", sender="a", round=0, step=0, tensors={"chunk": values})
@@ -208,3 +233,95 @@ async def test_broadcast_encodes_a_frame_once_for_every_neighbour(monkeypatch: p
         for name in ("b", "c"):
             got = await peers[name].collect("ag2", 0, ["a"], 10.0)
             assert torch.equal(got["a"].tensors["chunk"], values)
+
+
+def stream_transport(peer: Transport, other: str) -> asyncio.Transport:
+    stream = peer._links[other].stream
+    assert stream is not None and stream._transport is not None
+    return stream._transport
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_zero_copy_record_is_byte_for_byte_the_copied_frame(loop: str) -> None:
+    async def scenario() -> None:
+        async with swarm() as peers:
+            a, b = peers["a"], peers["b"]
+            records: list[bytes] = []
+            original = b._on_bytes
+
+            async def capture(link: Any, data: Any, **kwargs: Any) -> None:
+                records.append(bytes(data))
+                await original(link, data, **kwargs)
+
+            b._on_bytes = capture  # type: ignore[method-assign]
+            values = torch.randn(CHUNK, generator=torch.Generator().manual_seed(5))
+            zero_copy, copied = chunk_frame("a", 0, values), chunk_frame("a", 1, values)
+            await a.send("b", zero_copy)  # the chunk's own memory
+            await a.send_encoded("b", encode_frame(copied))  # a copy, as before zero-copy sends
+            await wait_for(lambda: b.stats.stream_frames_received == 2)
+            assert records == [encode_frame(zero_copy), encode_frame(copied)]
+            assert a.stats.stream_frames_sent == 2
+            assert sum(b.stats.frames_rejected.values()) == 0
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_buffer_rewritten_as_soon_as_its_send_returns_arrives_unchanged(loop: str) -> None:
+    async def scenario() -> None:
+        async with swarm(max_frame_mib=32.0) as peers:
+            a, b = peers["a"], peers["b"]
+            sender, receiver = stream_transport(a, "b"), stream_transport(b, "a")
+            buffer = torch.empty(LARGE)  # reused every round, as the all-reduce's wire buffers are
+            generator = torch.Generator().manual_seed(11)
+            for round_index in range(2):
+                values = torch.randn(LARGE, generator=generator)
+                buffer.copy_(values)
+                receiver.pause_reading()
+                send = asyncio.create_task(
+                    a.send("b", Frame(kind="big", sender="a", round=round_index, step=0, tensors={"chunk": buffer}))
+                )
+                # Part of the record waits in the sender's transport: the send must not be over.
+                await wait_for(lambda: sender.get_write_buffer_size() > 0)
+                await asyncio.sleep(0.05)
+                assert not send.done()
+                receiver.resume_reading()
+                await send
+                buffer.fill_(-1.0)  # the next round's values, written the moment the send returns
+                got = await b.collect("big", round_index, ["a"], 10.0)
+                assert torch.equal(got["a"].tensors["chunk"], values), f"round {round_index} arrived changed"
+                del got
+            assert a.stats.stream_frames_sent == 2 and sum(b.stats.frames_rejected.values()) == 0
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_send_cancelled_before_its_bytes_left_aborts_the_stream_and_never_delivers_changed_bytes(loop: str) -> None:
+    async def scenario() -> None:
+        async with swarm(max_frame_mib=32.0) as peers:
+            a, b = peers["a"], peers["b"]
+            sender, receiver = stream_transport(a, "b"), stream_transport(b, "a")
+            buffer = torch.randn(LARGE, generator=torch.Generator().manual_seed(12))
+            receiver.pause_reading()
+            send = asyncio.create_task(
+                a.send("b", Frame(kind="big", sender="a", round=0, step=0, tensors={"chunk": buffer}))
+            )
+            await wait_for(lambda: sender.get_write_buffer_size() > 0)
+            send.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await send
+            buffer.fill_(-1.0)  # the caller owns its memory again once the send is over, cancelled or not
+            receiver.resume_reading()
+            await wait_for(lambda: a._links["b"].stream is None and b._links["a"].stream is None)
+            assert await b.collect("big", 0, ["a"], 0.3) == {}, "no record with changed bytes, nor any"
+            assert sum(b.stats.frames_rejected.values()) == 0 and b.stats.stream_frames_received == 0
+            # The link stays up, and the next frame goes over POST /frames, intact.
+            values = torch.randn(LARGE, generator=torch.Generator().manual_seed(13))
+            buffer.copy_(values)
+            await a.send("b", Frame(kind="big", sender="a", round=1, step=0, tensors={"chunk": buffer}))
+            got = await b.collect("big", 1, ["a"], 10.0)
+            assert torch.equal(got["a"].tensors["chunk"], values)
+            assert a.is_connected("b") and a.stats.stream_frames_sent == 0
+
+    run_on(loop, scenario)

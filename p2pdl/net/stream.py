@@ -9,8 +9,11 @@ A frame stream removes those copies. The dialer of a link opens ``GET /stream`` 
 (docs/PROTOCOL.md section 5.1). The receiver is an :class:`asyncio.BufferedProtocol`: the kernel
 writes each record's bytes directly into a buffer from a per-stream :class:`BufferPool`, and the
 decoder views that buffer in place (``decode_frame(owned=True)``). A sender writes the length and
-the frame with one ``writelines`` call and returns once the bytes are in the kernel (the write
-buffer limits are zero), so a caller may reuse its memory as soon as a send returns.
+the frame with one ``writelines`` call, the frame either one ``bytes`` or the pieces of
+:func:`~p2pdl.wire.encode.encode_frame_parts` (large tensors as views of their own memory, which
+uvloop writes with one gathered ``writev`` and no copy), and returns once the bytes are in the
+kernel (the write buffer limits are zero), so a caller may reuse its memory as soon as a send
+returns.
 
 Trade-offs:
 
@@ -20,6 +23,9 @@ Trade-offs:
 * A record whose declared length is 0 or over ``max_frame_bytes`` is refused (counted) and the
   stream is closed: a byte stream cannot skip a record it will not read. The link's WebSocket
   stays up and large frames fall back to ``POST /frames`` and the WebSocket.
+* A send of borrowed memory that is cancelled (or times out) before the kernel has all of it
+  aborts the stream rather than let the rest go out after the caller's memory may have changed;
+  the link then sends its large frames over ``POST /frames`` and the WebSocket until it redials.
 * At most :data:`READY_RECORDS` complete records wait for the receive loop; past that the stream
   stops reading from the socket, so a fast sender is held back by TCP, not by this peer's memory.
 """
@@ -32,7 +38,7 @@ import ssl
 import struct
 import sys
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -242,21 +248,36 @@ class FrameStream(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ sending
 
-    async def send(self, data: bytes | memoryview) -> None:
-        """Write one record; returns once every byte is in the kernel (ConnectionError if closed)."""
+    async def send(self, record: bytes | memoryview | Sequence[bytes | memoryview], *, borrowed: bool = False) -> None:
+        """Write one record (one buffer, or pieces whose concatenation is the frame); returns once
+        every byte is in the kernel (ConnectionError if closed).
+
+        ``borrowed``: the pieces view memory that the caller may change as soon as this returns
+        (a tensor sent in place). The transport writes them with one gathered write and no copy,
+        and holds them until the kernel has every byte. If this call is cancelled or times out
+        while some of them are still queued, the stream is aborted: a record that could not go out
+        before the caller's memory may change never goes out at all (the receiver sees the stream
+        close, never a record with changed bytes).
+        """
         transport = self._transport
         if transport is None or self.closed.is_set() or transport.is_closing():
             raise ConnectionResetError("frame stream is closed")
-        nbytes = data.nbytes if isinstance(data, memoryview) else len(data)
-        transport.writelines([RECORD_PREFIX.pack(nbytes), data])
+        pieces = [record] if isinstance(record, bytes | memoryview) else list(record)
+        nbytes = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+        transport.writelines([RECORD_PREFIX.pack(nbytes), *pieces])
         self.records_sent += 1
-        while transport.get_write_buffer_size() > 0:
-            if self.closed.is_set():
-                raise ConnectionResetError("frame stream closed before the record was sent")
-            self._writable.clear()
-            if transport.get_write_buffer_size() == 0:
-                break
-            await self._writable.wait()
+        try:
+            while transport.get_write_buffer_size() > 0:
+                if self.closed.is_set():
+                    raise ConnectionResetError("frame stream closed before the record was sent")
+                self._writable.clear()
+                if transport.get_write_buffer_size() == 0:
+                    break
+                await self._writable.wait()
+        except asyncio.CancelledError:
+            if borrowed and transport.get_write_buffer_size() > 0:
+                transport.abort()
+            raise
 
 
 def upgrade_request(host: str, headers: Mapping[str, str]) -> bytes:

@@ -17,8 +17,16 @@ none, the dialer sends them as ``POST /frames`` bodies instead of masked WebSock
 
 Trade-offs:
 
-* Encoding and decoding of large frames run in a small codec thread pool, never on the event
-  loop, so heartbeats and other neighbours' frames keep flowing while a large frame is packed.
+* Decoding of large frames, and encoding of those that need a copy or lz4, run in a small codec
+  thread pool, never on the event loop, so heartbeats and other neighbours' frames keep flowing
+  meanwhile. A frame sent from its tensors' own memory is encoded on the loop: it is only its
+  msgpack framing, and the trip to a thread (and back through the GIL) would cost more.
+* :meth:`Transport.broadcast` and :meth:`Transport.send` send a frame's large tensors over frame
+  streams from the tensors' own memory (:func:`~p2pdl.wire.encode.encode_frame_parts`), with no
+  copy of the tensor in user space; the bytes are the same as a copied frame's. The price is a
+  contract: the frame's tensors must not change until the call returns (each send then has all
+  of its bytes in the kernel, or its stream was aborted). :meth:`Transport.encode` still returns
+  a copy, for callers that keep or resend an encoded frame after its tensors have changed.
 * Every network await is bounded by a named timeout from :class:`~p2pdl.config.TransportConfig`
   (``connect_timeout``, ``handshake_timeout``, ``send_timeout``; a silent link is dropped by the
   WebSocket heartbeat, ``heartbeat_interval``). Every buffer is bounded (``inbox_frames``).
@@ -50,12 +58,18 @@ from p2pdl.net.receive import INLINE_CODEC_BYTES, ExpectedTensors, LinkReceiver
 from p2pdl.net.stats import LogThrottle, TransportStats
 from p2pdl.net.stream import STREAM_PATH
 from p2pdl.tasks import TaskOwner
-from p2pdl.wire import Frame, Limits, encode_frame
+from p2pdl.wire import EncodedFrame, Frame, Limits, encode_frame, encode_frame_parts
+from p2pdl.wire.encode import encode_frame_parts_inline
 
 log = logging.getLogger(__name__)
 
 # The dialer sends frames of at least this many bytes as POST /frames bodies, not masked WS frames.
 _POST_FRAME_BYTES = 64 * 1024
+
+
+def _frame_bytes(frame: Frame) -> int:
+    """The bytes of ``frame``'s tensor data."""
+    return sum(t.numel() * t.element_size() for t in frame.tensors.values())
 
 
 class Transport(LinkReceiver):
@@ -314,17 +328,35 @@ class Transport(LinkReceiver):
     # ------------------------------------------------------------------ sending
 
     async def encode(self, frame: Frame) -> bytes:
-        """Encode off the event loop when the frame is large."""
-        size = sum(t.numel() * t.element_size() for t in frame.tensors.values())
-        if size > INLINE_CODEC_BYTES:
+        """Encode into one ``bytes`` (a copy the caller may keep), off the event loop when large."""
+        if _frame_bytes(frame) > INLINE_CODEC_BYTES:
             return await asyncio.get_running_loop().run_in_executor(
                 self._codec,
                 functools.partial(encode_frame, frame, compression=self._config.compression),
             )
         return encode_frame(frame, compression=self._config.compression)
 
-    async def send_encoded(self, neighbor: str, data: bytes) -> None:
-        """Send one encoded frame; raises TransportError if the link is down or too slow."""
+    async def encode_parts(self, frame: Frame) -> EncodedFrame:
+        """Encode without copying large tensors (valid while they do not change).
+
+        On the event loop when that is cheap (no more than ``INLINE_CODEC_BYTES`` to copy, nothing
+        to compress): a trip through the codec thread would cost more than the encoding itself.
+        """
+        compression = self._config.compression
+        inline = encode_frame_parts_inline(frame, compression=compression, max_copy_bytes=INLINE_CODEC_BYTES)
+        if inline is not None:
+            return inline
+        return await asyncio.get_running_loop().run_in_executor(
+            self._codec, functools.partial(encode_frame_parts, frame, compression=compression)
+        )
+
+    async def send_encoded(self, neighbor: str, data: bytes | EncodedFrame) -> None:
+        """Send one encoded frame; raises TransportError if the link is down or too slow.
+
+        An :class:`EncodedFrame` goes over the link's frame stream as its pieces (no copy); on
+        any other path it is joined into one ``bytes`` first. Its tensors must not change until
+        this returns.
+        """
         link = self._links.get(neighbor)
         if link is None:
             raise TransportError(f"{neighbor!r} is not a neighbour of {self.name!r}")
@@ -332,10 +364,14 @@ class Transport(LinkReceiver):
         if ws is None or ws.closed:
             raise TransportError(f"link to {neighbor!r} is {link.state}")
         stream = link.stream
-        if stream is not None and stream.usable and len(data) >= _POST_FRAME_BYTES:
+        nbytes = len(data)
+        if stream is not None and stream.usable and nbytes >= _POST_FRAME_BYTES:
             try:
                 async with asyncio.timeout(self._config.send_timeout):
-                    await stream.send(data)
+                    if isinstance(data, EncodedFrame):
+                        await stream.send(data.pieces, borrowed=data.borrowed)
+                    else:
+                        await stream.send(data)
             except TimeoutError as exc:
                 stream.abort()  # nothing of this record may go out later
                 raise PeerTimeoutError(
@@ -344,23 +380,25 @@ class Transport(LinkReceiver):
             except ConnectionError:
                 pass  # the stream closed under this send: the frame goes the other way below
             else:
-                self._count_sent(link, len(data))
+                self._count_sent(link, nbytes)
                 self.stats.stream_frames_sent += 1
                 return
+        # Joined here only when broadcast did not join it already (a stream closed under a send).
+        payload = data.join() if isinstance(data, EncodedFrame) else data
         try:
-            if link.dials and link.frames_token and len(data) >= _POST_FRAME_BYTES:
+            if link.dials and link.frames_token and nbytes >= _POST_FRAME_BYTES:
                 async with asyncio.timeout(self._config.send_timeout):
-                    await self._post_frame(link, data)
+                    await self._post_frame(link, payload)
             else:
                 async with asyncio.timeout(self._config.send_timeout), link.send_lock:
-                    await ws.send_bytes(data)
+                    await ws.send_bytes(payload)
         except TimeoutError as exc:
             raise PeerTimeoutError(
                 f"send to {neighbor!r} took longer than send_timeout={self._config.send_timeout}s"
             ) from exc
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
             raise TransportError(f"send to {neighbor!r} failed: {exc}") from exc
-        self._count_sent(link, len(data))
+        self._count_sent(link, nbytes)
 
     def _count_sent(self, link: Link, nbytes: int) -> None:
         self.stats.bytes_sent += nbytes
@@ -372,14 +410,24 @@ class Transport(LinkReceiver):
         await http.post_frame(self._session, link, data, self_name=self.name, security=self.security)
 
     async def send(self, neighbor: str, frame: Frame) -> None:
-        await self.send_encoded(neighbor, await self.encode(frame))
+        """Send ``frame`` to one neighbour; its tensors must not change until this returns."""
+        failures = await self.broadcast(frame, [neighbor])
+        if neighbor in failures:
+            raise failures[neighbor]
 
     async def broadcast(self, frame: Frame, neighbors: Collection[str]) -> dict[str, TransportError]:
-        """Encode once, send to each neighbour concurrently; return the failures by neighbour."""
+        """Encode once, send to each neighbour concurrently; return the failures by neighbour.
+
+        Large tensors go over frame streams from their own memory (see the module docstring):
+        ``frame``'s tensors must not change until this returns.
+        """
         if not neighbors:
             return {}
-        data = await self.encode(frame)
-        results = await asyncio.gather(*(self.send_encoded(n, data) for n in neighbors), return_exceptions=True)
+        encoded = await self.encode_parts(frame)
+        if encoded.borrowed and not all(self._has_stream(n) for n in neighbors):
+            # Some frame goes through aiohttp, which needs one bytes: join it once, off the loop.
+            await asyncio.get_running_loop().run_in_executor(self._codec, encoded.join)
+        results = await asyncio.gather(*(self.send_encoded(n, encoded) for n in neighbors), return_exceptions=True)
         failures: dict[str, TransportError] = {}
         for neighbor, result in zip(neighbors, results, strict=True):
             if isinstance(result, TransportError):
@@ -387,6 +435,10 @@ class Transport(LinkReceiver):
             elif isinstance(result, BaseException):
                 raise result
         return failures
+
+    def _has_stream(self, neighbor: str) -> bool:
+        link = self._links.get(neighbor)
+        return link is not None and link.stream is not None and link.stream.usable
 
     async def collect(self, kind: str, round_index: int, senders: Collection[str], timeout: float) -> dict[str, Frame]:
         return await self.mailbox.collect(kind, round_index, senders, timeout)

@@ -55,7 +55,6 @@ from p2pdl.errors import (
     FrameError,
     FrameSchemaError,
     QuorumLostError,
-    TransportError,
 )
 from p2pdl.faults import at as inject_fault
 from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter, all_gather_compressed
@@ -282,19 +281,21 @@ class AllReduceStrategy(StrategyBase):
         unflatten_chunks_into(chunks_in_rank_order, tensors)
 
     async def _send(self, frames: Mapping[str, Frame]) -> None:
-        """Encode each distinct frame once and send it; a broken link is a missing frame, not an error."""
+        """Send each distinct frame once to its recipients; a broken link is a missing frame, not an error.
+
+        ``broadcast`` sends the chunks from the wire buffers themselves (no copy), so no send may
+        outlive this call: the next phase or round writes those buffers again.
+        """
         exchange = self._ctx.exchange
         recipients: dict[int, list[str]] = {}
         for n in frames:
             recipients.setdefault(id(frames[n]), []).append(n)
-
-        async def encode_and_send(names: list[str]) -> list[BaseException | None]:
-            data = await exchange.encode(frames[names[0]])
-            return await asyncio.gather(*(exchange.send_encoded(n, data) for n in names), return_exceptions=True)
-
-        results = await asyncio.gather(*(encode_and_send(names) for names in recipients.values()))
-        for result in (r for group in results for r in group):
-            if isinstance(result, BaseException) and not isinstance(result, TransportError):
+        # return_exceptions: no send outlives this call, even when another one raised.
+        results = await asyncio.gather(
+            *(exchange.broadcast(frames[names[0]], names) for names in recipients.values()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
                 raise result
 
     async def _notify(self, round_index: int, group: Group, phase: str) -> None:

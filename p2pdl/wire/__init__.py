@@ -6,17 +6,19 @@ both ends enforce), :mod:`~p2pdl.wire.encode`, :mod:`~p2pdl.wire.decode` and
 """
 
 from p2pdl.wire.decode import decode_frame
-from p2pdl.wire.encode import encode_frame
+from p2pdl.wire.encode import EncodedFrame, encode_frame, encode_frame_parts
 from p2pdl.wire.frame import ALLOWED_DTYPES, HEADER_SIZE, Frame, Limits, TensorSpec
 from p2pdl.wire.schema import check_tensors
 
 __all__ = [
     "ALLOWED_DTYPES",
     "HEADER_SIZE",
+    "EncodedFrame",
     "Frame",
     "Limits",
     "TensorSpec",
     "check_tensors",
     "decode_frame",
     "encode_frame",
+    "encode_frame_parts",
 ]
