@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import pstats
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ from typing import Any
 
 from _provenance import Provenance, write_result
 
+from p2pdl.net.ports import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD = REPO / "peers" / "mnist1d_cnn.py"
 FEATURES = 3342  # nn.Linear(3342, 3342): 3342 * 3342 + 3342 = 11,172,306 parameters
@@ -63,20 +64,6 @@ CHILD_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 WORKER_TIMEOUT = 600.0  # seconds one group of worker processes may take
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that were free a moment ago on 127.0.0.1."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # --------------------------------------------------------------------------- worker side
