@@ -80,6 +80,9 @@ GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (P
 MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
 _LOOK_EVERY = 0.1  # seconds between looks at the notices while a round waits
 _WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum
+# Seconds a pending member's link may stay down before its frames count as missing: a link that
+# closes and comes straight back (a redial) loses nothing, a crashed peer's never comes back.
+_LINK_GRACE = 1.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -337,19 +340,32 @@ class AllReduceStrategy(StrategyBase):
     async def _gather(
         self, kind: str, wire: int, others: Sequence[str], round_index: int, group: Group, *, act: bool
     ) -> tuple[dict[str, Frame], Group | None]:
-        """The members' frames of one phase, until all came, the deadline passed or (``act``) a
-        higher proposal that includes this peer appeared."""
+        """The members' frames of one phase, until all came, the deadline passed, a pending member
+        is known lost (:meth:`_lost`) or (``act``) a higher proposal that includes this peer appeared."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._round_deadline()
+        began = loop.time()
+        deadline = began + self._round_deadline()
         encoded = group.encoded()
         got: dict[str, Frame] = {}
+        down_since: dict[str, float] = {}
         while True:
             pending = [n for n in others if n not in got]
-            remaining = deadline - loop.time()
-            live = self._participants()
-            if not pending or remaining <= 0 or any(n not in live for n in pending):
-                return got, None  # a member that left or was declared dead is missing at once
-            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, remaining))
+            now = loop.time()
+            lost, reason = self._lost(pending, round_index, group, down_since, now)
+            if not pending or now >= deadline or lost:
+                if pending:
+                    log.info(
+                        "%s: round %d epoch %d %s: no frame from %s after %.2f s (%s)",
+                        self._ctx.name,
+                        round_index,
+                        group.epoch,
+                        kind,
+                        ",".join(pending),
+                        now - began,
+                        reason or "deadline",
+                    )
+                return got, None
+            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, deadline - now))
             for sender, frame in arrived.items():
                 # Same wire round means same epoch; a different member list (a conflicting
                 # proposal of the same epoch) makes the contribution unusable: it counts as missing.
@@ -357,7 +373,47 @@ class AllReduceStrategy(StrategyBase):
                     got[sender] = frame
             adopt = self._read_notices(round_index, group, act=act)
             if adopt is not None:
+                log.info(
+                    "%s: round %d epoch %d %s: adopting epoch %d %s after %.2f s",
+                    self._ctx.name,
+                    round_index,
+                    group.epoch,
+                    kind,
+                    adopt.epoch,
+                    adopt.encoded(),
+                    loop.time() - began,
+                )
                 return got, adopt
+
+    def _lost(
+        self, pending: Sequence[str], round_index: int, group: Group, down_since: dict[str, float], now: float
+    ) -> tuple[list[str], str]:
+        """Pending members whose frames for this attempt will not come, and why (PROTOCOL.md §11.3).
+
+        The attempt ends as soon as one is known lost instead of at the deadline: a member that
+        left or that the membership declared dead; one whose link has been down for
+        :data:`_LINK_GRACE` seconds (a crashed process closes its sockets at once, long before its
+        heartbeats are missed, and a restarted one may come back before they are); one that is
+        resyncing or that another member of the group has given up on (:meth:`Agreement.given_up`).
+        Ending an attempt early is always safe (§11.4): it costs at most a redo.
+        """
+        live = self._participants()
+        gone = [n for n in pending if n not in live]
+        if gone:
+            return gone, f"not live: {','.join(gone)}"
+        exchange = self._ctx.exchange
+        for name in pending:
+            if exchange.is_connected(name):
+                down_since.pop(name, None)
+            else:
+                down_since.setdefault(name, now)
+        cut = [n for n in pending if n in down_since and now - down_since[n] >= _LINK_GRACE]
+        if cut:
+            return cut, f"link down: {','.join(cut)}"
+        given_up = self._agreement.given_up(round_index, group, pending)
+        if given_up:
+            return given_up, f"given up: {','.join(given_up)}"
+        return [], ""
 
     async def _scatter_gather(
         self,
@@ -631,6 +687,8 @@ class AllReduceStrategy(StrategyBase):
                         missing = self._agreement.missing_from(group)
                         ctx.ledger.record(round_index, missing, started)
                         raise AllReduceIncompleteError(round_index, missing)
+                    if stalled_since is None:
+                        log.info("%s: round %d: below quorum with %s", ctx.name, round_index, group.encoded())
                     stalled_since = stalled_since if stalled_since is not None else time.monotonic()
                     adopt = await self._wait_for_quorum(round_index, group, stalled_since)
                     failed, waited = group, True
@@ -642,11 +700,32 @@ class AllReduceStrategy(StrategyBase):
             except _Behind as behind:
                 if strict or ctx.resync is None:
                     raise AllReduceIncompleteError(round_index, behind.donors) from None
+                log.info("%s: round %d: behind %s, downloading state", ctx.name, round_index, ",".join(behind.donors))
+                # Tell the members this peer has left the round: none waits for its frames or
+                # proposes it until it announces again from the round it joins (PROTOCOL.md §11.5).
+                await self._notify(round_index, group, "sync")
+                resyncing = time.perf_counter()
                 await self._catch_up(behind.donors)
+                log.info(
+                    "%s: round %d: resynced to step %s in %.2f s",
+                    ctx.name,
+                    round_index,
+                    self._adopted,
+                    time.perf_counter() - resyncing,
+                )
                 return None
             if outcome.complete:
                 self._agreement.applied(group)
                 ctx.ledger.record_group(group.size)
+                if stalled_since is not None:
+                    log.info(
+                        "%s: round %d applied over epoch %d (%d members) %.2f s after its first failure",
+                        ctx.name,
+                        round_index,
+                        group.epoch,
+                        group.size,
+                        time.monotonic() - stalled_since,
+                    )
                 return ctx.ledger.record(round_index, [], started)
             if strict:
                 ctx.ledger.record(round_index, outcome.missing, started)
