@@ -7,14 +7,16 @@ It runs a reduce-scatter then an all-gather (each peer owns 1/n of the flat vect
 sends 2(n-1)/n of it, like a ring, but in two latency steps. Chunks are summed in rank order, so
 every peer ends with bit-identical values; it never falls back to local values.
 
-Every round averages over a *group* (epoch + ordered members, :mod:`p2pdl.core.groups`) that
-each frame names. When a member fails mid-round, the survivors abort without touching a
-parameter, agree on a new group and redo the same round (``strategy.on_failure = "redo"``; with
-``"strict"`` a missing contribution raises :class:`~p2pdl.errors.AllReduceIncompleteError`). A
-round needs ``strategy.min_peers`` members (a strict majority of the configured peers by
-default); below it the peer waits for the group to re-form, then gives up with
-:class:`~p2pdl.errors.QuorumLostError`. A peer that finds its group ahead of it downloads a
-member's state and joins the next round. The protocol and its failure cases: docs/PROTOCOL.md §11.
+Every round averages over a *group* (epoch + ordered members, :mod:`p2pdl.core.groups`) that each
+frame names. When a member fails mid-round (known lost from its closed link, the membership, its
+resync notice or another member giving up on it; else at the round's deadline), the survivors abort
+without touching a parameter, agree on a new group and redo the same round (``strategy.on_failure =
+"redo"``; with ``"strict"`` a missing contribution raises
+:class:`~p2pdl.errors.AllReduceIncompleteError`). A round needs ``strategy.min_peers`` members (a
+strict majority of the configured peers by default); below it the peer waits for the group to
+re-form, then gives up with :class:`~p2pdl.errors.QuorumLostError`. A peer that finds its group
+ahead of it downloads a member's state and joins the round it reaches, without the group waiting
+for it. The protocol and its failure cases: docs/PROTOCOL.md §11.
 
 Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver checks a frame's shape
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
@@ -41,6 +43,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -193,6 +196,9 @@ class AllReduceStrategy(StrategyBase):
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
         self.bad_notices = 0
+        # How attempts that lacked a frame ended (status()["attempt_endings"]): "deadline",
+        # "not_live", "link_down", "given_up" (PROTOCOL.md §11.3), or "adopted" (a greater proposal).
+        self.attempt_endings: Counter[str] = Counter()
         self._notice_seq = 0
         # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
         # reduced while backward runs; exact means run on a reduce thread, because the compute
@@ -232,10 +238,11 @@ class AllReduceStrategy(StrategyBase):
     def _round_deadline(self) -> float:
         """Seconds one phase of an attempt waits for the members' frames.
 
-        A failed member ends the wait as soon as the membership's adaptive (phi-accrual) detector
-        declares it dead (:meth:`_gather`), so ``round_timeout`` is only the bound for a member
-        that is alive but silent. It is not learnt from round times as gossip's is: a spurious
-        abort here costs a redo and a state download, where gossip only mixes a partial round.
+        A failed member ends the wait as soon as it is known lost (:meth:`_lost`: its link closed,
+        the membership's adaptive detector declared it dead, it is resyncing, or another member gave
+        up on it), so ``round_timeout`` is only the bound for a member that is alive but silent. It
+        is not learnt from round times as gossip's is: a spurious abort here costs a redo and a
+        state download, where gossip only mixes a partial round.
         """
         return self.config.round_timeout
 
@@ -354,6 +361,7 @@ class AllReduceStrategy(StrategyBase):
             lost, reason = self._lost(pending, round_index, group, down_since, now)
             if not pending or now >= deadline or lost:
                 if pending:
+                    self.attempt_endings[reason.partition(":")[0] or "deadline"] += 1
                     log.info(
                         "%s: round %d epoch %d %s: no frame from %s after %.2f s (%s)",
                         self._ctx.name,
@@ -373,6 +381,7 @@ class AllReduceStrategy(StrategyBase):
                     got[sender] = frame
             adopt = self._read_notices(round_index, group, act=act)
             if adopt is not None:
+                self.attempt_endings["adopted"] += 1
                 log.info(
                     "%s: round %d epoch %d %s: adopting epoch %d %s after %.2f s",
                     self._ctx.name,
@@ -400,7 +409,7 @@ class AllReduceStrategy(StrategyBase):
         live = self._participants()
         gone = [n for n in pending if n not in live]
         if gone:
-            return gone, f"not live: {','.join(gone)}"
+            return gone, f"not_live: {','.join(gone)}"
         exchange = self._ctx.exchange
         for name in pending:
             if exchange.is_connected(name):
@@ -409,10 +418,10 @@ class AllReduceStrategy(StrategyBase):
                 down_since.setdefault(name, now)
         cut = [n for n in pending if n in down_since and now - down_since[n] >= _LINK_GRACE]
         if cut:
-            return cut, f"link down: {','.join(cut)}"
+            return cut, f"link_down: {','.join(cut)}"
         given_up = self._agreement.given_up(round_index, group, pending)
         if given_up:
-            return given_up, f"given up: {','.join(given_up)}"
+            return given_up, f"given_up: {','.join(given_up)}"
         return [], ""
 
     async def _scatter_gather(
@@ -852,6 +861,7 @@ class AllReduceStrategy(StrategyBase):
             "rounds_redone": ledger.redone,
             "resyncs": ledger.resyncs,
             "bad_notices": self.bad_notices,
+            "attempt_endings": dict(sorted(self.attempt_endings.items())),
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
