@@ -678,6 +678,7 @@ class AllReduceStrategy(StrategyBase):
         adopt: Group | None = None
         stalled_since: float | None = None
         waited = False
+        waiting_with: Group | None = None  # the group last waited with below quorum (logged once)
         while True:
             live = self._participants()
             if first is not None:
@@ -696,8 +697,9 @@ class AllReduceStrategy(StrategyBase):
                         missing = self._agreement.missing_from(group)
                         ctx.ledger.record(round_index, missing, started)
                         raise AllReduceIncompleteError(round_index, missing)
-                    if stalled_since is None:
+                    if group != waiting_with:
                         log.info("%s: round %d: below quorum with %s", ctx.name, round_index, group.encoded())
+                        waiting_with = group
                     stalled_since = stalled_since if stalled_since is not None else time.monotonic()
                     adopt = await self._wait_for_quorum(round_index, group, stalled_since)
                     failed, waited = group, True
