@@ -113,6 +113,19 @@ def test_the_greatest_proposal_that_includes_this_peer_is_adopted_only_for_its_r
     assert a.higher(7, mine) is None
 
 
+def test_a_proposal_with_a_member_this_peer_found_missing_is_not_adopted() -> None:
+    a = Agreement("a", PEERS, PEERS)
+    a.missed(["d"])  # d's link went down during a's attempt
+    a.observe("b", notice(7, 3, "a,b,c,d"))  # b has not noticed yet
+    assert a.higher(7, Group(2, ("a", "b", "c"))) is None
+    redo = a.propose(7, PEERS, Group(2, ("a", "b", "c", "d")))
+    assert redo == Group(4, ("a", "b", "c"))  # above b's epoch: b gives d up on reading it
+    assert Agreement("b", PEERS, PEERS).given_up(7, Group(3, PEERS), ["d"]) == []
+    b = Agreement("b", PEERS, PEERS)
+    b.observe("a", Notice(round=7, group=redo, prev=-1, phase="rs"))
+    assert b.given_up(7, Group(3, PEERS), ["c", "d"]) == ["d"]
+
+
 def test_a_suspect_is_left_out_until_it_announces_and_a_joiner_is_in_once_it_announces_this_round() -> None:
     a = Agreement("a", PEERS, PEERS)
     live = (*PEERS, "e")

@@ -154,8 +154,11 @@ class Agreement:
         return [s for _, _, s in sorted(ahead, reverse=True)]
 
     def higher(self, round_index: int, group: Group) -> Group | None:
-        """The greatest proposal for this round, after the same history, that includes this peer
-        and is greater than ``group`` (to adopt), if any."""
+        """The greatest proposal for this round, after the same history, that includes this peer,
+        none of its suspects, and is greater than ``group`` (to adopt), if any.
+
+        A proposal with a member this peer found missing would only fail again here: this peer's
+        own next proposal (one epoch above it, without the suspect) is the one to converge on."""
         higher = [
             n.group
             for n in self.seen.values()
@@ -163,6 +166,7 @@ class Agreement:
             and n.prev == self.prev
             and n.phase != "sync"
             and self.me in n.group.members
+            and not self.suspects.intersection(n.group.members)
             and proposal_key(n.group) > proposal_key(group)
         ]
         return max(higher, key=proposal_key) if higher else None
