@@ -750,13 +750,18 @@ class AllReduceStrategy(StrategyBase):
                 raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
 
     async def _catch_up(self, donors: Sequence[str]) -> None:
-        """Re-admission: load the state of a member ahead of this peer; join at its next round."""
+        """Re-admission: load the state of a member ahead of this peer; join at the donor's round."""
         assert self._ctx.resync is not None
         step = await self._ctx.resync(donors)  # state_replaced takes the donor's group
         self._ctx.ledger.resyncs += 1
-        self._agreement.keep_notices_for(step // self.config.local_steps)
+        joined = step // self.config.local_steps
+        self._agreement.keep_notices_for(joined)
         self._adopted = step
         self._skip_local_step = self.config.local_steps == 1
+        # Announce the round it joins at once, before computing it: the members, busy with the
+        # same step, find it eligible when they propose that round (PROTOCOL.md §11.5). Announced
+        # only when it arrives there, it would always be one round late and chase the group.
+        await self._notify(joined, self._agreement.propose(joined, self._participants(), None), "rs")
 
     # ------------------------------------------------------------------ the node's calls
 
