@@ -46,11 +46,11 @@ STRATEGIES = {
     "diloco": {"kind": "allreduce", "local_steps": 5, "outer": "diloco"},
 }
 RUN = {"batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "eval_every": 0}
-STEPS = 160
+STEPS = 300
 FINISH_TIMEOUT = 600.0
 # Every step sleeps, so the swarm is still training however long the restart takes to import torch.
 SLOW_WORKLOAD = REPO / "tests" / "workloads" / "slow_cnn.py"
-SLOW = {"P2PDL_TEST_STEP_SLEEP": "0.15"}
+SLOW = {"P2PDL_TEST_STEP_SLEEP": "0.25"}
 
 
 @pytest.fixture
@@ -89,9 +89,7 @@ def test_a_killed_and_restarted_member_is_redone_around_at_once_and_rejoins_with
     wait_for(lambda: status(ports[2])["step"] >= 30, 300, "p2 past its first checkpoint")
     peers.procs["p2"].send_signal(signal.SIGKILL)
     assert peers.procs["p2"].wait(timeout=30) == -signal.SIGKILL
-    killed_at = status(ports[0])["step"]
-    wait_for(lambda: status(ports[0])["step"] >= killed_at + 5, 300, "the others to train on without p2")
-    peers.start(config, "p2", "--resume", env=SLOW)
+    peers.start(config, "p2", "--resume", env=SLOW)  # at once, as the chaos benchmark does
     peers.assert_all_finished(FINISH_TIMEOUT, STEPS)
 
     figures = {name: assert_finished(tmp_path / name, STEPS)["strategy_status"] for name in NAMES}
