@@ -200,7 +200,7 @@ class Agreement:
         so the attempt cannot complete without a redo anyway, and waiting on would only add this
         peer's own detection time to the other's.
         """
-        syncing = {n for n in pending if (notice := self.seen.get(n)) is not None and notice.phase == "sync"}
+        lost = {n for n in pending if (notice := self.seen.get(n)) is not None and notice.phase == "sync"}
         for sender, notice in self.seen.items():
             if (
                 sender in group.members
@@ -209,8 +209,8 @@ class Agreement:
                 and notice.phase != "sync"
                 and proposal_key(notice.group) > proposal_key(group)
             ):
-                syncing.update(n for n in pending if n != sender and n not in notice.group.members)
-        return [n for n in pending if n in syncing]
+                lost.update(n for n in pending if n != sender and n not in notice.group.members)
+        return [n for n in pending if n in lost]
 
     def propose(self, round_index: int, live: Sequence[str], after: Group | None, *, waited: bool = False) -> Group:
         """The group for the next attempt of ``round_index`` over the ``live`` members (agreed order).
