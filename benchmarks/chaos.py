@@ -38,13 +38,16 @@ the training depends on the machine's speed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
+import json
 import os
 import random
+import re
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,18 @@ from p2pdl.config import load_config  # noqa: E402
 from p2pdl.net.auth import security_from_config  # noqa: E402
 
 WORKLOAD = REPO / "peers" / "gpt_tiny.py"
+STALLS_KEPT = 5  # the longest stalls whose log lines are classified
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \S+: (.*)$")
+# Log markers of the recovery chain (p2pdl/strategies/allreduce.py) -> the cause they count.
+STALL_MARKERS = {
+    "(deadline)": "attempt ended at its deadline",
+    "(not_live:": "attempt ended: member declared dead",
+    "(link_down:": "attempt ended: member's link down",
+    "(given_up:": "attempt ended: another member gave up on it",
+    ": adopting epoch": "attempt ended: adopted a greater proposal",
+    "below quorum": "a peer fell below quorum",
+    "downloading state": "a peer resynced",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,6 +217,7 @@ def analyse(
             best = step
             frontier.append(at)
     gaps = [b - a for a, b in itertools.pairwise(frontier)]
+    longest = sorted(itertools.pairwise(frontier), key=lambda pair: pair[0] - pair[1])[:STALLS_KEPT]
     training_seconds = (max(times) - min(times)) if times else 0.0
     per_step = statistics.median(gaps) if gaps else None
     losses = [float(row["test_loss"]) for row in finals.values() if row.get("test_loss") is not None]
@@ -219,10 +235,50 @@ def analyse(
         else None,
         "median_step_seconds": round(per_step, 4) if per_step is not None else None,
         "longest_stall_seconds": round(max(gaps), 3) if gaps else None,
+        "longest_stalls": [stall_causes(out, names, start, end) for start, end in longest],
+        "attempt_endings": attempt_endings(out, names),
         "final_test_loss": statistics.fmean(losses) if losses else None,
         "peers_at_end": sorted(finals),
         "identity": identity,
     }
+
+
+def log_lines(out: Path, names: list[str]) -> list[tuple[float, str, str]]:
+    """(wall time, peer, message) of every log line of every peer (all its lives), in time order."""
+    lines = []
+    for name in names:
+        path = out / name / "peer.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for line in text.splitlines():
+            match = LOG_LINE.match(line)
+            if match:
+                at = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                lines.append((at, name, match[2]))
+    return sorted(lines)
+
+
+def stall_causes(out: Path, names: list[str], start: float, end: float) -> dict[str, Any]:
+    """What the peers logged during one stall (between two new swarm steps): how the attempts
+    ended (``p2pdl.strategies.allreduce`` logs each with its cause), whether a peer waited below
+    quorum, and the resyncs."""
+    causes: Counter[str] = Counter()
+    for at, _, message in log_lines(out, names):
+        if start <= at <= end:
+            for marker, cause in STALL_MARKERS.items():
+                if marker in message:
+                    causes[cause] += 1
+    return {"seconds": round(end - start, 3), "from_wall": round(start, 3), "causes": dict(sorted(causes.items()))}
+
+
+def attempt_endings(out: Path, names: list[str]) -> dict[str, int]:
+    """How the attempts that lacked a frame ended, summed over every peer's last life."""
+    total: Counter[str] = Counter()
+    for name in names:
+        path = out / name / "summary.json"
+        if path.exists():
+            figures = json.loads(path.read_text()).get("strategy_status", {})
+            total.update(figures.get("attempt_endings", {}))
+    return dict(sorted(total.items()))
 
 
 def bit_identity(out: Path, names: list[str], every: int) -> dict[str, Any]:

@@ -142,6 +142,19 @@ def test_a_member_never_heard_is_given_the_ceiling() -> None:
     assert view.state_of("b", now=CEILING + 0.1) == "dead"
 
 
+def test_a_member_heard_once_that_never_advances_is_dead_at_the_floor() -> None:
+    """A restarted peer learns a crashed member's last entry from the others' digests: that
+    counter never advances, so the member is dead after the floor, not the ceiling."""
+    view = make_view()
+    view.merge([Member("b", "127.0.0.1:2", 7, 40)], now=1.0)
+    view.merge([Member("b", "127.0.0.1:2", 7, 40)], now=2.0)  # relayed again, not advanced
+    assert view.dead_limit("b") == FLOOR
+    assert view.state_of("b", now=1.0 + FLOOR + 0.1) == "dead"
+    view.merge([Member("b", "127.0.0.1:2", 7, 41)], now=3.0)  # it advanced: alive, one sample
+    assert view.state_of("b", now=3.0) == "alive"
+    assert view.dead_limit("b") == CEILING  # too few samples for phi: the ceiling again
+
+
 def test_a_local_pause_is_not_counted_as_the_others_silence(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
     monkeypatch.setattr("p2pdl.membership.view.time.monotonic", lambda: clock[0])

@@ -113,15 +113,72 @@ def test_the_greatest_proposal_that_includes_this_peer_is_adopted_only_for_its_r
     assert a.higher(7, mine) is None
 
 
-def test_a_suspect_is_left_out_until_it_announces_and_a_joiner_is_in_once_it_announces() -> None:
+def test_a_proposal_with_a_member_this_peer_found_missing_is_not_adopted() -> None:
+    a = Agreement("a", PEERS, PEERS)
+    a.missed(["d"])  # d's link went down during a's attempt
+    a.observe("b", notice(7, 3, "a,b,c,d"))  # b has not noticed yet
+    assert a.higher(7, Group(2, ("a", "b", "c"))) is None
+    redo = a.propose(7, PEERS, Group(2, ("a", "b", "c", "d")))
+    assert redo == Group(4, ("a", "b", "c"))  # above b's epoch: b gives d up on reading it
+    assert Agreement("b", PEERS, PEERS).given_up(7, Group(3, PEERS), ["d"]) == []
+    b = Agreement("b", PEERS, PEERS)
+    b.observe("a", Notice(round=7, group=redo, prev=-1, phase="rs"))
+    assert b.given_up(7, Group(3, PEERS), ["c", "d"]) == ["d"]
+
+
+def test_a_suspect_is_left_out_until_it_announces_and_a_joiner_is_in_once_it_announces_this_round() -> None:
     a = Agreement("a", PEERS, PEERS)
     live = (*PEERS, "e")
     a.missed(["b"])
     assert a.propose(3, live, Group(0, PEERS)) == Group(1, ("a", "c", "d"))
-    a.observe("b", notice(1, 0, "a,b,c,d"))  # b is back (behind, but announcing)
-    a.observe("e", notice(0, 0, "e"))  # a new peer announced itself
+    a.observe("b", notice(3, 0, "a,b,c,d"))  # b is back: a member of the agreed group
+    a.observe("e", notice(0, 0, "e"))  # a new peer announced itself, far behind: it resyncs first
+    assert a.propose(3, live, None).members == PEERS
+    a.observe("e", notice(3, 2, "a,b,c,d,e"))  # e resynced and announces round 3 after a's history
     assert a.propose(3, live, None).members == live
     assert a.missing_from(Group(1, ("a", "c"))) == ["b", "d"]
+
+
+def test_a_joiner_behind_the_round_or_on_an_older_history_is_not_proposed() -> None:
+    """A restarted, thawed or left-out peer is proposed only once it has caught up: the group
+    never waits for its download (docs/PROTOCOL.md §11.3 step 1, §11.5)."""
+    a = Agreement("a", PEERS, ("a", "b", "c"))
+    a.applied(Group(5, ("a", "b", "c")))  # d was left out of the last round
+    a.observe("d", notice(8, 5, "a,b,c,d", prev=-1))  # restarted from a checkpoint: no history
+    assert not a.eligible("d", 9)
+    a.observe("d", notice(9, 6, "a,b,c,d", prev=4))  # this round, but an older history
+    assert not a.eligible("d", 9)
+    assert a.propose(9, PEERS, None) == Group(5, ("a", "b", "c"))
+    a.observe("d", notice(9, 6, "a,b,c,d", prev=5))  # caught up: same round, same history
+    assert a.eligible("d", 9)
+    assert a.propose(9, PEERS, None) == Group(7, PEERS)  # above the epoch 6 seen for round 9
+
+
+def test_a_resyncing_peer_is_not_proposed_or_adopted_until_it_announces_again() -> None:
+    a = Agreement("a", PEERS, PEERS)
+    syncing = Notice(round=4, group=Group(3, PEERS), prev=-1, phase="sync")
+    a.observe("b", syncing)
+    assert not a.eligible("b", 4)  # a member of the agreed group, but downloading a state
+    assert a.propose(4, PEERS, None).members == ("a", "c", "d")
+    a.observe("c", Notice(round=4, group=Group(7, PEERS), prev=-1, phase="sync"))
+    assert a.higher(4, Group(0, PEERS)) is None  # a sync notice is no proposal
+    a.observe("b", notice(4, 2, "a,b,c,d"))
+    assert a.eligible("b", 4)
+
+
+def test_a_pending_member_is_given_up_when_it_resyncs_or_another_member_gave_up_on_it() -> None:
+    a = Agreement("a", PEERS, PEERS)
+    attempt = Group(0, PEERS)
+    a.observe("b", notice(4, 0, "a,b,c,d"))
+    assert a.given_up(4, attempt, ["c", "d"]) == []
+    a.observe("b", notice(4, 1, "a,b,c"))  # b found d missing and proposes without it
+    assert a.given_up(4, attempt, ["c", "d"]) == ["d"]
+    a.observe("e", notice(4, 9, "a,e"))  # not a member of the attempt: no evidence
+    assert a.given_up(4, attempt, ["c"]) == []
+    a.observe("b", notice(4, 2, "a,b", prev=3))  # another history: no evidence
+    assert a.given_up(4, attempt, ["c", "d"]) == []
+    a.observe("c", Notice(round=2, group=Group(0, PEERS), prev=-1, phase="sync"))
+    assert a.given_up(4, attempt, ["c", "d"]) == ["c"]
 
 
 def test_waiting_below_quorum_keeps_its_epoch_until_the_members_change() -> None:

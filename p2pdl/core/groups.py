@@ -75,10 +75,10 @@ class Notice:
     round: int
     group: Group
     prev: int  # the epoch of the group whose average the sender applied last (-1: none yet)
-    phase: str  # "rs": proposing and exchanging, "wait": below quorum
+    phase: str  # "rs": proposing and exchanging, "wait": below quorum, "sync": behind, downloading state
 
 
-PHASES = frozenset({"rs", "wait"})
+PHASES = frozenset({"rs", "wait", "sync"})
 
 
 def group_meta(round_index: int, group: Group, prev: int, phase: str) -> dict[str, Any]:
@@ -154,29 +154,73 @@ class Agreement:
         return [s for _, _, s in sorted(ahead, reverse=True)]
 
     def higher(self, round_index: int, group: Group) -> Group | None:
-        """The greatest proposal for this round, after the same history, that includes this peer
-        and is greater than ``group`` (to adopt), if any."""
+        """The greatest proposal for this round, after the same history, that includes this peer,
+        none of its suspects, and is greater than ``group`` (to adopt), if any.
+
+        A proposal with a member this peer found missing would only fail again here: this peer's
+        own next proposal (one epoch above it, without the suspect) is the one to converge on."""
         higher = [
             n.group
             for n in self.seen.values()
             if n.round == round_index
             and n.prev == self.prev
+            and n.phase != "sync"
             and self.me in n.group.members
+            and not self.suspects.intersection(n.group.members)
             and proposal_key(n.group) > proposal_key(group)
         ]
         return max(higher, key=proposal_key) if higher else None
+
+    def eligible(self, name: str, round_index: int) -> bool:
+        """May ``name`` be proposed for an attempt of ``round_index`` (docs/PROTOCOL.md §11.3 step 1)?
+
+        Not while it is a suspect or resyncing (its latest notice has phase ``sync``). A member of
+        the agreed group is eligible otherwise. Any other peer (a joiner: new, restarted, thawed,
+        or left out of the last applied round) only once it has announced this round (or a later
+        one) after the same history: until then it is behind and resyncs, and the group trains on
+        without waiting for its download.
+        """
+        if name == self.me:
+            return True
+        notice = self.seen.get(name)
+        if name in self.suspects or (notice is not None and notice.phase == "sync"):
+            return False
+        if name in self.agreed.members:
+            return True
+        return notice is not None and (
+            notice.round > round_index or (notice.round == round_index and notice.prev >= self.prev)
+        )
+
+    def given_up(self, round_index: int, group: Group, pending: Sequence[str]) -> list[str]:
+        """The ``pending`` members of ``group`` whose frames for this attempt will not come.
+
+        A pending member that is resyncing (phase ``sync``) has left the round. A pending member
+        that another member of ``group`` left out of a greater proposal for this round, after the
+        same history, was found missing by that member: that member has abandoned this attempt,
+        so the attempt cannot complete without a redo anyway, and waiting on would only add this
+        peer's own detection time to the other's.
+        """
+        lost = {n for n in pending if (notice := self.seen.get(n)) is not None and notice.phase == "sync"}
+        for sender, notice in self.seen.items():
+            if (
+                sender in group.members
+                and notice.round == round_index
+                and notice.prev == self.prev
+                and notice.phase != "sync"
+                and proposal_key(notice.group) > proposal_key(group)
+            ):
+                lost.update(n for n in pending if n != sender and n not in notice.group.members)
+        return [n for n in pending if n in lost]
 
     def propose(self, round_index: int, live: Sequence[str], after: Group | None, *, waited: bool = False) -> Group:
         """The group for the next attempt of ``round_index`` over the ``live`` members (agreed order).
 
         ``after`` is the failed attempt, or with ``waited`` the group this peer waited below
-        quorum with (kept while nothing changed). Members: the live peers in the agreed group or
-        that announced a round, minus the suspects. The epoch is the agreed one for an unchanged
-        first attempt, else one above every epoch seen for this round.
+        quorum with (kept while nothing changed). Members: the live peers that are
+        :meth:`eligible`. The epoch is the agreed one for an unchanged first attempt, else one
+        above every epoch seen for this round.
         """
-        members = tuple(
-            n for n in live if n == self.me or (n not in self.suspects and (n in self.agreed.members or n in self.seen))
-        )
+        members = tuple(n for n in live if self.eligible(n, round_index))
         if after is None and members == self.agreed.members:
             return self.agreed
         if waited and after is not None and members == after.members:

@@ -9,7 +9,8 @@ its silence reaches a limit learnt from that member's own heartbeat rhythm: a ph
 detector (:mod:`p2pdl.core.deadline`) over the measured inter-arrival times (each clipped at
 ``suspect_after``, so one long stall does not make it lax for long), crossing
 ``phi_threshold``, clamped to ``[suspect_after, dead_after]`` (before enough heartbeats are
-measured, and with ``phi_threshold = 0``, the limit is ``dead_after``). A regular peer is thus
+measured, and with ``phi_threshold = 0``, the limit is ``dead_after``; a member whose counter
+was heard once and never advanced since is dead at ``suspect_after``). A regular peer is thus
 dropped a few seconds after it stops, and a peer on a loaded machine, whose heartbeats come
 irregularly, is given proportionally longer. Death is never gossiped, so a healed partition or a restarted peer is
 alive again as soon as fresh counters arrive. ``left`` *is* gossiped: a clean leave is announced
@@ -184,6 +185,12 @@ class MembershipView:
         window = self._arrivals.get(name)
         if timing.phi_threshold <= 0 or window is None:
             return timing.dead_after
+        if not len(window):
+            # Heard once and never advanced since: a live member advances its counter every
+            # gossip period, so this is a member that died before this peer first heard of it
+            # (the others still relay its last entry to a peer that just restarted, which would
+            # otherwise wait dead_after at start-up for a link to it). The floor still applies.
+            return timing.suspect_after
         return window.dead_after(timing.phi_threshold, timing.suspect_after, timing.dead_after)
 
     def order_key(self, name: str) -> tuple[int, tuple[Any, ...]]:

@@ -7,14 +7,16 @@ It runs a reduce-scatter then an all-gather (each peer owns 1/n of the flat vect
 sends 2(n-1)/n of it, like a ring, but in two latency steps. Chunks are summed in rank order, so
 every peer ends with bit-identical values; it never falls back to local values.
 
-Every round averages over a *group* (epoch + ordered members, :mod:`p2pdl.core.groups`) that
-each frame names. When a member fails mid-round, the survivors abort without touching a
-parameter, agree on a new group and redo the same round (``strategy.on_failure = "redo"``; with
-``"strict"`` a missing contribution raises :class:`~p2pdl.errors.AllReduceIncompleteError`). A
-round needs ``strategy.min_peers`` members (a strict majority of the configured peers by
-default); below it the peer waits for the group to re-form, then gives up with
-:class:`~p2pdl.errors.QuorumLostError`. A peer that finds its group ahead of it downloads a
-member's state and joins the next round. The protocol and its failure cases: docs/PROTOCOL.md §11.
+Every round averages over a *group* (epoch + ordered members, :mod:`p2pdl.core.groups`) that each
+frame names. When a member fails mid-round (known lost from its closed link, the membership, its
+resync notice or another member giving up on it; else at the round's deadline), the survivors abort
+without touching a parameter, agree on a new group and redo the same round (``strategy.on_failure =
+"redo"``; with ``"strict"`` a missing contribution raises
+:class:`~p2pdl.errors.AllReduceIncompleteError`). A round needs ``strategy.min_peers`` members (a
+strict majority of the configured peers by default); below it the peer waits for the group to
+re-form, then gives up with :class:`~p2pdl.errors.QuorumLostError`. A peer that finds its group
+ahead of it downloads a member's state and joins the round it reaches, without the group waiting
+for it. The protocol and its failure cases: docs/PROTOCOL.md §11.
 
 Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver checks a frame's shape
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
@@ -41,6 +43,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +82,9 @@ GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (P
 MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
 _LOOK_EVERY = 0.1  # seconds between looks at the notices while a round waits
 _WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum
+# Seconds a pending member's link may stay down before its frames count as missing: a link that
+# closes and comes straight back (a redial) loses nothing, a crashed peer's never comes back.
+_LINK_GRACE = 1.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -189,6 +195,9 @@ class AllReduceStrategy(StrategyBase):
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
         self.bad_notices = 0
+        # How attempts that lacked a frame ended (status()["attempt_endings"]): "deadline",
+        # "not_live", "link_down", "given_up" (PROTOCOL.md §11.3), or "adopted" (a greater proposal).
+        self.attempt_endings: Counter[str] = Counter()
         self._notice_seq = 0
         # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
         # reduced while backward runs; exact means run on a reduce thread, because the compute
@@ -228,10 +237,11 @@ class AllReduceStrategy(StrategyBase):
     def _round_deadline(self) -> float:
         """Seconds one phase of an attempt waits for the members' frames.
 
-        A failed member ends the wait as soon as the membership's adaptive (phi-accrual) detector
-        declares it dead (:meth:`_gather`), so ``round_timeout`` is only the bound for a member
-        that is alive but silent. It is not learnt from round times as gossip's is: a spurious
-        abort here costs a redo and a state download, where gossip only mixes a partial round.
+        A failed member ends the wait as soon as it is known lost (:meth:`_lost`: its link closed,
+        the membership's adaptive detector declared it dead, it is resyncing, or another member gave
+        up on it), so ``round_timeout`` is only the bound for a member that is alive but silent. It
+        is not learnt from round times as gossip's is: a spurious abort here costs a redo and a
+        state download, where gossip only mixes a partial round.
         """
         return self.config.round_timeout
 
@@ -338,19 +348,33 @@ class AllReduceStrategy(StrategyBase):
     async def _gather(
         self, kind: str, wire: int, others: Sequence[str], round_index: int, group: Group, *, act: bool
     ) -> tuple[dict[str, Frame], Group | None]:
-        """The members' frames of one phase, until all came, the deadline passed or (``act``) a
-        higher proposal that includes this peer appeared."""
+        """The members' frames of one phase, until all came, the deadline passed, a pending member
+        is known lost (:meth:`_lost`) or (``act``) a higher proposal that includes this peer appeared."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._round_deadline()
+        began = loop.time()
+        deadline = began + self._round_deadline()
         encoded = group.encoded()
         got: dict[str, Frame] = {}
+        down_since: dict[str, float] = {}
         while True:
             pending = [n for n in others if n not in got]
-            remaining = deadline - loop.time()
-            live = self._participants()
-            if not pending or remaining <= 0 or any(n not in live for n in pending):
-                return got, None  # a member that left or was declared dead is missing at once
-            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, remaining))
+            now = loop.time()
+            lost, reason = self._lost(pending, round_index, group, down_since, now)
+            if not pending or now >= deadline or lost:
+                if pending:
+                    self.attempt_endings[reason.partition(":")[0] or "deadline"] += 1
+                    log.info(
+                        "%s: round %d epoch %d %s: no frame from %s after %.2f s (%s)",
+                        self._ctx.name,
+                        round_index,
+                        group.epoch,
+                        kind,
+                        ",".join(pending),
+                        now - began,
+                        reason or "deadline",
+                    )
+                return got, None
+            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, deadline - now))
             for sender, frame in arrived.items():
                 # Same wire round means same epoch; a different member list (a conflicting
                 # proposal of the same epoch) makes the contribution unusable: it counts as missing.
@@ -358,7 +382,48 @@ class AllReduceStrategy(StrategyBase):
                     got[sender] = frame
             adopt = self._read_notices(round_index, group, act=act)
             if adopt is not None:
+                self.attempt_endings["adopted"] += 1
+                log.info(
+                    "%s: round %d epoch %d %s: adopting epoch %d %s after %.2f s",
+                    self._ctx.name,
+                    round_index,
+                    group.epoch,
+                    kind,
+                    adopt.epoch,
+                    adopt.encoded(),
+                    loop.time() - began,
+                )
                 return got, adopt
+
+    def _lost(
+        self, pending: Sequence[str], round_index: int, group: Group, down_since: dict[str, float], now: float
+    ) -> tuple[list[str], str]:
+        """Pending members whose frames for this attempt will not come, and why (PROTOCOL.md §11.3).
+
+        The attempt ends as soon as one is known lost instead of at the deadline: a member that
+        left or that the membership declared dead; one whose link has been down for
+        :data:`_LINK_GRACE` seconds (a crashed process closes its sockets at once, long before its
+        heartbeats are missed, and a restarted one may come back before they are); one that is
+        resyncing or that another member of the group has given up on (:meth:`Agreement.given_up`).
+        Ending an attempt early is always safe (§11.4): it costs at most a redo.
+        """
+        live = self._participants()
+        gone = [n for n in pending if n not in live]
+        if gone:
+            return gone, f"not_live: {','.join(gone)}"
+        exchange = self._ctx.exchange
+        for name in pending:
+            if exchange.is_connected(name):
+                down_since.pop(name, None)
+            else:
+                down_since.setdefault(name, now)
+        cut = [n for n in pending if n in down_since and now - down_since[n] >= _LINK_GRACE]
+        if cut:
+            return cut, f"link_down: {','.join(cut)}"
+        given_up = self._agreement.given_up(round_index, group, pending)
+        if given_up:
+            return given_up, f"given_up: {','.join(given_up)}"
+        return [], ""
 
     async def _scatter_gather(
         self,
@@ -614,6 +679,7 @@ class AllReduceStrategy(StrategyBase):
         adopt: Group | None = None
         stalled_since: float | None = None
         waited = False
+        waiting_with: Group | None = None  # the group last waited with below quorum (logged once)
         while True:
             live = self._participants()
             if first is not None:
@@ -632,6 +698,9 @@ class AllReduceStrategy(StrategyBase):
                         missing = self._agreement.missing_from(group)
                         ctx.ledger.record(round_index, missing, started)
                         raise AllReduceIncompleteError(round_index, missing)
+                    if group != waiting_with:
+                        log.info("%s: round %d: below quorum with %s", ctx.name, round_index, group.encoded())
+                        waiting_with = group
                     stalled_since = stalled_since if stalled_since is not None else time.monotonic()
                     adopt = await self._wait_for_quorum(round_index, group, stalled_since)
                     failed, waited = group, True
@@ -643,11 +712,32 @@ class AllReduceStrategy(StrategyBase):
             except _Behind as behind:
                 if strict or ctx.resync is None:
                     raise AllReduceIncompleteError(round_index, behind.donors) from None
+                log.info("%s: round %d: behind %s, downloading state", ctx.name, round_index, ",".join(behind.donors))
+                # Tell the members this peer has left the round: none waits for its frames or
+                # proposes it until it announces again from the round it joins (PROTOCOL.md §11.5).
+                await self._notify(round_index, group, "sync")
+                resyncing = time.perf_counter()
                 await self._catch_up(behind.donors)
+                log.info(
+                    "%s: round %d: resynced to step %s in %.2f s",
+                    ctx.name,
+                    round_index,
+                    self._adopted,
+                    time.perf_counter() - resyncing,
+                )
                 return None
             if outcome.complete:
                 self._agreement.applied(group)
                 ctx.ledger.record_group(group.size)
+                if stalled_since is not None:
+                    log.info(
+                        "%s: round %d applied over epoch %d (%d members) %.2f s after its first failure",
+                        ctx.name,
+                        round_index,
+                        group.epoch,
+                        group.size,
+                        time.monotonic() - stalled_since,
+                    )
                 return ctx.ledger.record(round_index, [], started)
             if strict:
                 ctx.ledger.record(round_index, outcome.missing, started)
@@ -661,13 +751,18 @@ class AllReduceStrategy(StrategyBase):
                 raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
 
     async def _catch_up(self, donors: Sequence[str]) -> None:
-        """Re-admission: load the state of a member ahead of this peer; join at its next round."""
+        """Re-admission: load the state of a member ahead of this peer; join at the donor's round."""
         assert self._ctx.resync is not None
         step = await self._ctx.resync(donors)  # state_replaced takes the donor's group
         self._ctx.ledger.resyncs += 1
-        self._agreement.keep_notices_for(step // self.config.local_steps)
+        joined = step // self.config.local_steps
+        self._agreement.keep_notices_for(joined)
         self._adopted = step
         self._skip_local_step = self.config.local_steps == 1
+        # Announce the round it joins at once, before computing it: the members, busy with the
+        # same step, find it eligible when they propose that round (PROTOCOL.md §11.5). Announced
+        # only when it arrives there, it would always be one round late and chase the group.
+        await self._notify(joined, self._agreement.propose(joined, self._participants(), None), "rs")
 
     # ------------------------------------------------------------------ the node's calls
 
@@ -774,6 +869,7 @@ class AllReduceStrategy(StrategyBase):
             "rounds_redone": ledger.redone,
             "resyncs": ledger.resyncs,
             "bad_notices": self.bad_notices,
+            "attempt_endings": dict(sorted(self.attempt_endings.items())),
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
