@@ -85,6 +85,7 @@ def write_config(
     membership: dict[str, object] | None = None,
     checkpoint: dict[str, object] | None = None,
     compression: dict[str, object] | None = None,
+    schedule: dict[str, object] | None = None,
     host: str = "127.0.0.1",
 ) -> Path:
     """Write a TOML config for peers on ``host``; refuse a membership that a slow round outlives."""
@@ -100,7 +101,8 @@ def write_config(
     lines += table("strategy", strategy)
     lines += table("topology", topology or {"kind": "ring"})
     lines += table("transport", {"startup_timeout": 60.0, **(transport or {})})
-    for name, values in (("membership", membership), ("checkpoint", checkpoint), ("compression", compression)):
+    optional = (("membership", membership), ("checkpoint", checkpoint), ("compression", compression))
+    for name, values in (*optional, ("schedule", schedule)):
         if values:
             lines += table(name, values)
     for name, port in zip(names, ports, strict=True):
