@@ -316,10 +316,18 @@ class LoopbackExchange:
         return None
 
     def take_latest(self, kind: str, sender: str) -> Frame | None:
-        return None  # no notices: every peer proposes the same first group
+        """The newest frame of ``kind`` from ``sender`` (group notices), taking all of them."""
+        frames = [f for f in self.inbox if f.kind == kind and f.sender == sender]
+        self.inbox = [f for f in self.inbox if not (f.kind == kind and f.sender == sender)]
+        return max(frames, key=lambda f: f.round) if frames else None
 
     async def wait_for_senders(self, kind: str, senders: Collection[str], count: int, timeout: float) -> set[str]:
-        return set()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            ready = {f.sender for f in self.inbox if f.kind == kind and f.sender in senders}
+            if len(ready) >= count or asyncio.get_running_loop().time() >= deadline:
+                return ready
+            await asyncio.sleep(0.005)
 
     def is_connected(self, neighbor: str) -> bool:
         return True

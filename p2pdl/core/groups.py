@@ -27,6 +27,7 @@ from p2pdl.errors import FrameSchemaError
 # slots, and a later attempt (higher epoch) sorts after an earlier one of the same round.
 EPOCH_SPAN = 2**20
 MAX_GROUP_CHARS = 256  # a frame meta string holds at most 256 characters
+MAX_ABORTED = 16  # epochs of the current round a notice lists as aborted (meta "no")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -68,6 +69,50 @@ def quorum(configured: int, min_peers: int) -> int:
     return min_peers if min_peers > 0 else configured // 2 + 1
 
 
+COMMIT, ABORT, NONE = 1, 0, -1
+MAX_BALLOT = 2**40
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """A member's Paxos state for one attempt, as its notices carry it (meta ``cm``)."""
+
+    epoch: int  # the attempt's group epoch
+    promised: int = NONE  # the highest ballot it promised (NONE: none)
+    accepted: int = NONE  # the ballot of the value it accepted last (NONE: none)
+    value: int = NONE  # that value: COMMIT or ABORT (NONE: none)
+    ballot: int = NONE  # the ballot of its own recovery proposal (NONE: none)
+    proposed: int = NONE  # NONE: preparing that ballot; COMMIT or ABORT: asking the members to accept it
+
+    def wire(self) -> str:
+        """The six fields as decimal ints, comma-joined (frame meta holds no lists)."""
+        return ",".join(map(str, (self.epoch, self.promised, self.accepted, self.value, self.ballot, self.proposed)))
+
+
+def _ints(text: object, key: str, count: range, low: int, high: int) -> list[int]:
+    """Comma-joined decimal ints in [low, high) from an untrusted peer (``count`` of them)."""
+    items = text.split(",") if isinstance(text, str) and text and len(text) <= MAX_GROUP_CHARS else None
+    if items is None or len(items) not in count:
+        raise FrameSchemaError(f"exact-round meta {key!r} must be {count.start}-{count.stop - 1} comma-joined ints")
+    values = []
+    for item in items:
+        digits = item.removeprefix("-")
+        if not digits.isdigit() or len(digits) > 13 or not low <= int(item) < high or item != str(int(item)):
+            raise FrameSchemaError(f"exact-round meta {key!r} must hold ints in [{low}, {high}): {text!r:.60}")
+        values.append(int(item))
+    return values
+
+
+def parse_vote(value: object) -> Vote:
+    """Validate a ``cm`` string (core/commit.py) from an untrusted peer; FrameSchemaError when bad."""
+    vote = Vote(*_ints(value, "cm", range(6, 7), NONE, MAX_BALLOT))
+    if vote.value not in (NONE, COMMIT, ABORT) or vote.proposed not in (NONE, COMMIT, ABORT):
+        raise FrameSchemaError(f"exact-round meta 'cm' values must be -1, 0 or 1, got {value!r:.60}")
+    if (vote.accepted == NONE) != (vote.value == NONE) or vote.accepted > vote.promised:
+        raise FrameSchemaError(f"exact-round meta 'cm' is not a consistent acceptor state: {value!r:.60}")
+    return vote
+
+
 @dataclass(frozen=True, slots=True)
 class Notice:
     """What a peer announced in its latest group notice (or data frame) about an exact round."""
@@ -76,14 +121,31 @@ class Notice:
     group: Group
     prev: int  # the epoch of the group whose average the sender applied last (-1: none yet)
     phase: str  # "rs": proposing and exchanging, "wait": below quorum, "sync": behind, downloading state
+    vote: Vote | None = None  # the sender's vote on the decision of attempt vote.epoch (core/commit.py)
+    aborted: tuple[int, ...] = ()  # epochs of this round the sender knows no member applies
 
 
 PHASES = frozenset({"rs", "wait", "sync"})
 
 
-def group_meta(round_index: int, group: Group, prev: int, phase: str) -> dict[str, Any]:
-    """The frame meta that tags an exact round with its group (docs/PROTOCOL.md §11)."""
-    return {"xr": round_index, "epoch": group.epoch, "group": group.encoded(), "prev": prev, "phase": phase}
+def group_meta(
+    round_index: int,
+    group: Group,
+    prev: int,
+    phase: str,
+    *,
+    vote: Vote | None = None,
+    aborted: Sequence[int] = (),
+) -> dict[str, Any]:
+    """The frame meta that tags an exact round with its group (docs/PROTOCOL.md §11); a notice
+    also carries the sender's vote on an attempt's decision and the epochs it knows aborted."""
+    meta: dict[str, Any] = {"xr": round_index, "epoch": group.epoch, "group": group.encoded(), "prev": prev}
+    meta["phase"] = phase
+    if vote is not None:
+        meta["cm"] = vote.wire()
+    if aborted:
+        meta["no"] = ",".join(map(str, aborted[-MAX_ABORTED:]))
+    return meta
 
 
 def _int(meta: Mapping[str, Any], key: str, low: int, high: int) -> int:
@@ -113,6 +175,8 @@ def parse_notice(meta: Mapping[str, Any]) -> Notice:
         group=Group(_int(meta, "epoch", 0, EPOCH_SPAN), parse_members(meta.get("group"))),
         prev=_int(meta, "prev", -1, EPOCH_SPAN),
         phase=str(phase),
+        vote=parse_vote(meta["cm"]) if "cm" in meta else None,
+        aborted=tuple(_ints(meta["no"], "no", range(1, MAX_ABORTED + 1), 0, EPOCH_SPAN)) if "no" in meta else (),
     )
 
 

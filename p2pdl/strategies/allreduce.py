@@ -51,7 +51,19 @@ from typing import Any, TypeVar
 
 import torch
 
-from p2pdl.core.groups import Agreement, Group, donor_group, group_meta, parse_notice, quorum, wire_round
+from p2pdl.core.commit import Decision
+from p2pdl.core.groups import (
+    ABORT,
+    COMMIT,
+    Agreement,
+    Group,
+    Vote,
+    donor_group,
+    group_meta,
+    parse_notice,
+    quorum,
+    wire_round,
+)
 from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
 from p2pdl.errors import (
     AllReduceIncompleteError,
@@ -195,6 +207,13 @@ class AllReduceStrategy(StrategyBase):
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
         self.bad_notices = 0
+        # The decision after an all-gather (PROTOCOL.md §11.4): which of this attempt's chunks went
+        # out (suffixes; "" without buckets), the epochs of the current round known aborted, and
+        # the round to announce once a contested round is applied.
+        self._ag_out: set[str] = set()
+        self._aborted_round, self._aborted = -1, list[int]()
+        self._post_commit: int | None = None
+        self.decisions: Counter[str] = Counter()  # status()["decisions"]: how each all-gather was decided
         # How attempts that lacked a frame ended (status()["attempt_endings"]): "deadline",
         # "not_live", "link_down", "given_up" (PROTOCOL.md §11.3), or "adopted" (a greater proposal).
         self.attempt_endings: Counter[str] = Counter()
@@ -308,8 +327,9 @@ class AllReduceStrategy(StrategyBase):
             if isinstance(result, BaseException):
                 raise result
 
-    async def _notify(self, round_index: int, group: Group, phase: str) -> None:
-        """Tell every live peer (members or not) this peer's round and the group it proposes."""
+    async def _notify(self, round_index: int, group: Group, phase: str, vote: Vote | None = None) -> None:
+        """Tell every live peer (members or not) this peer's round and the group it proposes (and
+        its vote on an attempt's decision, and the epochs of the round it knows aborted)."""
         # A notice's frame round is a per-sender sequence (wall-clock milliseconds, strictly
         # increasing, so also across a restart): the mailbox keeps the newest and never sees a
         # duplicate when a peer announces the same round twice.
@@ -319,9 +339,71 @@ class AllReduceStrategy(StrategyBase):
             sender=self._ctx.name,
             round=self._notice_seq,
             step=round_index,
-            meta=group_meta(round_index, group, self._agreement.prev, phase),
+            meta=group_meta(
+                round_index,
+                group,
+                self._agreement.prev,
+                phase,
+                vote=vote,
+                aborted=self._aborted if round_index == self._aborted_round else (),
+            ),
         )
         await self._ctx.exchange.broadcast(notice, self.communication_peers())
+
+    def _abandon(self, round_index: int, epoch: int) -> None:
+        """No member applies attempt ``epoch`` of this round: say so in every later notice of it."""
+        if self._aborted_round != round_index:
+            self._aborted_round, self._aborted = round_index, []
+        if epoch not in self._aborted:
+            self._aborted.append(epoch)
+
+    async def _decide(self, round_index: int, group: Group, *, full: bool) -> int:
+        """Decide the attempt after its all-gather (PROTOCOL.md §11.4): COMMIT or ABORT, the same
+        for every member. ``full``: every member's all-gather chunk arrived here.
+
+        A member that is not full and learns COMMIT raises _Behind with the members that applied
+        it (it downloads the result). _Behind too when a peer is past this round while undecided;
+        QuorumLostError when nothing is decided for ``quorum_timeout`` seconds.
+        """
+        decision = Decision(self._ctx.name, round_index, group, self._agreement.prev, self._quorum, full=full)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + self._round_deadline()
+        down_since: dict[str, float] = {}
+        announced: Vote | None = None
+        announced_at = began
+        while True:
+            self._read_notices(round_index, group, act=False)
+            seen = self._agreement.seen
+            now = loop.time()
+            silent = decision.silent(seen)
+            lost = self._lost(silent, round_index, group, down_since, now)[0] if silent else []
+            recover = not full or bool(lost) or now >= deadline or decision.contested(seen)
+            verdict = decision.update(seen, lost, recover=recover)
+            if decision.vote != announced or now - announced_at >= _WAIT_NOTICE_EVERY:
+                # Before acting on the verdict too: the others may need this vote to reach it.
+                announced, announced_at = decision.vote, now
+                await self._notify(round_index, group, "rs", vote=decision.vote)
+            if verdict == COMMIT and full:
+                self.decisions["unanimous" if decision.unanimous(seen) else "commit"] += 1
+                if not decision.unanimous(seen):
+                    self._post_commit = round_index + 1
+                return COMMIT
+            if verdict == COMMIT and decision.witnesses:
+                self.decisions["commit_elsewhere"] += 1
+                raise _Behind(decision.witnesses)
+            if verdict == ABORT:
+                self.decisions["abort"] += 1
+                self._abandon(round_index, group.epoch)
+                return ABORT
+            ahead = self._agreement.ahead(round_index) if verdict is None else []
+            if ahead:
+                self.decisions["left_behind"] += 1
+                raise _Behind(ahead)
+            if now - began >= self.config.quorum_timeout:
+                self.decisions["undecided"] += 1
+                raise QuorumLostError(round_index, silent, group.size, decision.quorum, now - began)
+            await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, self.communication_peers(), 1, _LOOK_EVERY)
 
     # ------------------------------------------------------------------ agreement
 
@@ -468,8 +550,9 @@ class AllReduceStrategy(StrategyBase):
         own = piece(averaged, rank)
         await run(lambda: exact_mean(in_rank_order, own))
         gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
-        # From here on this peer's average is out: some members may complete the round, so this
-        # attempt is never replaced by a smaller group without them (PROTOCOL.md §11.4).
+        # From here on this peer's average is out: some members may be full, so this attempt ends
+        # only by a decision (PROTOCOL.md §11.4).
+        self._ag_out.add(suffix)
         await self._send(dict.fromkeys(others, gather_frame))
         inject_fault("ag", round_index)
         gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
@@ -477,6 +560,20 @@ class AllReduceStrategy(StrategyBase):
         if missing:
             return _Attempt(False, missing, "ag"), {}
         return None, gathered
+
+    @property
+    def _strict(self) -> bool:
+        return self.config.on_failure == "strict"
+
+    async def _failed(self, round_index: int, group: Group, failed: _Attempt, *, all_out: bool) -> _Attempt:
+        """An attempt that lacked a frame. Before this peer's all-gather chunks all went out, no
+        member can be full: the attempt is aborted here and now. After, the members decide it
+        (a COMMIT raises _Behind: this peer downloads the result)."""
+        if all_out and not self._strict:
+            await self._decide(round_index, group, full=False)  # only ABORT returns
+        else:
+            self._abandon(round_index, group.epoch)
+        return failed
 
     async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> _Attempt:
         """One attempt of ``round_index`` over ``group``; the tensors change only if it completes."""
@@ -490,12 +587,20 @@ class AllReduceStrategy(StrategyBase):
             return _Attempt(True)
         chunk = self._chunk_size(size)
         self._sizes.add(size)
+        self._ag_out.clear()
         try:
-            failed, gathered = await self._scatter_gather(
-                round_index, group, self._flat, self._averaged, chunk, "", ctx.run_compute
-            )
+            try:
+                failed, gathered = await self._scatter_gather(
+                    round_index, group, self._flat, self._averaged, chunk, "", ctx.run_compute
+                )
+            except _Behind:
+                if not self._ag_out:
+                    self._abandon(round_index, group.epoch)
+                raise
             if failed is not None:
-                return failed
+                return await self._failed(round_index, group, failed, all_out=bool(self._ag_out))
+            if not self._strict and await self._decide(round_index, group, full=True) == ABORT:
+                return _Attempt(False, phase="decided")
             own = self._averaged[rank * chunk : (rank + 1) * chunk]
             averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
             trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
@@ -527,22 +632,22 @@ class AllReduceStrategy(StrategyBase):
             return _Attempt(True)
         wire = wire_round(round_index, group.epoch)
         self._bucket_sizes.add(group.size)
+        self._ag_out.clear()
         exchanges = [
             self._tasks.spawn(self._bucket_exchange(number, round_index, group, launch), f"bucket{number}")
             for number in range(len(buckets.buckets))
         ]
+        failed: _Attempt | None = None
         try:
             pending: set[asyncio.Task[_Attempt]] = set(exchanges)
-            while pending:
+            while pending and failed is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    outcome = task.result()  # _Behind propagates
-                    if not outcome.complete:
-                        return outcome
-            applied = time.perf_counter()
-            buckets.bind_averaged()
-            self.phase_seconds["copies"] += time.perf_counter() - applied
-            return _Attempt(True)
+                # task.result(): _Behind propagates
+                failed = next((o for o in (task.result() for task in done) if not o.complete), None)
+        except _Behind:
+            if len(self._ag_out) < len(buckets.buckets):
+                self._abandon(round_index, group.epoch)
+            raise
         finally:
             for task in exchanges:
                 task.cancel()
@@ -554,6 +659,14 @@ class AllReduceStrategy(StrategyBase):
                 for number in range(len(buckets.buckets))
             ):
                 self._ctx.exchange.advance(kind, wire + 1)
+        if failed is not None:
+            return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(buckets.buckets))
+        if not self._strict and await self._decide(round_index, group, full=True) == ABORT:
+            return _Attempt(False, phase="decided")
+        applied = time.perf_counter()
+        buckets.bind_averaged()
+        self.phase_seconds["copies"] += time.perf_counter() - applied
+        return _Attempt(True)
 
     async def _bucket_exchange(self, number: int, round_index: int, group: Group, launch: _Launch) -> _Attempt:
         """Reduce-scatter then all-gather of bucket ``number`` (as :meth:`_attempt`, over the
@@ -805,6 +918,11 @@ class AllReduceStrategy(StrategyBase):
             return await super().after_optimizer_step(step)
         finally:
             self._consistent.set()
+            if self._post_commit is not None:
+                # A contested round was applied: members that were not full wait for a member in
+                # the next round to download the result from (PROTOCOL.md §11.4).
+                next_round, self._post_commit = self._post_commit, None
+                await self._notify(next_round, self._agreement.agreed, "rs")
 
     def adopted_step(self) -> int | None:
         adopted, self._adopted = self._adopted, None
@@ -870,6 +988,7 @@ class AllReduceStrategy(StrategyBase):
             "resyncs": ledger.resyncs,
             "bad_notices": self.bad_notices,
             "attempt_endings": dict(sorted(self.attempt_endings.items())),
+            "decisions": dict(sorted(self.decisions.items())),
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
