@@ -11,9 +11,13 @@ itself dies there, by the same SIGKILL, when the environment asks it to::
     P2PDL_FAULT="kill:rs:40"           # die right after sending the reduce-scatter chunks of
                                        # round 40 (or of the first round after it this peer runs)
     P2PDL_FAULT="kill:ag:80,kill:rs:90"
+    P2PDL_FAULT="stop:mean:40"         # SIGSTOP itself once, with every reduce-scatter chunk of
+                                       # round 40 in hand and before its all-gather chunk goes out
 
-``PHASE`` is ``rs`` (after the reduce-scatter frames were sent) or ``ag`` (after the all-gather
-frames were sent); ``ROUND`` is the exact round (the step under ``local_steps = 1``, the step
+``ACTION`` is ``kill`` (SIGKILL: a crash) or ``stop`` (SIGSTOP, once: a freeze that the test ends
+with SIGCONT). ``PHASE`` is ``rs`` (after the reduce-scatter frames were sent), ``mean`` (after
+every member's reduce-scatter frame arrived, before the all-gather frames go out) or ``ag``
+(after the all-gather frames were sent); ``ROUND`` is the exact round (the step under ``local_steps = 1``, the step
 divided by ``local_steps`` otherwise); a peer that skipped that round (it caught up from a
 member's state) dies at the first such phase after it. Without the variable every hook is a check of an empty
 set. A malformed value is a :class:`~p2pdl.errors.ConfigError` at start-up
@@ -34,15 +38,16 @@ __all__ = ["ENV", "PHASES", "at", "load", "parse"]
 log = logging.getLogger(__name__)
 
 ENV = "P2PDL_FAULT"
-PHASES = ("rs", "ag")
-ACTIONS = ("kill",)
+PHASES = ("rs", "mean", "ag")
+ACTIONS = ("kill", "stop")
 
-_planned: frozenset[tuple[str, int]] | None = None
+_planned: frozenset[tuple[str, str, int]] | None = None
+_done: set[tuple[str, str, int]] = set()  # stops that fired (a stop fires once)
 
 
-def parse(spec: str) -> frozenset[tuple[str, int]]:
-    """The (phase, round) points of ``spec`` (``kill:PHASE:ROUND``, comma separated)."""
-    points: set[tuple[str, int]] = set()
+def parse(spec: str) -> frozenset[tuple[str, str, int]]:
+    """The (action, phase, round) points of ``spec`` (``ACTION:PHASE:ROUND``, comma separated)."""
+    points: set[tuple[str, str, int]] = set()
     problems: list[str] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -59,16 +64,17 @@ def parse(spec: str) -> frozenset[tuple[str, int]]:
         if not round_text.isdigit():
             problems.append(f"{ENV}: round {round_text!r} in {item!r} is not a non-negative integer")
         elif action in ACTIONS and phase in PHASES:
-            points.add((phase, int(round_text)))
+            points.add((action, phase, int(round_text)))
     if problems:
         raise ConfigError(problems)
     return frozenset(points)
 
 
-def load(environ: Mapping[str, str] = os.environ) -> frozenset[tuple[str, int]]:
+def load(environ: Mapping[str, str] = os.environ) -> frozenset[tuple[str, str, int]]:
     """Read and check :data:`ENV` once; the peer calls it at start-up so a typo fails loudly."""
     global _planned
     _planned = parse(environ.get(ENV, ""))
+    _done.clear()
     if _planned:
         log.warning("fault injection armed (%s): %s", ENV, sorted(_planned))
     return _planned
@@ -77,8 +83,15 @@ def load(environ: Mapping[str, str] = os.environ) -> frozenset[tuple[str, int]]:
 def at(phase: str, round_index: int) -> None:
     """Die here (SIGKILL, no cleanup, like a crash) at a planned ``phase`` of a round at or past the plan's."""
     planned = _planned if _planned is not None else load()
-    if any(phase == want and round_index >= start for want, start in planned):
-        log.warning("fault injection: SIGKILL at %s of round %d", phase, round_index)
+    for point in planned:
+        action, want, start = point
+        if phase != want or round_index < start or point in _done:
+            continue
+        log.warning("fault injection: SIG%s at %s of round %d", action.upper(), phase, round_index)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        if action == "stop":
+            _done.add(point)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)

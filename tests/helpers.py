@@ -18,7 +18,7 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -206,6 +206,19 @@ def assert_identical_models(dirs: Iterable[Path]) -> None:
         assert list(state) == list(reference)
         for key in reference:
             assert torch.equal(state[key], reference[key]), f"{other.name}.{key} differs from {dirs[0].name}.{key}"
+
+
+def assert_one_group_per_round(statuses: Mapping[str, Mapping[str, Any]]) -> None:
+    """No two peers applied one exact round over different groups (PROTOCOL.md §11.4): compares
+    the ``applied_epochs`` runs ([first round, last round, epoch]) of the peers' strategy status."""
+    epochs: dict[int, tuple[int, str]] = {}
+    for name, status_ in statuses.items():
+        for first, last, epoch in status_["applied_epochs"]:
+            for round_index in range(first, last + 1):
+                held = epochs.setdefault(round_index, (epoch, name))
+                assert held[0] == epoch, (
+                    f"round {round_index}: {held[1]} applied epoch {held[0]}, {name} applied epoch {epoch}"
+                )
 
 
 def get_json(address: str, path: str = "/status", timeout: float = 2.0) -> dict[str, Any]:

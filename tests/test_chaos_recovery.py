@@ -28,6 +28,7 @@ from helpers import (
     PeerProcesses,
     assert_finished,
     assert_identical_models,
+    assert_one_group_per_round,
     free_ports,
     read_metrics,
     status,
@@ -94,6 +95,7 @@ def test_a_killed_and_restarted_member_is_redone_around_at_once_and_rejoins_with
 
     figures = {name: assert_finished(tmp_path / name, STEPS)["strategy_status"] for name in NAMES}
     assert_identical_models(tmp_path / name for name in NAMES)
+    assert_one_group_per_round(figures)
     for figure in figures.values():
         sizes = {int(size) for size in figure["rounds_by_group_size"]}
         assert sizes and min(sizes) >= figure["min_peers"], report(figures)

@@ -28,6 +28,7 @@ from helpers import (
     PeerProcesses,
     assert_finished,
     assert_identical_models,
+    assert_one_group_per_round,
     free_ports,
     get_json,
     log_tail,
@@ -102,6 +103,7 @@ def check_outcome(tmp_path: Path, names: list[str], steps: int) -> dict[str, dic
     for name in names:
         figures[name] = assert_finished(tmp_path / name, steps)["strategy_status"]
     assert_identical_models(tmp_path / name for name in names)
+    assert_one_group_per_round(figures)
     for name, status_ in figures.items():
         quorum = status_["min_peers"]
         sizes = {int(size) for size in status_["rounds_by_group_size"]}
@@ -115,7 +117,7 @@ def steps_between(out: Path, start: float, end: float) -> list[int]:
 
 
 def report(figures: dict[str, dict[str, Any]]) -> str:
-    keys = ("rounds_by_group_size", "rounds_redone", "resyncs", "group")
+    keys = ("rounds_by_group_size", "rounds_redone", "resyncs", "decisions", "group")
     return "\n".join(f"{n}: { ({k: f.get(k) for k in keys}) }" for n, f in figures.items())
 
 
@@ -167,6 +169,39 @@ def test_a_freeze_of_one_of_four_is_redone_around_and_the_thawed_peer_resyncs(
     assert "3" in figures["p0"]["rounds_by_group_size"], report(figures)
     assert figures["p0"]["rounds_redone"] >= 1, report(figures)
     # ...and p3 noticed it was behind, downloaded a member's state and rejoined.
+    assert figures["p3"]["resyncs"] >= 1, report(figures)
+    print(report(figures))
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP): state T in /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
+
+
+def test_a_member_frozen_before_its_all_gather_never_applies_the_round_the_others_redo(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    """The split brain of issue 12: p3 freezes with every reduce-scatter chunk of a round in hand,
+    before its all-gather chunk goes out. The others lack that chunk: they decide ABORT and redo
+    the round without it. p3 thaws with all of their all-gather chunks buffered (it is full), and
+    must not apply the attempt the others aborted (PROTOCOL.md §11.4)."""
+    steps = 120
+    ports = free_ports(len(NAMES))
+    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps)
+    frozen_round = 40 // int(str(strategy["local_steps"]))
+    for name in NAMES:
+        peers.start(config, name, env={"P2PDL_FAULT": f"stop:mean:{frozen_round}"} if name == "p3" else None)
+    wait_for(lambda: stopped(peers.procs["p3"].pid), 300, "p3 stopped in its all-gather")
+    assert "fault injection: SIGSTOP at mean" in log_tail(tmp_path / "p3")
+    wait_for(lambda: status(ports[0])["step"] >= 60, 300, "p0 training on without p3")
+    peers.procs["p3"].send_signal(signal.SIGCONT)
+    peers.assert_all_finished(FINISH_TIMEOUT, steps)
+    figures = check_outcome(tmp_path, NAMES, steps)  # one group per round: p3 applied no stale average
+    for name in NAMES[:3]:
+        assert figures[name]["decisions"].get("abort", 0) >= 1, report(figures)
+    decided = figures["p3"]["decisions"]
+    assert decided.get("abort", 0) + decided.get("left_behind", 0) >= 1, report(figures)
     assert figures["p3"]["resyncs"] >= 1, report(figures)
     print(report(figures))
 

@@ -14,7 +14,8 @@ from p2pdl.errors import ConfigError
 
 
 def test_parse_reads_every_point() -> None:
-    assert faults.parse("kill:rs:40, kill:ag:80") == {("rs", 40), ("ag", 80)}
+    points = {("kill", "rs", 40), ("kill", "ag", 80), ("stop", "mean", 9)}
+    assert faults.parse("kill:rs:40, kill:ag:80,stop:mean:9") == points
     assert faults.parse("") == frozenset()
 
 
@@ -22,7 +23,7 @@ def test_parse_reads_every_point() -> None:
     ("spec", "named"),
     [
         ("kill:rs", "ACTION:PHASE:ROUND"),
-        ("stop:rs:4", "action 'stop'"),
+        ("pause:rs:4", "action 'pause'"),
         ("kill:xx:4", "phase 'xx'"),
         ("kill:ag:-1", "round '-1'"),
         ("kill:ag:four", "round 'four'"),
@@ -43,6 +44,18 @@ def test_at_fires_only_at_the_planned_phase_from_the_planned_round(monkeypatch: 
         assert killed == []
         faults.at("rs", 5)  # a peer that skipped round 3 (it resynced) dies at its next one
         assert killed == [faults.signal.SIGKILL]
+    finally:
+        faults.load({})
+
+
+def test_a_stop_fires_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    signals: list[int] = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: signals.append(sig))
+    faults.load({faults.ENV: "stop:mean:3"})
+    try:
+        faults.at("mean", 3)
+        faults.at("mean", 4)
+        assert signals == [faults.signal.SIGSTOP]
     finally:
         faults.load({})
 

@@ -97,6 +97,7 @@ _WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum
 # Seconds a pending member's link may stay down before its frames count as missing: a link that
 # closes and comes straight back (a redial) loses nothing, a crashed peer's never comes back.
 _LINK_GRACE = 1.0
+_APPLIED_RUNS = 256  # runs of (rounds, epoch) kept for status()["applied_epochs"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -214,6 +215,9 @@ class AllReduceStrategy(StrategyBase):
         self._aborted_round, self._aborted = -1, list[int]()
         self._post_commit: int | None = None
         self.decisions: Counter[str] = Counter()  # status()["decisions"]: how each all-gather was decided
+        # The epoch each round was applied over, as runs [first round, last round, epoch] (the
+        # last _APPLIED_RUNS): two peers never hold different epochs for one round (§11.4).
+        self.applied_epochs: list[list[int]] = []
         # How attempts that lacked a frame ended (status()["attempt_endings"]): "deadline",
         # "not_live", "link_down", "given_up" (PROTOCOL.md §11.3), or "adopted" (a greater proposal).
         self.attempt_endings: Counter[str] = Counter()
@@ -548,6 +552,7 @@ class AllReduceStrategy(StrategyBase):
             return _Attempt(False, missing, "rs"), {}
         in_rank_order = [piece(local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
         own = piece(averaged, rank)
+        inject_fault("mean", round_index)  # P2PDL_FAULT: freeze with every rs chunk in hand
         await run(lambda: exact_mean(in_rank_order, own))
         gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
         # From here on this peer's average is out: some members may be full, so this attempt ends
@@ -841,6 +846,7 @@ class AllReduceStrategy(StrategyBase):
                 return None
             if outcome.complete:
                 self._agreement.applied(group)
+                self._record_applied(round_index, group.epoch)
                 ctx.ledger.record_group(group.size)
                 if stalled_since is not None:
                     log.info(
@@ -862,6 +868,14 @@ class AllReduceStrategy(StrategyBase):
             stalled = time.monotonic() - stalled_since
             if stalled >= self.config.quorum_timeout:
                 raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
+
+    def _record_applied(self, round_index: int, epoch: int) -> None:
+        runs = self.applied_epochs
+        if runs and runs[-1][2] == epoch and runs[-1][1] == round_index - 1:
+            runs[-1][1] = round_index
+        else:
+            runs.append([round_index, round_index, epoch])
+            del runs[:-_APPLIED_RUNS]
 
     async def _catch_up(self, donors: Sequence[str]) -> None:
         """Re-admission: load the state of a member ahead of this peer; join at the donor's round."""
@@ -989,6 +1003,7 @@ class AllReduceStrategy(StrategyBase):
             "bad_notices": self.bad_notices,
             "attempt_endings": dict(sorted(self.attempt_endings.items())),
             "decisions": dict(sorted(self.decisions.items())),
+            "applied_epochs": self.applied_epochs,
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
