@@ -43,7 +43,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,23 +50,18 @@ from typing import Any, TypeVar
 
 import torch
 
-from p2pdl.core.commit import Decision
 from p2pdl.core.groups import (
     ABORT,
-    COMMIT,
     Agreement,
     Group,
-    Vote,
     donor_group,
     group_meta,
-    parse_notice,
     quorum,
     wire_round,
 )
 from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
 from p2pdl.errors import (
     AllReduceIncompleteError,
-    FrameError,
     FrameSchemaError,
     QuorumLostError,
 )
@@ -83,6 +77,7 @@ from p2pdl.strategies.base import (
     wire_dtype,
 )
 from p2pdl.strategies.buckets import PADDING, GradientBuckets
+from p2pdl.strategies.exact_rounds import GROUP_NOTICE, LOOK_EVERY, Behind, GroupNotices
 from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
@@ -90,14 +85,7 @@ from p2pdl.wire.frame import dtype_name
 REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n members
 COMPRESSED_GRADIENTS = "cgrad"  # PowerSGD's all-gather (allreduce_compressed.py)
 ALL_GATHER = "ag"
-GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (PROTOCOL.md §11)
 MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
-_LOOK_EVERY = 0.1  # seconds between looks at the notices while a round waits
-_WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum
-# Seconds a pending member's link may stay down before its frames count as missing: a link that
-# closes and comes straight back (a redial) loses nothing, a crashed peer's never comes back.
-_LINK_GRACE = 1.0
-_APPLIED_RUNS = 256  # runs of (rounds, epoch) kept for status()["applied_epochs"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,14 +122,6 @@ class _Launch:
     started: float = field(default_factory=time.perf_counter)
     first: tuple[Group, asyncio.Task[_Attempt]] | None = None
     declined: bool = False  # below quorum at the first bucket: the round starts after backward
-
-
-class _Behind(Exception):  # control flow only: never leaves this module
-    """Members of this peer's group are past its round: it must download a member's state."""
-
-    def __init__(self, donors: Sequence[str]) -> None:
-        super().__init__(", ".join(donors))
-        self.donors = tuple(donors)
 
 
 def _number(digits: str) -> int | None:
@@ -207,21 +187,16 @@ class AllReduceStrategy(StrategyBase):
         self._round_params: list[torch.Tensor] | None = None
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
-        self.bad_notices = 0
-        # The decision after an all-gather (PROTOCOL.md §11.4): which of this attempt's chunks went
-        # out (suffixes; "" without buckets), the epochs of the current round known aborted, and
-        # the round to announce once a contested round is applied.
+        # Which of this attempt's all-gather chunks went out (suffixes; "" without buckets): once
+        # all did, the attempt ends only by a decision (PROTOCOL.md §11.4).
         self._ag_out: set[str] = set()
-        self._aborted_round, self._aborted = -1, list[int]()
-        self._post_commit: int | None = None
-        self.decisions: Counter[str] = Counter()  # status()["decisions"]: how each all-gather was decided
-        # The epoch each round was applied over, as runs [first round, last round, epoch] (the
-        # last _APPLIED_RUNS): two peers never hold different epochs for one round (§11.4).
-        self.applied_epochs: list[list[int]] = []
-        # How attempts that lacked a frame ended (status()["attempt_endings"]): "deadline",
-        # "not_live", "link_down", "given_up" (PROTOCOL.md §11.3), or "adopted" (a greater proposal).
-        self.attempt_endings: Counter[str] = Counter()
-        self._notice_seq = 0
+        self._notices = GroupNotices(
+            ctx,
+            self._agreement,
+            quorum=self._quorum,
+            round_deadline=self._round_deadline,
+            quorum_timeout=self.config.quorum_timeout,
+        )
         # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
         # reduced while backward runs; exact means run on a reduce thread, because the compute
         # thread is busy with backward.
@@ -260,7 +235,7 @@ class AllReduceStrategy(StrategyBase):
     def _round_deadline(self) -> float:
         """Seconds one phase of an attempt waits for the members' frames.
 
-        A failed member ends the wait as soon as it is known lost (:meth:`_lost`: its link closed,
+        A failed member ends the wait as soon as it is known lost (:meth:`GroupNotices.lost`: its link closed,
         the membership's adaptive detector declared it dead, it is resyncing, or another member gave
         up on it), so ``round_timeout`` is only the bound for a member that is alive but silent. It
         is not learnt from round times as gossip's is: a spurious abort here costs a redo and a
@@ -331,111 +306,13 @@ class AllReduceStrategy(StrategyBase):
             if isinstance(result, BaseException):
                 raise result
 
-    async def _notify(self, round_index: int, group: Group, phase: str, vote: Vote | None = None) -> None:
-        """Tell every live peer (members or not) this peer's round and the group it proposes (and
-        its vote on an attempt's decision, and the epochs of the round it knows aborted)."""
-        # A notice's frame round is a per-sender sequence (wall-clock milliseconds, strictly
-        # increasing, so also across a restart): the mailbox keeps the newest and never sees a
-        # duplicate when a peer announces the same round twice.
-        self._notice_seq = max(self._notice_seq + 1, time.time_ns() // 1_000_000)
-        notice = Frame(
-            kind=GROUP_NOTICE,
-            sender=self._ctx.name,
-            round=self._notice_seq,
-            step=round_index,
-            meta=group_meta(
-                round_index,
-                group,
-                self._agreement.prev,
-                phase,
-                vote=vote,
-                aborted=self._aborted if round_index == self._aborted_round else (),
-            ),
-        )
-        await self._ctx.exchange.broadcast(notice, self.communication_peers())
-
-    def _abandon(self, round_index: int, epoch: int) -> None:
-        """No member applies attempt ``epoch`` of this round: say so in every later notice of it."""
-        if self._aborted_round != round_index:
-            self._aborted_round, self._aborted = round_index, []
-        if epoch not in self._aborted:
-            self._aborted.append(epoch)
-
-    async def _decide(self, round_index: int, group: Group, *, full: bool) -> int:
-        """Decide the attempt after its all-gather (PROTOCOL.md §11.4): COMMIT or ABORT, the same
-        for every member. ``full``: every member's all-gather chunk arrived here.
-
-        A member that is not full and learns COMMIT raises _Behind with the members that applied
-        it (it downloads the result). _Behind too when a peer is past this round while undecided;
-        QuorumLostError when nothing is decided for ``quorum_timeout`` seconds.
-        """
-        decision = Decision(self._ctx.name, round_index, group, self._agreement.prev, self._quorum, full=full)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadline = began + self._round_deadline()
-        down_since: dict[str, float] = {}
-        announced: Vote | None = None
-        announced_at = began
-        while True:
-            self._read_notices(round_index, group, act=False)
-            seen = self._agreement.seen
-            now = loop.time()
-            silent = decision.silent(seen)
-            lost = self._lost(silent, round_index, group, down_since, now)[0] if silent else []
-            recover = not full or bool(lost) or now >= deadline or decision.contested(seen)
-            verdict = decision.update(seen, lost, recover=recover)
-            if decision.vote != announced or now - announced_at >= _WAIT_NOTICE_EVERY:
-                # Before acting on the verdict too: the others may need this vote to reach it.
-                announced, announced_at = decision.vote, now
-                await self._notify(round_index, group, "rs", vote=decision.vote)
-            if verdict == COMMIT and full:
-                self.decisions["unanimous" if decision.unanimous(seen) else "commit"] += 1
-                if not decision.unanimous(seen):
-                    self._post_commit = round_index + 1
-                return COMMIT
-            if verdict == COMMIT and decision.witnesses:
-                self.decisions["commit_elsewhere"] += 1
-                raise _Behind(decision.witnesses)
-            if verdict == ABORT:
-                self.decisions["abort"] += 1
-                self._abandon(round_index, group.epoch)
-                return ABORT
-            ahead = self._agreement.ahead(round_index) if verdict is None else []
-            if ahead:
-                self.decisions["left_behind"] += 1
-                raise _Behind(ahead)
-            if now - began >= self.config.quorum_timeout:
-                self.decisions["undecided"] += 1
-                raise QuorumLostError(round_index, silent, group.size, decision.quorum, now - began)
-            await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, self.communication_peers(), 1, _LOOK_EVERY)
-
-    # ------------------------------------------------------------------ agreement
-
-    def _read_notices(self, round_index: int, group: Group, *, act: bool) -> Group | None:
-        """Take the peers' latest notices; with ``act``, raise _Behind when this peer is behind and
-        return a higher proposal that includes it (to adopt), if any."""
-        for sender in self.communication_peers():
-            frame = self._ctx.exchange.take_latest(GROUP_NOTICE, sender)
-            if frame is None:
-                continue
-            try:
-                self._agreement.observe(sender, parse_notice(frame.meta))
-            except FrameError:
-                self.bad_notices += 1
-        if not act:
-            return None
-        ahead = self._agreement.ahead(round_index)
-        if ahead:
-            raise _Behind(ahead)
-        return self._agreement.higher(round_index, group)
-
     # ------------------------------------------------------------------ one round
 
     async def _gather(
         self, kind: str, wire: int, others: Sequence[str], round_index: int, group: Group, *, act: bool
     ) -> tuple[dict[str, Frame], Group | None]:
         """The members' frames of one phase, until all came, the deadline passed, a pending member
-        is known lost (:meth:`_lost`) or (``act``) a higher proposal that includes this peer appeared."""
+        is known lost (:meth:`GroupNotices.lost`) or (``act``) a higher proposal that includes this peer appeared."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + self._round_deadline()
@@ -445,10 +322,10 @@ class AllReduceStrategy(StrategyBase):
         while True:
             pending = [n for n in others if n not in got]
             now = loop.time()
-            lost, reason = self._lost(pending, round_index, group, down_since, now)
+            lost, reason = self._notices.lost(pending, round_index, group, down_since, now)
             if not pending or now >= deadline or lost:
                 if pending:
-                    self.attempt_endings[reason.partition(":")[0] or "deadline"] += 1
+                    self._notices.attempt_endings[reason.partition(":")[0] or "deadline"] += 1
                     log.info(
                         "%s: round %d epoch %d %s: no frame from %s after %.2f s (%s)",
                         self._ctx.name,
@@ -460,15 +337,15 @@ class AllReduceStrategy(StrategyBase):
                         reason or "deadline",
                     )
                 return got, None
-            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(_LOOK_EVERY, deadline - now))
+            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(LOOK_EVERY, deadline - now))
             for sender, frame in arrived.items():
                 # Same wire round means same epoch; a different member list (a conflicting
                 # proposal of the same epoch) makes the contribution unusable: it counts as missing.
                 if frame.meta.get("group") == encoded and frame.step == round_index:
                     got[sender] = frame
-            adopt = self._read_notices(round_index, group, act=act)
+            adopt = self._notices.read(round_index, group, act=act)
             if adopt is not None:
-                self.attempt_endings["adopted"] += 1
+                self._notices.attempt_endings["adopted"] += 1
                 log.info(
                     "%s: round %d epoch %d %s: adopting epoch %d %s after %.2f s",
                     self._ctx.name,
@@ -480,36 +357,6 @@ class AllReduceStrategy(StrategyBase):
                     loop.time() - began,
                 )
                 return got, adopt
-
-    def _lost(
-        self, pending: Sequence[str], round_index: int, group: Group, down_since: dict[str, float], now: float
-    ) -> tuple[list[str], str]:
-        """Pending members whose frames for this attempt will not come, and why (PROTOCOL.md §11.3).
-
-        The attempt ends as soon as one is known lost instead of at the deadline: a member that
-        left or that the membership declared dead; one whose link has been down for
-        :data:`_LINK_GRACE` seconds (a crashed process closes its sockets at once, long before its
-        heartbeats are missed, and a restarted one may come back before they are); one that is
-        resyncing or that another member of the group has given up on (:meth:`Agreement.given_up`).
-        Ending an attempt early is always safe (§11.4): it costs at most a redo.
-        """
-        live = self._participants()
-        gone = [n for n in pending if n not in live]
-        if gone:
-            return gone, f"not_live: {','.join(gone)}"
-        exchange = self._ctx.exchange
-        for name in pending:
-            if exchange.is_connected(name):
-                down_since.pop(name, None)
-            else:
-                down_since.setdefault(name, now)
-        cut = [n for n in pending if n in down_since and now - down_since[n] >= _LINK_GRACE]
-        if cut:
-            return cut, f"link_down: {','.join(cut)}"
-        given_up = self._agreement.given_up(round_index, group, pending)
-        if given_up:
-            return given_up, f"given_up: {','.join(given_up)}"
-        return [], ""
 
     async def _scatter_gather(
         self,
@@ -573,11 +420,11 @@ class AllReduceStrategy(StrategyBase):
     async def _failed(self, round_index: int, group: Group, failed: _Attempt, *, all_out: bool) -> _Attempt:
         """An attempt that lacked a frame. Before this peer's all-gather chunks all went out, no
         member can be full: the attempt is aborted here and now. After, the members decide it
-        (a COMMIT raises _Behind: this peer downloads the result)."""
+        (a COMMIT raises Behind: this peer downloads the result)."""
         if all_out and not self._strict:
-            await self._decide(round_index, group, full=False)  # only ABORT returns
+            await self._notices.decide(round_index, group, full=False)  # only ABORT returns
         else:
-            self._abandon(round_index, group.epoch)
+            self._notices.abandon(round_index, group.epoch)
         return failed
 
     async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> _Attempt:
@@ -587,7 +434,7 @@ class AllReduceStrategy(StrategyBase):
         size, rank = group.size, members.index(me)
         others = tuple(p for p in members if p != me)
         wire = wire_round(round_index, group.epoch)
-        await self._notify(round_index, group, "rs")
+        await self._notices.notify(round_index, group, "rs")
         if not others:
             return _Attempt(True)
         chunk = self._chunk_size(size)
@@ -598,13 +445,13 @@ class AllReduceStrategy(StrategyBase):
                 failed, gathered = await self._scatter_gather(
                     round_index, group, self._flat, self._averaged, chunk, "", ctx.run_compute
                 )
-            except _Behind:
+            except Behind:
                 if not self._ag_out:
-                    self._abandon(round_index, group.epoch)
+                    self._notices.abandon(round_index, group.epoch)
                 raise
             if failed is not None:
                 return await self._failed(round_index, group, failed, all_out=bool(self._ag_out))
-            if not self._strict and await self._decide(round_index, group, full=True) == ABORT:
+            if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
                 return _Attempt(False, phase="decided")
             own = self._averaged[rank * chunk : (rank + 1) * chunk]
             averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
@@ -630,7 +477,7 @@ class AllReduceStrategy(StrategyBase):
         ``.grad`` is rebound to the averaged buffers."""
         assert self._buckets is not None
         buckets = self._buckets
-        await self._notify(round_index, group, "rs")
+        await self._notices.notify(round_index, group, "rs")
         if group.size == 1:
             await launch.backward_done.wait()
             buckets.bind_local()  # the mean of one contribution is itself
@@ -647,16 +494,16 @@ class AllReduceStrategy(StrategyBase):
             pending: set[asyncio.Task[_Attempt]] = set(exchanges)
             while pending and failed is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                # task.result(): _Behind propagates
+                # task.result(): Behind propagates
                 failed = next((o for o in (task.result() for task in done) if not o.complete), None)
-        except _Behind:
+        except Behind:
             if len(self._ag_out) < len(buckets.buckets):
-                self._abandon(round_index, group.epoch)
+                self._notices.abandon(round_index, group.epoch)
             raise
         finally:
             for task in exchanges:
                 task.cancel()
-            await reap(exchanges, expected=(_Behind,))
+            await reap(exchanges, expected=(Behind,))
             for kind in (
                 f"{prefix}{n}_{number}"
                 for n in self._bucket_sizes
@@ -666,7 +513,7 @@ class AllReduceStrategy(StrategyBase):
                 self._ctx.exchange.advance(kind, wire + 1)
         if failed is not None:
             return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(buckets.buckets))
-        if not self._strict and await self._decide(round_index, group, full=True) == ABORT:
+        if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
             return _Attempt(False, phase="decided")
         applied = time.perf_counter()
         buckets.bind_averaged()
@@ -757,7 +604,7 @@ class AllReduceStrategy(StrategyBase):
             self._launch = None
             if launch.first is not None and not launch.first[1].done():
                 launch.first[1].cancel()
-                await reap([launch.first[1]], expected=(_Behind,))
+                await reap([launch.first[1]], expected=(Behind,))
 
     async def close(self) -> None:
         await self._tasks.cancel_all(self.config.round_timeout)
@@ -766,16 +613,6 @@ class AllReduceStrategy(StrategyBase):
         if self._reducer is not None:
             self._reducer.shutdown(wait=False, cancel_futures=True)
         await super().close()
-
-    async def _wait_for_quorum(self, round_index: int, group: Group, since: float) -> Group | None:
-        """Below quorum: announce, listen for a while; a higher proposal to adopt, if one came."""
-        waited = time.monotonic() - since
-        if waited >= self.config.quorum_timeout:
-            missing = self._agreement.missing_from(group)
-            raise QuorumLostError(round_index, missing, group.size, self._quorum, waited)
-        await self._notify(round_index, group, "wait")
-        await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, self.communication_peers(), 1, _WAIT_NOTICE_EVERY)
-        return self._read_notices(round_index, group, act=True)
 
     async def _average(
         self, round_index: int, tensors: Callable[[], list[torch.Tensor]], launch: _Launch | None = None
@@ -820,20 +657,20 @@ class AllReduceStrategy(StrategyBase):
                         log.info("%s: round %d: below quorum with %s", ctx.name, round_index, group.encoded())
                         waiting_with = group
                     stalled_since = stalled_since if stalled_since is not None else time.monotonic()
-                    adopt = await self._wait_for_quorum(round_index, group, stalled_since)
+                    adopt = await self._notices.wait_for_quorum(round_index, group, stalled_since)
                     failed, waited = group, True
                     continue
                 elif launch is not None:
                     outcome = await self._attempt_buckets(round_index, group, launch)
                 else:
                     outcome = await self._attempt(round_index, group, tensors)
-            except _Behind as behind:
+            except Behind as behind:
                 if strict or ctx.resync is None:
                     raise AllReduceIncompleteError(round_index, behind.donors) from None
                 log.info("%s: round %d: behind %s, downloading state", ctx.name, round_index, ",".join(behind.donors))
                 # Tell the members this peer has left the round: none waits for its frames or
                 # proposes it until it announces again from the round it joins (PROTOCOL.md §11.5).
-                await self._notify(round_index, group, "sync")
+                await self._notices.notify(round_index, group, "sync")
                 resyncing = time.perf_counter()
                 await self._catch_up(behind.donors)
                 log.info(
@@ -846,7 +683,7 @@ class AllReduceStrategy(StrategyBase):
                 return None
             if outcome.complete:
                 self._agreement.applied(group)
-                self._record_applied(round_index, group.epoch)
+                self._notices.record_applied(round_index, group.epoch)
                 ctx.ledger.record_group(group.size)
                 if stalled_since is not None:
                     log.info(
@@ -869,14 +706,6 @@ class AllReduceStrategy(StrategyBase):
             if stalled >= self.config.quorum_timeout:
                 raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
 
-    def _record_applied(self, round_index: int, epoch: int) -> None:
-        runs = self.applied_epochs
-        if runs and runs[-1][2] == epoch and runs[-1][1] == round_index - 1:
-            runs[-1][1] = round_index
-        else:
-            runs.append([round_index, round_index, epoch])
-            del runs[:-_APPLIED_RUNS]
-
     async def _catch_up(self, donors: Sequence[str]) -> None:
         """Re-admission: load the state of a member ahead of this peer; join at the donor's round."""
         assert self._ctx.resync is not None
@@ -889,7 +718,7 @@ class AllReduceStrategy(StrategyBase):
         # Announce the round it joins at once, before computing it: the members, busy with the
         # same step, find it eligible when they propose that round (PROTOCOL.md §11.5). Announced
         # only when it arrives there, it would always be one round late and chase the group.
-        await self._notify(joined, self._agreement.propose(joined, self._participants(), None), "rs")
+        await self._notices.notify(joined, self._agreement.propose(joined, self._participants(), None), "rs")
 
     # ------------------------------------------------------------------ the node's calls
 
@@ -932,11 +761,11 @@ class AllReduceStrategy(StrategyBase):
             return await super().after_optimizer_step(step)
         finally:
             self._consistent.set()
-            if self._post_commit is not None:
+            if self._notices.post_commit is not None:
                 # A contested round was applied: members that were not full wait for a member in
                 # the next round to download the result from (PROTOCOL.md §11.4).
-                next_round, self._post_commit = self._post_commit, None
-                await self._notify(next_round, self._agreement.agreed, "rs")
+                next_round, self._notices.post_commit = self._notices.post_commit, None
+                await self._notices.notify(next_round, self._agreement.agreed, "rs")
 
     def adopted_step(self) -> int | None:
         adopted, self._adopted = self._adopted, None
@@ -1000,10 +829,7 @@ class AllReduceStrategy(StrategyBase):
             "rounds_by_group_size": {str(k): v for k, v in sorted(ledger.by_group_size.items())},
             "rounds_redone": ledger.redone,
             "resyncs": ledger.resyncs,
-            "bad_notices": self.bad_notices,
-            "attempt_endings": dict(sorted(self.attempt_endings.items())),
-            "decisions": dict(sorted(self.decisions.items())),
-            "applied_epochs": self.applied_epochs,
+            **self._notices.status(),
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
