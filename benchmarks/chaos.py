@@ -222,6 +222,7 @@ def analyse(
     per_step = statistics.median(gaps) if gaps else None
     losses = [float(row["test_loss"]) for row in finals.values() if row.get("test_loss") is not None]
     identity = bit_identity(out, names, snapshot_every)
+    identity["conflicting_rounds"] = conflicting_rounds(out, names)
     return {
         "strategy": strategy,
         "exit_codes": exit_codes,
@@ -279,6 +280,25 @@ def attempt_endings(out: Path, names: list[str]) -> dict[str, int]:
             figures = json.loads(path.read_text()).get("strategy_status", {})
             total.update(figures.get("attempt_endings", {}))
     return dict(sorted(total.items()))
+
+
+def conflicting_rounds(out: Path, names: list[str]) -> list[int] | None:
+    """Exact rounds that two peers applied over different group epochs (PROTOCOL.md §11.4), from
+    every peer's last life (``applied_epochs`` in summary.json); None when no peer recorded any."""
+    held: dict[int, int] = {}
+    conflicts: set[int] = set()
+    recorded = False
+    for name in names:
+        path = out / name / "summary.json"
+        runs = json.loads(path.read_text()).get("strategy_status", {}).get("applied_epochs") if path.exists() else None
+        if runs is None:
+            continue
+        recorded = True
+        for first, last, epoch in runs:
+            for round_index in range(first, last + 1):
+                if held.setdefault(round_index, epoch) != epoch:
+                    conflicts.add(round_index)
+    return sorted(conflicts) if recorded else None
 
 
 def bit_identity(out: Path, names: list[str], every: int) -> dict[str, Any]:

@@ -189,6 +189,14 @@ def detection_rows(document: dict[str, Any]) -> list[str]:
     return rows
 
 
+def conflicts_note(identity: dict[str, Any]) -> str:
+    """Rounds two peers applied over different groups (recorded since the decision, §11.4)."""
+    if "conflicting_rounds" not in identity or identity["conflicting_rounds"] is None:
+        return ""
+    rounds = identity["conflicting_rounds"]
+    return f"; rounds applied over two groups: {rounds}" if rounds else "; no round applied over two groups"
+
+
 def chaos_rows(document: dict[str, Any]) -> list[str]:
     rows = [
         "| strategy | goodput, chaos / failure-free | final val loss: failure-free, chaos (difference) "
@@ -204,7 +212,8 @@ def chaos_rows(document: dict[str, Any]) -> list[str]:
             f"{chaos['final_test_loss']:.4f} ({difference:+.2%}) | {chaos['longest_stall_seconds']} s "
             f"({r.get('stall_target_seconds')} s) | {chaos['median_step_seconds']} s | "
             f"{'yes' if identity['always_identical'] else 'NO'} ({identity['steps_compared']} steps compared"
-            f"{', differing at ' + str(identity['steps_differing']) if identity['steps_differing'] else ''}) | "
+            f"{', differing at ' + str(identity['steps_differing']) if identity['steps_differing'] else ''}"
+            f"{conflicts_note(identity)}) | "
             f"{len(chaos['events'])} |"
         )
     return rows
