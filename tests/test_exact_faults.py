@@ -206,6 +206,43 @@ def test_a_member_frozen_before_its_all_gather_never_applies_the_round_the_other
     print(report(figures))
 
 
+@pytest.mark.parametrize("strategy", ["allreduce"], indirect=True)  # DiLoCo finishes by the same code
+def test_a_member_that_thaws_after_the_others_finished_downloads_the_final_state(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    """p3 freezes ten steps before the end and thaws after the others trained those steps
+    without it: they wait (within ``transport.shutdown_timeout``) before leaving, so p3 finds them
+    ahead, downloads the final state and exits 0 with their model, instead of waiting below
+    quorum for peers that are gone."""
+    steps = 60
+    ports = free_ports(len(NAMES))
+    config = write_config(
+        tmp_path / "swarm.toml",
+        names=NAMES,
+        ports=ports,
+        workload=str(SLOW_WORKLOAD),
+        run={**RUN, "steps": steps},
+        strategy={**strategy, "quorum_timeout": 30.0},
+        topology={"kind": "full"},
+        transport={"startup_timeout": 120.0, "shutdown_timeout": 60.0},
+        # A fixed dead_after of 120 s (no phi-accrual): p3 stays a live (suspect) member while
+        # frozen, as a restarted peer that is catching up is one.
+        membership={**MEMBERSHIP, "dead_after": 120.0, "phi_threshold": 0.0},
+        checkpoint={"every": 20},
+    )
+    for name in NAMES:
+        peers.start(config, name, env=SLOW)
+    wait_for(lambda: status(ports[3])["step"] >= steps - 10, 300, "p3 ten steps before the end")
+    peers.procs["p3"].send_signal(signal.SIGSTOP)
+    wait_for(lambda: status(ports[0])["step"] >= steps - 1, 120, "p0 at its last step without p3")
+    time.sleep(2.0)  # p0, p1 and p2 are done and waiting for p3 to catch up
+    peers.procs["p3"].send_signal(signal.SIGCONT)
+    peers.assert_all_finished(FINISH_TIMEOUT, steps)
+    figures = check_outcome(tmp_path, NAMES, steps)
+    assert figures["p3"]["resyncs"] >= 1, report(figures)
+    print(report(figures))
+
+
 def test_a_sigkill_in_a_reduce_scatter_and_one_in_an_all_gather_are_redone_around_without_a_lost_step(
     tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
 ) -> None:

@@ -184,6 +184,7 @@ class AllReduceStrategy(StrategyBase):
         self._consistent = asyncio.Event()  # clear between an applied gradient round and its step
         self._consistent.set()
         self._completed_round = -1  # H > 1: the last parameter round applied, and its parameters
+        self._joined_round = -1  # the round the last resync joined at
         self._round_params: list[torch.Tensor] | None = None
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
@@ -712,6 +713,7 @@ class AllReduceStrategy(StrategyBase):
         step = await self._ctx.resync(donors)  # state_replaced takes the donor's group
         self._ctx.ledger.resyncs += 1
         joined = step // self.config.local_steps
+        self._joined_round = joined
         self._agreement.keep_notices_for(joined)
         self._adopted = step
         self._skip_local_step = self.config.local_steps == 1
@@ -766,6 +768,15 @@ class AllReduceStrategy(StrategyBase):
                 # the next round to download the result from (PROTOCOL.md §11.4).
                 next_round, self._notices.post_commit = self._notices.post_commit, None
                 await self._notices.notify(next_round, self._agreement.agreed, "rs")
+
+    async def finish(self) -> None:
+        """Stay, within the node's shutdown bound, until every live peer has reached the end: a
+        member behind (a restarted or thawed one) resyncs to the final state instead of finding
+        nobody left to train its last rounds with (PROTOCOL.md §11.5)."""
+        if self._compressed is not None or self._codec is not None or self._strict:
+            return
+        last = self._round if self.config.local_steps == 1 else self._completed_round
+        await self._notices.linger(max(last + 1, self._joined_round), self._agreement.agreed)
 
     def adopted_step(self) -> int | None:
         adopted, self._adopted = self._adopted, None

@@ -82,6 +82,20 @@ class GroupNotices:
     def _peers(self) -> tuple[str, ...]:
         return tuple(p for p in self._live() if p != self._ctx.name)
 
+    async def linger(self, final_round: int, group: Group) -> None:
+        """Before this peer leaves: announce ``final_round`` (the round after its last) until every
+        live peer has announced it too, so a member that is behind (restarted, thawed) finds this
+        peer ahead while it is still up and downloads the final state from it. Unbounded here:
+        the node bounds it by ``transport.shutdown_timeout``."""
+        while True:
+            await self.notify(final_round, group, "rs")
+            self.read(final_round, group, act=False)
+            seen = self._agreement.seen
+            behind = [n for n in self._peers() if (notice := seen.get(n)) is None or notice.round < final_round]
+            if not behind:
+                return
+            await self._ctx.exchange.wait_for_senders(GROUP_NOTICE, behind, 1, _WAIT_NOTICE_EVERY)
+
     def status(self) -> dict[str, Any]:
         return {
             "bad_notices": self.bad_notices,
