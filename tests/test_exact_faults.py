@@ -179,6 +179,7 @@ def stopped(pid: int) -> bool:
         return stat.read().rpartition(")")[2].split()[0] == "T"
 
 
+@pytest.mark.parametrize("strategy", ["allreduce"], indirect=True)  # DiLoCo decides by the same code
 def test_a_member_frozen_before_its_all_gather_never_applies_the_round_the_others_redo(
     tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
 ) -> None:
