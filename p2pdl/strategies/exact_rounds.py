@@ -162,8 +162,9 @@ class GroupNotices:
                 announced, announced_at = decision.vote, now
                 await self.notify(round_index, group, "rs", vote=decision.vote)
             if verdict == COMMIT and full:
-                self.decisions["unanimous" if decision.unanimous(seen) else "commit"] += 1
-                if not decision.unanimous(seen):
+                unanimous = decision.unanimous(seen)
+                self.decisions["unanimous" if unanimous else "commit"] += 1
+                if not unanimous:
                     self.post_commit = round_index + 1
                 return COMMIT
             if verdict == COMMIT and decision.witnesses:
