@@ -181,6 +181,22 @@ def test_a_pending_member_is_given_up_when_it_resyncs_or_another_member_gave_up_
     assert a.given_up(4, attempt, ["c", "d"]) == ["c"]
 
 
+def test_every_pending_member_is_given_up_once_a_member_lists_the_attempt_as_aborted() -> None:
+    """The stall found by the chaos-recovery test: b adopted a greater proposal (including
+    everyone) in its reduce-scatter, so its all-gather chunk for epoch 1 never comes; a, already
+    in its all-gather, learns that from b's ``no`` instead of waiting out its deadline."""
+    a = Agreement("a", PEERS, PEERS)
+    attempt = Group(1, ("a", "b", "d"))
+    adopted = Group(2, PEERS)
+    a.observe("b", Notice(round=4, group=adopted, prev=-1, phase="rs"))
+    assert a.given_up(4, attempt, ["b"]) == []  # a greater proposal with b in it says nothing
+    a.observe("b", Notice(round=4, group=adopted, prev=-1, phase="rs", aborted=(1,)))
+    assert a.given_up(4, attempt, ["b", "d"]) == ["b", "d"]
+    assert a.given_up(4, Group(0, ("a", "b", "d")), ["b"]) == []  # another epoch
+    a.observe("b", Notice(round=4, group=adopted, prev=3, phase="rs", aborted=(1,)))
+    assert a.given_up(4, attempt, ["b"]) == []  # another history
+
+
 def test_waiting_below_quorum_keeps_its_epoch_until_the_members_change() -> None:
     a = Agreement("a", PEERS, PEERS)
     a.missed(["b", "c", "d"])

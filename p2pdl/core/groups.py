@@ -262,17 +262,19 @@ class Agreement:
         that another member of ``group`` left out of a greater proposal for this round, after the
         same history, was found missing by that member: that member has abandoned this attempt,
         so the attempt cannot complete without a redo anyway, and waiting on would only add this
-        peer's own detection time to the other's.
+        peer's own detection time to the other's. And once a member of ``group`` lists this
+        attempt's epoch as aborted (meta ``no``), no member applies it: every pending member's
+        frame is given up (that member left before its all-gather chunk went out, or ABORT was
+        decided), so an all-gather never waits out its deadline for a member that adopted
+        another proposal.
         """
         lost = {n for n in pending if (notice := self.seen.get(n)) is not None and notice.phase == "sync"}
         for sender, notice in self.seen.items():
-            if (
-                sender in group.members
-                and notice.round == round_index
-                and notice.prev == self.prev
-                and notice.phase != "sync"
-                and proposal_key(notice.group) > proposal_key(group)
-            ):
+            if sender not in group.members or notice.round != round_index or notice.prev != self.prev:
+                continue
+            if group.epoch in notice.aborted:
+                return list(pending)
+            if notice.phase != "sync" and proposal_key(notice.group) > proposal_key(group):
                 lost.update(n for n in pending if n != sender and n not in notice.group.members)
         return [n for n in pending if n in lost]
 
