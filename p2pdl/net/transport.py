@@ -187,7 +187,8 @@ class Transport(LinkReceiver):
             bye = Frame(kind=BYE, sender=self.name, round=0, step=0)
             await self._best_effort(self.broadcast(bye, [n for n, lk in self._links.items() if lk.ws is not None]))
         cancelled = self._tasks.cancel()
-        for link in self._links.values():
+        # A copy: a neighbour's bye, handled during the awaits below, removes its link.
+        for link in list(self._links.values()):
             if link.stream is not None:
                 link.stream.close()
             if link.ws is not None and not link.ws.closed:
