@@ -25,11 +25,12 @@ from helpers import PEERS_DIR, PeerProcesses, free_ports, read_metrics, status, 
 
 from p2pdl.config import config_from_mapping
 from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
+from p2pdl.core.mixing import exact_mean
 from p2pdl.core.topology import build_graph
 from p2pdl.errors import ConfigError
 from p2pdl.strategies.allreduce import AllReduceStrategy
 from p2pdl.strategies.base import RoundLedger, StrategyContext
-from p2pdl.strategies.buckets import PADDING, GradientBuckets, bucket_layout
+from p2pdl.strategies.buckets import PADDING, GradientBuckets, bucket_layout, is_view
 from p2pdl.train.loop import build_model
 from p2pdl.train.workload import load_workload
 from p2pdl.wire import Frame
@@ -401,3 +402,80 @@ async def test_overlapped_rounds_are_bit_identical_to_the_plain_path(peers: int)
         for got, expected in zip(grads, plain[0], strict=True):
             assert torch.equal(got, expected)
     assert any(g.abs().sum() > 0 for g in plain[0])
+
+
+async def _plain_round(names: list[str], *, rebind: bool) -> tuple[list[list[torch.Tensor]], list[bool]]:
+    """One H = 1 round without overlap; ``rebind``: peer 0's code replaces its ``.grad`` tensors
+    after backward (a closure that clones them). The peers' gradients after the round, and
+    whether each peer's gradients are then the views of its flat vector."""
+    graph = build_graph("full", names)
+    hub: dict[str, LoopbackExchange] = {}
+    config = StrategyConfig(kind="allreduce", round_timeout=5.0)
+    models, strategies = [], []
+    for name in names:
+        model = _mlp(0)
+        hub[name] = LoopbackExchange(name, hub)
+
+        async def run_compute(fn: Callable[[], Any]) -> Any:
+            return fn()
+
+        ctx = StrategyContext(
+            name=name,
+            topology=lambda: graph,
+            parameters=tuple(model.named_parameters()),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            configured=graph.names,
+            device=torch.device("cpu"),
+            exchange=hub[name],
+            run_compute=run_compute,
+            config=config,
+            ledger=RoundLedger(),
+        )
+        models.append(model)
+        strategies.append(AllReduceStrategy(ctx))
+
+    async def peer(index: int) -> None:
+        model, strategy = models[index], strategies[index]
+        model.zero_grad(set_to_none=True)
+        strategy.before_backward(0)
+        model(_inputs(index)).pow(2).mean().backward()
+        if rebind and index == 0:
+            for p in model.parameters():
+                p.grad = p.grad.clone()  # type: ignore[union-attr]
+        outcome = await strategy.reduce_gradients(0)
+        assert outcome is not None and not outcome.missing
+
+    try:
+        await asyncio.gather(*(peer(i) for i in range(len(names))))
+    finally:
+        for strategy in strategies:
+            await strategy.close()
+    bound = [
+        all(is_view(p.grad, view) for p, view in zip(model.parameters(), strategy._grad_views or [], strict=True))
+        and strategy._grad_views is not None
+        for model, strategy in zip(models, strategies, strict=True)
+    ]
+    return [[p.grad.clone() for p in model.parameters()] for model in models], bound  # type: ignore[union-attr]
+
+
+def _inputs(index: int) -> torch.Tensor:
+    return torch.randn(32, 8, generator=torch.Generator().manual_seed(100 + index))
+
+
+@pytest.mark.parametrize("rebind", [False, True], ids=["bound", "rebound-by-the-closure"])
+async def test_plain_gradients_are_views_of_the_flat_vector_and_average_exactly(rebind: bool) -> None:
+    """Without overlap backward accumulates into the flat vector (no flatten copy) and the result is
+    written back into it; a gradient that other code replaced is copied in and bound again. Either
+    way every peer ends with the rank-order exact mean of independently computed gradients."""
+    names = ["p0", "p1", "p2"]
+    grads, bound = await _plain_round(names, rebind=rebind)
+    local = []
+    for index in range(len(names)):
+        model = _mlp(0)
+        model(_inputs(index)).pow(2).mean().backward()
+        local.append([p.grad for p in model.parameters()])
+    expected = [exact_mean([g[k] for g in local], torch.empty_like(local[0][k])) for k in range(len(local[0]))]
+    assert bound == [True, True, True]
+    for peer_grads in grads:
+        for got, want in zip(peer_grads, expected, strict=True):
+            assert torch.equal(got, want)

@@ -143,8 +143,12 @@ def exact_mean(chunks_in_rank_order: Sequence[torch.Tensor], out: torch.Tensor) 
     """
     wide = accumulation_dtype(out.dtype)
     accumulator = out if wide == out.dtype else torch.empty_like(out, dtype=wide)
-    accumulator.copy_(chunks_in_rank_order[0])
-    for chunk in chunks_in_rank_order[1:]:
+    first, rest = chunks_in_rank_order[0], list(chunks_in_rank_order[1:])
+    if rest and first.dtype == wide:  # c0 + c1 in one pass: the same sum as copy, then add
+        torch.add(first, _matching(rest.pop(0), accumulator), out=accumulator)
+    else:
+        accumulator.copy_(first)
+    for chunk in rest:
         accumulator.add_(_matching(chunk, accumulator))
     accumulator.div_(len(chunks_in_rank_order))
     if accumulator is not out:

@@ -76,7 +76,7 @@ from p2pdl.strategies.base import (
     build_codec,
     wire_dtype,
 )
-from p2pdl.strategies.buckets import PADDING, GradientBuckets
+from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, write_chunks
 from p2pdl.strategies.exact_rounds import GROUP_NOTICE, LOOK_EVERY, Behind, GroupNotices
 from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
@@ -222,6 +222,17 @@ class AllReduceStrategy(StrategyBase):
                 log.info(
                     "strategy.overlap: parameters are not all float32 on the CPU; gradients are averaged after backward"
                 )
+        # Without overlap (H = 1, uncompressed, parameters of the wire dtype on the CPU): the
+        # gradients are views of the flat vector, as DDP's gradient_as_bucket_view makes them.
+        # before_backward binds them and backward accumulates straight into the flat vector, so a
+        # round has no flatten copy, and its result is written into the flat vector in
+        # contiguous chunks. A gradient rebound by other code is copied in once and bound again.
+        self._grad_views: list[torch.Tensor] | None = None
+        self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
+        if self._buckets is None and self.config.local_steps == 1 and self._codec is None and self._compressed is None:
+            params = [p for _, p in ctx.parameters]
+            if params and all(p.dtype == self._wire_dtype and p.device == self._flat.device for p in params):
+                self._grad_views = flat_views(self._flat, params)
         self._loop: asyncio.AbstractEventLoop | None = None
         try:
             self._loop = asyncio.get_running_loop()
@@ -458,7 +469,10 @@ class AllReduceStrategy(StrategyBase):
             averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
             trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
             writing = time.perf_counter()
-            await ctx.run_compute(lambda: self._write_back(trimmed, tensors()))
+            if self._flat_is_grads:  # the gradients are views of the flat vector: one copy per chunk
+                await ctx.run_compute(lambda: write_chunks(trimmed, self._flat, chunk))
+            else:
+                await ctx.run_compute(lambda: self._write_back(trimmed, tensors()))
             self.phase_seconds["copies"] += time.perf_counter() - writing
             return _Attempt(True)
         finally:
@@ -559,6 +573,11 @@ class AllReduceStrategy(StrategyBase):
         the hooks that start each bucket's exchange as soon as backward has filled it."""
         self._backward_started = time.perf_counter()
         if self._buckets is None:
+            if self._grad_views is not None and self.config.local_steps == 1:
+                with torch.no_grad():
+                    self._flat[: self._total].zero_()
+                for (_, p), view in zip(self._ctx.parameters, self._grad_views, strict=True):
+                    p.grad = view
             return
         loop = self._loop
         if loop is None:
@@ -615,8 +634,27 @@ class AllReduceStrategy(StrategyBase):
             self._reducer.shutdown(wait=False, cancel_futures=True)
         await super().close()
 
+    @torch.no_grad()
+    def _into_flat(self, tensors: Sequence[torch.Tensor], *, gradients: bool) -> None:
+        """The round's input into the flat vector (compute thread): nothing to copy when the
+        gradients are still the views backward accumulated into; otherwise copy, and bind the views."""
+        views = self._grad_views if gradients else None
+        self._flat_is_grads = views is not None and all(is_view(t, v) for t, v in zip(tensors, views, strict=True))
+        if self._flat_is_grads:
+            return
+        flatten_into(tensors, self._flat[: self._total])
+        if views is not None:
+            for (_, p), view in zip(self._ctx.parameters, views, strict=True):
+                p.grad = view
+            self._flat_is_grads = True
+
     async def _average(
-        self, round_index: int, tensors: Callable[[], list[torch.Tensor]], launch: _Launch | None = None
+        self,
+        round_index: int,
+        tensors: Callable[[], list[torch.Tensor]],
+        launch: _Launch | None = None,
+        *,
+        gradients: bool = False,
     ) -> RoundOutcome | None:
         """Replace ``tensors()`` by their exact mean over an agreed group, in place; None when this
         peer found itself behind and loaded a member's state instead.
@@ -628,7 +666,7 @@ class AllReduceStrategy(StrategyBase):
         started = time.perf_counter() if launch is None else launch.started
         strict = self.config.on_failure == "strict"
         if launch is None:
-            await ctx.run_compute(lambda: flatten_into(tensors(), self._flat[: self._total]))
+            await ctx.run_compute(lambda: self._into_flat(tensors(), gradients=gradients))
             self.phase_seconds["copies"] += time.perf_counter() - started
         first = launch.first if launch is not None else None
         failed: Group | None = None
@@ -748,7 +786,7 @@ class AllReduceStrategy(StrategyBase):
         elif self._buckets is not None:
             outcome = await self._reduce_buckets(step)
         else:
-            outcome = await self._average(step, self._gradients)
+            outcome = await self._average(step, self._gradients, gradients=True)
         if outcome is not None:
             self._consistent.clear()  # until the optimizer step and the step count that follow it
         self.phase_seconds["reduce"] += time.perf_counter() - reducing

@@ -28,7 +28,17 @@ import torch
 from p2pdl.config.sections import OVERLAP_MAX_BUCKETS
 from p2pdl.errors import ConfigError
 
-__all__ = ["FIRST_BUCKET_BYTES", "MAX_BUCKETS", "PADDING", "Bucket", "GradientBuckets", "bucket_layout"]
+__all__ = [
+    "FIRST_BUCKET_BYTES",
+    "MAX_BUCKETS",
+    "PADDING",
+    "Bucket",
+    "GradientBuckets",
+    "bucket_layout",
+    "flat_views",
+    "is_view",
+    "write_chunks",
+]
 
 FIRST_BUCKET_BYTES = 1024 * 1024  # DDP's first bucket: the last layers' gradients leave early
 MAX_BUCKETS = OVERLAP_MAX_BUCKETS  # each bucket's frames occupy mailbox slots (transport.inbox_frames)
@@ -167,3 +177,30 @@ class GradientBuckets:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def flat_views(flat: torch.Tensor, parameters: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive pieces of the 1-D ``flat``, one per parameter, of its shape."""
+    views, offset = [], 0
+    for p in parameters:
+        views.append(flat[offset : offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return views
+
+
+def is_view(tensor: torch.Tensor | None, view: torch.Tensor) -> bool:
+    """Whether ``tensor`` is exactly ``view`` (same memory, shape and strides): still bound."""
+    return (
+        tensor is not None
+        and tensor.data_ptr() == view.data_ptr()
+        and tensor.shape == view.shape
+        and tensor.stride() == view.stride()
+    )
+
+
+@torch.no_grad()
+def write_chunks(chunks: Sequence[torch.Tensor], flat: torch.Tensor, chunk: int) -> None:
+    """Copy chunk k of a round's result to ``flat[k * chunk:]`` (chunks trimmed to the vector)."""
+    for k, piece in enumerate(chunks):
+        if piece.numel():
+            flat[k * chunk : k * chunk + piece.numel()].copy_(piece)
