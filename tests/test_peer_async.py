@@ -78,6 +78,18 @@ async def test_two_peers_exchange_a_round() -> None:
         assert {n["name"]: n["state"] for n in status["neighbors"]} == {"b": "connected"}
 
 
+async def test_a_goodbye_that_arrives_after_our_own_leaves_the_graph_alone() -> None:
+    """Peers that close together: the neighbour's goodbye is handled after this peer marked
+    itself left, with no live member at all; the graph stays (it used to raise ConfigError
+    "need at least 1 peer" from the frame handler)."""
+    async with two_peers() as (a, _b):
+        graph = a._graph
+        a.membership.leave()
+        a._on_peer_left("b")
+        assert a._graph is graph
+        assert a.membership.live_names() == ()
+
+
 async def test_malformed_and_poisoned_frames_are_rejected_and_peer_keeps_working() -> None:
     async with two_peers() as (a, b):
         await asyncio.gather(a.step(zero_closure), b.step(zero_closure))

@@ -212,6 +212,7 @@ class Peer:
                 compression=config.compression,
                 last_step=config.run.steps - 1,
                 resync=self._resync,
+                dead_limit=self.membership.dead_limit,
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())
@@ -336,6 +337,10 @@ class Peer:
 
     def _rewire(self, *, reason: str) -> None:
         live = self.membership.live_names()
+        if self.name not in live:
+            # This peer is leaving (close() marked it left): its graph stays as it was. Seen when
+            # the peers of a run all close at once: a neighbour's goodbye arrived after our own.
+            return
         graph = self._graph_over(live)
         for member, address in self.membership.addresses().items():
             if member != self.name:
