@@ -200,20 +200,22 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     strategy = peer.strategy
     transport = peer.transport
     ctx = strategy._ctx
-    compute_labels = iter(())
+    # Each compute call is labelled by what its function calls (the round's calls are lambdas).
+    labels = {
+        "_into_flat": "flatten",
+        "exact_mean": "reduce(exact_mean)",
+        "write_chunks": "assemble(unflatten_chunks)",
+        "_write_back": "assemble(unflatten_chunks)",
+    }
 
     def labelled_compute(fn: Callable[[], Any]) -> Any:
-        label = next(compute_labels, "compute")
+        names = getattr(getattr(fn, "__code__", None), "co_names", ())
+        label = next((labels[n] for n in names if n in labels), "compute")
         return timeline.wrap_async(f"compute:{label}", original_compute)(fn)
 
     original_compute = ctx.run_compute
     object.__setattr__(ctx, "run_compute", labelled_compute)
-
-    def reset_labels() -> None:
-        nonlocal compute_labels
-        compute_labels = iter(("flatten", "reduce(exact_mean)", "assemble(unflatten_chunks)"))
-
-    timeline.reset_labels = reset_labels  # type: ignore[attr-defined]
+    timeline.reset_labels = lambda: None  # type: ignore[attr-defined]
     transport.encode_parts = timeline.wrap_async("encode(await)", transport.encode_parts)
     transport.send_encoded = timeline.wrap_async("send(await)", transport.send_encoded)
     transport.collect = timeline.wrap_async("collect(wait)", transport.collect)

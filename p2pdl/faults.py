@@ -14,8 +14,13 @@ itself dies there, by the same SIGKILL, when the environment asks it to::
     P2PDL_FAULT="stop:mean:40"         # SIGSTOP itself once, with every reduce-scatter chunk of
                                        # round 40 in hand and before its all-gather chunk goes out
 
-``ACTION`` is ``kill`` (SIGKILL: a crash) or ``stop`` (SIGSTOP, once: a freeze that the test ends
-with SIGCONT). ``PHASE`` is ``rs`` (after the reduce-scatter frames were sent), ``mean`` (after
+    P2PDL_FAULT="hang:mean:40:30"      # hold the round for 30 s, once, at that point, while the
+                                       # event loop runs on: heartbeats go out, frames do not
+
+``ACTION`` is ``kill`` (SIGKILL: a crash), ``stop`` (SIGSTOP, once: a freeze that the test ends
+with SIGCONT) or ``hang`` (``hang:PHASE:ROUND:SECONDS``: the round awaits that long, once: a
+member that is alive to the membership but whose frames do not come, as behind a stuck link).
+``PHASE`` is ``rs`` (after the reduce-scatter frames were sent), ``mean`` (after
 every member's reduce-scatter frame arrived, before the all-gather frames go out) or ``ag``
 (after the all-gather frames were sent); ``ROUND`` is the exact round (the step under ``local_steps = 1``, the step
 divided by ``local_steps`` otherwise); a peer that skipped that round (it caught up from a
@@ -27,36 +32,57 @@ set. A malformed value is a :class:`~p2pdl.errors.ConfigError` at start-up
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from p2pdl.errors import ConfigError
 
-__all__ = ["ENV", "PHASES", "at", "load", "parse"]
+__all__ = ["ENV", "PHASES", "Point", "at", "load", "parse"]
 
 log = logging.getLogger(__name__)
 
 ENV = "P2PDL_FAULT"
 PHASES = ("rs", "mean", "ag")
-ACTIONS = ("kill", "stop")
-
-_planned: frozenset[tuple[str, str, int]] | None = None
-_done: set[tuple[str, str, int]] = set()  # stops that fired (a stop fires once)
+ACTIONS = ("kill", "stop", "hang")
 
 
-def parse(spec: str) -> frozenset[tuple[str, str, int]]:
-    """The (action, phase, round) points of ``spec`` (``ACTION:PHASE:ROUND``, comma separated)."""
-    points: set[tuple[str, str, int]] = set()
+class Point(NamedTuple):
+    """One planned fault: ``action`` at ``phase`` of round ``round`` (or the first one after it)."""
+
+    action: str
+    phase: str
+    round: int
+    seconds: float = 0.0  # hang: how long the round is held
+
+
+_planned: frozenset[Point] | None = None
+_done: set[Point] = set()  # stops and hangs that fired (each fires once)
+
+
+def parse(spec: str) -> frozenset[Point]:
+    """The points of ``spec``: ``ACTION:PHASE:ROUND`` (``hang:PHASE:ROUND:SECONDS``), comma separated."""
+    points: set[Point] = set()
     problems: list[str] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
         fields = item.split(":")
-        if len(fields) != 3:
-            problems.append(f"{ENV}: {item!r} is not ACTION:PHASE:ROUND (e.g. kill:rs:40)")
+        shape = "hang:PHASE:ROUND:SECONDS (e.g. hang:mean:40:30)" if fields[0] == "hang" else None
+        if len(fields) != (4 if shape else 3):
+            problems.append(f"{ENV}: {item!r} is not {shape or 'ACTION:PHASE:ROUND (e.g. kill:rs:40)'}")
             continue
-        action, phase, round_text = fields
+        action, phase, round_text = fields[:3]
+        seconds = 0.0
+        if shape:
+            try:
+                seconds = float(fields[3])
+            except ValueError:
+                seconds = math.nan
+            if not (math.isfinite(seconds) and seconds > 0):
+                problems.append(f"{ENV}: seconds {fields[3]!r} in {item!r} is not a positive number")
         if action not in ACTIONS:
             problems.append(f"{ENV}: action {action!r} in {item!r} is not one of {', '.join(ACTIONS)}")
         if phase not in PHASES:
@@ -64,13 +90,13 @@ def parse(spec: str) -> frozenset[tuple[str, str, int]]:
         if not round_text.isdigit():
             problems.append(f"{ENV}: round {round_text!r} in {item!r} is not a non-negative integer")
         elif action in ACTIONS and phase in PHASES:
-            points.add((action, phase, int(round_text)))
+            points.add(Point(action, phase, int(round_text), seconds))
     if problems:
         raise ConfigError(problems)
     return frozenset(points)
 
 
-def load(environ: Mapping[str, str] = os.environ) -> frozenset[tuple[str, str, int]]:
+def load(environ: Mapping[str, str] = os.environ) -> frozenset[Point]:
     """Read and check :data:`ENV` once; the peer calls it at start-up so a typo fails loudly."""
     global _planned
     _planned = parse(environ.get(ENV, ""))
@@ -80,18 +106,25 @@ def load(environ: Mapping[str, str] = os.environ) -> frozenset[tuple[str, str, i
     return _planned
 
 
-def at(phase: str, round_index: int) -> None:
-    """Die here (SIGKILL, no cleanup, like a crash) at a planned ``phase`` of a round at or past the plan's."""
+def at(phase: str, round_index: int) -> float:
+    """Die here (SIGKILL, no cleanup, like a crash) or freeze (SIGSTOP) at a planned ``phase`` of a
+    round at or past the plan's; the seconds the caller must hold the round for (a hang), else 0."""
     planned = _planned if _planned is not None else load()
+    hold = 0.0
     for point in planned:
-        action, want, start = point
-        if phase != want or round_index < start or point in _done:
+        if phase != point.phase or round_index < point.round or point in _done:
             continue
-        log.warning("fault injection: SIG%s at %s of round %d", action.upper(), phase, round_index)
+        if point.action == "hang":
+            _done.add(point)
+            log.warning("fault injection: hang %.1f s at %s of round %d", point.seconds, phase, round_index)
+            hold = max(hold, point.seconds)
+            continue
+        log.warning("fault injection: SIG%s at %s of round %d", point.action.upper(), phase, round_index)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        if action == "stop":
+        if point.action == "stop":
             _done.add(point)
             os.kill(os.getpid(), signal.SIGSTOP)
         else:
             os.kill(os.getpid(), signal.SIGKILL)
+    return hold

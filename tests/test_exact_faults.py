@@ -117,7 +117,7 @@ def steps_between(out: Path, start: float, end: float) -> list[int]:
 
 
 def report(figures: dict[str, dict[str, Any]]) -> str:
-    keys = ("rounds_by_group_size", "rounds_redone", "resyncs", "decisions", "group")
+    keys = ("rounds_by_group_size", "rounds_redone", "resyncs", "decisions", "attempt_endings", "group")
     return "\n".join(f"{n}: { ({k: f.get(k) for k in keys}) }" for n, f in figures.items())
 
 
@@ -203,6 +203,44 @@ def test_a_member_frozen_before_its_all_gather_never_applies_the_round_the_other
         assert figures[name]["decisions"].get("abort", 0) >= 1, report(figures)
     decided = figures["p3"]["decisions"]
     assert decided.get("abort", 0) + decided.get("left_behind", 0) >= 1, report(figures)
+    assert figures["p3"]["resyncs"] >= 1, report(figures)
+    print(report(figures))
+
+
+@pytest.mark.parametrize("strategy", ["allreduce"], indirect=True)  # DiLoCo runs the same phases
+def test_a_member_whose_frames_stop_while_it_heartbeats_is_cut_at_the_learnt_deadline(
+    tmp_path: Path, peers: PeerProcesses, strategy: dict[str, object]
+) -> None:
+    """Item 6 of issue 12: p3's round hangs for 20 s before its all-gather chunk goes out while its
+    event loop runs on, so the membership keeps it alive and no rule declares it lost. With a
+    60 s ``round_timeout`` the others would wait the hang out and complete the round with it;
+    the deadline learnt from their phase times (at most the detector's dead limit of a few
+    seconds) ends their attempt first (``attempt_endings.deadline``), they decide ABORT and redo
+    the round without p3, which then resyncs."""
+    steps, hang = 120, 20.0
+    ports = free_ports(len(NAMES))
+    config = write_config(
+        tmp_path / "swarm.toml",
+        names=NAMES,
+        ports=ports,
+        workload=str(SLOW_WORKLOAD),
+        run={**RUN, "steps": steps},
+        strategy={**strategy, "round_timeout": 60.0},
+        topology={"kind": "full"},
+        transport={"startup_timeout": 120.0, "shutdown_timeout": 60.0},
+        membership={**MEMBERSHIP, "dead_after": 90.0},  # adaptive (phi): a few seconds for a silent peer
+        checkpoint={"every": 20},
+    )
+    for name in NAMES:
+        fault = {"P2PDL_FAULT": f"hang:mean:40:{hang}"} if name == "p3" else {}
+        peers.start(config, name, env={**SLOW, **fault})
+    peers.assert_all_finished(FINISH_TIMEOUT, steps)
+    assert "fault injection: hang" in log_tail(tmp_path / "p3")
+    figures = check_outcome(tmp_path, NAMES, steps)
+    for name in NAMES[:3]:
+        assert figures[name]["attempt_endings"].get("deadline", 0) >= 1, report(figures)
+        assert figures[name]["decisions"].get("abort", 0) >= 1, report(figures)
+        assert figures[name]["round_deadline_seconds"] < hang, report(figures)
     assert figures["p3"]["resyncs"] >= 1, report(figures)
     print(report(figures))
 

@@ -14,8 +14,8 @@ from p2pdl.errors import ConfigError
 
 
 def test_parse_reads_every_point() -> None:
-    points = {("kill", "rs", 40), ("kill", "ag", 80), ("stop", "mean", 9)}
-    assert faults.parse("kill:rs:40, kill:ag:80,stop:mean:9") == points
+    points = {("kill", "rs", 40, 0.0), ("kill", "ag", 80, 0.0), ("stop", "mean", 9, 0.0), ("hang", "mean", 7, 2.5)}
+    assert faults.parse("kill:rs:40, kill:ag:80,stop:mean:9,hang:mean:7:2.5") == points
     assert faults.parse("") == frozenset()
 
 
@@ -27,6 +27,10 @@ def test_parse_reads_every_point() -> None:
         ("kill:xx:4", "phase 'xx'"),
         ("kill:ag:-1", "round '-1'"),
         ("kill:ag:four", "round 'four'"),
+        ("hang:ag:4", "hang:PHASE:ROUND:SECONDS"),
+        ("hang:ag:4:-1", "seconds '-1'"),
+        ("hang:ag:4:nan", "seconds 'nan'"),
+        ("kill:ag:4:3", "ACTION:PHASE:ROUND"),
     ],
 )
 def test_parse_names_the_bad_item(spec: str, named: str) -> None:
@@ -56,6 +60,19 @@ def test_a_stop_fires_once(monkeypatch: pytest.MonkeyPatch) -> None:
         faults.at("mean", 3)
         faults.at("mean", 4)
         assert signals == [faults.signal.SIGSTOP]
+    finally:
+        faults.load({})
+
+
+def test_a_hang_is_returned_once_and_signals_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    signals: list[int] = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: signals.append(sig))
+    faults.load({faults.ENV: "hang:ag:3:2.5"})
+    try:
+        assert faults.at("rs", 3) == 0.0
+        assert faults.at("ag", 4) == 2.5
+        assert faults.at("ag", 5) == 0.0
+        assert signals == []
     finally:
         faults.load({})
 

@@ -195,7 +195,7 @@ class AllReduceStrategy(StrategyBase):
             ctx,
             self._agreement,
             quorum=self._quorum,
-            round_deadline=self._round_deadline,
+            round_deadline=self.round_deadline,
             quorum_timeout=self.config.quorum_timeout,
         )
         # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
@@ -244,16 +244,26 @@ class AllReduceStrategy(StrategyBase):
     def _participants(self) -> tuple[str, ...]:
         return self._ctx.topology().names
 
-    def _round_deadline(self) -> float:
-        """Seconds one phase of an attempt waits for the members' frames.
+    def round_deadline(self) -> float:
+        """Seconds one phase of an attempt (and its decision) waits for the members' frames.
 
-        A failed member ends the wait as soon as it is known lost (:meth:`GroupNotices.lost`: its link closed,
-        the membership's adaptive detector declared it dead, it is resyncing, or another member gave
-        up on it), so ``round_timeout`` is only the bound for a member that is alive but silent. It
-        is not learnt from round times as gossip's is: a spurious abort here costs a redo and a
-        state download, where gossip only mixes a partial round.
+        Learnt (PROTOCOL.md §11.3): ``round_margin`` x the 90th percentile of the last 50 phase
+        waits (a phase whose frames all came counts with how long it waited, one that hit its
+        deadline with the deadline), within [``min_round_timeout``, ``round_timeout``], and
+        ``round_timeout`` until 4 are measured. Never below the membership's current dead limit for
+        any member of the agreed group: a member that falls silent for good is declared dead by then
+        anyway (:meth:`GroupNotices.lost` ends the wait), so the deadline only ever cuts short a
+        member whose heartbeats go on while its frames do not come, and a member descheduled for
+        less than its detector tolerates is waited for. A spurious abort costs a redo and a state
+        download, never a wrong model (§11.4).
         """
-        return self.config.round_timeout
+        learnt = super().round_deadline()
+        dead_limit = self._ctx.dead_limit
+        if dead_limit is None or learnt >= self.config.round_timeout:
+            return learnt
+        me = self._ctx.name
+        floor = max((dead_limit(n) for n in self._agreement.agreed.members if n != me), default=0.0)
+        return min(self.config.round_timeout, max(learnt, floor))
 
     def _chunk_size(self, size: int) -> int:
         return math.ceil(self._total / size)
@@ -327,7 +337,7 @@ class AllReduceStrategy(StrategyBase):
         is known lost (:meth:`GroupNotices.lost`) or (``act``) a higher proposal that includes this peer appeared."""
         loop = asyncio.get_running_loop()
         began = loop.time()
-        deadline = began + self._round_deadline()
+        deadline = began + self.round_deadline()
         encoded = group.encoded()
         got: dict[str, Frame] = {}
         down_since: dict[str, float] = {}
@@ -336,6 +346,8 @@ class AllReduceStrategy(StrategyBase):
             now = loop.time()
             lost, reason = self._notices.lost(pending, round_index, group, down_since, now)
             if not pending or now >= deadline or lost:
+                if not lost:  # every frame came, or the deadline passed: a measured phase wait
+                    self.observe_round(now - began)
                 if pending:
                     self._notices.attempt_endings[reason.partition(":")[0] or "deadline"] += 1
                     log.info(
@@ -402,7 +414,8 @@ class AllReduceStrategy(StrategyBase):
             if p != me
         }
         await self._send(scatter)
-        inject_fault("rs", round_index)  # P2PDL_FAULT: die with the chunks out
+        if hold := inject_fault("rs", round_index):  # P2PDL_FAULT: die with the chunks out
+            await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
         scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
         if adopt is not None:
             return _Attempt(False, phase="rs", adopt=adopt), {}
@@ -411,14 +424,16 @@ class AllReduceStrategy(StrategyBase):
             return _Attempt(False, missing, "rs"), {}
         in_rank_order = [piece(local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
         own = piece(averaged, rank)
-        inject_fault("mean", round_index)  # P2PDL_FAULT: freeze with every rs chunk in hand
+        if hold := inject_fault("mean", round_index):  # P2PDL_FAULT: freeze with every rs chunk in hand
+            await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
         await run(lambda: exact_mean(in_rank_order, own))
         gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
         # From here on this peer's average is out: some members may be full, so this attempt ends
         # only by a decision (PROTOCOL.md §11.4).
         self._ag_out.add(suffix)
         await self._send(dict.fromkeys(others, gather_frame))
-        inject_fault("ag", round_index)
+        if hold := inject_fault("ag", round_index):
+            await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
         gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
         missing = tuple(p for p in others if p not in gathered)
         if missing:
@@ -634,6 +649,15 @@ class AllReduceStrategy(StrategyBase):
             self._reducer.shutdown(wait=False, cancel_futures=True)
         await super().close()
 
+    def _views_bound(self) -> bool:
+        """Whether every gradient is still its view of the flat vector (backward accumulated into
+        it): then the round needs no copy, and this check needs no hop to the compute thread."""
+        views = self._grad_views
+        self._flat_is_grads = views is not None and all(
+            is_view(p.grad, view) for (_, p), view in zip(self._ctx.parameters, views, strict=True)
+        )
+        return self._flat_is_grads
+
     @torch.no_grad()
     def _into_flat(self, tensors: Sequence[torch.Tensor], *, gradients: bool) -> None:
         """The round's input into the flat vector (compute thread): nothing to copy when the
@@ -665,7 +689,7 @@ class AllReduceStrategy(StrategyBase):
         ctx = self._ctx
         started = time.perf_counter() if launch is None else launch.started
         strict = self.config.on_failure == "strict"
-        if launch is None:
+        if launch is None and not (gradients and self._views_bound()):
             await ctx.run_compute(lambda: self._into_flat(tensors(), gradients=gradients))
             self.phase_seconds["copies"] += time.perf_counter() - started
         first = launch.first if launch is not None else None

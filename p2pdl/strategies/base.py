@@ -190,6 +190,10 @@ class StrategyContext:
     # Download the state of one of the given peers (in preference order) over /state and load it
     # (model, optimizer, this strategy's extras); returns the step it holds. None: cannot resync.
     resync: Callable[[Sequence[str]], Awaitable[int]] | None = None
+    # Seconds of silence after which the membership declares a member dead (its adaptive
+    # detector, PROTOCOL.md §7.3). None: no membership (in-process tests); exact rounds then
+    # floor their learnt deadline at strategy.min_round_timeout alone.
+    dead_limit: Callable[[str], float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
