@@ -22,13 +22,13 @@ Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver check
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
 kept, so a peer can serve a resumable state between syncs without stopping.
 
-With ``strategy.overlap`` (H = 1, uncompressed, float32 parameters on the CPU) the gradients
-live in flat buckets (:mod:`p2pdl.strategies.buckets`) and each bucket's reduce-scatter and
-all-gather start from a backward hook as soon as backward has filled it, so the exchange runs
-while the rest of backward does. The round is the same: one group per attempt, every bucket a
-sub-round of it (kinds ``rs<n>_<k>``/``ag<n>_<k>``), applied only when every bucket completed,
-redone over all buckets from the untouched local buffers otherwise. Each element is averaged in
-rank order either way, so overlap changes no bit of the result.
+Without overlap the gradients are views of one flat vector that backward accumulates into (as
+with DDP's ``gradient_as_bucket_view``), so a round copies nothing in. With ``strategy.overlap``
+(H = 1, uncompressed, float32 parameters on the CPU) they live in flat buckets instead, and each
+bucket's reduce-scatter and all-gather start from a backward hook as soon as backward has filled
+it (:mod:`p2pdl.strategies.allreduce_overlap`). The round is the same: one group per attempt,
+every bucket a sub-round of it, applied only when every bucket completed. Each element is
+averaged in rank order either way, so overlap changes no bit of the result.
 
 With ``[compression]`` on, gradients go through a compressed reduce-scatter that re-compresses
 the partial sums instead (:mod:`p2pdl.strategies.allreduce_compressed`): every peer decodes the
@@ -44,9 +44,8 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,6 +66,7 @@ from p2pdl.errors import (
 )
 from p2pdl.faults import at as inject_fault
 from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter, all_gather_compressed
+from p2pdl.strategies.allreduce_overlap import Launch, OverlapRounds
 from p2pdl.strategies.base import (
     RoundConfig,
     RoundOutcome,
@@ -77,18 +77,23 @@ from p2pdl.strategies.base import (
     wire_dtype,
 )
 from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, write_chunks
-from p2pdl.strategies.exact_rounds import GROUP_NOTICE, LOOK_EVERY, Behind, GroupNotices
-from p2pdl.tasks import TaskOwner, reap
+from p2pdl.strategies.exact_rounds import (
+    ALL_GATHER,
+    GROUP_NOTICE,
+    LOOK_EVERY,
+    REDUCE_SCATTER,
+    Attempt,
+    Behind,
+    GroupNotices,
+)
+from p2pdl.tasks import TaskOwner
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
-REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n members
 COMPRESSED_GRADIENTS = "cgrad"  # PowerSGD's all-gather (allreduce_compressed.py)
-ALL_GATHER = "ag"
 MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -100,28 +105,6 @@ class AllReduceConfig(RoundConfig):
     quorum_timeout: float
     overlap: bool  # H = 1: reduce gradient buckets from backward hooks while backward runs
     bucket_mb: float  # MiB of gradients per bucket (the first holds at most 1 MiB)
-
-
-@dataclass(frozen=True, slots=True)
-class _Attempt:
-    """How one attempt of a round ended."""
-
-    complete: bool
-    missing: tuple[str, ...] = ()
-    phase: str = "rs"
-    adopt: Group | None = None
-
-
-@dataclass(slots=True)
-class _Launch:
-    """One step's overlapped round: which buckets are ready to send, and its first attempt."""
-
-    step: int
-    ready: list[asyncio.Event]
-    backward_done: asyncio.Event = field(default_factory=asyncio.Event)
-    started: float = field(default_factory=time.perf_counter)
-    first: tuple[Group, asyncio.Task[_Attempt]] | None = None
-    declined: bool = False  # below quorum at the first bucket: the round starts after backward
 
 
 def _number(digits: str) -> int | None:
@@ -199,13 +182,9 @@ class AllReduceStrategy(StrategyBase):
             quorum_timeout=self.config.quorum_timeout,
         )
         # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
-        # reduced while backward runs; exact means run on a reduce thread, because the compute
-        # thread is busy with backward.
-        self._buckets: GradientBuckets | None = None
-        self._reducer: ThreadPoolExecutor | None = None
-        self._launch: _Launch | None = None
+        # reduced while backward runs (allreduce_overlap.py).
+        self._overlap: OverlapRounds | None = None
         self._tasks = TaskOwner(f"{ctx.name}:allreduce")
-        self._bucket_sizes: set[int] = set()
         # H = 1: seconds per phase of the step, summed (status()["phase_seconds"]): forward and
         # backward (from before_backward to reduce_gradients), the wait in reduce_gradients (the
         # whole exchange without overlap, the buckets' tail with it), and the copies into and out
@@ -215,9 +194,8 @@ class AllReduceStrategy(StrategyBase):
         if self.config.overlap and self.config.local_steps == 1 and self._codec is None:
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
-                self._buckets = GradientBuckets(params, self.config.bucket_mb)
+                self._overlap = OverlapRounds(self, GradientBuckets(params, self.config.bucket_mb))
                 self._flat = self._averaged = torch.zeros(0, dtype=self._wire_dtype)  # the buckets replace them
-                self._reducer = ThreadPoolExecutor(1, thread_name_prefix=f"{ctx.name}-reduce")
             else:
                 log.info(
                     "strategy.overlap: parameters are not all float32 on the CPU; gradients are averaged after backward"
@@ -229,15 +207,10 @@ class AllReduceStrategy(StrategyBase):
         # contiguous chunks. A gradient rebound by other code is copied in once and bound again.
         self._grad_views: list[torch.Tensor] | None = None
         self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
-        if self._buckets is None and self.config.local_steps == 1 and self._codec is None and self._compressed is None:
+        if self._overlap is None and self.config.local_steps == 1 and self._codec is None and self._compressed is None:
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == self._wire_dtype and p.device == self._flat.device for p in params):
                 self._grad_views = flat_views(self._flat, params)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None  # taken at the first round instead
 
     # ------------------------------------------------------------------ wire
 
@@ -278,12 +251,10 @@ class AllReduceStrategy(StrategyBase):
             return {}
         if kind == COMPRESSED_GRADIENTS and self._codec is not None:
             return self._codec.wire_specs()
-        if self._buckets is not None:
-            sized = _bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER)
-            if sized is not None and sized[1] < len(self._buckets.buckets):
-                members, bucket = sized
-                chunk = math.ceil(self._buckets.buckets[bucket].numel / members)
-                return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(chunk,))}
+        if self._overlap is not None:
+            spec = self._overlap.expected_tensors(_bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER))
+            if spec is not None:
+                return spec
         compressed = self._compressed.expected_tensors(kind) if self._compressed is not None else None
         if compressed is not None:
             return compressed
@@ -291,7 +262,7 @@ class AllReduceStrategy(StrategyBase):
         if size is None:
             raise FrameSchemaError(
                 f"allreduce peers exchange only 'xg', 'rs<n>' and 'ag<n>' frames (and 'rs<n>_<k>', 'ag<n>_<k>' "
-                f"for bucket k < {len(self._buckets.buckets) if self._buckets else 0} with strategy.overlap), "
+                f"for bucket k < {len(self._overlap.buckets.buckets) if self._overlap else 0} with strategy.overlap), "
                 f"got {kind!r}"
             )
         return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(self._chunk_size(size),))}
@@ -391,7 +362,7 @@ class AllReduceStrategy(StrategyBase):
         chunk: int,
         suffix: str,
         run: Callable[[Callable[[], Any]], Awaitable[Any]],
-    ) -> tuple[_Attempt | None, dict[str, Frame]]:
+    ) -> tuple[Attempt | None, dict[str, Frame]]:
         """Steps 3 and 5 of PROTOCOL.md §11.3 over one vector: send chunk r of ``local`` to rank r
         (kind ``rs<n><suffix>``), average the chunk this peer owns in rank order into its chunk of
         ``averaged`` (on ``run``'s thread) and send it to every member (``ag<n><suffix>``).
@@ -418,10 +389,10 @@ class AllReduceStrategy(StrategyBase):
             await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
         scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
         if adopt is not None:
-            return _Attempt(False, phase="rs", adopt=adopt), {}
+            return Attempt(False, phase="rs", adopt=adopt), {}
         missing = tuple(p for p in others if p not in scattered)
         if missing:
-            return _Attempt(False, missing, "rs"), {}
+            return Attempt(False, missing, "rs"), {}
         in_rank_order = [piece(local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
         own = piece(averaged, rank)
         if hold := inject_fault("mean", round_index):  # P2PDL_FAULT: freeze with every rs chunk in hand
@@ -437,14 +408,14 @@ class AllReduceStrategy(StrategyBase):
         gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
         missing = tuple(p for p in others if p not in gathered)
         if missing:
-            return _Attempt(False, missing, "ag"), {}
+            return Attempt(False, missing, "ag"), {}
         return None, gathered
 
     @property
     def _strict(self) -> bool:
         return self.config.on_failure == "strict"
 
-    async def _failed(self, round_index: int, group: Group, failed: _Attempt, *, all_out: bool) -> _Attempt:
+    async def _failed(self, round_index: int, group: Group, failed: Attempt, *, all_out: bool) -> Attempt:
         """An attempt that lacked a frame. Before this peer's all-gather chunks all went out, no
         member can be full: the attempt is aborted here and now. After, the members decide it
         (a COMMIT raises Behind: this peer downloads the result)."""
@@ -454,7 +425,7 @@ class AllReduceStrategy(StrategyBase):
             self._notices.abandon(round_index, group.epoch)
         return failed
 
-    async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> _Attempt:
+    async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> Attempt:
         """One attempt of ``round_index`` over ``group``; the tensors change only if it completes."""
         ctx = self._ctx
         members, me = group.members, ctx.name
@@ -463,7 +434,7 @@ class AllReduceStrategy(StrategyBase):
         wire = wire_round(round_index, group.epoch)
         await self._notices.notify(round_index, group, "rs")
         if not others:
-            return _Attempt(True)
+            return Attempt(True)
         chunk = self._chunk_size(size)
         self._sizes.add(size)
         self._ag_out.clear()
@@ -479,7 +450,7 @@ class AllReduceStrategy(StrategyBase):
             if failed is not None:
                 return await self._failed(round_index, group, failed, all_out=bool(self._ag_out))
             if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
-                return _Attempt(False, phase="decided")
+                return Attempt(False, phase="decided")
             own = self._averaged[rank * chunk : (rank + 1) * chunk]
             averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
             trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
@@ -489,164 +460,31 @@ class AllReduceStrategy(StrategyBase):
             else:
                 await ctx.run_compute(lambda: self._write_back(trimmed, tensors()))
             self.phase_seconds["copies"] += time.perf_counter() - writing
-            return _Attempt(True)
+            return Attempt(True)
         finally:
             # Close this attempt's slots (and those of older attempts of any group size).
             for kind in (f"{prefix}{n}" for n in self._sizes for prefix in (REDUCE_SCATTER, ALL_GATHER)):
                 ctx.exchange.advance(kind, wire + 1)
 
-    # ------------------------------------------------------------------ overlap (buckets)
-
-    async def _reduce(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the reduce thread (the compute thread may be running backward)."""
-        return await asyncio.get_running_loop().run_in_executor(self._reducer, fn)
-
-    async def _attempt_buckets(self, round_index: int, group: Group, launch: _Launch) -> _Attempt:
-        """One attempt over ``group``, bucket by bucket as each is ready; the first bucket that
-        fails ends the attempt (the others are cancelled), and nothing is applied. Complete: every
-        ``.grad`` is rebound to the averaged buffers."""
-        assert self._buckets is not None
-        buckets = self._buckets
-        await self._notices.notify(round_index, group, "rs")
-        if group.size == 1:
-            await launch.backward_done.wait()
-            buckets.bind_local()  # the mean of one contribution is itself
-            return _Attempt(True)
-        wire = wire_round(round_index, group.epoch)
-        self._bucket_sizes.add(group.size)
-        self._ag_out.clear()
-        exchanges = [
-            self._tasks.spawn(self._bucket_exchange(number, round_index, group, launch), f"bucket{number}")
-            for number in range(len(buckets.buckets))
-        ]
-        failed: _Attempt | None = None
-        try:
-            pending: set[asyncio.Task[_Attempt]] = set(exchanges)
-            while pending and failed is None:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                # task.result(): Behind propagates
-                failed = next((o for o in (task.result() for task in done) if not o.complete), None)
-        except Behind:
-            if len(self._ag_out) < len(buckets.buckets):
-                self._notices.abandon(round_index, group.epoch)
-            raise
-        finally:
-            for task in exchanges:
-                task.cancel()
-            await reap(exchanges, expected=(Behind,))
-            for kind in (
-                f"{prefix}{n}_{number}"
-                for n in self._bucket_sizes
-                for prefix in (REDUCE_SCATTER, ALL_GATHER)
-                for number in range(len(buckets.buckets))
-            ):
-                self._ctx.exchange.advance(kind, wire + 1)
-        if failed is not None:
-            return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(buckets.buckets))
-        if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
-            return _Attempt(False, phase="decided")
-        applied = time.perf_counter()
-        buckets.bind_averaged()
-        self.phase_seconds["copies"] += time.perf_counter() - applied
-        return _Attempt(True)
-
-    async def _bucket_exchange(self, number: int, round_index: int, group: Group, launch: _Launch) -> _Attempt:
-        """Reduce-scatter then all-gather of bucket ``number`` (as :meth:`_attempt`, over the
-        bucket's buffers: chunk c = ceil(numel / n), kinds ``rs<n>_<k>`` / ``ag<n>_<k>``)."""
-        assert self._buckets is not None
-        bucket = self._buckets.buckets[number]
-        members, me = group.members, self._ctx.name
-        chunk = math.ceil(bucket.numel / group.size)
-
-        def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
-            return buffer[index * chunk : (index + 1) * chunk]
-
-        await launch.ready[number].wait()
-        if not launch.backward_done.is_set() and not await self._reduce(
-            lambda: bool(torch.isfinite(bucket.local[: bucket.numel].sum()))
-        ):
-            # A non-finite gradient is refused by every receiver: wait until backward is over,
-            # when the training loop has replaced it by its overflow sentinel.
-            await launch.backward_done.wait()
-        failed, gathered = await self._scatter_gather(
-            round_index, group, bucket.local, bucket.averaged, chunk, f"_{number}", self._reduce
-        )
-        if failed is not None:
-            return failed
-
-        @torch.no_grad()
-        def write_back() -> None:
-            for index, p in enumerate(members):
-                if p != me:
-                    piece(bucket.averaged, index).copy_(gathered[p].tensors["chunk"])
-
-        await self._reduce(write_back)
-        return _Attempt(True)
+    # ------------------------------------------------------------------ gradients into the round
 
     def before_backward(self, step: int) -> None:
-        """On the compute thread, before the closure: bind the gradients to the buckets and arm
-        the hooks that start each bucket's exchange as soon as backward has filled it."""
+        """On the compute thread, before the closure: bind the gradients to the flat vector (the
+        plain path) or to the buckets, arming the hooks that start each bucket's exchange as soon
+        as backward has filled it (overlap)."""
         self._backward_started = time.perf_counter()
-        if self._buckets is None:
-            if self._grad_views is not None and self.config.local_steps == 1:
-                with torch.no_grad():
-                    self._flat[: self._total].zero_()
-                for (_, p), view in zip(self._ctx.parameters, self._grad_views, strict=True):
-                    p.grad = view
-            return
-        loop = self._loop
-        if loop is None:
-            self._buckets.arm(lambda _number: None)  # no loop known yet: all buckets go after backward
-            return
-
-        def ready(number: int) -> None:
-            loop.call_soon_threadsafe(self._bucket_ready, step, number)
-
-        self._buckets.arm(ready)
-
-    def _launch_for(self, step: int) -> _Launch:
-        assert self._buckets is not None
-        if self._launch is None or self._launch.step != step:
-            self._launch = _Launch(step=step, ready=[asyncio.Event() for _ in self._buckets.buckets])
-        return self._launch
-
-    def _bucket_ready(self, step: int, number: int) -> None:
-        """On the event loop: bucket ``number`` of ``step`` is complete; the first one proposes the
-        round's group and starts its first attempt (every later bucket joins that attempt)."""
-        launch = self._launch_for(step)
-        launch.ready[number].set()
-        if launch.first is not None or launch.declined:
-            return
-        group = self._agreement.propose(step, self._participants(), None)
-        if group.size < self._quorum:
-            launch.declined = True  # the round's loop waits for the quorum after backward
-            return
-        task = self._tasks.spawn(self._attempt_buckets(step, group, launch), f"round{step}")
-        launch.first = (group, task)
-
-    async def _reduce_buckets(self, step: int) -> RoundOutcome | None:
-        """H = 1 with overlap: wait for the buckets' round (redo it from the local buffers if it failed)."""
-        assert self._buckets is not None
-        self._loop = asyncio.get_running_loop()
-        launch = self._launch_for(step)
-        self._buckets.disarm()  # unused parameters keep the zeros their bucket started with
-        launch.backward_done.set()
-        for ready in launch.ready:
-            ready.set()
-        try:
-            return await self._average(step, self._gradients, launch)
-        finally:
-            self._launch = None
-            if launch.first is not None and not launch.first[1].done():
-                launch.first[1].cancel()
-                await reap([launch.first[1]], expected=(Behind,))
+        if self._overlap is not None:
+            self._overlap.arm(step)
+        elif self._grad_views is not None and self.config.local_steps == 1:
+            with torch.no_grad():
+                self._flat[: self._total].zero_()
+            for (_, p), view in zip(self._ctx.parameters, self._grad_views, strict=True):
+                p.grad = view
 
     async def close(self) -> None:
         await self._tasks.cancel_all(self.config.round_timeout)
-        if self._buckets is not None:
-            self._buckets.close()
-        if self._reducer is not None:
-            self._reducer.shutdown(wait=False, cancel_futures=True)
+        if self._overlap is not None:
+            self._overlap.close()
         await super().close()
 
     def _views_bound(self) -> bool:
@@ -676,7 +514,7 @@ class AllReduceStrategy(StrategyBase):
         self,
         round_index: int,
         tensors: Callable[[], list[torch.Tensor]],
-        launch: _Launch | None = None,
+        launch: Launch | None = None,
         *,
         gradients: bool = False,
     ) -> RoundOutcome | None:
@@ -724,7 +562,8 @@ class AllReduceStrategy(StrategyBase):
                     failed, waited = group, True
                     continue
                 elif launch is not None:
-                    outcome = await self._attempt_buckets(round_index, group, launch)
+                    assert self._overlap is not None
+                    outcome = await self._overlap.attempt(round_index, group, launch)
                 else:
                     outcome = await self._attempt(round_index, group, tensors)
             except Behind as behind:
@@ -807,8 +646,8 @@ class AllReduceStrategy(StrategyBase):
             )
             self.raw_bytes += raw
             self.payload_bytes += payload
-        elif self._buckets is not None:
-            outcome = await self._reduce_buckets(step)
+        elif self._overlap is not None:
+            outcome = await self._overlap.run(step)
         else:
             outcome = await self._average(step, self._gradients, gradients=True)
         if outcome is not None:
@@ -905,7 +744,7 @@ class AllReduceStrategy(StrategyBase):
             **self._notices.status(),
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
-            "overlap": {"buckets": len(self._buckets.buckets)} if self._buckets is not None else None,
+            "overlap": {"buckets": len(self._overlap.buckets.buckets)} if self._overlap is not None else None,
             "phase_seconds": {phase: round(value, 6) for phase, value in self.phase_seconds.items()},
             **({"warmup_stage": self._compressed.stage(self._round)} if self._compressed is not None else {}),
         }

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from p2pdl.core.commit import Decision
@@ -24,8 +25,10 @@ from p2pdl.errors import FrameError, QuorumLostError
 from p2pdl.strategies.base import StrategyContext
 from p2pdl.wire import Frame
 
-__all__ = ["GROUP_NOTICE", "LOOK_EVERY", "Behind", "GroupNotices"]
+__all__ = ["ALL_GATHER", "GROUP_NOTICE", "LOOK_EVERY", "REDUCE_SCATTER", "Attempt", "Behind", "GroupNotices"]
 
+REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n members
+ALL_GATHER = "ag"
 GROUP_NOTICE = "xg"  # no tensors: "this is my round and the group I propose" (PROTOCOL.md §11)
 LOOK_EVERY = 0.1  # seconds between looks at the notices while a round waits
 _WAIT_NOTICE_EVERY = 0.5  # seconds between notices while waiting below quorum or undecided
@@ -35,6 +38,16 @@ _LINK_GRACE = 1.0
 _APPLIED_RUNS = 256  # runs of (rounds, epoch) kept for status()["applied_epochs"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How one attempt of an exact round ended."""
+
+    complete: bool
+    missing: tuple[str, ...] = ()
+    phase: str = "rs"
+    adopt: Group | None = None
 
 
 class Behind(Exception):  # control flow only: never leaves the all-reduce strategy
