@@ -339,11 +339,10 @@ def _mlp(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
 
 
-async def _round(names: list[str], *, overlap: bool, steps: int) -> list[list[torch.Tensor]]:
-    """``steps`` H = 1 rounds on in-process peers (same init, different data); their gradients."""
+def _peers(names: list[str], config: StrategyConfig) -> tuple[list[torch.nn.Module], list[AllReduceStrategy]]:
+    """In-process all-reduce peers over a loopback hub, each with ``_mlp(0)`` (the same init)."""
     graph = build_graph("full", names)
     hub: dict[str, LoopbackExchange] = {}
-    config = StrategyConfig(kind="allreduce", round_timeout=5.0, overlap=overlap, bucket_mb=1024 / (1024 * 1024))
     models, strategies = [], []
     for name in names:
         model = _mlp(0)
@@ -366,6 +365,13 @@ async def _round(names: list[str], *, overlap: bool, steps: int) -> list[list[to
         )
         models.append(model)
         strategies.append(AllReduceStrategy(ctx))
+    return models, strategies
+
+
+async def _round(names: list[str], *, overlap: bool, steps: int) -> list[list[torch.Tensor]]:
+    """``steps`` H = 1 rounds on in-process peers (same init, different data); their gradients."""
+    config = StrategyConfig(kind="allreduce", round_timeout=5.0, overlap=overlap, bucket_mb=1024 / (1024 * 1024))
+    models, strategies = _peers(names, config)
     if overlap:
         assert all(s.status()["overlap"]["buckets"] == 3 for s in strategies)  # 1 kB: one layer each
 
@@ -408,31 +414,7 @@ async def _plain_round(names: list[str], *, rebind: bool) -> tuple[list[list[tor
     """One H = 1 round without overlap; ``rebind``: peer 0's code replaces its ``.grad`` tensors
     after backward (a closure that clones them). The peers' gradients after the round, and
     whether each peer's gradients are then the views of its flat vector."""
-    graph = build_graph("full", names)
-    hub: dict[str, LoopbackExchange] = {}
-    config = StrategyConfig(kind="allreduce", round_timeout=5.0)
-    models, strategies = [], []
-    for name in names:
-        model = _mlp(0)
-        hub[name] = LoopbackExchange(name, hub)
-
-        async def run_compute(fn: Callable[[], Any]) -> Any:
-            return fn()
-
-        ctx = StrategyContext(
-            name=name,
-            topology=lambda: graph,
-            parameters=tuple(model.named_parameters()),
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            configured=graph.names,
-            device=torch.device("cpu"),
-            exchange=hub[name],
-            run_compute=run_compute,
-            config=config,
-            ledger=RoundLedger(),
-        )
-        models.append(model)
-        strategies.append(AllReduceStrategy(ctx))
+    models, strategies = _peers(names, StrategyConfig(kind="allreduce", round_timeout=5.0))
 
     async def peer(index: int) -> None:
         model, strategy = models[index], strategies[index]
