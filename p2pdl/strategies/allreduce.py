@@ -498,17 +498,14 @@ class AllReduceStrategy(StrategyBase):
 
     @torch.no_grad()
     def _into_flat(self, tensors: Sequence[torch.Tensor], *, gradients: bool) -> None:
-        """The round's input into the flat vector (compute thread): nothing to copy when the
-        gradients are still the views backward accumulated into; otherwise copy, and bind the views."""
-        views = self._grad_views if gradients else None
-        self._flat_is_grads = views is not None and all(is_view(t, v) for t, v in zip(tensors, views, strict=True))
-        if self._flat_is_grads:
-            return
+        """Copy the round's input into the flat vector (compute thread); gradients that were not
+        the views (:meth:`_views_bound`) are bound to them from here on."""
         flatten_into(tensors, self._flat[: self._total])
+        views = self._grad_views if gradients else None
         if views is not None:
             for (_, p), view in zip(self._ctx.parameters, views, strict=True):
                 p.grad = view
-            self._flat_is_grads = True
+        self._flat_is_grads = views is not None
 
     async def _average(
         self,
