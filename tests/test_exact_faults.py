@@ -80,6 +80,7 @@ def swarm_config(
     steps: int,
     host: str = "127.0.0.1",
     workload: str = "mnist1d_cnn.py",
+    schedule: dict[str, object] | None = None,
     **extra: object,
 ) -> Path:
     return write_config(
@@ -93,6 +94,7 @@ def swarm_config(
         transport={"startup_timeout": 120.0},
         membership=MEMBERSHIP,
         checkpoint={"every": 20},
+        schedule=schedule,
         host=host,
     )
 
@@ -153,7 +155,11 @@ def test_a_freeze_of_one_of_four_is_redone_around_and_the_thawed_peer_resyncs(
     # Slow steps: the three must still be training when p3 thaws, however fast an idle machine is.
     steps = 200
     ports = free_ports(len(NAMES))
-    config = swarm_config(tmp_path / "swarm.toml", strategy, ports, steps=steps, workload=str(SLOW_WORKLOAD))
+    # With a warm-up and cosine schedule: the resynced peer's schedule must land on the group's step.
+    schedule = {"kind": "cosine", "warmup_steps": 10, "final_lr_fraction": 0.1}
+    config = swarm_config(
+        tmp_path / "swarm.toml", strategy, ports, steps=steps, workload=str(SLOW_WORKLOAD), schedule=schedule
+    )
     for name in NAMES:
         peers.start(config, name, env=SLOW)
     wait_for(lambda: min(status(p)["step"] for p in ports) >= 20, 300, "every peer past step 20")

@@ -503,7 +503,7 @@ def test_a_joiner_places_its_schedule_at_the_swarms_step() -> None:
     rates = learning_rates(veteran.optimizer, veteran.scheduler, 17)
     joiner = build_training(loaded, synthetic_workload(), mlp(), CPU)
     joiner.optimizer.load_state_dict(veteran.optimizer.state_dict())  # what a state download carries
-    joiner.place_schedule(17)
+    joiner.step.state_loaded(17)
     assert joiner.optimizer.param_groups[0]["lr"] == pytest.approx(veteran.optimizer.param_groups[0]["lr"])
     assert learning_rates(joiner.optimizer, joiner.scheduler, 10) == pytest.approx(
         learning_rates(veteran.optimizer, veteran.scheduler, 10)

@@ -75,6 +75,12 @@ class StepHooks(Protocol):
 
     def optimizer_step(self) -> None: ...
 
+    def state_loaded(self, step: int) -> None:
+        """The parameters and optimizer state were just replaced by a donor's, which stood at
+        ``step`` (a join or a resync): put the learning-rate schedule there too, so that this
+        peer's next update uses the group's learning rate. Runs on the compute thread."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
@@ -420,6 +426,8 @@ class Peer:
                 errors.append(f"{name}: {exc}")
                 continue
             log.info("%s: loaded state of step %d from %s", self.name, step, name)
+            if self.hooks is not None:
+                await self.run_compute(functools.partial(self.hooks.state_loaded, step))
             return step
         raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
 

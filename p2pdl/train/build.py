@@ -13,7 +13,6 @@ A workload's ``build_optimizer`` and ``build_schedule`` hooks replace the config
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,23 +51,6 @@ class Training:
         assert self.step.scheduler is not None
         return self.step.scheduler
 
-    def place_schedule(self, step: int) -> None:
-        """Put the schedule at ``step`` (after downloading a live peer's state on join).
-
-        The downloaded optimizer carries the donor's current learning rate, which torch's
-        recursive schedulers would compound from; so every group goes back to its peak, the
-        schedule is built afresh, and it is stepped ``step`` times without optimizer steps.
-        """
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.pop("initial_lr", group["lr"])
-        schedule = self.build_schedule()
-        with warnings.catch_warnings():
-            # "lr_scheduler.step() before optimizer.step()": intended here, the steps were the donor's.
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(step):
-                schedule.step()
-        self.step.scheduler = schedule
-
 
 def build_training(config: Config, workload: LoadedWorkload, model: torch.nn.Module, device: torch.device) -> Training:
     """Optimizer, schedule, precision and update step for ``model`` under ``config``."""
@@ -84,5 +66,13 @@ def build_training(config: Config, workload: LoadedWorkload, model: torch.nn.Mod
 
     scheduler = schedule()
     precision = MixedPrecision(config.run.precision, device)
-    step = TrainStep(model, optimizer, scheduler, precision, loss_fn=workload.loss_fn, grad_clip=config.run.grad_clip)
+    step = TrainStep(
+        model,
+        optimizer,
+        scheduler,
+        precision,
+        loss_fn=workload.loss_fn,
+        grad_clip=config.run.grad_clip,
+        build_schedule=schedule,
+    )
     return Training(optimizer=optimizer, precision=precision, step=step, build_schedule=schedule)

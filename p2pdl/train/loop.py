@@ -126,8 +126,7 @@ async def run_peer(
         async with peer:
             if not resumed and (options.join or config.peer(name) is None):
                 fetch_started = time.perf_counter()
-                await peer.fetch_state()
-                await peer.run_compute(functools.partial(training.place_schedule, peer.step_index))
+                await peer.fetch_state()  # the step hooks put the schedule at the donor's step
                 metrics.write(
                     {"event": "joined", "step": peer.step_index, "seconds": time.perf_counter() - fetch_started}
                 )

@@ -20,6 +20,7 @@ gradients; with float16 parameters a non-finite gradient stops the peer instead.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,10 +53,12 @@ class TrainStep:
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         grad_clip: float = 0.0,
+        build_schedule: Callable[[], LRScheduler] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.build_schedule = build_schedule  # a fresh schedule over ``optimizer`` (for state_loaded)
         self.precision = precision
         self.loss_fn = loss_fn
         self.grad_clip = grad_clip
@@ -98,6 +101,26 @@ class TrainStep:
         """Whether the averaged gradients hold a non-finite value or an averaged sentinel."""
         largest = torch.stack([g.abs().max().float() for g in gradients]).max()
         return not bool(largest < OVERFLOW_THRESHOLD)  # NaN compares False: an overflow too
+
+    def state_loaded(self, step: int) -> None:
+        """Put the schedule at ``step`` after a donor's state replaced this peer's (a join or a
+        resync; :class:`p2pdl.peer.node.StepHooks`).
+
+        The downloaded optimizer carries the donor's current learning rate, which torch's
+        recursive schedulers would compound from; so every group goes back to its peak, the
+        schedule is built afresh, and it is stepped ``step`` times without optimizer steps.
+        """
+        if self.build_schedule is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.pop("initial_lr", group["lr"])
+        schedule = self.build_schedule()
+        with warnings.catch_warnings():
+            # "lr_scheduler.step() before optimizer.step()": intended here, the steps were the donor's.
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                schedule.step()
+        self.scheduler = schedule
 
     def optimizer_step(self) -> None:
         """Unscale, check, clip, step (or skip), update the scale, step the schedule."""
