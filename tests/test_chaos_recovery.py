@@ -10,8 +10,8 @@ it has caught up (§11.5), so no attempt ever waits for its start-up or its down
 
 The invariants: every peer exits 0 having run every step, the final models are bit-identical, no
 group below the quorum trained, no attempt of any peer ended at its deadline, a survivor ended
-one because the victim's link was down, the restarted peer resynced and is a member of the final
-group, and no survivor lost a step.
+one because the victim's link was down, the restarted peer resynced before its first step (from the
+members' gossiped steps) and is a member of the final group, and no survivor lost a step.
 """
 
 from __future__ import annotations
@@ -104,6 +104,11 @@ def test_a_killed_and_restarted_member_is_redone_around_at_once_and_rejoins_with
     assert sum(figures[n]["attempt_endings"].get("link_down", 0) for n in SURVIVORS) >= 1, report(figures)
     assert "resumed from" in peers.log("p2")
     assert figures["p2"]["resyncs"] >= 1, report(figures)  # its checkpoint was behind the group
+    # The members' gossiped steps told the restarted p2 that the group was past its checkpoint's
+    # round: it downloaded before its first step, and trained none of its first life's steps again.
+    assert "past round" in peers.log("p2"), peers.log("p2")[-3000:]
+    both_lives = [r["step"] for r in read_metrics(tmp_path / "p2") if "loss" in r]
+    assert both_lives == sorted(set(both_lives)), (both_lives, report(figures))
     assert "p2" in figures["p0"]["group"]["members"], report(figures)  # re-admitted
     # No lost step: a survivor's log has a gap only where it resynced (a busy machine can make it
     # miss a round the others complete), and together they trained every step.

@@ -219,6 +219,7 @@ class Peer:
                 last_step=config.run.steps - 1,
                 resync=self._resync,
                 dead_limit=self.membership.dead_limit,
+                member_steps=self._member_steps,
             )
         )
         self.transport.set_neighbors(self._strategy.communication_peers())
@@ -234,6 +235,15 @@ class Peer:
 
     def live_members(self) -> tuple[str, ...]:
         return self._graph.names
+
+    def _member_steps(self) -> dict[str, int]:
+        """The step each live member gossiped last (its figures, PROTOCOL.md §3.6), current life only."""
+        steps = {}
+        for name in self.membership.live_names():
+            member, entry = self.membership.member(name), self.telemetry.figures.get(name)
+            if name != self.name and member is not None and entry is not None and entry["v"][0] == member.incarnation:
+                steps[name] = int(entry["s"])
+        return steps
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -411,8 +421,12 @@ class Peer:
             log.info("%s: state download aborted by the other side: %s", self.name, exc)
         return response
 
-    async def fetch_state(self, donor: str | None = None) -> int:
-        """Download parameters, optimizer state and step from a live neighbour; returns the step."""
+    async def fetch_state(self, donor: str | None = None, *, at_least: int = 0) -> int:
+        """Download parameters, optimizer state and step from a live neighbour; returns the step.
+
+        A donor whose state is before step ``at_least`` is refused as soon as its first frame
+        says so, before anything is loaded, and the next candidate is tried.
+        """
         candidates = [donor] if donor else [n for n in self._graph.neighbors.get(self.name, ())]
         candidates += [n for n in self.live_members() if n != self.name and n not in candidates]
         errors = []
@@ -421,7 +435,7 @@ class Peer:
             if not address:
                 continue
             try:
-                step = await self._fetch_state_from(name, address)
+                step = await self._fetch_state_from(name, address, at_least)
             except (P2PDLError, OSError) as exc:
                 errors.append(f"{name}: {exc}")
                 continue
@@ -431,18 +445,18 @@ class Peer:
             return step
         raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
 
-    async def _resync(self, donors: Sequence[str]) -> int:
+    async def _resync(self, donors: Sequence[str], *, at_least: int = 0) -> int:
         """Re-admission: a peer that fell behind its group downloads a member's state (the first of
-        ``donors`` that serves it) and continues from its step."""
+        ``donors`` that serves one at ``at_least`` or later) and continues from its step."""
         errors = []
         for donor in donors:
             try:
-                return await self.fetch_state(donor)
+                return await self.fetch_state(donor, at_least=at_least)
             except (P2PDLError, OSError) as exc:
                 errors.append(str(exc))
         raise TransportError(f"{self.name}: resync failed: {'; '.join(errors) or 'no donor'}")
 
-    async def _fetch_state_from(self, donor: str, address: str) -> int:
+    async def _fetch_state_from(self, donor: str, address: str, at_least: int = 0) -> int:
         limits = self.transport.limits
         assembler = StateAssembler(self.model, self.optimizer, self._strategy.state_specs())
         loop = asyncio.get_running_loop()
@@ -462,6 +476,8 @@ class Peer:
                     None, functools.partial(decode_frame, data, limits=limits, known_senders=(donor,))
                 )
                 assembler.feed(frame)
+                if assembler.step is not None and assembler.step < at_least:
+                    raise TransportError(f"{donor} serves the state of step {assembler.step}, before step {at_least}")
 
         def load() -> int:
             # Model, optimizer, step and the strategy's state change together on the compute thread.
@@ -493,6 +509,18 @@ class Peer:
         if not math.isfinite(value):
             raise TrainingDivergedError(f"{self.name}: loss is {value} at step {self.step_index}")
         return value
+
+    async def catch_up(self) -> bool:
+        """Before choosing the batch of the next step: when the group is already past the round
+        of :attr:`step_index` (this peer restarted, thawed or was cut off), download its state now
+        instead of training that round in vain. Returns whether :attr:`step_index` moved."""
+        if self.state != "training":
+            raise RuntimeError(f"peer {self.name} is {self.state}; use 'async with Peer(...)'")
+        step = await self.strategy.before_step(self.step_index)
+        if step is None or step == self.step_index:
+            return False
+        self.step_index = step
+        return True
 
     async def step(self, closure: Callable[[], torch.Tensor]) -> StepResult:
         """One training step: closure (forward + backward), strategy, optimizer, strategy.

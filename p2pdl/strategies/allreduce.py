@@ -63,6 +63,7 @@ from p2pdl.errors import (
     AllReduceIncompleteError,
     FrameSchemaError,
     QuorumLostError,
+    TransportError,
 )
 from p2pdl.faults import at as inject_fault
 from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter, all_gather_compressed
@@ -605,11 +606,48 @@ class AllReduceStrategy(StrategyBase):
             if stalled >= self.config.quorum_timeout:
                 raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
 
-    async def _catch_up(self, donors: Sequence[str]) -> None:
-        """Re-admission: load the state of a member ahead of this peer; join at the donor's round."""
-        assert self._ctx.resync is not None
-        step = await self._ctx.resync(donors)  # state_replaced takes the donor's group
-        self._ctx.ledger.resyncs += 1
+    async def before_step(self, step: int) -> int | None:
+        """A member that gossiped a step past this step's round has completed that round without
+        this peer (it restarted, thawed or was cut off): download its state now rather than at
+        the round's end, after training the round's local steps in vain (PROTOCOL.md §11.5).
+
+        The gossiped steps are hearsay; a donor is trusted only for the state it serves itself,
+        and one that serves a state before the round's end is refused before anything loads.
+        """
+        ctx = self._ctx
+        if ctx.member_steps is None or ctx.resync is None or self._strict:
+            return None
+        if self._compressed is not None or self._codec is not None:
+            return None
+        local_steps = self.config.local_steps
+        round_index = step // local_steps
+        round_end = (round_index + 1) * local_steps  # a member's step once it applied this round
+        steps = ctx.member_steps()
+        donors = sorted((n for n, s in steps.items() if s >= round_end), key=lambda n: -steps[n])
+        if not donors:
+            return None
+        log.info("%s: step %d: %s past round %d, downloading state", ctx.name, step, ",".join(donors), round_index)
+        await self._notices.notify(round_index, self._agreement.agreed, "sync")
+        try:
+            await self._catch_up(donors, at_least=round_end)
+        except TransportError as exc:
+            log.info("%s: step %d: no state past round %d (%s); training on", ctx.name, step, round_index, exc)
+            return None
+        self._skip_local_step = False  # no gradient round was taken: the next step is a whole one
+        return self.adopted_step()
+
+    async def _catch_up(self, donors: Sequence[str], *, at_least: int = 0) -> None:
+        """Re-admission: load the state of a member ahead of this peer; join at the donor's round.
+
+        The donors furthest ahead by their gossiped steps are tried first: a member left out of
+        the round that the others applied is as far as this peer by its notices, not by its step.
+        """
+        ctx = self._ctx
+        assert ctx.resync is not None
+        steps = ctx.member_steps() if ctx.member_steps is not None else {}
+        donors = sorted(donors, key=lambda n: -steps.get(n, -1))  # stable: notice order among equals
+        step = await ctx.resync(donors, at_least=at_least)  # state_replaced takes the donor's group
+        ctx.ledger.resyncs += 1
         joined = step // self.config.local_steps
         self._joined_round = joined
         self._agreement.keep_notices_for(joined)

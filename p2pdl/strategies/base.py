@@ -171,6 +171,14 @@ class OuterConfig:
         return cls(outer=table.outer, outer_lr=table.outer_lr, outer_momentum=table.outer_momentum)
 
 
+class Resync(Protocol):
+    """Download and load the state of the first of ``donors`` that serves one at step
+    ``at_least`` or later (a donor behind that is refused before anything is loaded); returns
+    its step. Raises :class:`~p2pdl.errors.TransportError` when none does."""
+
+    def __call__(self, donors: Sequence[str], *, at_least: int = 0) -> Awaitable[int]: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class StrategyContext:
     """Everything a strategy may touch, handed over by the node."""
@@ -189,11 +197,14 @@ class StrategyContext:
     last_step: int | None = None  # run.steps - 1: the step the swarm's run ends on (None: unknown)
     # Download the state of one of the given peers (in preference order) over /state and load it
     # (model, optimizer, this strategy's extras); returns the step it holds. None: cannot resync.
-    resync: Callable[[Sequence[str]], Awaitable[int]] | None = None
+    resync: Resync | None = None
     # Seconds of silence after which the membership declares a member dead (its adaptive
     # detector, PROTOCOL.md §7.3). None: no membership (in-process tests); exact rounds then
     # floor their learnt deadline at strategy.min_round_timeout alone.
     dead_limit: Callable[[str], float] | None = None
+    # The training step each live member last gossiped in its figures (PROTOCOL.md §7.4, key
+    # ``s``), its current life only; this peer excluded. None: no gossip (in-process tests).
+    member_steps: Callable[[], Mapping[str, int]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +254,12 @@ class Strategy(Protocol):
 
     def swarm_step(self) -> int | None:
         """For strategies without a barrier: the furthest step seen from other peers (else None)."""
+        ...
+
+    async def before_step(self, step: int) -> int | None:
+        """Before the batch of ``step`` is chosen: a peer whose group is already past this step's
+        round (a restarted or thawed one) downloads the group's state now, rather than training
+        the round's steps in vain; returns the step it continues from (None: go on with ``step``)."""
         ...
 
     def adopted_step(self) -> int | None:
@@ -431,6 +448,9 @@ class StrategyBase:
         return None
 
     def swarm_step(self) -> int | None:
+        return None
+
+    async def before_step(self, step: int) -> int | None:
         return None
 
     def adopted_step(self) -> int | None:

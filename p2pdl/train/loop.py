@@ -146,6 +146,8 @@ async def run_peer(
                 if stop is not None and stop.is_set():
                     stopped_early = True
                     break
+                if await peer.catch_up():
+                    continue  # downloaded the group's state: its step may be the last one
                 swarm_step = peer.strategy.swarm_step()
                 if swarm_step is not None and swarm_step >= run.steps - 1:
                     log.info("%s: the swarm reached step %d; a straggler stops with it", name, swarm_step)
