@@ -76,6 +76,8 @@ class GroupNotices:
         self._round_deadline = round_deadline
         self._quorum_timeout = quorum_timeout
         self._seq = 0
+        self._said: tuple[Any, ...] | None = None  # the last notice sent (round, meta, recipients)
+        self._said_at = float("-inf")
         self.bad_notices = 0
         # The epochs of the current round known aborted (sent as "no"), and the round to announce
         # once a contested round is applied.
@@ -120,25 +122,29 @@ class GroupNotices:
     async def notify(self, round_index: int, group: Group, phase: str, vote: Vote | None = None) -> None:
         """Tell every live peer (members or not) this peer's round and the group it proposes (and
         its vote on an attempt's decision, and the epochs of the round it knows aborted)."""
+        meta = group_meta(
+            round_index,
+            group,
+            self._agreement.prev,
+            phase,
+            vote=vote,
+            aborted=self.aborted if round_index == self.aborted_round else (),
+        )
+        peers = self._peers()
+        # The same notice to the same peers goes out at most every _WAIT_NOTICE_EVERY seconds.
+        # Every wait loop re-announces when it reads a notice: two peers waiting on each other
+        # (below quorum, lingering, undecided) would otherwise answer each other's notices in a
+        # ping-pong as fast as the links go, until the receivers' rate limits refuse them.
+        said, now = (round_index, tuple(sorted(meta.items())), peers), time.monotonic()
+        if said == self._said and now < self._said_at + _WAIT_NOTICE_EVERY:
+            return
+        self._said, self._said_at = said, now
         # A notice's frame round is a per-sender sequence (wall-clock milliseconds, strictly
         # increasing, so also across a restart): the mailbox keeps the newest and never sees a
         # duplicate when a peer announces the same round twice.
         self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
-        notice = Frame(
-            kind=GROUP_NOTICE,
-            sender=self._ctx.name,
-            round=self._seq,
-            step=round_index,
-            meta=group_meta(
-                round_index,
-                group,
-                self._agreement.prev,
-                phase,
-                vote=vote,
-                aborted=self.aborted if round_index == self.aborted_round else (),
-            ),
-        )
-        await self._ctx.exchange.broadcast(notice, self._peers())
+        notice = Frame(kind=GROUP_NOTICE, sender=self._ctx.name, round=self._seq, step=round_index, meta=meta)
+        await self._ctx.exchange.broadcast(notice, peers)
 
     def abandon(self, round_index: int, epoch: int) -> None:
         """No member applies attempt ``epoch`` of this round: say so in every later notice of it."""
