@@ -9,6 +9,11 @@ failure-free, then under chaos. Under chaos, every ``--kill-every`` seconds a ra
 is SIGKILLed and started again with ``--resume`` (it continues from its last checkpoint and is
 re-admitted by the swarm), and every ``--freeze-every`` seconds one random running peer is
 SIGSTOPped for ``--freeze-seconds``; both clocks start when the swarm completes its first step.
+No fault is injected in the last checkpoint interval, nor when the training left (estimated from
+the swarm's pace) is shorter than the fault takes to recover from: the longest restart measured
+in the run (kill to the victim past the swarm step of its kill; 30 s until one is measured) or
+the freeze plus the detection time. A peer stopped across the end of the run has nobody left to
+download the final state from and exits with ``QuorumLostError``, as designed.
 The peers are real ``p2pdl peer`` processes started through
 ``scripts/local_cluster.py``'s :class:`Cluster`, training the tiny byte-level GPT
 (``peers/gpt_tiny.py``) on 127.0.0.1.
@@ -149,23 +154,43 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
     next_kill = next_freeze = float("inf")  # set when the swarm completes its first step
     swarm_step = -1
     timed_out = False
+    trained_from: tuple[float, int] | None = None  # (time, swarm step) when training started
+    restarting: dict[str, tuple[float, int]] = {}  # victim -> (kill time, swarm step at the kill)
+    restart_seconds: list[float] = []  # kill -> the victim past the swarm step of its kill, measured
     try:
         while cluster.running():
             now = cluster.elapsed()
             if now > args.timeout:
                 timed_out = True
                 break
-            statuses = [fetch_status(cluster.addresses[n], security) for n in cluster.polled()]
-            swarm_step = max([swarm_step, *(int(s["step"]) for s in statuses if s)])
+            polled = cluster.polled()
+            statuses = dict(zip(polled, (fetch_status(cluster.addresses[n], security) for n in polled), strict=True))
+            swarm_step = max([swarm_step, *(int(s["step"]) for s in statuses.values() if s)])
+            for name, (killed_at, step_at_kill) in list(restarting.items()):
+                if (status := statuses.get(name)) and int(status["step"]) > step_at_kill:
+                    restart_seconds.append(now - killed_at)
+                    del restarting[name]
             if chaos and swarm_step >= 1 and next_kill == float("inf"):
                 # The clock of the chaos starts with training, not with the processes' start-up.
                 next_kill, next_freeze = now + args.kill_every, now + args.freeze_every
-            # No fault in the last checkpoint interval: a peer restarted after the swarm has finished
-            # finds no quorum to rejoin and, correctly, exits with QuorumLostError after quorum_timeout.
+                trained_from = (now, swarm_step)
+            # No fault that the swarm would finish before recovering from: a peer restarted or
+            # thawed after the others have finished finds nobody to download the final state from
+            # and, as designed, exits with QuorumLostError. The training left is estimated from
+            # the swarm's pace so far; a restart needs the longest one measured in this run (30 s
+            # until one is), a freeze its length and the detection time.
+            left = float("inf")
+            if trained_from is not None and swarm_step > trained_from[1]:
+                pace = (now - trained_from[0]) / (swarm_step - trained_from[1])
+                left = (args.steps - swarm_step) * pace
+            recovery = {
+                "restart": max(restart_seconds, default=30.0),
+                "freeze": args.freeze_seconds + (args.detection_seconds or 5.0),
+            }
             if chaos and 1 <= swarm_step < args.steps - args.checkpoint_every:
                 for kind, due in (("restart", now >= next_kill), ("freeze", now >= next_freeze)):
                     candidates = cluster.polled()
-                    if not due or len(candidates) < 2:
+                    if not due or len(candidates) < 2 or left < recovery[kind]:
                         continue
                     name = rng.choice(sorted(candidates))
                     seconds = args.freeze_seconds if kind == "freeze" else None
@@ -174,6 +199,7 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
                     print(f"chaos {strategy}: {now:7.1f} s, swarm step {swarm_step}: {line}", flush=True)
                     events.append(event.record() | {"at_seconds": round(now, 2)})
                     if kind == "restart":
+                        restarting[name] = (now, swarm_step)
                         next_kill += args.kill_every
                     else:
                         next_freeze += args.freeze_every
@@ -182,7 +208,9 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
     finally:
         cluster.stop()
     exit_codes = {name: proc.returncode for name, proc in cluster.procs.items()}
-    return analyse(out, cluster.names, exit_codes, events, args, strategy, timed_out, snapshot_every)
+    result = analyse(out, cluster.names, exit_codes, events, args, strategy, timed_out, snapshot_every)
+    result["restart_seconds"] = [round(seconds, 2) for seconds in restart_seconds]
+    return result
 
 
 def analyse(
