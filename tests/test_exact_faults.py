@@ -241,7 +241,7 @@ def test_a_member_whose_frames_stop_while_it_heartbeats_is_cut_at_the_learnt_dea
         fault = {"P2PDL_FAULT": f"hang:mean:30:{hang}"} if name == "p3" else {}
         peers.start(config, name, env={**SLOW, **fault})
     peers.assert_all_finished(FINISH_TIMEOUT, steps)
-    assert "fault injection: hang" in log_tail(tmp_path / "p3")
+    assert "fault injection: hang" in peers.log("p3")
     figures = check_outcome(tmp_path, NAMES, steps)
     for name in NAMES[:3]:
         assert figures[name]["attempt_endings"].get("deadline", 0) >= 1, report(figures)
