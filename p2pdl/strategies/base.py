@@ -202,7 +202,7 @@ class StrategyContext:
     # detector, PROTOCOL.md §7.3). None: no membership (in-process tests); exact rounds then
     # floor their learnt deadline at strategy.min_round_timeout alone.
     dead_limit: Callable[[str], float] | None = None
-    # The training step each live member last gossiped in its figures (PROTOCOL.md §7.4, key
+    # The training step each live member last gossiped in its figures (PROTOCOL.md §3.6, key
     # ``s``), its current life only; this peer excluded. None: no gossip (in-process tests).
     member_steps: Callable[[], Mapping[str, int]] | None = None
 
