@@ -623,7 +623,7 @@ class AllReduceStrategy(StrategyBase):
         round_index = step // local_steps
         round_end = (round_index + 1) * local_steps  # a member's step once it applied this round
         steps = ctx.member_steps()
-        donors = sorted((n for n, s in steps.items() if s >= round_end), key=lambda n: -steps[n])
+        donors = [n for n, s in steps.items() if s >= round_end]  # _catch_up tries the furthest first
         if not donors:
             return None
         log.info("%s: step %d: %s past round %d, downloading state", ctx.name, step, ",".join(donors), round_index)
