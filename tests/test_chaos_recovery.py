@@ -107,6 +107,8 @@ def test_a_killed_and_restarted_member_is_redone_around_at_once_and_rejoins_with
     # The members' gossiped steps told the restarted p2 that the group was past its checkpoint's
     # round: it downloaded before its first step, and trained none of its first life's steps again.
     assert "past round" in peers.log("p2"), peers.log("p2")[-3000:]
+    if strategy == "allreduce":  # H = 1: its donor served the state at the end of a step (§3.5)
+        assert any("fresh to" in peers.log(n) for n in SURVIVORS), report(figures)
     both_lives = [r["step"] for r in read_metrics(tmp_path / "p2") if "loss" in r]
     assert both_lives == sorted(set(both_lives)), (both_lives, report(figures))
     assert "p2" in figures["p0"]["group"]["members"], report(figures)  # re-admitted

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -221,3 +222,41 @@ async def test_frames_post_needs_the_live_links_token() -> None:
                 assert response.status == 403
         assert b.status()["frames_rejected"]["by_reason"] == {"unknown_sender": 4}
         assert b.status()["frames_received"] == 0
+
+
+async def test_a_fresh_state_download_is_served_at_the_end_of_the_donors_next_step() -> None:
+    """``GET /state?fresh=1`` (PROTOCOL.md §3.5): the donor holds the download until its next
+    step has ended and serves that step's result, not the state it held when asked."""
+    async with two_peers() as (a, b):
+        download = asyncio.create_task(b.fetch_state("a", fresh=True))
+        await wait_until(lambda: len(a._fresh_waiters) == 1)  # held, not served at step 0
+        assert not download.done()
+        await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
+        assert await asyncio.wait_for(download, 10) == 1  # the state after a's step 0
+        assert a._fresh_waiters == []
+
+
+async def test_a_fresh_download_from_a_donor_that_does_not_step_gets_its_current_state() -> None:
+    """A donor that ends no step within its hold (below quorum, at the end of its run) serves
+    the state it has; a download never waits on a step that does not come."""
+    async with two_peers() as (a, b):
+        a.step_index = 7
+        assert await asyncio.wait_for(b.fetch_state("a", fresh=True), 10) == 7
+        assert a._fresh_waiters == []
+
+
+@pytest.mark.parametrize("value", ["2", "yes", ""])
+async def test_a_bad_fresh_value_is_a_400_that_names_it(value: str) -> None:
+    async with two_peers() as (a, _b), aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{a.transport.port}/state"
+        async with session.get(url, params={"fresh": value}) as response:
+            assert response.status == 400
+            assert "fresh must be 0 or 1" in await response.text()
+        assert a._fresh_waiters == []
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)

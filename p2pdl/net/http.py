@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -127,10 +127,15 @@ def open_stream(
     timeout: float,
     *,
     target: str | None = None,
+    params: Mapping[str, str] | None = None,
 ) -> Any:
-    """A streamed GET (an aiohttp response context manager); the caller bounds its reads."""
+    """A streamed GET (an aiohttp response context manager); the caller bounds its reads.
+
+    ``params`` go in the query string; the token's purpose names the path without it.
+    """
     return session.get(
         f"{security.scheme}://{address}{path}",
+        params=params,
         timeout=aiohttp.ClientTimeout(total=timeout, sock_read=timeout),
         headers=security.headers(target=target, method="GET", path=path),
     )

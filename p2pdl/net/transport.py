@@ -481,8 +481,16 @@ class Transport(LinkReceiver):
             self._session, self.security, address, method, path, payload, timeout, max_bytes, target=target
         )
 
-    def open_stream(self, address: str, path: str, timeout: float, *, target: str | None = None) -> Any:
+    def open_stream(
+        self,
+        address: str,
+        path: str,
+        timeout: float,
+        *,
+        target: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
         """A streamed GET (an aiohttp response context manager); the caller bounds its reads."""
         if self._session is None:
             raise TransportError("transport is not started")
-        return http.open_stream(self._session, self.security, address, path, timeout, target=target)
+        return http.open_stream(self._session, self.security, address, path, timeout, target=target, params=params)

@@ -17,7 +17,9 @@ import functools
 import logging
 import math
 import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from p2pdl.membership.gossip import MembershipGossip
 from p2pdl.membership.view import MembershipView, Timing
 from p2pdl.net.auth import security_from_config
 from p2pdl.net.transport import Transport
-from p2pdl.peer.statesync import LENGTH, StateAssembler, snapshot_state, state_frames
+from p2pdl.peer.statesync import LENGTH, StateAssembler, StateSnapshot, snapshot_state, state_frames
 from p2pdl.peer.telemetry import PeerTelemetry
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
@@ -190,6 +192,10 @@ class Peer:
             on_reject=lambda reason: self.transport.stats.auth_rejected.update([reason]),
         )
         self._compute_seconds = 0.0  # time on the compute thread, for the step's time split
+        # GET /state?fresh=1 (PROTOCOL.md §3.5): downloads waiting for the end of the next step,
+        # and the last steps' wall times, which bound that wait.
+        self._fresh_waiters: list[asyncio.Future[StateSnapshot]] = []
+        self._step_walls: deque[float] = deque(maxlen=16)
         self.gossip = MembershipGossip(
             view=self.membership,
             transport=self.transport,
@@ -399,13 +405,17 @@ class Peer:
     # ------------------------------------------------------------------ state transfer
 
     async def _state_handler(self, request: web.Request) -> web.StreamResponse:
-        # The strategy says when the live state is consistent (not between an optimizer step and
-        # the step count that goes with it), and what it serves besides (outer state, its group).
-        async with asyncio.timeout(self.config.transport.state_timeout):
-            await self._strategy.state_ready()
-        snapshot = await self.run_compute(
-            lambda: snapshot_state(self.model, self.optimizer, self.step_index, self._strategy.served_state())
-        )
+        fresh = request.query.get("fresh", "0")
+        if fresh not in ("0", "1"):
+            raise web.HTTPBadRequest(text=f"GET /state: fresh must be 0 or 1, not {fresh[:20]!r}")
+        snapshot = await self._next_step_snapshot() if fresh == "1" else None
+        if snapshot is None:
+            # The strategy says when the live state is consistent (not between an optimizer step
+            # and the step count that goes with it), and what it serves besides (outer state, its
+            # group).
+            async with asyncio.timeout(self.config.transport.state_timeout):
+                await self._strategy.state_ready()
+            snapshot = await self.run_compute(self._snapshot)
         response = web.StreamResponse(headers={"Content-Type": "application/x-p2pdl-state"})
         await response.prepare(request)
         timeout = self.config.transport.send_timeout
@@ -421,11 +431,57 @@ class Peer:
             log.info("%s: state download aborted by the other side: %s", self.name, exc)
         return response
 
-    async def fetch_state(self, donor: str | None = None, *, at_least: int = 0) -> int:
+    def _snapshot(self) -> StateSnapshot:
+        return snapshot_state(self.model, self.optimizer, self.step_index, self._strategy.served_state())
+
+    def _fresh_hold(self) -> float:
+        """How long a ``fresh`` download waits for the end of this peer's next step: three
+        median steps (one when none is measured yet), at least 1 s, at most half the state
+        timeout."""
+        median = statistics.median(self._step_walls) if self._step_walls else 1.0
+        return min(self.config.transport.state_timeout / 2, max(1.0, 3 * median))
+
+    async def _next_step_snapshot(self) -> StateSnapshot | None:
+        """The state right after this peer's next step, before it computes the one after; None
+        when it is not training or no step ends within :meth:`_fresh_hold` (below quorum, at
+        the end of its run): the caller then serves the current state."""
+        if self.state != "training":
+            return None
+        waiter: asyncio.Future[StateSnapshot] = asyncio.get_running_loop().create_future()
+        self._fresh_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._fresh_hold()):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            if waiter in self._fresh_waiters:
+                self._fresh_waiters.remove(waiter)
+
+    async def _serve_fresh(self) -> None:
+        """End of a step: one snapshot for every ``fresh`` download waiting, taken before the
+        next step's forward pass, so a joiner has the whole of that step to load it and announce
+        the round it joins (PROTOCOL.md §3.5, §11.5)."""
+        waiters, self._fresh_waiters = self._fresh_waiters, []
+        try:
+            snapshot = await self.run_compute(self._snapshot)
+        except Exception as exc:  # the downloads fail with it; training goes on
+            log.warning("%s: state snapshot failed: %s", self.name, exc)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        log.info("%s: serving the state of step %d fresh to %d download(s)", self.name, snapshot.step, len(waiters))
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(snapshot)
+
+    async def fetch_state(self, donor: str | None = None, *, at_least: int = 0, fresh: bool = False) -> int:
         """Download parameters, optimizer state and step from a live neighbour; returns the step.
 
         A donor whose state is before step ``at_least`` is refused as soon as its first frame
-        says so, before anything is loaded, and the next candidate is tried.
+        says so, before anything is loaded, and the next candidate is tried. With ``fresh`` the
+        donor serves the state at the end of its next step (PROTOCOL.md §3.5).
         """
         candidates = [donor] if donor else [n for n in self._graph.neighbors.get(self.name, ())]
         candidates += [n for n in self.live_members() if n != self.name and n not in candidates]
@@ -435,7 +491,7 @@ class Peer:
             if not address:
                 continue
             try:
-                step = await self._fetch_state_from(name, address, at_least)
+                step = await self._fetch_state_from(name, address, at_least, fresh=fresh)
             except (P2PDLError, OSError) as exc:
                 errors.append(f"{name}: {exc}")
                 continue
@@ -445,25 +501,27 @@ class Peer:
             return step
         raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
 
-    async def _resync(self, donors: Sequence[str], *, at_least: int = 0) -> int:
+    async def _resync(self, donors: Sequence[str], *, at_least: int = 0, fresh: bool = False) -> int:
         """Re-admission: a peer that fell behind its group downloads a member's state (the first of
         ``donors`` that serves one at ``at_least`` or later) and continues from its step."""
         errors = []
         for donor in donors:
             try:
-                return await self.fetch_state(donor, at_least=at_least)
+                return await self.fetch_state(donor, at_least=at_least, fresh=fresh)
             except (P2PDLError, OSError) as exc:
                 errors.append(str(exc))
         raise TransportError(f"{self.name}: resync failed: {'; '.join(errors) or 'no donor'}")
 
-    async def _fetch_state_from(self, donor: str, address: str, at_least: int = 0) -> int:
+    async def _fetch_state_from(self, donor: str, address: str, at_least: int = 0, *, fresh: bool = False) -> int:
         limits = self.transport.limits
         assembler = StateAssembler(self.model, self.optimizer, self._strategy.state_specs())
         loop = asyncio.get_running_loop()
         timeout = self.config.transport.state_timeout
         async with (
             asyncio.timeout(timeout),
-            self.transport.open_stream(address, "/state", timeout, target=donor) as response,
+            self.transport.open_stream(
+                address, "/state", timeout, target=donor, params={"fresh": "1"} if fresh else None
+            ) as response,
         ):
             if response.status != 200:
                 raise TransportError(f"GET {address}/state: HTTP {response.status}")
@@ -550,8 +608,12 @@ class Peer:
             # Another peer keeps the run's clock (a sync parameter server): its step is ours.
             self.step_index = adopted
         self.last_loss = loss
+        if self._fresh_waiters:
+            await self._serve_fresh()
+        wall = time.perf_counter() - started
+        self._step_walls.append(wall)
         self.telemetry.step_done(
-            wall=time.perf_counter() - started,
+            wall=wall,
             compute=self._compute_seconds - compute_before,
             waiting=float(getattr(self.strategy, "wait_seconds", 0.0)) - waited_before,
         )

@@ -646,7 +646,12 @@ class AllReduceStrategy(StrategyBase):
         assert ctx.resync is not None
         steps = ctx.member_steps() if ctx.member_steps is not None else {}
         donors = sorted(donors, key=lambda n: -steps.get(n, -1))  # stable: notice order among equals
-        step = await ctx.resync(donors, at_least=at_least)  # state_replaced takes the donor's group
+        # H = 1: the state at the end of the donor's next step (fresh), not mid-step. A donor busy
+        # with a forward pass serves its current state only after it, just as its group starts the
+        # round's exchange; this peer's announcement then came after the round, and it chased the
+        # group step after step. Fresh, it has the group's whole next step to load and announce.
+        fresh = self.config.local_steps == 1
+        step = await ctx.resync(donors, at_least=at_least, fresh=fresh)  # state_replaced takes the donor's group
         ctx.ledger.resyncs += 1
         joined = step // self.config.local_steps
         self._joined_round = joined

@@ -174,9 +174,10 @@ class OuterConfig:
 class Resync(Protocol):
     """Download and load the state of the first of ``donors`` that serves one at step
     ``at_least`` or later (a donor behind that is refused before anything is loaded); returns
-    its step. Raises :class:`~p2pdl.errors.TransportError` when none does."""
+    its step. With ``fresh`` each donor serves its state at the end of its next step
+    (PROTOCOL.md §3.5). Raises :class:`~p2pdl.errors.TransportError` when none does."""
 
-    def __call__(self, donors: Sequence[str], *, at_least: int = 0) -> Awaitable[int]: ...
+    def __call__(self, donors: Sequence[str], *, at_least: int = 0, fresh: bool = False) -> Awaitable[int]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
