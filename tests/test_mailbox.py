@@ -64,3 +64,22 @@ async def test_a_sender_far_ahead_supersedes_its_oldest_frame_of_the_kind() -> N
     mailbox.put(frame("a", 4, kind="other"))
     with pytest.raises(InboxFullError):  # full, and nothing older of this kind to drop
         mailbox.put(frame("a", 5, kind="third"))
+
+
+async def test_a_full_sender_of_notices_loses_an_old_notice_not_its_data_frame() -> None:
+    """Notices pile up while this peer downloads its state (only the newest counts); a data frame
+    that arrives then supersedes the oldest of them instead of being refused (issue 12: a
+    restarted peer lost a member's reduce-scatter frame that way, and the round waited for it)."""
+    mailbox = Mailbox(per_sender_limit=3)
+    for seq in (100, 101, 102):
+        mailbox.put(frame("a", seq, kind="xg"))
+    mailbox.put(frame("a", 7, kind="rs8"))
+    assert mailbox.superseded == 1
+    assert set(await mailbox.collect("rs8", 7, ["a"], timeout=1.0)) == {"a"}
+    newest = mailbox.take_latest("xg", "a")
+    assert newest is not None and newest.round == 102
+    # One frame of each kind: nothing is older than a frame of its own kind, so a full sender is refused.
+    for kind in ("x", "y", "z"):
+        mailbox.put(frame("a", 1, kind=kind))
+    with pytest.raises(InboxFullError):
+        mailbox.put(frame("a", 1, kind="w"))

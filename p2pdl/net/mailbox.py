@@ -57,8 +57,12 @@ class Mailbox:
         unclaimed = [key for key, f in self._slots.items() if key[2] == frame.sender and f.done()]
         if len(unclaimed) >= self._limit:
             # A sender that outpaces this peer (it started later, or runs without a round barrier)
-            # supersedes its own oldest frame of the same kind; anything else is refused.
+            # supersedes its own oldest frame of the same kind, or else its oldest frame of a
+            # kind it has sent a newer one of (notices, of which only the latest counts, pile
+            # up while this peer downloads its state); anything else is refused.
             older = [key for key in unclaimed if key[0] == frame.kind and key[1] < frame.round]
+            if not older:
+                older = _behind_a_newer(unclaimed)
             if not older:
                 del self._slots[(frame.kind, frame.round, frame.sender)]
                 raise InboxFullError(
@@ -153,3 +157,16 @@ class Mailbox:
 
     def pending_count(self) -> int:
         return len(self._slots)
+
+
+def _behind_a_newer(keys: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    """The keys of the kind with the most frames among ``keys`` (one sender's) below that kind's
+    newest round; empty when no kind has two frames."""
+    by_kind: dict[str, list[tuple[str, int, str]]] = {}
+    for key in keys:
+        by_kind.setdefault(key[0], []).append(key)
+    crowded = max(by_kind.values(), key=len, default=[])
+    if len(crowded) < 2:
+        return []
+    newest = max(key[1] for key in crowded)
+    return [key for key in crowded if key[1] < newest]
