@@ -43,6 +43,7 @@ from p2pdl.membership.gossip import MembershipGossip
 from p2pdl.membership.view import MembershipView, Timing
 from p2pdl.net.auth import security_from_config
 from p2pdl.net.transport import Transport
+from p2pdl.obs.digest import LINK_DOWN, LINK_UP, links_of
 from p2pdl.peer.statesync import LENGTH, StateAssembler, StateSnapshot, snapshot_state, state_frames
 from p2pdl.peer.telemetry import PeerTelemetry
 from p2pdl.strategies import build_strategy
@@ -242,14 +243,32 @@ class Peer:
     def live_members(self) -> tuple[str, ...]:
         return self._graph.names
 
-    def _member_steps(self) -> dict[str, int]:
-        """The step each live member gossiped last (its figures, PROTOCOL.md §3.6), current life only."""
-        steps = {}
+    def _current_figures(self) -> dict[str, dict[str, Any]]:
+        """The figures (PROTOCOL.md §3.6) of the other live members, current life only."""
+        current = {}
         for name in self.membership.live_names():
             member, entry = self.membership.member(name), self.telemetry.figures.get(name)
             if name != self.name and member is not None and entry is not None and entry["v"][0] == member.incarnation:
-                steps[name] = int(entry["s"])
-        return steps
+                current[name] = entry
+        return current
+
+    def _reported_down(self) -> set[str]:
+        """Peers that some live member reports its link to as down and none reports as up (the
+        figures' ``k``): a crashed peer that the others still relay as live until their detectors
+        declare it dead. Hearsay, so it only ever shortens a wait (:meth:`_start`)."""
+        up: set[str] = set()
+        down: set[str] = set()
+        for entry in self._current_figures().values():
+            for link in links_of(entry):
+                if link.health == LINK_UP:
+                    up.add(link.neighbor)
+                elif link.health == LINK_DOWN:
+                    down.add(link.neighbor)
+        return down - up
+
+    def _member_steps(self) -> dict[str, int]:
+        """The step each live member gossiped last (its figures, PROTOCOL.md §3.6), current life only."""
+        return {name: int(entry["s"]) for name, entry in self._current_figures().items()}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -286,10 +305,20 @@ class Peer:
             await asyncio.sleep(0.05)
         self._rewire(reason="startup")
         # Wait in slices and rewire when the live set moved: a configured peer that is dead (e.g.
-        # when this peer restarts with --resume) drops out of the neighbours after dead_after.
+        # when this peer restarts with --resume) drops out of the neighbours once the detector
+        # declares it dead. One that the others report their links to as down is not waited for:
+        # they relay it as live until their own detectors give up on it (PROTOCOL.md §3.3).
         while True:
             missing = await self.transport.wait_connected(min(0.25, max(0.0, deadline - time.monotonic())))
             if not missing or time.monotonic() >= deadline:
+                break
+            if set(missing) <= self._reported_down():
+                log.info(
+                    "%s: not waiting for %s: the members report their links to them down",
+                    self.name,
+                    ", ".join(missing),
+                )
+                missing = ()
                 break
             if self.membership.live_names() != self._graph.names:
                 self._rewire(reason="startup")
