@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from p2pdl.errors import InboxFullError, StaleFrameError
 from p2pdl.net.mailbox import Mailbox
@@ -83,3 +84,14 @@ async def test_a_full_sender_of_notices_loses_an_old_notice_not_its_data_frame()
         mailbox.put(frame("a", 1, kind=kind))
     with pytest.raises(InboxFullError):
         mailbox.put(frame("a", 1, kind="w"))
+
+
+async def test_a_full_sender_keeps_its_data_frames_when_no_notice_can_go() -> None:
+    """Only notices (frames without tensors) of another kind are replaced: frames with tensors
+    of a kind collected round by round are never dropped for another kind's frame."""
+    mailbox = Mailbox(per_sender_limit=2)
+    for round_index in (1, 2):
+        mailbox.put(Frame(kind="rs4", sender="a", round=round_index, step=0, tensors={"x": torch.zeros(1)}))
+    with pytest.raises(InboxFullError):
+        mailbox.put(frame("a", 9, kind="ag4"))
+    assert set(await mailbox.collect("rs4", 1, ["a"], timeout=1.0)) == {"a"}

@@ -260,3 +260,14 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+async def test_a_donor_that_closes_serves_its_held_downloads_the_current_state() -> None:
+    """A download held for the end of a step that will not come (the donor closes) gets the
+    current state at once instead of a dropped connection."""
+    async with two_peers() as (a, b):
+        a.step_index = 5
+        download = asyncio.create_task(b.fetch_state("a", fresh=True))
+        await wait_until(lambda: len(a._fresh_waiters) == 1)
+        await a.close()
+        assert await asyncio.wait_for(download, 10) == 5

@@ -177,3 +177,18 @@ async def test_state_download_works_with_a_secret(secret_env: str) -> None:
         assert step == 7
         for mine, theirs in zip(a.model.parameters(), b.model.parameters(), strict=True):
             assert torch.equal(mine, theirs)
+
+
+async def test_a_fresh_state_download_is_signed_without_its_query(secret_env: str) -> None:
+    """``GET /state?fresh=1`` carries a token for ``GET /state`` (PROTOCOL.md §8.1): with a secret
+    the held download is accepted and served at the end of the donor's step."""
+    async with swarm(config({"secret_env": secret_env})) as (a, b):
+        download = asyncio.create_task(b.fetch_state("a", fresh=True))
+        for _ in range(1000):  # until a holds it (10 s at most)
+            if a._fresh_waiters:
+                break
+            await asyncio.sleep(0.01)
+        assert a._fresh_waiters, "the fresh download was not held"
+        await asyncio.gather(a.step(zero), b.step(zero))
+        assert await asyncio.wait_for(download, 10) == 1
+        assert "missing" not in a.status()["auth_rejected"]["by_reason"]

@@ -57,12 +57,14 @@ class Mailbox:
         unclaimed = [key for key, f in self._slots.items() if key[2] == frame.sender and f.done()]
         if len(unclaimed) >= self._limit:
             # A sender that outpaces this peer (it started later, or runs without a round barrier)
-            # supersedes its own oldest frame of the same kind, or else its oldest frame of a
-            # kind it has sent a newer one of (notices, of which only the latest counts, pile
-            # up while this peer downloads its state); anything else is refused.
+            # supersedes its own oldest frame of the same kind, or else its oldest notice (a frame
+            # without tensors) of another kind that it has sent a newer one of: notices, of which
+            # only the latest counts, pile up while this peer downloads its state. Anything else
+            # is refused.
             older = [key for key in unclaimed if key[0] == frame.kind and key[1] < frame.round]
             if not older:
-                older = _behind_a_newer(unclaimed)
+                notices = [key for key in unclaimed if key[0] != frame.kind and not self._slots[key].result().tensors]
+                older = _behind_a_newer(notices)
             if not older:
                 del self._slots[(frame.kind, frame.round, frame.sender)]
                 raise InboxFullError(
@@ -160,8 +162,8 @@ class Mailbox:
 
 
 def _behind_a_newer(keys: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
-    """The keys of the kind with the most frames among ``keys`` (one sender's) below that kind's
-    newest round; empty when no kind has two frames."""
+    """The keys of the kind with the most frames among ``keys`` (one sender's; the first such
+    kind in ``keys`` on a tie) below that kind's newest round; empty when no kind has two."""
     by_kind: dict[str, list[tuple[str, int, str]]] = {}
     for key in keys:
         by_kind.setdefault(key[0], []).append(key)

@@ -195,7 +195,7 @@ class Peer:
         self._compute_seconds = 0.0  # time on the compute thread, for the step's time split
         # GET /state?fresh=1 (PROTOCOL.md §3.5): downloads waiting for the end of the next step,
         # and the last steps' wall times, which bound that wait.
-        self._fresh_waiters: list[asyncio.Future[StateSnapshot]] = []
+        self._fresh_waiters: list[asyncio.Future[StateSnapshot | None]] = []
         self._step_walls: deque[float] = deque(maxlen=16)
         self.gossip = MembershipGossip(
             view=self.membership,
@@ -308,11 +308,14 @@ class Peer:
         # when this peer restarts with --resume) drops out of the neighbours once the detector
         # declares it dead. One that the others report their links to as down is not waited for:
         # they relay it as live until their own detectors give up on it (PROTOCOL.md §3.3).
+        # The figures are trusted only after a grace: a peer that restarts at the same time as
+        # this one is reported down from its first life until its links are up again.
+        trust_figures_at = time.monotonic() + max(1.0, 2 * self.config.membership.gossip_interval)
         while True:
             missing = await self.transport.wait_connected(min(0.25, max(0.0, deadline - time.monotonic())))
             if not missing or time.monotonic() >= deadline:
                 break
-            if set(missing) <= self._reported_down():
+            if time.monotonic() >= trust_figures_at and set(missing) <= self._reported_down():
                 log.info(
                     "%s: not waiting for %s: the members report their links to them down",
                     self.name,
@@ -339,6 +342,11 @@ class Peer:
             return
         announce = self.state in ("training", "starting")
         self.state = "stopping"
+        # Downloads held for the end of a step that will not come get the current state now.
+        waiters, self._fresh_waiters = self._fresh_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         try:
             if announce:
                 # The strategy's last word first, while every link is still up (leave rewires at once).
@@ -471,12 +479,13 @@ class Peer:
         return min(self.config.transport.state_timeout / 2, max(1.0, 3 * median))
 
     async def _next_step_snapshot(self) -> StateSnapshot | None:
-        """The state right after this peer's next step, before it computes the one after; None
-        when it is not training or no step ends within :meth:`_fresh_hold` (below quorum, at
-        the end of its run): the caller then serves the current state."""
+        """The state at the end of the step in progress (or of the next one), before this peer
+        computes the one after; None when it is not training, closes meanwhile, or no step ends
+        within :meth:`_fresh_hold` (below quorum, at the end of its run): the caller then serves
+        the current state."""
         if self.state != "training":
             return None
-        waiter: asyncio.Future[StateSnapshot] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[StateSnapshot | None] = asyncio.get_running_loop().create_future()
         self._fresh_waiters.append(waiter)
         try:
             async with asyncio.timeout(self._fresh_hold()):
