@@ -307,7 +307,7 @@ class Peer:
         # Wait in slices and rewire when the live set moved: a configured peer that is dead (e.g.
         # when this peer restarts with --resume) drops out of the neighbours once the detector
         # declares it dead. One that the others report their links to as down is not waited for:
-        # they relay it as live until their own detectors give up on it (PROTOCOL.md §3.3).
+        # they relay it as live until their own detectors give up on it (PROTOCOL.md §3.6).
         # The figures are trusted only after a grace: a peer that restarts at the same time as
         # this one is reported down from its first life until its links are up again.
         trust_figures_at = time.monotonic() + max(1.0, 2 * self.config.membership.gossip_interval)
@@ -473,8 +473,8 @@ class Peer:
 
     def _fresh_hold(self) -> float:
         """How long a ``fresh`` download waits for the end of this peer's next step: three
-        median steps (one when none is measured yet), at least 1 s, at most half the state
-        timeout."""
+        times its median step (a median of 1 s while none is measured), at least 1 s, at most
+        half the state timeout (PROTOCOL.md §3.5)."""
         median = statistics.median(self._step_walls) if self._step_walls else 1.0
         return min(self.config.transport.state_timeout / 2, max(1.0, 3 * median))
 
