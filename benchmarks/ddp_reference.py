@@ -8,7 +8,9 @@
 It starts one process per ``[[peers]]`` entry (rank r = peer index r) on 127.0.0.1, joined by a
 gloo process group (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), and trains exactly p2pdl's
 recipe: the same workload file, :func:`p2pdl.train.build.build_model` (same seed, so the same initial
-weights), :func:`p2pdl.train.optim.build_optimizer`, ``workload.load_shard(rank, N)``, a
+weights), :func:`p2pdl.train.optim.build_optimizer` and ``build_schedule`` (``[optimizer]``,
+``[schedule]``; the schedule steps after every optimizer step), clipping to ``run.grad_clip`` by
+the global norm of the averaged gradient (as p2pdl's allreduce does), ``workload.load_shard(rank, N)``, a
 :class:`~p2pdl.train.data.BatchStream` seeded with :func:`p2pdl.train.shards.data_seed`, ``workload.loss_fn``
 and ``zero_grad(set_to_none=True)`` before each forward. The only difference from a p2pdl
 ``allreduce`` run is who averages the gradients (DDP's bucketed gloo all-reduce instead of p2pdl's
@@ -64,7 +66,7 @@ from p2pdl.peer.node import resolve_device
 from p2pdl.train.build import build_model
 from p2pdl.train.data import BatchStream
 from p2pdl.train.files import MetricsWriter, atomic_write_bytes
-from p2pdl.train.optim import build_optimizer
+from p2pdl.train.optim import build_optimizer, build_schedule
 from p2pdl.train.shards import data_seed
 from p2pdl.train.workload import load_workload
 
@@ -160,6 +162,18 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
         (rank_out / stale).unlink(missing_ok=True)
 
     workload = load_workload(run.workload)
+    unsupported = [
+        what
+        for what, used in (
+            (f"run.precision = {run.precision!r}", run.precision != "fp32"),
+            (f"run.accumulate = {run.accumulate}", run.accumulate != 1),
+            ("the workload's build_optimizer hook", workload.build_optimizer is not None),
+            ("the workload's build_schedule hook", workload.build_schedule is not None),
+        )
+        if used
+    ]
+    if unsupported:
+        raise SystemExit(f"ddp_reference.py does not replicate {', '.join(unsupported)}; the reference would differ")
     model = build_model(workload, run.seed, device)
     inputs, targets = workload.load_shard(rank, world_size)
     stream = BatchStream(inputs, targets, run.batch_size, seed=data_seed(run, rank), start_step=0)
@@ -177,6 +191,7 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
         register_comm_hook(ddp, args)
         # Same parameter order as p2pdl's optimizer over the bare model.
         optimizer = build_optimizer(config.optimizer_settings, ddp)
+        schedule = build_schedule(config.schedule, optimizer, run.steps)
         ddp.train()
         for step in range(run.steps):
             batch_inputs, batch_targets = next(stream)
@@ -184,7 +199,10 @@ def run_rank(config: Config, rank: int, out: Path, args: argparse.Namespace) -> 
             optimizer.zero_grad(set_to_none=True)
             loss = workload.loss_fn(ddp(batch_inputs), batch_targets)
             loss.backward()  # DDP all-reduces (averages) the gradients during backward
+            if run.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), run.grad_clip)
             optimizer.step()
+            schedule.step()
             loss_value = float(loss.detach())
             done = step + 1
             record: dict[str, Any] = {
