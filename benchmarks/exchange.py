@@ -299,7 +299,11 @@ async def _p2pdl_main(args: argparse.Namespace) -> dict[str, Any]:
     config = config_from_mapping(
         {
             "run": {"workload": str(WORKLOAD), "eval_every": 0},
-            "strategy": {"kind": "allreduce", "round_timeout": 300.0},
+            "strategy": {
+                "kind": "allreduce",
+                "round_timeout": 300.0,
+                "pipeline": args.pipeline if args.worker == "p2pdl_pipeline" else 1,
+            },
             "transport": {"startup_timeout": 120.0, "send_timeout": 300.0, "max_frame_mib": 512.0},
             "membership": {"suspect_after": 300.0, "dead_after": 600.0},
             "topology": {"kind": "full"},
@@ -425,7 +429,7 @@ def run_group(system: str, world: int, args: argparse.Namespace, tmp: Path, *, p
                 "--warmup", str(args.warmup), "--dist-port", str(ports[-1]),
                 "--ports", ",".join(map(str, ports[:world])), "--result", str(outputs[rank]),
                 "--profile-rounds", str(args.profile_rounds if profile else 0),
-                "--device", args.device,
+                "--device", args.device, "--pipeline", str(args.pipeline),
             ]  # fmt: skip
             env = {**os.environ, **CHILD_ENV, **dict(e.split("=", 1) for e in args.env)}
             procs.append(subprocess.Popen(command, env=env, cwd=REPO))
@@ -496,7 +500,12 @@ def main_parent(args: argparse.Namespace) -> int:
             extra: dict[str, Any] = {}
             # ABBA order: gloo, p2pdl, p2pdl, gloo, ... so drift in machine load cancels out.
             systems_in_order = ["gloo", "p2pdl"]
-            for flag, variant in ((args.copy_path, "p2pdl_copy"), (args.aiohttp_path, "p2pdl_aiohttp")):
+            variants = (
+                (args.copy_path, "p2pdl_copy"),
+                (args.aiohttp_path, "p2pdl_aiohttp"),
+                (args.pipeline > 1, "p2pdl_pipeline"),
+            )
+            for flag, variant in variants:
                 if flag:
                     samples[variant] = []
                     systems_in_order.append(variant)
@@ -519,7 +528,7 @@ def main_parent(args: argparse.Namespace) -> int:
                             extra["cprofile_rank0_event_loop_thread"] = results[0][
                                 "cprofile_event_loop_thread"
                             ].splitlines()
-                    elif system in ("p2pdl_aiohttp", "p2pdl_copy"):
+                    elif system in ("p2pdl_aiohttp", "p2pdl_copy", "p2pdl_pipeline"):
                         exact = all(r["exact"] for r in results)
                         extra.setdefault(f"{system}_bit_exact_vs_mean", []).append(exact)
                     else:
@@ -537,13 +546,18 @@ def main_parent(args: argparse.Namespace) -> int:
                 aiohttp_ms = entry["p2pdl_aiohttp"]["median_ms"]
                 entry["ratio_p2pdl_aiohttp_over_gloo_median"] = round(aiohttp_ms / entry["gloo"]["median_ms"], 3)
                 entry["ratio_p2pdl_over_p2pdl_aiohttp_median"] = round(entry["p2pdl"]["median_ms"] / aiohttp_ms, 3)
+            if args.pipeline > 1:
+                pipeline_ms = entry["p2pdl_pipeline"]["median_ms"]
+                entry["pipeline_pieces"] = args.pipeline
+                entry["ratio_p2pdl_pipeline_over_gloo_median"] = round(pipeline_ms / entry["gloo"]["median_ms"], 3)
+                entry["ratio_p2pdl_pipeline_over_p2pdl_median"] = round(pipeline_ms / entry["p2pdl"]["median_ms"], 3)
             entry.update(extra)
             report["by_world"][str(world)] = entry
 
     print()
     print(f"{'peers':>5} {'system':>13} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}   ratio p2pdl/gloo")
     for world, entry in report["by_world"].items():
-        for system in ("gloo", "gloo_ddp", "p2pdl", "p2pdl_copy", "p2pdl_aiohttp"):
+        for system in ("gloo", "gloo_ddp", "p2pdl", "p2pdl_pipeline", "p2pdl_copy", "p2pdl_aiohttp"):
             if system not in entry:
                 continue
             s = entry[system]
@@ -587,7 +601,16 @@ def main() -> int:
         action="store_true",
         help="also time p2pdl with every frame copied before it is sent (the send path before zero-copy sends)",
     )
-    parser.add_argument("--worker", choices=("gloo", "p2pdl", "p2pdl_copy", "p2pdl_aiohttp"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        metavar="P",
+        help="also time p2pdl with strategy.pipeline = P (the vector reduced in P pieces at once; 1: not timed)",
+    )
+    parser.add_argument(
+        "--worker", choices=("gloo", "p2pdl", "p2pdl_copy", "p2pdl_aiohttp", "p2pdl_pipeline"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dist-port", type=int, help=argparse.SUPPRESS)

@@ -109,10 +109,12 @@ EXCHANGE_PHASES = (
 
 
 def exchange_rows(document: dict[str, Any]) -> list[str]:
+    pieces = next((e["pipeline_pieces"] for e in document["by_world"].values() if "pipeline_pieces" in e), None)
+    piece_header = f" p2pdl, {pieces} pieces | pieces / gloo | pieces / one piece |" if pieces else ""
     rows = [
         "| processes | gloo median | gloo + bucket copies | p2pdl median | p2pdl / gloo | p2pdl / (gloo + copies) "
-        "| bit-exact |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| bit-exact |" + piece_header,
+        "|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|---:|" if pieces else ""),
     ]
     phases = [
         "",
@@ -121,10 +123,18 @@ def exchange_rows(document: dict[str, Any]) -> list[str]:
     ]
     for world, entry in document["by_world"].items():
         exact = "yes" if all(entry.get("p2pdl_bit_exact_vs_mean", [False])) else "**no**"
+        if pieces:
+            exact += "; pieces: " + ("yes" if all(entry.get("p2pdl_pipeline_bit_exact_vs_mean", [False])) else "**no**")
+        piece_cells = (
+            f" {entry['p2pdl_pipeline']['median_ms']:.1f} ms | **{entry['ratio_p2pdl_pipeline_over_gloo_median']:.2f}"
+            f"{TIMES}** | {entry['ratio_p2pdl_pipeline_over_p2pdl_median']:.2f}{TIMES} |"
+            if pieces
+            else ""
+        )
         rows.append(
             f"| {world} | {entry['gloo']['median_ms']:.1f} ms | {entry['gloo_ddp']['median_ms']:.1f} ms | "
             f"{entry['p2pdl']['median_ms']:.1f} ms | **{entry['ratio_p2pdl_over_gloo_median']:.2f}{TIMES}** | "
-            f"{entry['ratio_p2pdl_over_gloo_ddp_median']:.2f}{TIMES} | {exact} |"
+            f"{entry['ratio_p2pdl_over_gloo_ddp_median']:.2f}{TIMES} | {exact} |" + piece_cells
         )
         means = entry.get("breakdown_rank0_dialer", {}).get("mean_ms_per_round_by_label", {})
         if means:

@@ -163,6 +163,22 @@ class Config(_Validated):
             )
         return found
 
+    def _pipeline_problems(self) -> list[str]:
+        """What strategy.pipeline (the exact average in pieces) cannot be combined with."""
+        found: list[str] = []
+        pieces = self.strategy.pipeline
+        if self.compression.kind != "none":
+            found.append(
+                "strategy.pipeline > 1 cannot be combined with [compression]: compressed gradients take "
+                "the compressed reduce-scatter, which is not cut in pieces"
+            )
+        if self.transport.inbox_frames < 2 * pieces + 2:
+            found.append(
+                f"strategy.pipeline = {pieces} needs transport.inbox_frames >= {2 * pieces + 2} (two frames "
+                f"per piece may wait per peer), got {self.transport.inbox_frames}"
+            )
+        return found
+
     def _momentum_correction_problems(self) -> list[str]:
         """DGC owns the momentum: the optimizer must not apply it a second time."""
         compression, optimizer = self.compression, self.optimizer_settings
@@ -213,6 +229,8 @@ class Config(_Validated):
             )
         if self.strategy.overlap:
             found.extend(self._overlap_problems())
+        if self.strategy.pipeline > 1:
+            found.extend(self._pipeline_problems())
         return found
 
 

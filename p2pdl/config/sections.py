@@ -107,6 +107,10 @@ class StrategyConfig(_Validated):
     # (gradients live in reusable flat buckets); bucket_mb: MiB per bucket, the first at most 1 MiB
     overlap: bool = False
     bucket_mb: float = 25.0
+    # allreduce without overlap: the exact average's vector is reduced in this many pieces at once;
+    # each piece's mean runs as soon as its chunks are in, and its all-gather goes out while later
+    # pieces are still in flight (1: one reduce-scatter and all-gather over the whole vector)
+    pipeline: int = 1
 
     def problems(self) -> list[str]:
         found: list[str] = []
@@ -147,6 +151,18 @@ class StrategyConfig(_Validated):
         _check(found, self.reject_factor > 1, f"strategy.reject_factor must be > 1, got {self.reject_factor}")
         _check(found, self.min_peers >= 0, f"strategy.min_peers must be >= 0, got {self.min_peers}")
         _check(found, self.bucket_mb > 0, f"strategy.bucket_mb must be > 0 MiB, got {self.bucket_mb}")
+        _check(
+            found,
+            1 <= self.pipeline <= OVERLAP_MAX_BUCKETS,
+            f"strategy.pipeline must be in [1, {OVERLAP_MAX_BUCKETS}] pieces (each piece's frames occupy "
+            f"mailbox slots), got {self.pipeline}",
+        )
+        _check(
+            found,
+            self.pipeline == 1 or (self.kind == "allreduce" and not self.overlap),
+            "strategy.pipeline > 1 applies to kind = 'allreduce' without strategy.overlap (overlap reduces "
+            f"its buckets as backward fills them), got kind = {self.kind!r}, overlap = {self.overlap}",
+        )
         _check(
             found,
             not self.overlap or (self.kind == "allreduce" and self.local_steps == 1),

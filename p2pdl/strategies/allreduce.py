@@ -77,7 +77,7 @@ from p2pdl.strategies.base import (
     build_codec,
     wire_dtype,
 )
-from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, write_chunks
+from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, piece_layout, write_chunks
 from p2pdl.strategies.exact_rounds import (
     ALL_GATHER,
     GROUP_NOTICE,
@@ -86,8 +86,9 @@ from p2pdl.strategies.exact_rounds import (
     Attempt,
     Behind,
     GroupNotices,
+    first_failure,
 )
-from p2pdl.tasks import TaskOwner
+from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
@@ -106,6 +107,7 @@ class AllReduceConfig(RoundConfig):
     quorum_timeout: float
     overlap: bool  # H = 1: reduce gradient buckets from backward hooks while backward runs
     bucket_mb: float  # MiB of gradients per bucket (the first holds at most 1 MiB)
+    pipeline: int  # without overlap: pieces of the flat vector reduced at once (1: the whole vector)
 
 
 def _number(digits: str) -> int | None:
@@ -242,6 +244,16 @@ class AllReduceStrategy(StrategyBase):
     def _chunk_size(self, size: int) -> int:
         return math.ceil(self._total / size)
 
+    def _layout(self, size: int) -> list[tuple[int, int, int]]:
+        """(start, length, chunk) of each piece a group of ``size`` reduces (``strategy.pipeline``)."""
+        return piece_layout(self._total, self.config.pipeline, size)
+
+    def _piece_kinds(self, size: int) -> list[str]:
+        """The data kinds' suffixes of a group of ``size``: "" for the whole vector, "_k" per piece."""
+        if self.config.pipeline == 1:
+            return [""]
+        return [f"_{k}" for k in range(len(self._layout(size)))]
+
     def communication_peers(self) -> tuple[str, ...]:
         return tuple(p for p in self._participants() if p != self._ctx.name)
 
@@ -259,12 +271,17 @@ class AllReduceStrategy(StrategyBase):
         compressed = self._compressed.expected_tensors(kind) if self._compressed is not None else None
         if compressed is not None:
             return compressed
+        piece = _bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER)
+        if self._overlap is None and self.config.pipeline > 1 and piece is not None:
+            layout = self._layout(piece[0])
+            if piece[1] < len(layout):
+                return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(layout[piece[1]][2],))}
         size = _group_size(kind, REDUCE_SCATTER) or _group_size(kind, ALL_GATHER)
-        if size is None:
+        if size is None or self.config.pipeline > 1:
             raise FrameSchemaError(
                 f"allreduce peers exchange only 'xg', 'rs<n>' and 'ag<n>' frames (and 'rs<n>_<k>', 'ag<n>_<k>' "
-                f"for bucket k < {len(self._overlap.buckets.buckets) if self._overlap else 0} with strategy.overlap), "
-                f"got {kind!r}"
+                f"for bucket k < {len(self._overlap.buckets.buckets) if self._overlap else 0} with strategy.overlap, "
+                f"for piece k of the group's layout with strategy.pipeline = {self.config.pipeline} > 1), got {kind!r}"
             )
         return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(self._chunk_size(size),))}
 
@@ -427,7 +444,15 @@ class AllReduceStrategy(StrategyBase):
         return failed
 
     async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> Attempt:
-        """One attempt of ``round_index`` over ``group``; the tensors change only if it completes."""
+        """One attempt of ``round_index`` over ``group``; the tensors change only if it completes.
+
+        With ``strategy.pipeline`` = P > 1 the flat vector is reduced in pieces (:func:`piece_layout`),
+        each a sub-round of this attempt run at once with the others: a piece's exact mean runs as
+        soon as its chunks are in and its all-gather goes out while later pieces are still in
+        flight. The first piece that fails ends the attempt (the others are cancelled); the result
+        is written back only when every piece completed and the attempt is decided, as without
+        pieces. Each element is averaged in rank order either way: the bits do not depend on P.
+        """
         ctx = self._ctx
         members, me = group.members, ctx.name
         size, rank = group.size, members.index(me)
@@ -436,35 +461,60 @@ class AllReduceStrategy(StrategyBase):
         await self._notices.notify(round_index, group, "rs")
         if not others:
             return Attempt(True)
-        chunk = self._chunk_size(size)
+        layout = self._layout(size)
+        suffixes = self._piece_kinds(size)
         self._sizes.add(size)
         self._ag_out.clear()
+
+        async def piece(start: int, chunk: int, suffix: str) -> tuple[Attempt | None, dict[str, Frame]]:
+            return await self._scatter_gather(
+                round_index, group, self._flat[start:], self._averaged[start:], chunk, suffix, ctx.run_compute
+            )
+
+        pieces = [
+            self._tasks.spawn(piece(start, chunk, suffix), f"round{round_index}{suffix}")
+            for (start, _, chunk), suffix in zip(layout, suffixes, strict=True)
+        ]
         try:
             try:
-                failed, gathered = await self._scatter_gather(
-                    round_index, group, self._flat, self._averaged, chunk, "", ctx.run_compute
-                )
+                failed = await first_failure(pieces, lambda outcome: outcome[0])
             except Behind:
-                if not self._ag_out:
+                if len(self._ag_out) < len(pieces):
                     self._notices.abandon(round_index, group.epoch)
                 raise
             if failed is not None:
-                return await self._failed(round_index, group, failed, all_out=bool(self._ag_out))
+                return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(pieces))
             if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
                 return Attempt(False, phase="decided")
-            own = self._averaged[rank * chunk : (rank + 1) * chunk]
-            averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
-            trimmed = [c[: max(0, min(chunk, self._total - k * chunk))] for k, c in enumerate(averaged)]
+            trimmed: list[list[torch.Tensor]] = []
+            for (start, length, chunk), task in zip(layout, pieces, strict=True):
+                gathered = task.result()[1]
+                own = self._averaged[start + rank * chunk : start + (rank + 1) * chunk]
+                averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
+                trimmed.append([c[: max(0, min(chunk, length - k * chunk))] for k, c in enumerate(averaged)])
             writing = time.perf_counter()
             if self._flat_is_grads:  # the gradients are views of the flat vector: one copy per chunk
-                await ctx.run_compute(lambda: write_chunks(trimmed, self._flat, chunk))
+                await ctx.run_compute(
+                    lambda: [
+                        write_chunks(chunks, self._flat[start:], chunk)
+                        for (start, _, chunk), chunks in zip(layout, trimmed, strict=True)
+                    ]
+                )
             else:
-                await ctx.run_compute(lambda: self._write_back(trimmed, tensors()))
+                await ctx.run_compute(lambda: self._write_back([c for chunks in trimmed for c in chunks], tensors()))
             self.phase_seconds["copies"] += time.perf_counter() - writing
             return Attempt(True)
         finally:
+            for task in pieces:
+                task.cancel()
+            await reap(pieces, expected=(Behind,))
             # Close this attempt's slots (and those of older attempts of any group size).
-            for kind in (f"{prefix}{n}" for n in self._sizes for prefix in (REDUCE_SCATTER, ALL_GATHER)):
+            for kind in (
+                f"{prefix}{n}{suffix}"
+                for n in self._sizes
+                for prefix in (REDUCE_SCATTER, ALL_GATHER)
+                for suffix in self._piece_kinds(n)
+            ):
                 ctx.exchange.advance(kind, wire + 1)
 
     # ------------------------------------------------------------------ gradients into the round

@@ -28,7 +28,7 @@ import torch
 from p2pdl.core.groups import ABORT, Agreement, Group, wire_round
 from p2pdl.strategies.base import RoundOutcome, StrategyContext
 from p2pdl.strategies.buckets import GradientBuckets
-from p2pdl.strategies.exact_rounds import ALL_GATHER, REDUCE_SCATTER, Attempt, Behind, GroupNotices
+from p2pdl.strategies.exact_rounds import ALL_GATHER, REDUCE_SCATTER, Attempt, Behind, GroupNotices, first_failure
 from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
@@ -154,13 +154,8 @@ class OverlapRounds:
             self._s._tasks.spawn(self._exchange(number, round_index, group, launch), f"bucket{number}")
             for number in range(len(buckets.buckets))
         ]
-        failed: Attempt | None = None
         try:
-            pending: set[asyncio.Task[Attempt]] = set(exchanges)
-            while pending and failed is None:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                # task.result(): Behind propagates
-                failed = next((o for o in (task.result() for task in done) if not o.complete), None)
+            failed = await first_failure(exchanges, lambda outcome: None if outcome.complete else outcome)
         except Behind:
             if len(self._s._ag_out) < len(buckets.buckets):
                 self._s._notices.abandon(round_index, group.epoch)

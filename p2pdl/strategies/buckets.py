@@ -20,6 +20,7 @@ that many members) is ``ceil(numel / n)`` long, as the flat vector of the plain 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ __all__ = [
     "bucket_layout",
     "flat_views",
     "is_view",
+    "piece_layout",
     "write_chunks",
 ]
 
@@ -177,6 +179,23 @@ class GradientBuckets:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def piece_layout(total: int, pieces: int, members: int) -> list[tuple[int, int, int]]:
+    """``(start, length, chunk)`` of each piece of a flat vector of ``total`` elements that ``members``
+    reduce in (at most) ``pieces`` pieces (``strategy.pipeline``; PROTOCOL.md §6).
+
+    One piece is the whole vector, chunk ``ceil(total / members)``. Otherwise every piece but the
+    last spans ``members * ceil(ceil(total / pieces) / members)`` elements, a multiple of
+    ``members``, so that its chunks tile it exactly and no chunk reaches into the next piece; the
+    last holds the rest (fewer pieces than asked when that span covers the vector sooner), and its
+    last chunk runs into the zero padding after the vector, as the single piece's does.
+    """
+    if pieces <= 1 or total == 0:
+        return [(0, total, math.ceil(total / members))]
+    span = members * math.ceil(math.ceil(total / pieces) / members)
+    lengths = [(start, min(span, total - start)) for start in range(0, total, span)]
+    return [(start, length, math.ceil(length / members)) for start, length in lengths]
 
 
 def flat_views(flat: torch.Tensor, parameters: Sequence[torch.Tensor]) -> list[torch.Tensor]:

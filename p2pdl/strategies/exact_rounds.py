@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from p2pdl.core.commit import Decision
 from p2pdl.core.groups import ABORT, COMMIT, Agreement, Group, Vote, group_meta, parse_notice
@@ -25,7 +25,16 @@ from p2pdl.errors import FrameError, QuorumLostError
 from p2pdl.strategies.base import StrategyContext
 from p2pdl.wire import Frame
 
-__all__ = ["ALL_GATHER", "GROUP_NOTICE", "LOOK_EVERY", "REDUCE_SCATTER", "Attempt", "Behind", "GroupNotices"]
+__all__ = [
+    "ALL_GATHER",
+    "GROUP_NOTICE",
+    "LOOK_EVERY",
+    "REDUCE_SCATTER",
+    "Attempt",
+    "Behind",
+    "GroupNotices",
+    "first_failure",
+]
 
 REDUCE_SCATTER = "rs"  # data kinds are "rs<n>" and "ag<n>" for a group of n members
 ALL_GATHER = "ag"
@@ -38,6 +47,8 @@ _LINK_GRACE = 1.0
 _APPLIED_RUNS = 256  # runs of (rounds, epoch) kept for status()["applied_epochs"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,19 @@ class Behind(Exception):  # control flow only: never leaves the all-reduce strat
     def __init__(self, donors: Sequence[str]) -> None:
         super().__init__(", ".join(donors))
         self.donors = tuple(donors)
+
+
+async def first_failure(tasks: Sequence[asyncio.Task[T]], failure: Callable[[T], Attempt | None]) -> Attempt | None:
+    """Wait for the sub-rounds ``tasks`` of one attempt (buckets, pieces) until one ends with a
+    failed attempt (``failure`` of its result: returned, the others left running for the caller to
+    cancel) or every one ended well (None). A task's exception (:class:`Behind`) propagates."""
+    pending: set[asyncio.Task[T]] = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        failed = next((f for f in (failure(task.result()) for task in done) if f is not None), None)
+        if failed is not None:
+            return failed
+    return None
 
 
 class GroupNotices:

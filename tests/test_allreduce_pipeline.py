@@ -1,0 +1,255 @@
+"""The exact average in pieces (``strategy.pipeline``): sub-rounds at once, reduced as they arrive.
+
+Hermetic: the layout tiles the vector exactly (every piece but the last a multiple of the group
+size, so no chunk reaches into the next piece), the config refuses what pieces cannot be combined
+with, a frame of a piece outside the layout is refused, and in-process peers over a loopback hub
+end bit-identical to the whole-vector path for gradients (bound views and rebound gradients)
+and for DiLoCo's parameter rounds, with each piece's frames on the wire.
+
+Slow: real peers with pieces end bit-identical to DDP (2 peers), and the exact fault path
+(a SIGKILL after a reduce-scatter, one after an all-gather) still ends with one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_allreduce_overlap as overlap
+import test_allreduce_parity as parity
+import test_exact_faults as faults
+import torch
+from helpers import PeerProcesses, free_ports, write_config
+
+from p2pdl.config import config_from_mapping
+from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
+from p2pdl.core.mixing import exact_mean
+from p2pdl.errors import FrameSchemaError
+from p2pdl.strategies.buckets import piece_layout
+
+# ---------------------------------------------------------------------------- hermetic
+
+
+@pytest.mark.parametrize("total", [1, 7, 5210, 11_172_306])
+@pytest.mark.parametrize("pieces", [1, 2, 3, 6])
+@pytest.mark.parametrize("members", [2, 3, 4, 8])
+def test_the_pieces_tile_the_vector_and_no_chunk_crosses_into_the_next_piece(
+    total: int, pieces: int, members: int
+) -> None:
+    layout = piece_layout(total, pieces, members)
+    assert 1 <= len(layout) <= pieces
+    end = 0
+    for index, (start, length, chunk) in enumerate(layout):
+        assert start == end and length > 0
+        assert chunk * members >= length  # the chunks cover the piece
+        if index < len(layout) - 1:
+            assert chunk * members == length  # exactly: the last chunk ends where the next piece starts
+        end = start + length
+    assert end == total
+    # The last chunk of the last piece runs at most members - 1 elements into the padding.
+    start, length, chunk = layout[-1]
+    assert start + chunk * members - total < members
+
+
+def test_one_piece_is_the_whole_vector() -> None:
+    assert piece_layout(5210, 1, 3) == [(0, 5210, 1737)]
+    assert piece_layout(10, 4, 8) == [(0, 8, 1), (8, 2, 1)]  # fewer pieces than asked
+
+
+@pytest.mark.parametrize(
+    ("strategy", "sections", "fragment"),
+    [
+        ({"kind": "allreduce", "pipeline": 0}, {}, "strategy.pipeline must be in [1, 6]"),
+        ({"kind": "allreduce", "pipeline": OVERLAP_MAX_BUCKETS + 1}, {}, "strategy.pipeline must be in"),
+        ({"kind": "gossip", "pipeline": 2}, {}, "strategy.pipeline > 1 applies to kind = 'allreduce'"),
+        ({"kind": "allreduce", "pipeline": 2, "overlap": True}, {}, "without strategy.overlap"),
+        ({"kind": "allreduce", "pipeline": 2}, {"compression": {"kind": "int8"}}, "[compression]"),
+        ({"kind": "allreduce", "pipeline": 4}, {"transport": {"inbox_frames": 9}}, "transport.inbox_frames >= 10"),
+    ],
+)
+def test_pipeline_refuses_what_it_cannot_combine_with(
+    strategy: dict[str, object], sections: dict[str, dict[str, object]], fragment: str
+) -> None:
+    problems = overlap._problems(strategy, **sections)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_pipeline_defaults_to_one_piece_and_loads() -> None:
+    data: dict[str, Any] = {
+        "run": {"workload": overlap.WORKLOAD},
+        "peers": [{"name": f"p{i}", "address": f"127.0.0.1:{29700 + i}"} for i in range(2)],
+        "strategy": {"kind": "allreduce"},
+    }
+    assert config_from_mapping(data).strategy.pipeline == 1
+    data["strategy"] = {"kind": "allreduce", "local_steps": 4, "outer": "diloco", "pipeline": 3}
+    assert config_from_mapping(data).strategy.pipeline == 3
+
+
+async def test_frames_outside_the_layout_are_refused() -> None:
+    names = ["p0", "p1", "p2"]
+    _, strategies = overlap._peers(names, StrategyConfig(kind="allreduce", round_timeout=5.0, pipeline=3))
+    try:
+        strategy = strategies[0]
+        pieces = len(piece_layout(strategy._total, 3, 3))
+        assert pieces == 3
+        assert strategy.expected_tensors(f"rs3_{pieces - 1}", "p1")["chunk"].shape == (
+            piece_layout(strategy._total, 3, 3)[-1][2],
+        )
+        for kind in (f"rs3_{pieces}", "ag3_9", "rs3", "ag3", "rs3_01", "rs1_0"):
+            with pytest.raises(FrameSchemaError):
+                strategy.expected_tensors(kind, "p1")
+    finally:
+        for s in strategies:
+            await s.close()
+
+
+# ---------------------------------------------------------------------------- in-process rounds
+
+
+def _record_kinds(exchange: Any) -> set[str]:
+    """Wrap ``exchange.broadcast`` so that the data kinds it sends are recorded in the returned set."""
+    kinds: set[str] = set()
+    send = exchange.broadcast
+
+    async def broadcast(frame: Any, neighbors: Any) -> dict[str, Any]:
+        kinds.add(frame.kind)
+        return dict(await send(frame, neighbors))
+
+    exchange.broadcast = broadcast
+    return kinds
+
+
+async def _gradient_round(names: list[str], pipeline: int, *, rebind: bool) -> list[list[torch.Tensor]]:
+    """One H = 1 round; the peers' averaged gradients."""
+    config = StrategyConfig(kind="allreduce", round_timeout=5.0, pipeline=pipeline)
+    models, strategies = overlap._peers(names, config)
+    sent = [_record_kinds(strategy._ctx.exchange) for strategy in strategies]
+
+    async def peer(index: int) -> None:
+        model, strategy = models[index], strategies[index]
+        model.zero_grad(set_to_none=True)
+        strategy.before_backward(0)
+        model(overlap._inputs(index)).pow(2).mean().backward()
+        if rebind:
+            for p in model.parameters():
+                p.grad = p.grad.clone()  # type: ignore[union-attr]
+        outcome = await strategy.reduce_gradients(0)
+        assert outcome is not None and not outcome.missing
+
+    try:
+        await asyncio.gather(*(peer(i) for i in range(len(names))))
+    finally:
+        for strategy in strategies:
+            await strategy.close()
+    size = len(names)
+    expected_kinds = (
+        {f"rs{size}", f"ag{size}"}
+        if pipeline == 1
+        else {f"{prefix}{size}_{k}" for prefix in ("rs", "ag") for k in range(pipeline)}
+    )
+    assert all(kinds - {"xg"} == expected_kinds for kinds in sent), sent
+    return [[p.grad.clone() for p in model.parameters()] for model in models]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("peers", [2, 3])
+@pytest.mark.parametrize("rebind", [False, True], ids=["views", "rebound"])
+async def test_gradient_rounds_in_pieces_are_bit_identical_to_the_whole_vector(peers: int, rebind: bool) -> None:
+    names = [f"p{i}" for i in range(peers)]
+    whole = await _gradient_round(names, 1, rebind=rebind)
+    pieces = await _gradient_round(names, 3, rebind=rebind)
+    local = []
+    for index in range(peers):
+        model = overlap._mlp(0)
+        model(overlap._inputs(index)).pow(2).mean().backward()
+        local.append([p.grad for p in model.parameters()])
+    expected = [exact_mean([g[k] for g in local], torch.empty_like(local[0][k])) for k in range(len(local[0]))]
+    for grads in [*whole, *pieces]:
+        for got, want in zip(grads, expected, strict=True):
+            assert torch.equal(got, want)
+
+
+async def _diloco_rounds(names: list[str], pipeline: int) -> list[list[torch.Tensor]]:
+    """Two DiLoCo outer rounds (H = 2) on in-process peers training on different data; their parameters."""
+    config = StrategyConfig(kind="allreduce", round_timeout=5.0, local_steps=2, outer="diloco", pipeline=pipeline)
+    models, strategies = overlap._peers(names, config)
+    sent = [_record_kinds(strategy._ctx.exchange) for strategy in strategies]
+
+    async def peer(index: int) -> None:
+        model, strategy = models[index], strategies[index]
+        for step in range(4):
+            model.zero_grad(set_to_none=True)
+            model(overlap._inputs(10 * step + index)).pow(2).mean().backward()
+            strategy._ctx.optimizer.step()
+            await strategy.after_optimizer_step(step)
+
+    try:
+        await asyncio.gather(*(peer(i) for i in range(len(names))))
+    finally:
+        for strategy in strategies:
+            await strategy.close()
+    data_kinds = {"rs3", "ag3"} if pipeline == 1 else {f"{x}3_{k}" for x in ("rs", "ag") for k in range(pipeline)}
+    assert all(kinds - {"xg"} == data_kinds for kinds in sent), sent
+    return [[p.detach().clone() for p in model.parameters()] for model in models]
+
+
+async def test_diloco_parameter_rounds_in_pieces_are_bit_identical_to_the_whole_vector() -> None:
+    names = ["p0", "p1", "p2"]
+    whole = await _diloco_rounds(names, 1)
+    pieces = await _diloco_rounds(names, 4)
+    for params in [*whole[1:], *pieces]:
+        for got, want in zip(params, whole[0], strict=True):
+            assert torch.equal(got, want)
+    assert any(not torch.equal(p, q) for p, q in zip(whole[0], overlap._mlp(0).parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------- real peers
+
+
+PIPELINE = {"pipeline": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * overlap.PROCESS_TIMEOUT + 60)
+def test_allreduce_in_pieces_matches_ddp(
+    tmp_path: Path, peer_processes: PeerProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks: gloo sums them in one order, so p2pdl in pieces matches DDP bit for bit."""
+    monkeypatch.setattr(parity, "PROCESS_TIMEOUT", overlap.PROCESS_TIMEOUT)
+    parity.datasets.mnist1d()
+    names = ["p0", "p1"]
+    config = write_config(
+        tmp_path / "swarm.toml",
+        names=names,
+        ports=free_ports(2),
+        run=parity.RUN,
+        strategy={"kind": "allreduce", "round_timeout": parity.ROUND_TIMEOUT, **PIPELINE},
+        topology={"kind": "full"},
+        membership=parity.MEMBERSHIP,
+    )
+    swarm = parity._start_swarm(peer_processes, config, names, tmp_path / "p2pdl")
+    parity._wait_swarm(peer_processes, swarm)
+    ddp_out = tmp_path / "ddp"
+    parity._wait_ddp(parity._start_ddp(config, ddp_out), ddp_out)
+    models = [parity._load(d / "model.pt") for d in swarm]
+    ddp = parity._load(ddp_out / "rank0" / "model.pt")
+    for key in models[0]:
+        assert torch.equal(models[1][key], models[0][key]), key
+        assert torch.equal(models[0][key], ddp[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.usefixtures("mnist1d_built")
+def test_allreduce_in_pieces_redoes_around_a_sigkill_in_each_phase(tmp_path: Path) -> None:
+    """test_exact_faults' two-kill case with pieces: a peer dies with its first piece's reduce-scatter
+    out, another with its first piece's all-gather out and the others' pieces in flight."""
+    strategy = {**faults.STRATEGIES["allreduce"], "round_timeout": faults.ROUND_TIMEOUT, **PIPELINE}
+    procs = PeerProcesses(tmp_path)
+    try:
+        faults.test_a_sigkill_in_a_reduce_scatter_and_one_in_an_all_gather_are_redone_around_without_a_lost_step(
+            tmp_path, procs, strategy
+        )
+    finally:
+        procs.close()
