@@ -13,6 +13,7 @@ Slow: real peers with pieces end bit-identical to DDP (2 peers), and the exact f
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import test_allreduce_overlap as overlap
 import test_allreduce_parity as parity
 import test_exact_faults as faults
 import torch
-from helpers import PeerProcesses, free_ports, write_config
+from helpers import PeerProcesses, assert_finished, free_ports, write_config
 
 from p2pdl.config import config_from_mapping
 from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
@@ -51,6 +52,11 @@ def test_the_pieces_tile_the_vector_and_no_chunk_crosses_into_the_next_piece(
     # The last chunk of the last piece runs at most members - 1 elements into the padding.
     start, length, chunk = layout[-1]
     assert start + chunk * members - total < members
+    # PROTOCOL.md §6, exactly: L = n ceil(ceil(total / P) / n), piece k = [kL, min((k + 1)L, total)).
+    if pieces > 1:
+        span = members * math.ceil(math.ceil(total / pieces) / members)
+        ends = [(k * span, min(span, total - k * span)) for k in range(math.ceil(total / span))]
+        assert layout == [(start, length, math.ceil(length / members)) for start, length in ends]
 
 
 def test_one_piece_is_the_whole_vector() -> None:
@@ -92,12 +98,16 @@ async def test_frames_outside_the_layout_are_refused() -> None:
     _, strategies = overlap._peers(names, StrategyConfig(kind="allreduce", round_timeout=5.0, pipeline=3))
     try:
         strategy = strategies[0]
-        pieces = len(piece_layout(strategy._total, 3, 3))
-        assert pieces == 3
-        assert strategy.expected_tensors(f"rs3_{pieces - 1}", "p1")["chunk"].shape == (
-            piece_layout(strategy._total, 3, 3)[-1][2],
-        )
-        for kind in (f"rs3_{pieces}", "ag3_9", "rs3", "ag3", "rs3_01", "rs1_0"):
+        total = strategy._total
+        for members in (3, 4096):
+            layout = piece_layout(total, 3, members)
+            for k, (_, _, chunk) in enumerate(layout):
+                for prefix in ("rs", "ag"):
+                    assert strategy.expected_tensors(f"{prefix}{members}_{k}", "p1")["chunk"].shape == (chunk,)
+            with pytest.raises(FrameSchemaError):
+                strategy.expected_tensors(f"rs{members}_{len(layout)}", "p1")
+        assert len(piece_layout(total, 3, 4096)) == 2  # fewer pieces than asked: rs4096_2 is outside
+        for kind in ("ag3_9", "rs3", "ag3", "rs3_01", "rs1_0", "rs4097_0"):
             with pytest.raises(FrameSchemaError):
                 strategy.expected_tensors(kind, "p1")
     finally:
@@ -137,6 +147,10 @@ async def _gradient_round(names: list[str], pipeline: int, *, rebind: bool) -> l
                 p.grad = p.grad.clone()  # type: ignore[union-attr]
         outcome = await strategy.reduce_gradients(0)
         assert outcome is not None and not outcome.missing
+        # The views path: backward's gradients, or (rebound) copied in once and bound again.
+        assert strategy._flat_is_grads
+        applied = len(strategy._layout(len(names)))
+        assert strategy.status()["pipeline"] == {"pieces": pipeline, "pieces_applied": applied}
 
     try:
         await asyncio.gather(*(peer(i) for i in range(len(names))))
@@ -183,6 +197,7 @@ async def _diloco_rounds(names: list[str], pipeline: int) -> list[list[torch.Ten
             model(overlap._inputs(10 * step + index)).pow(2).mean().backward()
             strategy._ctx.optimizer.step()
             await strategy.after_optimizer_step(step)
+        assert not strategy._flat_is_grads  # parameter rounds: written back through _write_back
 
     try:
         await asyncio.gather(*(peer(i) for i in range(len(names))))
@@ -232,6 +247,9 @@ def test_allreduce_in_pieces_matches_ddp(
     parity._wait_swarm(peer_processes, swarm)
     ddp_out = tmp_path / "ddp"
     parity._wait_ddp(parity._start_ddp(config, ddp_out), ddp_out)
+    for folder in swarm:
+        pipeline = assert_finished(folder, parity.STEPS)["strategy_status"]["pipeline"]
+        assert pipeline == {"pieces": 3, "pieces_applied": 3 * parity.STEPS}, pipeline
     models = [parity._load(d / "model.pt") for d in swarm]
     ddp = parity._load(ddp_out / "rank0" / "model.pt")
     for key in models[0]:
@@ -253,3 +271,6 @@ def test_allreduce_in_pieces_redoes_around_a_sigkill_in_each_phase(tmp_path: Pat
         )
     finally:
         procs.close()
+    for name in ("p0", "p1"):
+        pipeline = assert_finished(tmp_path / name, 160)["strategy_status"]["pipeline"]
+        assert pipeline["pieces"] == 3 and pipeline["pieces_applied"] >= 3 * 100, pipeline

@@ -177,6 +177,7 @@ class AllReduceStrategy(StrategyBase):
         # Which of this attempt's all-gather chunks went out (suffixes; "" without buckets): once
         # all did, the attempt ends only by a decision (PROTOCOL.md §11.4).
         self._ag_out: set[str] = set()
+        self._pieces_applied = 0  # sub-rounds of applied attempts (one per attempt without pieces)
         self._notices = GroupNotices(
             ctx,
             self._agreement,
@@ -482,6 +483,12 @@ class AllReduceStrategy(StrategyBase):
                 if len(self._ag_out) < len(pieces):
                     self._notices.abandon(round_index, group.epoch)
                 raise
+            finally:
+                # The first failure ends every piece (PROTOCOL.md §6), before the decision below.
+                for task in pieces:
+                    if not task.done():
+                        task.cancel()
+                await reap(pieces, expected=(Behind,))
             if failed is not None:
                 return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(pieces))
             if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
@@ -503,11 +510,9 @@ class AllReduceStrategy(StrategyBase):
             else:
                 await ctx.run_compute(lambda: self._write_back([c for chunks in trimmed for c in chunks], tensors()))
             self.phase_seconds["copies"] += time.perf_counter() - writing
+            self._pieces_applied += len(pieces)
             return Attempt(True)
         finally:
-            for task in pieces:
-                task.cancel()
-            await reap(pieces, expected=(Behind,))
             # Close this attempt's slots (and those of older attempts of any group size).
             for kind in (
                 f"{prefix}{n}{suffix}"
@@ -835,6 +840,7 @@ class AllReduceStrategy(StrategyBase):
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
             "overlap": {"buckets": len(self._overlap.buckets.buckets)} if self._overlap is not None else None,
+            "pipeline": {"pieces": self.config.pipeline, "pieces_applied": self._pieces_applied},
             "phase_seconds": {phase: round(value, 6) for phase, value in self.phase_seconds.items()},
             **({"warmup_stage": self._compressed.stage(self._round)} if self._compressed is not None else {}),
         }
