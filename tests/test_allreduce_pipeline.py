@@ -28,7 +28,7 @@ from p2pdl.config import config_from_mapping
 from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
 from p2pdl.core.mixing import exact_mean
 from p2pdl.errors import FrameSchemaError
-from p2pdl.strategies.buckets import piece_layout
+from p2pdl.strategies.buckets import is_view, piece_layout
 
 # ---------------------------------------------------------------------------- hermetic
 
@@ -145,8 +145,13 @@ async def _gradient_round(names: list[str], pipeline: int, *, rebind: bool) -> l
         if rebind:
             for p in model.parameters():
                 p.grad = p.grad.clone()  # type: ignore[union-attr]
+        result_buffer = strategy._averaged.data_ptr()
         outcome = await strategy.reduce_gradients(0)
         assert outcome is not None and not outcome.missing
+        # Applied without a copy: the gradients are now views of the buffer the result was assembled
+        # in, which is the next round's flat vector; the old flat vector is the next averaged buffer.
+        assert strategy._flat.data_ptr() == result_buffer
+        assert all(is_view(p.grad, v) for p, v in zip(model.parameters(), strategy._grad_views or [], strict=True))
         # The views path: backward's gradients, or (rebound) copied in once and bound again.
         assert strategy._flat_is_grads
         applied = len(strategy._layout(len(names)))

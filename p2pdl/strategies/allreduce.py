@@ -77,7 +77,7 @@ from p2pdl.strategies.base import (
     build_codec,
     wire_dtype,
 )
-from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, piece_layout, write_chunks
+from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, piece_layout
 from p2pdl.strategies.exact_rounds import (
     ALL_GATHER,
     GROUP_NOTICE,
@@ -210,11 +210,13 @@ class AllReduceStrategy(StrategyBase):
         # round has no flatten copy, and its result is written into the flat vector in
         # contiguous chunks. A gradient rebound by other code is copied in once and bound again.
         self._grad_views: list[torch.Tensor] | None = None
+        self._averaged_views: list[torch.Tensor] = []  # the same views of the averaged buffer
         self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
         if self._overlap is None and self.config.local_steps == 1 and self._codec is None and self._compressed is None:
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == self._wire_dtype and p.device == self._flat.device for p in params):
                 self._grad_views = flat_views(self._flat, params)
+                self._averaged_views = flat_views(self._averaged, params)
 
     # ------------------------------------------------------------------ wire
 
@@ -450,13 +452,16 @@ class AllReduceStrategy(StrategyBase):
         With ``strategy.pipeline`` = P > 1 the flat vector is reduced in pieces (:func:`piece_layout`),
         each a sub-round of this attempt run at once with the others: a piece's exact mean runs as
         soon as its chunks are in and its all-gather goes out while later pieces are still in
-        flight. The first piece that fails ends the attempt (the others are cancelled); the result
-        is written back only when every piece completed and the attempt is decided, as without
-        pieces. Each element is averaged in rank order either way: the bits do not depend on P.
+        flight. The first piece that fails ends the attempt (the others are cancelled). Each piece
+        assembles its result in the averaged buffer as soon as its all-gather is in (the flat
+        vector, this peer's contribution, stays untouched for a redo); it is applied only when
+        every piece completed and the attempt is decided: the gradient views are rebound to the
+        averaged buffer and the two buffers swap roles (no copy), or the parameters are written
+        from it. Each element is averaged in rank order either way: the bits do not depend on P.
         """
         ctx = self._ctx
         members, me = group.members, ctx.name
-        size, rank = group.size, members.index(me)
+        size = group.size
         others = tuple(p for p in members if p != me)
         wire = wire_round(round_index, group.epoch)
         await self._notices.notify(round_index, group, "rs")
@@ -467,18 +472,34 @@ class AllReduceStrategy(StrategyBase):
         self._sizes.add(size)
         self._ag_out.clear()
 
-        async def piece(start: int, chunk: int, suffix: str) -> tuple[Attempt | None, dict[str, Frame]]:
-            return await self._scatter_gather(
-                round_index, group, self._flat[start:], self._averaged[start:], chunk, suffix, ctx.run_compute
+        async def piece(start: int, length: int, chunk: int, suffix: str) -> Attempt | None:
+            result = self._averaged  # this attempt's: the buffers swap only after a complete one
+            failed, gathered = await self._scatter_gather(
+                round_index, group, self._flat[start:], result[start:], chunk, suffix, ctx.run_compute
             )
+            if failed is not None:
+                return failed
+
+            @torch.no_grad()
+            def assemble() -> None:  # the members' averaged chunks next to this peer's own
+                for index, member in enumerate(members):
+                    count = max(0, min(chunk, length - index * chunk))
+                    if member != me and count:
+                        begin = start + index * chunk
+                        result[begin : begin + count].copy_(gathered[member].tensors["chunk"][:count])
+
+            assembling = time.perf_counter()
+            await ctx.run_compute(assemble)
+            self.phase_seconds["copies"] += time.perf_counter() - assembling
+            return None
 
         pieces = [
-            self._tasks.spawn(piece(start, chunk, suffix), f"round{round_index}{suffix}")
-            for (start, _, chunk), suffix in zip(layout, suffixes, strict=True)
+            self._tasks.spawn(piece(start, length, chunk, suffix), f"round{round_index}{suffix}")
+            for (start, length, chunk), suffix in zip(layout, suffixes, strict=True)
         ]
         try:
             try:
-                failed = await first_failure(pieces, lambda outcome: outcome[0])
+                failed = await first_failure(pieces, lambda outcome: outcome)
             except Behind:
                 if len(self._ag_out) < len(pieces):
                     self._notices.abandon(round_index, group.epoch)
@@ -493,23 +514,12 @@ class AllReduceStrategy(StrategyBase):
                 return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(pieces))
             if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
                 return Attempt(False, phase="decided")
-            trimmed: list[list[torch.Tensor]] = []
-            for (start, length, chunk), task in zip(layout, pieces, strict=True):
-                gathered = task.result()[1]
-                own = self._averaged[start + rank * chunk : start + (rank + 1) * chunk]
-                averaged = [own if p == me else gathered[p].tensors["chunk"] for p in members]
-                trimmed.append([c[: max(0, min(chunk, length - k * chunk))] for k, c in enumerate(averaged)])
-            writing = time.perf_counter()
-            if self._flat_is_grads:  # the gradients are views of the flat vector: one copy per chunk
-                await ctx.run_compute(
-                    lambda: [
-                        write_chunks(chunks, self._flat[start:], chunk)
-                        for (start, _, chunk), chunks in zip(layout, trimmed, strict=True)
-                    ]
-                )
+            applying = time.perf_counter()
+            if self._flat_is_grads:  # the gradients are views of the flat vector: rebind, no copy
+                self._swap_buffers()
             else:
-                await ctx.run_compute(lambda: self._write_back([c for chunks in trimmed for c in chunks], tensors()))
-            self.phase_seconds["copies"] += time.perf_counter() - writing
+                await ctx.run_compute(lambda: self._write_back([self._averaged[: self._total]], tensors()))
+            self.phase_seconds["copies"] += time.perf_counter() - applying
             self._pieces_applied += len(pieces)
             return Attempt(True)
         finally:
@@ -542,6 +552,16 @@ class AllReduceStrategy(StrategyBase):
         if self._overlap is not None:
             self._overlap.close()
         await super().close()
+
+    def _swap_buffers(self) -> None:
+        """Apply a gradient round whose result is in the averaged buffer: bind every gradient to its
+        view of it, and swap the two buffers' roles (as the overlapped buckets rebind theirs). The
+        old flat vector, this peer's own contribution, is the next round's averaged buffer."""
+        assert self._grad_views is not None
+        for (_, p), view in zip(self._ctx.parameters, self._averaged_views, strict=True):
+            p.grad = view
+        self._flat, self._averaged = self._averaged, self._flat
+        self._grad_views, self._averaged_views = self._averaged_views, self._grad_views
 
     def _views_bound(self) -> bool:
         """Whether every gradient is still its view of the flat vector (backward accumulated into

@@ -39,7 +39,6 @@ __all__ = [
     "flat_views",
     "is_view",
     "piece_layout",
-    "write_chunks",
 ]
 
 FIRST_BUCKET_BYTES = 1024 * 1024  # DDP's first bucket: the last layers' gradients leave early
@@ -215,11 +214,3 @@ def is_view(tensor: torch.Tensor | None, view: torch.Tensor) -> bool:
         and tensor.shape == view.shape
         and tensor.stride() == view.stride()
     )
-
-
-@torch.no_grad()
-def write_chunks(chunks: Sequence[torch.Tensor], flat: torch.Tensor, chunk: int) -> None:
-    """Copy chunk k of a round's result to ``flat[k * chunk:]`` (chunks trimmed to the vector)."""
-    for k, piece in enumerate(chunks):
-        if piece.numel():
-            flat[k * chunk : k * chunk + piece.numel()].copy_(piece)
