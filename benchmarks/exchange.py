@@ -201,12 +201,12 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     transport = peer.transport
     ctx = strategy._ctx
     # Each compute call is labelled by what its function calls (the round's calls are lambdas).
-    # "assemble" is the copy of the members' averaged chunks into the averaged buffer (each one as
-    # it arrives); before 452735c, the write-back after the decision.
+    # "assemble" is the copy of the members' averaged chunks into the averaged buffer (since
+    # 452735c, as each piece's all-gather arrives); before it, the write-back after the decision.
     labels = {
         "_into_flat": "flatten",
         "exact_mean": "reduce(exact_mean)",
-        "assemble_chunk": "assemble(unflatten_chunks)",
+        "assemble": "assemble(unflatten_chunks)",
         "write_chunks": "assemble(unflatten_chunks)",
         "_write_back": "assemble(unflatten_chunks)",
     }

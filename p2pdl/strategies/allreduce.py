@@ -323,15 +323,7 @@ class AllReduceStrategy(StrategyBase):
     # ------------------------------------------------------------------ one round
 
     async def _gather(
-        self,
-        kind: str,
-        wire: int,
-        others: Sequence[str],
-        round_index: int,
-        group: Group,
-        *,
-        act: bool,
-        arrived_one: Callable[[str, Frame], None] | None = None,
+        self, kind: str, wire: int, others: Sequence[str], round_index: int, group: Group, *, act: bool
     ) -> tuple[dict[str, Frame], Group | None]:
         """The members' frames of one phase, until all came, the deadline passed, a pending member
         is known lost (:meth:`GroupNotices.lost`) or (``act``) a higher proposal that includes this peer appeared."""
@@ -367,8 +359,6 @@ class AllReduceStrategy(StrategyBase):
                 # proposal of the same epoch) makes the contribution unusable: it counts as missing.
                 if frame.meta.get("group") == encoded and frame.step == round_index:
                     got[sender] = frame
-                    if arrived_one is not None:
-                        arrived_one(sender, frame)
             adopt = self._notices.read(round_index, group, act=act)
             if adopt is not None:
                 self._notices.attempt_endings["adopted"] += 1
@@ -393,7 +383,6 @@ class AllReduceStrategy(StrategyBase):
         chunk: int,
         suffix: str,
         run: Callable[[Callable[[], Any]], Awaitable[Any]],
-        arrived_one: Callable[[str, Frame], None] | None = None,
     ) -> tuple[Attempt | None, dict[str, Frame]]:
         """Steps 3 and 5 of PROTOCOL.md §11.3 over one vector: send chunk r of ``local`` to rank r
         (kind ``rs<n><suffix>``), average the chunk this peer owns in rank order into its chunk of
@@ -437,7 +426,7 @@ class AllReduceStrategy(StrategyBase):
         await self._send(dict.fromkeys(others, gather_frame))
         if hold := inject_fault("ag", round_index):
             await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
-        gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False, arrived_one=arrived_one)
+        gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
         missing = tuple(p for p in others if p not in gathered)
         if missing:
             return Attempt(False, missing, "ag"), {}
@@ -485,47 +474,24 @@ class AllReduceStrategy(StrategyBase):
 
         async def piece(start: int, length: int, chunk: int, suffix: str) -> Attempt | None:
             result = self._averaged  # this attempt's: the buffers swap only after a complete one
-            copies: list[asyncio.Task[Any]] = []
-
-            async def copy_in(into: torch.Tensor, values: torch.Tensor) -> None:
-                def assemble_chunk() -> None:
-                    with torch.no_grad():
-                        into.copy_(values)
-
-                await ctx.run_compute(assemble_chunk)
-
-            def assemble(member: str, frame: Frame) -> None:
-                """A member's averaged chunk, into the averaged buffer as soon as it arrived (on the
-                compute thread, while this peer's own sends and the other chunks are in flight)."""
-                index = members.index(member)
-                count = max(0, min(chunk, length - index * chunk))
-                if count:
-                    begin = start + index * chunk
-                    into, values = result[begin : begin + count], frame.tensors["chunk"][:count]
-                    copies.append(self._tasks.spawn(copy_in(into, values), f"assemble{suffix}"))
-
-            assembling = 0.0
-            try:
-                failed, _ = await self._scatter_gather(
-                    round_index,
-                    group,
-                    self._flat[start:],
-                    result[start:],
-                    chunk,
-                    suffix,
-                    ctx.run_compute,
-                    arrived_one=assemble,
-                )
-                if failed is None:
-                    assembling = time.perf_counter()
-                    await asyncio.gather(*copies)
+            failed, gathered = await self._scatter_gather(
+                round_index, group, self._flat[start:], result[start:], chunk, suffix, ctx.run_compute
+            )
+            if failed is not None:
                 return failed
-            finally:
-                if assembling:
-                    self.phase_seconds["copies"] += time.perf_counter() - assembling
-                for copy in copies:
-                    copy.cancel()
-                await reap(copies)
+
+            @torch.no_grad()
+            def assemble() -> None:  # the members' averaged chunks next to this peer's own
+                for index, member in enumerate(members):
+                    count = max(0, min(chunk, length - index * chunk))
+                    if member != me and count:
+                        begin = start + index * chunk
+                        result[begin : begin + count].copy_(gathered[member].tensors["chunk"][:count])
+
+            assembling = time.perf_counter()
+            await ctx.run_compute(assemble)
+            self.phase_seconds["copies"] += time.perf_counter() - assembling
+            return None
 
         pieces = [
             self._tasks.spawn(piece(start, length, chunk, suffix), f"round{round_index}{suffix}")
