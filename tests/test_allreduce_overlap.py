@@ -197,22 +197,8 @@ def test_overlapped_allreduce_matches_ddp(
     peers: int, tmp_path: Path, peer_processes: PeerProcesses, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(parity, "PROCESS_TIMEOUT", PROCESS_TIMEOUT)
-    parity.datasets.mnist1d()
     names = [f"p{i}" for i in range(peers)]
-    config = write_config(
-        tmp_path / "swarm.toml",
-        names=names,
-        ports=free_ports(peers),
-        run=parity.RUN,
-        strategy={"kind": "allreduce", "round_timeout": parity.ROUND_TIMEOUT, **OVERLAP},
-        topology={"kind": "full"},
-        membership=parity.MEMBERSHIP,
-    )
-    swarm = parity._start_swarm(peer_processes, config, names, tmp_path / "p2pdl")
-    parity._wait_swarm(peer_processes, swarm)
-    ddp_out = tmp_path / "ddp"
-    parity._wait_ddp(parity._start_ddp(config, ddp_out), ddp_out)
-
+    swarm, ddp_out = swarm_and_ddp(tmp_path, peer_processes, names, OVERLAP)
     models = [parity._load(d / "model.pt") for d in swarm]
     ddp = parity._load(ddp_out / "rank0" / "model.pt")
     for name, model in zip(names[1:], models[1:], strict=True):
@@ -223,6 +209,28 @@ def test_overlapped_allreduce_matches_ddp(
     rtol, atol = (0.0, 0.0) if peers == 2 else (parity.RTOL, parity.ATOL)
     for key in models[0]:
         torch.testing.assert_close(models[0][key], ddp[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def swarm_and_ddp(
+    tmp_path: Path, peer_processes: PeerProcesses, names: list[str], strategy: dict[str, object]
+) -> tuple[list[Path], Path]:
+    """test_allreduce_parity's run with ``strategy`` keys over plain allreduce: the peers' output
+    folders and DDP's, both runs finished."""
+    parity.datasets.mnist1d()
+    config = write_config(
+        tmp_path / "swarm.toml",
+        names=names,
+        ports=free_ports(len(names)),
+        run=parity.RUN,
+        strategy={"kind": "allreduce", "round_timeout": parity.ROUND_TIMEOUT, **strategy},
+        topology={"kind": "full"},
+        membership=parity.MEMBERSHIP,
+    )
+    swarm = parity._start_swarm(peer_processes, config, names, tmp_path / "p2pdl")
+    parity._wait_swarm(peer_processes, swarm)
+    ddp_out = tmp_path / "ddp"
+    parity._wait_ddp(parity._start_ddp(config, ddp_out), ddp_out)
+    return swarm, ddp_out
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import test_allreduce_overlap as overlap
 import test_allreduce_parity as parity
 import test_exact_faults as faults
 import torch
-from helpers import PeerProcesses, assert_finished, free_ports, write_config
+from helpers import PeerProcesses, assert_finished
 
 from p2pdl.config import config_from_mapping
 from p2pdl.config.sections import OVERLAP_MAX_BUCKETS, StrategyConfig
@@ -237,21 +237,7 @@ def test_allreduce_in_pieces_matches_ddp(
 ) -> None:
     """Two ranks: gloo sums them in one order, so p2pdl in pieces matches DDP bit for bit."""
     monkeypatch.setattr(parity, "PROCESS_TIMEOUT", overlap.PROCESS_TIMEOUT)
-    parity.datasets.mnist1d()
-    names = ["p0", "p1"]
-    config = write_config(
-        tmp_path / "swarm.toml",
-        names=names,
-        ports=free_ports(2),
-        run=parity.RUN,
-        strategy={"kind": "allreduce", "round_timeout": parity.ROUND_TIMEOUT, **PIPELINE},
-        topology={"kind": "full"},
-        membership=parity.MEMBERSHIP,
-    )
-    swarm = parity._start_swarm(peer_processes, config, names, tmp_path / "p2pdl")
-    parity._wait_swarm(peer_processes, swarm)
-    ddp_out = tmp_path / "ddp"
-    parity._wait_ddp(parity._start_ddp(config, ddp_out), ddp_out)
+    swarm, ddp_out = overlap.swarm_and_ddp(tmp_path, peer_processes, ["p0", "p1"], PIPELINE)
     for folder in swarm:
         pipeline = assert_finished(folder, parity.STEPS)["strategy_status"]["pipeline"]
         assert pipeline == {"pieces": 3, "pieces_applied": 3 * parity.STEPS}, pipeline

@@ -156,12 +156,18 @@ class Config(_Validated):
                 "strategy.overlap cannot be combined with run.precision = 'fp16': a loss-scale overflow is "
                 "only known after backward"
             )
-        if self.transport.inbox_frames < 2 * OVERLAP_MAX_BUCKETS + 2:
-            found.append(
-                f"strategy.overlap needs transport.inbox_frames >= {2 * OVERLAP_MAX_BUCKETS + 2} (two frames "
-                f"per bucket may wait per peer), got {self.transport.inbox_frames}"
-            )
+        found.extend(self._inbox_problems("strategy.overlap", OVERLAP_MAX_BUCKETS, "bucket"))
         return found
+
+    def _inbox_problems(self, what: str, parts: int, part: str) -> list[str]:
+        """Sub-rounds in ``parts`` (buckets, pieces) need room for two frames of each per peer."""
+        needed = 2 * parts + 2
+        if self.transport.inbox_frames >= needed:
+            return []
+        return [
+            f"{what} needs transport.inbox_frames >= {needed} (two frames per {part} may wait per peer), "
+            f"got {self.transport.inbox_frames}"
+        ]
 
     def _pipeline_problems(self) -> list[str]:
         """What strategy.pipeline (the exact average in pieces) cannot be combined with."""
@@ -172,11 +178,7 @@ class Config(_Validated):
                 "strategy.pipeline > 1 cannot be combined with [compression]: compressed gradients take "
                 "the compressed reduce-scatter, which is not cut in pieces"
             )
-        if self.transport.inbox_frames < 2 * pieces + 2:
-            found.append(
-                f"strategy.pipeline = {pieces} needs transport.inbox_frames >= {2 * pieces + 2} (two frames "
-                f"per piece may wait per peer), got {self.transport.inbox_frames}"
-            )
+        found.extend(self._inbox_problems(f"strategy.pipeline = {pieces}", pieces, "piece"))
         return found
 
     def _momentum_correction_problems(self) -> list[str]:
