@@ -455,7 +455,8 @@ def _inputs(index: int) -> torch.Tensor:
 @pytest.mark.parametrize("rebind", [False, True], ids=["bound", "rebound-by-the-closure"])
 async def test_plain_gradients_are_views_of_the_flat_vector_and_average_exactly(rebind: bool) -> None:
     """Without overlap backward accumulates into the flat vector (no flatten copy) and the result is
-    written back into it; a gradient that other code replaced is copied in and bound again. Either
+    applied by rebinding the gradients to the averaged buffer, which becomes the next round's flat
+    vector; a gradient that other code replaced is copied in and bound again. Either
     way every peer ends with the rank-order exact mean of independently computed gradients."""
     names = ["p0", "p1", "p2"]
     grads, bound = await _plain_round(names, rebind=rebind)

@@ -265,3 +265,31 @@ def test_allreduce_in_pieces_redoes_around_a_sigkill_in_each_phase(tmp_path: Pat
     for name in ("p0", "p1"):
         pipeline = assert_finished(tmp_path / name, 160)["strategy_status"]["pipeline"]
         assert pipeline["pieces"] == 3 and pipeline["pieces_applied"] >= 3 * 100, pipeline
+
+
+@pytest.mark.parametrize("pipeline", [1, 3])
+async def test_the_padding_a_peer_sends_is_zero_after_every_swap(pipeline: int) -> None:
+    """The last chunk reaches past the vector, and its mean of the members' padding lands in the
+    buffer that becomes the flat vector: whatever the members' padding held, the padding this peer
+    sends next is zero again."""
+    names = ["p0", "p1", "p2"]
+    models, strategies = overlap._peers(names, StrategyConfig(kind="allreduce", round_timeout=5.0, pipeline=pipeline))
+
+    async def peer(index: int) -> None:
+        model, strategy = models[index], strategies[index]
+        model.zero_grad(set_to_none=True)
+        strategy.before_backward(0)
+        model(overlap._inputs(index)).pow(2).mean().backward()
+        strategy._flat[strategy._total :].fill_(1.0)  # as if a member had sent non-zero padding
+        outcome = await strategy.reduce_gradients(0)
+        assert outcome is not None and not outcome.missing
+
+    try:
+        await asyncio.gather(*(peer(i) for i in range(len(names))))
+    finally:
+        for strategy in strategies:
+            await strategy.close()
+    last = piece_layout(strategies[0]._total, pipeline, len(names))[-1]
+    assert last[0] + last[2] * len(names) > strategies[0]._total  # the last chunk does reach past the end
+    for strategy in strategies:
+        assert not strategy._flat[strategy._total :].any()

@@ -192,7 +192,9 @@ class AllReduceStrategy(StrategyBase):
         # H = 1: seconds per phase of the step, summed (status()["phase_seconds"]): forward and
         # backward (from before_backward to reduce_gradients), the wait in reduce_gradients (the
         # whole exchange without overlap, the buckets' tail with it), and the copies into and out
-        # of the flat vector (flatten + write-back; rebinding the gradients with overlap).
+        # of the flat vector (flatten, the members' chunks into the averaged buffer, the rebinding
+        # of the gradients; with overlap, the rebinding only). Copies are timed on the compute
+        # thread, so pieces whose copies queue behind each other are not counted twice.
         self.phase_seconds = {"forward_backward": 0.0, "reduce": 0.0, "copies": 0.0}
         self._backward_started: float | None = None
         if self.config.overlap and self.config.local_steps == 1 and self._codec is None:
@@ -207,8 +209,9 @@ class AllReduceStrategy(StrategyBase):
         # Without overlap (H = 1, uncompressed, parameters of the wire dtype on the CPU): the
         # gradients are views of the flat vector, as DDP's gradient_as_bucket_view makes them.
         # before_backward binds them and backward accumulates straight into the flat vector, so a
-        # round has no flatten copy, and its result is written into the flat vector in
-        # contiguous chunks. A gradient rebound by other code is copied in once and bound again.
+        # round has no flatten copy; its result is assembled in the averaged buffer, and applying
+        # it rebinds the gradients there and swaps the two buffers' roles (_swap_buffers): no copy
+        # either. A gradient rebound by other code is copied in once and bound again.
         self._grad_views: list[torch.Tensor] | None = None
         self._averaged_views: list[torch.Tensor] = []  # the same views of the averaged buffer
         self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
@@ -481,16 +484,18 @@ class AllReduceStrategy(StrategyBase):
                 return failed
 
             @torch.no_grad()
-            def assemble() -> None:  # the members' averaged chunks next to this peer's own
+            def assemble() -> float:  # the members' averaged chunks next to this peer's own
+                began = time.perf_counter()
                 for index, member in enumerate(members):
                     count = max(0, min(chunk, length - index * chunk))
                     if member != me and count:
                         begin = start + index * chunk
                         result[begin : begin + count].copy_(gathered[member].tensors["chunk"][:count])
+                return time.perf_counter() - began
 
-            assembling = time.perf_counter()
-            await ctx.run_compute(assemble)
-            self.phase_seconds["copies"] += time.perf_counter() - assembling
+            # One compute thread runs every job in order: a job of a cancelled attempt still ends
+            # before any job of the next one, so it cannot write into a buffer applied later.
+            self.phase_seconds["copies"] += await ctx.run_compute(assemble)
             return None
 
         pieces = [
@@ -560,6 +565,9 @@ class AllReduceStrategy(StrategyBase):
         assert self._grad_views is not None
         for (_, p), view in zip(self._ctx.parameters, self._averaged_views, strict=True):
             p.grad = view
+        # The own chunk of the last piece reaches past the vector: its mean of the members' padding
+        # is 0 from honest peers, but the padding this peer sends must be 0 whatever they sent.
+        self._averaged[self._total :].zero_()
         self._flat, self._averaged = self._averaged, self._flat
         self._grad_views, self._averaged_views = self._averaged_views, self._grad_views
 
