@@ -145,7 +145,13 @@ def test_a_freeze_of_three_of_four_stops_the_lone_peer_and_the_swarm_resumes(
     # p0 alone is below the quorum of 3: after its round's deadline it made no step at all.
     alone = steps_between(tmp_path / "p0", stopped_at + 3 * ROUND_TIMEOUT, thawed_at)
     assert alone == [], (alone, report(figures))
-    assert sum(f["rounds_redone"] + f["resyncs"] for f in figures.values()) >= 1, report(figures)
+    # Where in a round the freeze lands decides which of two correct outcomes follows: the round
+    # is abandoned and redone (or the thawed peers resync), or the three froze after their
+    # all-gather went out, p0 waited through the freeze in that round's decision, and the round
+    # committed with all four. In the second case no group ever shrank.
+    redone = sum(f["rounds_redone"] + f["resyncs"] for f in figures.values())
+    only_full = all(set(f["rounds_by_group_size"]) == {str(len(NAMES))} for f in figures.values())
+    assert redone >= 1 or only_full, report(figures)
     print(report(figures))
 
 

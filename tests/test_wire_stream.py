@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
@@ -241,6 +242,13 @@ def stream_transport(peer: Transport, other: str) -> asyncio.Transport:
     return stream._transport
 
 
+def shrink_kernel_buffers(sender: asyncio.Transport, receiver: asyncio.Transport) -> None:
+    """Cap both sockets' kernel buffers (which also stops their autotuning) far below LARGE's
+    bytes, so a paused receiver holds a large record in the sender's transport on any kernel."""
+    sender.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    receiver.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_zero_copy_record_is_byte_for_byte_the_copied_frame(loop: str) -> None:
     async def scenario() -> None:
@@ -272,6 +280,7 @@ def test_a_buffer_rewritten_as_soon_as_its_send_returns_arrives_unchanged(loop: 
         async with swarm(max_frame_mib=32.0) as peers:
             a, b = peers["a"], peers["b"]
             sender, receiver = stream_transport(a, "b"), stream_transport(b, "a")
+            shrink_kernel_buffers(sender, receiver)
             buffer = torch.empty(LARGE)  # reused every round, as the all-reduce's wire buffers are
             generator = torch.Generator().manual_seed(11)
             for round_index in range(2):
@@ -302,6 +311,7 @@ def test_a_send_cancelled_before_its_bytes_left_aborts_the_stream_and_never_deli
         async with swarm(max_frame_mib=32.0) as peers:
             a, b = peers["a"], peers["b"]
             sender, receiver = stream_transport(a, "b"), stream_transport(b, "a")
+            shrink_kernel_buffers(sender, receiver)
             buffer = torch.randn(LARGE, generator=torch.Generator().manual_seed(12))
             receiver.pause_reading()
             send = asyncio.create_task(
