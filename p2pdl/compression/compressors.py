@@ -81,6 +81,7 @@ __all__ = [
     "PowerSGDCompressor",
     "TopKCompressor",
     "build_compressor",
+    "key_seed",
     "wire_bytes",
 ]
 
@@ -169,7 +170,7 @@ def _require_finite(what: str, tensor: torch.Tensor) -> None:
         raise NonFiniteError(f"{what} decodes to NaN or Inf")
 
 
-def _key_seed(seed: int, key: str) -> int:
+def key_seed(seed: int, key: str) -> int:
     # crc32, not hash(): Python salts str hashes per process, and every peer must agree.
     return (seed * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**63
 
@@ -479,7 +480,7 @@ class PowerSGDCompressor:
         matrix = tensor.detach().to(torch.float32).reshape(n, m)
         q = self._warm_q.get(key)
         if q is None or q.shape != (m, r) or q.device != matrix.device:
-            generator = torch.Generator().manual_seed(_key_seed(self._seed, key))
+            generator = torch.Generator().manual_seed(key_seed(self._seed, key))
             q = torch.randn((m, r), generator=generator).to(matrix.device)
         p = torch.linalg.qr(matrix @ q).Q  # (n, r), orthonormal columns
         q = matrix.T @ p  # (m, r)

@@ -33,8 +33,9 @@ averaged in rank order either way, so overlap changes no bit of the result.
 With ``[compression]`` on, gradients go through a compressed reduce-scatter that re-compresses
 the partial sums instead (:mod:`p2pdl.strategies.allreduce_compressed`): every peer decodes the
 same bytes, so the result is still identical everywhere, though no longer the exact mean of the
-uncompressed gradients. That path is strict: error feedback has already moved when a round
-fails, so it cannot be redone.
+uncompressed gradients. PowerSGD instead averages its low-rank factors with two fp32
+reduce-scatters (:mod:`p2pdl.strategies.allreduce_powersgd`). Both paths are strict: they run
+outside the group agreement, so a failed round is not redone.
 """
 
 from __future__ import annotations
@@ -66,15 +67,15 @@ from p2pdl.errors import (
     TransportError,
 )
 from p2pdl.faults import at as inject_fault
-from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter, all_gather_compressed
+from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter
 from p2pdl.strategies.allreduce_overlap import Launch, OverlapRounds
+from p2pdl.strategies.allreduce_powersgd import PowerSGDRounds
 from p2pdl.strategies.base import (
     RoundConfig,
     RoundOutcome,
     ServedState,
     StrategyBase,
     StrategyContext,
-    build_codec,
     wire_dtype,
 )
 from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, piece_layout
@@ -92,7 +93,6 @@ from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
-COMPRESSED_GRADIENTS = "cgrad"  # PowerSGD's all-gather (allreduce_compressed.py)
 MAX_GROUP = PADDING  # the most members a group may have (also the zero padding of the flat buffers)
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,18 @@ class AllReduceStrategy(StrategyBase):
         self.config = AllReduceConfig.from_table(ctx.config)
         self._total = sum(p.numel() for _, p in ctx.parameters)
         self._wire_dtype = wire_dtype(ctx.parameters)
-        # PowerSGD all-gathers whole compressed gradients; any other compressor runs the
+        # PowerSGD averages its factors (allreduce_powersgd.py); any other compressor runs the
         # compressed reduce-scatter (allreduce_compressed.py).
         kind = ctx.compression.kind
-        self._codec = build_codec(ctx, error_feedback=ctx.compression.error_feedback) if kind == "powersgd" else None
+        self._powersgd: PowerSGDRounds | None = None
+        if kind == "powersgd":
+            self._powersgd = PowerSGDRounds(
+                ctx,
+                ctx.compression,
+                participants=self._participants,
+                send=self._send,
+                round_timeout=self.config.round_timeout,
+            )
         self._compressed: CompressedReduceScatter | None = None
         if kind not in ("none", "powersgd"):
             self._compressed = CompressedReduceScatter(
@@ -197,7 +205,7 @@ class AllReduceStrategy(StrategyBase):
         # thread, so pieces whose copies queue behind each other are not counted twice.
         self.phase_seconds = {"forward_backward": 0.0, "reduce": 0.0, "copies": 0.0}
         self._backward_started: float | None = None
-        if self.config.overlap and self.config.local_steps == 1 and self._codec is None:
+        if self.config.overlap and self.config.local_steps == 1 and self._powersgd is None:
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
                 self._overlap = OverlapRounds(self, GradientBuckets(params, self.config.bucket_mb))
@@ -215,7 +223,8 @@ class AllReduceStrategy(StrategyBase):
         self._grad_views: list[torch.Tensor] | None = None
         self._averaged_views: list[torch.Tensor] = []  # the same views of the averaged buffer
         self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
-        if self._overlap is None and self.config.local_steps == 1 and self._codec is None and self._compressed is None:
+        uncompressed = self._powersgd is None and self._compressed is None
+        if self._overlap is None and self.config.local_steps == 1 and uncompressed:
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == self._wire_dtype and p.device == self._flat.device for p in params):
                 self._grad_views = flat_views(self._flat, params)
@@ -268,8 +277,9 @@ class AllReduceStrategy(StrategyBase):
             raise FrameSchemaError(f"{sender!r} is not an all-reduce participant")
         if kind == GROUP_NOTICE:
             return {}
-        if kind == COMPRESSED_GRADIENTS and self._codec is not None:
-            return self._codec.wire_specs()
+        factors = self._powersgd.expected_tensors(kind) if self._powersgd is not None else None
+        if factors is not None:
+            return factors
         if self._overlap is not None:
             spec = self._overlap.expected_tensors(_bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER))
             if spec is not None:
@@ -700,7 +710,7 @@ class AllReduceStrategy(StrategyBase):
         ctx = self._ctx
         if ctx.member_steps is None or ctx.resync is None or self._strict:
             return None
-        if self._compressed is not None or self._codec is not None:
+        if self._compressed is not None or self._powersgd is not None:
             return None
         local_steps = self.config.local_steps
         round_index = step // local_steps
@@ -763,12 +773,11 @@ class AllReduceStrategy(StrategyBase):
                 outcome = await self._compressed.run(step, self._gradients)
             finally:
                 self.raw_bytes, self.payload_bytes = self._compressed.raw_bytes, self._compressed.payload_bytes
-        elif self._codec is not None:
-            outcome, raw, payload = await all_gather_compressed(
-                self._ctx, self._codec, step, self._gradients, self._participants(), self.config.round_timeout
-            )
-            self.raw_bytes += raw
-            self.payload_bytes += payload
+        elif self._powersgd is not None:
+            try:
+                outcome = await self._powersgd.run(step, self._gradients)
+            finally:
+                self.raw_bytes, self.payload_bytes = self._powersgd.raw_bytes, self._powersgd.payload_bytes
         elif self._overlap is not None:
             outcome = await self._overlap.run(step)
         else:
@@ -797,7 +806,7 @@ class AllReduceStrategy(StrategyBase):
         """Stay, within the node's shutdown bound, until every live peer has reached the end: a
         member behind (a restarted or thawed one) resyncs to the final state instead of finding
         nobody left to train its last rounds with (PROTOCOL.md §11.5)."""
-        if self._compressed is not None or self._codec is not None or self._strict:
+        if self._compressed is not None or self._powersgd is not None or self._strict:
             return
         last = self._round if self.config.local_steps == 1 else self._completed_round
         await self._notices.linger(max(last + 1, self._joined_round), self._agreement.agreed)

@@ -26,10 +26,9 @@ in 1-bit Adam's server-side compensation). Its residual belongs to the chunk the
 a group of a given size; when the group changes it starts again from zero (the old chunk's
 debt is dropped, a one-off bias the peers' residuals do not share).
 
-PowerSGD does not fit: a chunk of the flat vector is not a matrix, and a low-rank sum of
-low-rank factors needs the paper's two all-reduces of P and Q. It keeps the all-gather of whole
-compressed gradients (:func:`all_gather_compressed`), at 4 r (n + m) / (n m) of fp32 per peer
-and per (n - 1) receivers.
+PowerSGD does not fit: a chunk of the flat vector is not a matrix. It averages its factors with
+the paper's two all-reduces instead (:mod:`p2pdl.strategies.allreduce_powersgd`), through
+:func:`scatter_gather` below with float32 chunks.
 
 Trade-off: the compressed round is strict, as the all-gather was. Both levels of error feedback
 (and DGC's velocity) have already moved when a member goes missing mid-round, so the round
@@ -47,29 +46,27 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import torch
 
-from p2pdl.compression.codec import TensorCodec
 from p2pdl.compression.compressors import Compressor, NoneCompressor, TopKCompressor, build_compressor, wire_bytes
 from p2pdl.compression.dgc import Accumulator, stage_ratio, warmup_stage, warmup_stages
 from p2pdl.config.sections import CompressionConfig
-from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_into
+from p2pdl.core.mixing import flatten_into, unflatten_into
 from p2pdl.errors import AllReduceIncompleteError, FrameError
 from p2pdl.strategies.base import RoundOutcome, StrategyContext
 from p2pdl.wire import Frame, TensorSpec
 
 __all__ = [
     "COMPRESSED_ALL_GATHER",
-    "COMPRESSED_GRADIENTS",
     "COMPRESSED_REDUCE_SCATTER",
     "CompressedReduceScatter",
-    "all_gather_compressed",
+    "scatter_gather",
 ]
 
 COMPRESSED_REDUCE_SCATTER = "crs"  # kinds "crs<n>_<stage>" and "cag<n>_<stage>", n = group size
 COMPRESSED_ALL_GATHER = "cag"
-COMPRESSED_GRADIENTS = "cgrad"  # PowerSGD: every peer's whole compressed gradient to everyone
 _MAX_GROUP = 4096
 
 Send = Callable[[Mapping[str, Frame]], Awaitable[None]]
+Parts = Mapping[str, torch.Tensor]  # one compressor's named wire tensors
 
 
 def parse_kind(kind: str, max_stage: int) -> tuple[str, int, int] | None:
@@ -220,51 +217,37 @@ class CompressedReduceScatter:
         if size < 2:  # alone: nothing to send; the gradient is applied as it is
             return ctx.ledger.record(step, [], started)
         rank = members.index(me)
-        others = tuple(p for p in members if p != me)
         stage, chunk = self.stage(step), self.chunk_size(size)
         compressor = self.compressor(stage, chunk)
-        rs_kind = f"{COMPRESSED_REDUCE_SCATTER}{size}_{stage}"
-        ag_kind = f"{COMPRESSED_ALL_GATHER}{size}_{stage}"
-        self._kinds.update((rs_kind, ag_kind))
-        meta = {"members": ",".join(members)}
+        kinds = (f"{COMPRESSED_REDUCE_SCATTER}{size}_{stage}", f"{COMPRESSED_ALL_GATHER}{size}_{stage}")
+        self._kinds.update(kinds)
+        own: list[torch.Tensor] = []  # the owner's decoded re-compressed mean, kept by reduce()
 
-        def frame(kind: str, parts: Mapping[str, torch.Tensor]) -> Frame:
-            return Frame(kind=kind, sender=me, round=step, step=step, meta=meta, tensors=parts)
-
-        def arrived_from_group(kind: str, arrived: Mapping[str, Frame]) -> dict[str, Frame]:
-            # A frame naming another member list was cut from another layout: it counts as missing.
-            return {p: f for p, f in arrived.items() if f.meta.get("members") == meta["members"] and f.step == step}
+        def reduce(contributions: list[Parts]) -> Parts:
+            try:
+                parts, decoded = self._reduce_own(compressor, size, rank, contributions)
+            except FrameError as exc:
+                raise AllReduceIncompleteError(step, self._culprits(compressor, chunk, members, contributions)) from exc
+            own.append(decoded)
+            return parts
 
         try:
             parts_by_rank = await ctx.run_compute(lambda: self._encode_chunks(compressor, size, gradients()))
-            outgoing = {p: frame(rs_kind, parts_by_rank[index]) for index, p in enumerate(members) if p != me}
-            await self._send(outgoing)
-            self._count(sum(wire_bytes(f.tensors) for f in outgoing.values()), size, chunk)
-            scattered = arrived_from_group(
-                rs_kind, await ctx.exchange.collect(rs_kind, step, others, self._round_timeout)
+            reduced, payload = await scatter_gather(
+                ctx, self._send, step, members, kinds, parts_by_rank, reduce, self._round_timeout, started
             )
-            self._require(step, others, scattered, started)
-            contributions = [parts_by_rank[rank] if p == me else scattered[p].tensors for p in members]
-            try:
-                own_parts, own = await ctx.run_compute(lambda: self._reduce_own(compressor, size, rank, contributions))
-            except FrameError as exc:
-                raise AllReduceIncompleteError(step, self._culprits(compressor, chunk, members, contributions)) from exc
-            await self._send(dict.fromkeys(others, frame(ag_kind, own_parts)))
-            self._count(wire_bytes(own_parts) * len(others), 0, chunk)
-            gathered = arrived_from_group(
-                ag_kind, await ctx.exchange.collect(ag_kind, step, others, self._round_timeout)
-            )
-            self._require(step, others, gathered, started)
+            self.payload_bytes += payload
+            self.raw_bytes += 2 * (size - 1) * chunk * 4  # the fp32 reduce-scatter and all-gather
 
             @torch.no_grad()
             def apply() -> None:
                 chunks = []
-                for p in members:
+                for p, parts in zip(members, reduced, strict=True):
                     if p == me:
-                        chunks.append(own)
+                        chunks.append(own[0])
                         continue
                     try:
-                        chunks.append(compressor.decode("reduced", gathered[p].tensors, (chunk,), ctx.device))
+                        chunks.append(compressor.decode("reduced", parts, (chunk,), ctx.device))
                     except FrameError as exc:  # the owner's chunk is lost to every peer: fail loudly
                         raise AllReduceIncompleteError(step, [p]) from exc
                 self._apply(chunks, gradients())
@@ -274,17 +257,6 @@ class CompressedReduceScatter:
         finally:
             for kind in self._kinds:
                 ctx.exchange.advance(kind, step + 1)
-
-    def _count(self, payload: int, size: int, chunk: int) -> None:
-        self.payload_bytes += payload
-        if size:  # once per round: fp32 reduce-scatter and all-gather, (n - 1) chunks each
-            self.raw_bytes += 2 * (size - 1) * chunk * 4
-
-    def _require(self, step: int, others: Sequence[str], got: Mapping[str, Frame], started: float) -> None:
-        missing = [p for p in others if p not in got]
-        if missing:
-            self._ctx.ledger.record(step, missing, started)
-            raise AllReduceIncompleteError(step, missing)
 
     @staticmethod
     def _culprits(
@@ -300,43 +272,52 @@ class CompressedReduceScatter:
         return bad
 
 
-async def all_gather_compressed(
+async def scatter_gather(
     ctx: StrategyContext,
-    codec: TensorCodec,
+    send: Send,
     step: int,
-    gradients: Callable[[], list[torch.Tensor]],
-    participants: Sequence[str],
+    members: Sequence[str],
+    kinds: tuple[str, str],
+    scattered: Sequence[Parts],
+    reduce: Callable[[list[Parts]], Parts],
     round_timeout: float,
-) -> tuple[RoundOutcome, int, int]:
-    """PowerSGD's round: every peer's compressed gradient (with error feedback) to every peer;
-    everyone averages the same decoded values in rank order. Returns the outcome, the fp32
-    bytes the same streams would take and the payload bytes sent."""
-    started = time.perf_counter()
-    others = tuple(p for p in participants if p != ctx.name)
-    names = [name for name, _ in ctx.parameters]
-    own = await ctx.run_compute(lambda: codec.encode(dict(zip(names, gradients(), strict=True))))
-    frame = Frame(kind=COMPRESSED_GRADIENTS, sender=ctx.name, round=step, step=step, tensors=own)
-    await ctx.exchange.broadcast(frame, others)
-    raw, payload = codec.raw_bytes * len(others), wire_bytes(own) * len(others)
-    arrived = await ctx.exchange.collect(COMPRESSED_GRADIENTS, step, others, round_timeout)
-    ctx.exchange.advance(COMPRESSED_GRADIENTS, step + 1)
-    missing = [n for n in others if n not in arrived]
-    if missing:
-        ctx.ledger.record(step, missing, started)
-        raise AllReduceIncompleteError(step, missing)
+    started: float,
+) -> tuple[list[Parts], int]:
+    """One reduce-scatter and all-gather over ``members`` (rank order), this peer among them.
 
-    @torch.no_grad()
-    def average() -> None:
-        decoded = []
-        for peer in participants:
-            stream = own if peer == ctx.name else arrived[peer].tensors
-            try:
-                decoded.append(codec.decode(stream, ctx.device))
-            except FrameError as exc:
-                # Undecodable contribution: the average cannot be exact, so fail loudly.
-                raise AllReduceIncompleteError(step, [peer]) from exc
-        for (name, _), grad in zip(ctx.parameters, gradients(), strict=True):
-            exact_mean([stream[name] for stream in decoded], grad)  # float32 sum, one rounding
+    Sends ``scattered[k]`` to rank k as ``kinds[0]``; runs ``reduce`` on the compute thread over the
+    n contributions to this peer's chunk (rank order, its own ``scattered`` part included); sends
+    what it returns to every other member as ``kinds[1]``. Returns the n members' reduced parts in
+    rank order (its own included) and the payload bytes it sent. Every frame carries the member
+    list in ``meta["members"]``; one that names another list, or another step, counts as missing.
+    Each phase waits ``round_timeout``; a missing frame is recorded in the ledger and raises
+    :class:`~p2pdl.errors.AllReduceIncompleteError`. The caller closes the kinds' rounds.
+    """
+    me = ctx.name
+    rank = members.index(me)
+    others = tuple(p for p in members if p != me)
+    meta = {"members": ",".join(members)}
 
-    await ctx.run_compute(average)
-    return ctx.ledger.record(step, [], started), raw, payload
+    def frame(kind: str, parts: Parts) -> Frame:
+        return Frame(kind=kind, sender=me, round=step, step=step, meta=meta, tensors=parts)
+
+    async def gather(kind: str) -> dict[str, Frame]:
+        arrived = await ctx.exchange.collect(kind, step, others, round_timeout)
+        got = {p: f for p, f in arrived.items() if f.meta.get("members") == meta["members"] and f.step == step}
+        missing = [p for p in others if p not in got]
+        if missing:
+            ctx.ledger.record(step, missing, started)
+            raise AllReduceIncompleteError(step, missing)
+        return got
+
+    outgoing = {p: frame(kinds[0], scattered[index]) for index, p in enumerate(members) if p != me}
+    await send(outgoing)
+    payload = sum(wire_bytes(f.tensors) for f in outgoing.values())
+    contributions = await gather(kinds[0])
+    own = await ctx.run_compute(
+        lambda: reduce([scattered[rank] if p == me else contributions[p].tensors for p in members])
+    )
+    await send(dict.fromkeys(others, frame(kinds[1], own)))
+    payload += wire_bytes(own) * len(others)
+    gathered = await gather(kinds[1])
+    return [own if p == me else gathered[p].tensors for p in members], payload
