@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/compression_rs.py --mlp-steps 80 --only ar-none ar-topk1-dgc   # BENCHMARKS §19
     .venv/bin/python benchmarks/compression_rs.py --tables loopback --loopback-steps 600   # the CNN
     .venv/bin/python benchmarks/compression_rs.py --reanalyze        # rebuild the tables from runs/compression_rs
+    .venv/bin/python benchmarks/compression_rs.py --mlp-steps 150 --only ar-none ar-powersgd4 \
+        --results benchmarks/results/compression_powersgd.json           # BENCHMARKS §19a
 
 Issue 13's target: at least 64x fewer wire bytes than the fp32 all-reduce at most 1 point of
 accuracy lost, at equal steps, on 8 peers. Same runner and conventions as
@@ -19,7 +21,9 @@ the same invocation). Rows, all ``strategy.kind = "allreduce"`` with H = 1:
   over the reduce-scatter);
 * top-1% and top-0.5% with DGC momentum correction 0.9 (optimizer momentum 0), and top-1% with
   DGC and a 12-step sparsity warm-up (25%, 6.25%, 1.5625%, then 1%: its early steps cost more
-  bytes, which the ratio over the whole run includes).
+  bytes, which the ratio over the whole run includes);
+* PowerSGD rank 4 with error feedback under the optimizer's momentum 0.9, through the paper's two
+  fp32 all-reduces of P and Q (``p2pdl/strategies/allreduce_powersgd.py``).
 
 The wide MLP (4.3M parameters) is the default table: on the 5,210-parameter CNN the frame headers
 alone are more than 1/64 of an fp32 round, so no compressor can reach 64x there.
@@ -74,6 +78,12 @@ ROWS = (
         strategy=ALLREDUCE,
         compression=dgc(0.005),
         run=NO_MOMENTUM,
+    ),
+    Row(
+        key="ar-powersgd4",
+        label="all-reduce of PowerSGD factors, rank 4 + EF",
+        strategy=ALLREDUCE,
+        compression={"kind": "powersgd", "rank": 4, "min_numel": 0},
     ),
 )
 
