@@ -18,7 +18,9 @@ two neighbours every step) and DiLoCo (``allreduce`` with ``local_steps`` H = 50
 ``outer = "diloco"``, outer lr 0.7 / Nesterov momentum 0.9, the paper's values for an Adam inner
 optimizer), all on the same tokens; and DiLoCo H = 50 with twice the tokens (``diloco50x2``, its
 schedule over its own steps), which is not judged on the equal-tokens targets but tells how soon
-DiLoCo reaches DDP's final loss when the equal-tokens rows end above it. The training recipe
+DiLoCo reaches DDP's final loss when the equal-tokens rows end above it; and local SGD
+(``localsgd50``: DiLoCo's outer step at lr 1 without momentum, plain averaging every 50 steps, on
+the same tokens: ``--only localsgd50`` adds it to an earlier run's rows). The training recipe
 lives in one place, :data:`OPTIMIZER` (AdamW, warm-up over 5% of a row's steps, cosine decay,
 clipping at 1.0), merged into every row's config.
 
@@ -109,11 +111,18 @@ ROWS = (
     # Twice the tokens (its schedule spans its own 2x steps): not an equal-tokens row, it answers
     # "how soon does DiLoCo reach DDP's final loss" when the equal-tokens rows end above it.
     Row(key="diloco50x2", label="DiLoCo (H=50), 2x the tokens", strategy={**DILOCO, "local_steps": 50}, step_scale=2),
+    # DiLoCo's outer step at lr 1 without momentum: plain parameter averaging every H steps (local
+    # SGD), on the same tokens, to see what the outer Nesterov momentum does over 20 outer rounds.
+    Row(
+        key="localsgd50",
+        label="local SGD (H=50: DiLoCo with outer lr 1, no momentum)",
+        strategy={**DILOCO, "local_steps": 50, "outer_lr": 1.0, "outer_momentum": 0.0},
+    ),
 )
 LINK_DILOCO = "diloco50"  # the DiLoCo row timed on the links (with a short H: see run_netns)
 LINK_ROWS = ("ddp", "allreduce", LINK_DILOCO)  # the rows whose step times are measured on the links
-DILOCO_ROWS = {"diloco50": 50, "diloco100": 100, "diloco50x2": 50}
-EQUAL_TOKENS_DILOCO = ("diloco50", "diloco100")  # the rows the 2% and 50x targets are judged on
+DILOCO_ROWS = {"diloco50": 50, "diloco100": 100, "diloco50x2": 50, "localsgd50": 50}
+EQUAL_TOKENS_DILOCO = ("diloco50", "diloco100", "localsgd50")  # the rows the 2% and 50x targets are judged on
 TARGET_VAL_GAP = 0.02  # DiLoCo's final validation loss within 2% of DDP's
 TARGET_BYTES_RATIO = 50.0  # and at least 50x fewer bytes
 TARGET_SPEEDUP = {100.0: 3.0, 20.0: 10.0}  # time to DDP's final loss on these links, DDP over DiLoCo
