@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_compressed_reduce_scatter import closure_for, fp32_allreduce_bytes, parameters, swarm, swarm_config
 
-from p2pdl.errors import FrameSchemaError
+from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError
 from p2pdl.strategies.allreduce import AllReduceStrategy
 from p2pdl.strategies.allreduce_powersgd import orthonormalize
 
@@ -117,3 +117,36 @@ def test_orthonormalize_gives_orthonormal_columns_and_zeroes_a_dependent_one() -
     gram = matrix[:, :2].T @ matrix[:, :2]
     torch.testing.assert_close(gram, torch.eye(2), rtol=0, atol=1e-5)
     assert float(matrix[:, 2].abs().max()) < 1e-5
+
+
+async def test_factors_whose_sum_overflows_are_refused_before_anything_changes() -> None:
+    # Every contribution is finite (the frame decoder refuses NaN and Inf), but two members' huge
+    # P values overflow float32 when summed: the owners refuse the round, naming them, and no
+    # peer's parameters, residuals or warm starts move.
+    n = 3
+    async with swarm(swarm_config(n, powersgd()), n) as peers:
+        for hostile in peers[1:]:
+            rounds = hostile.strategy._powersgd  # type: ignore[attr-defined]
+            honest = rounds._p_vector
+
+            def huge(gradients: list[torch.Tensor], honest: Any = honest) -> tuple[Any, torch.Tensor]:
+                accumulated, vector = honest(gradients)
+                return accumulated, torch.full_like(vector, 2e38)
+
+            rounds._p_vector = huge
+        torch.manual_seed(5)
+        batches = [(torch.randn(16, 64), torch.randint(0, 8, (16,))) for _ in peers]
+        before = [parameters(p) for p in peers]
+        warm = [[q.clone() for q in p.strategy._powersgd._warm] for p in peers]  # type: ignore[attr-defined]
+        results = await asyncio.gather(
+            *(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, AllReduceIncompleteError) for r in results), results
+        assert isinstance(results[0], AllReduceIncompleteError)
+        assert set(results[0].missing) == {"p1", "p2"}  # p0 owns chunk 0 and names the two
+        for peer, params, qs in zip(peers, before, warm, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(parameters(peer), params, strict=True))
+            rounds = peer.strategy._powersgd  # type: ignore[attr-defined]
+            assert all(torch.equal(a, b) for a, b in zip(rounds._warm, qs, strict=True))
+            assert all(not bool(r.any()) for r in rounds._residual)

@@ -39,6 +39,7 @@ import torch
 
 from p2pdl.compression.compressors import PowerSGDCompressor, key_seed
 from p2pdl.config.sections import CompressionConfig
+from p2pdl.errors import AllReduceIncompleteError
 from p2pdl.strategies.allreduce_compressed import Parts, Send, scatter_gather
 from p2pdl.strategies.base import RoundOutcome, StrategyContext
 from p2pdl.wire import TensorSpec
@@ -192,12 +193,21 @@ class PowerSGDRounds:
     @torch.no_grad()
     def _apply(
         self,
+        step: int,
         accumulated: Sequence[torch.Tensor],
         p_mean: torch.Tensor,
         q_mean: torch.Tensor,
         gradients: Sequence[torch.Tensor],
     ) -> None:
         """Step 5: the gradients, the residuals and the warm starts; nothing changed before this."""
+        factors = []
+        for matrix in self._matrices:
+            q = q_mean[matrix.q_offset : matrix.q_offset + matrix.columns * matrix.rank]
+            q = q.view(matrix.columns, matrix.rank).clone()
+            approximation = (self._p_matrix(p_mean, matrix) @ q.T).view_as(gradients[matrix.index])
+            if not bool(torch.isfinite(approximation).all()):
+                raise AllReduceIncompleteError(step, [])  # refused whole, before any gradient is written
+            factors.append((q, approximation))
         offset = 0
         for index in self._plain:
             grad = gradients[index]
@@ -205,10 +215,7 @@ class PowerSGDRounds:
             grad.copy_(p_mean[offset : offset + count].view_as(grad))
             offset += count
             self._residual[index].zero_()  # averaged exactly: nothing to carry
-        for position, matrix in enumerate(self._matrices):
-            q = q_mean[matrix.q_offset : matrix.q_offset + matrix.columns * matrix.rank]
-            q = q.view(matrix.columns, matrix.rank).clone()
-            approximation = (self._p_matrix(p_mean, matrix) @ q.T).view_as(gradients[matrix.index])
+        for position, (matrix, (q, approximation)) in enumerate(zip(self._matrices, factors, strict=True)):
             if self._error_feedback:
                 torch.sub(accumulated[matrix.index], approximation, out=self._residual[matrix.index])
             gradients[matrix.index].copy_(approximation)
@@ -231,6 +238,16 @@ class PowerSGDRounds:
             mean = torch.zeros(chunk, dtype=torch.float32, device=vector.device)
             for parts in contributions:  # rank order: the same float32 sum on every owner
                 mean.add_(parts["values"].to(device=vector.device))
+            if not bool(torch.isfinite(mean).all()):
+                # Finite contributions (the decoder checked each) whose sum overflows: the members
+                # whose values could, named; nothing has changed yet.
+                limit = torch.finfo(torch.float32).max / size
+                culprits = [
+                    member
+                    for member, parts in zip(members, contributions, strict=True)
+                    if float(parts["values"].abs().max()) >= limit
+                ]
+                raise AllReduceIncompleteError(step, culprits)
             return {"values": mean.div_(size)}
 
         kinds = (f"{POWERSGD_KINDS[phase][0]}{size}", f"{POWERSGD_KINDS[phase][1]}{size}")
@@ -254,7 +271,7 @@ class PowerSGDRounds:
             p_mean = await self._mean(step, members, 0, p_vector, started)
             q_vector = await ctx.run_compute(lambda: self._q_vector(accumulated, p_mean))
             q_mean = await self._mean(step, members, 1, q_vector, started)
-            await ctx.run_compute(lambda: self._apply(accumulated, p_mean, q_mean, gradients()))
+            await ctx.run_compute(lambda: self._apply(step, accumulated, p_mean, q_mean, gradients()))
             self.raw_bytes += 2 * (size - 1) * math.ceil(self._total / size) * 4
             return ctx.ledger.record(step, [], started)
         finally:
