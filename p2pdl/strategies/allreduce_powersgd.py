@@ -139,10 +139,6 @@ class PowerSGDRounds:
 
     # ------------------------------------------------------------------ wire shapes
 
-    def vector_sizes(self) -> tuple[int, int]:
-        """Elements of the P vector (uncompressed parameters first) and of the Q vector."""
-        return self._p_total, self._q_total
-
     def expected_tensors(self, kind: str) -> Mapping[str, TensorSpec] | None:
         """The exact specs of a ``prs``/``pag``/``qrs``/``qag`` frame, None when ``kind`` is not one."""
         prefix, size_text = kind[:3], kind[3:]
