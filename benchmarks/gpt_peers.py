@@ -415,7 +415,9 @@ def _mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:,.1f}"
 
 
-def loopback_table(rows: list[dict[str, Any]]) -> str:
+def loopback_table(rows: list[dict[str, Any]], commit: str | None = None) -> str:
+    """The loopback rows; a row measured at another commit than ``commit`` (kept by ``--only``)
+    says when and where in its status."""
     reference = next((r["final_val_loss"] for r in rows if r["row"] == "ddp"), None)
     ddp_bytes = next((sent_bytes(r) for r in rows if r["row"] == "ddp"), None)
     lines = [
@@ -439,10 +441,19 @@ def loopback_table(rows: list[dict[str, Any]]) -> str:
             "not reached" if reached is None else str(reached),
             "**FAILED**: " + "; ".join(row["problems"])
             if row["problems"]
-            else "; ".join(["ok", *row.get("notes", [])]),
+            else "; ".join(["ok", *row.get("notes", []), *earlier(row, commit)]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def earlier(row: dict[str, Any], commit: str | None) -> list[str]:
+    """A note for a row that an earlier invocation measured, at another commit than ``commit``."""
+    measured = row.get("measured") or {}
+    if commit is None or not measured.get("commit") or measured["commit"] == commit:
+        return []
+    date = str(measured.get("date_utc", "")).replace("T", " ")[:16]
+    return [f"measured earlier: `{measured['commit'][:7]}`, {date} UTC"]
 
 
 def run_loopback(args: argparse.Namespace, previous: list[dict[str, Any]], provenance: Provenance) -> dict[str, Any]:
@@ -491,7 +502,7 @@ def run_loopback(args: argparse.Namespace, previous: list[dict[str, Any]], prove
         },
         "rows": rows,
         "targets": judge_loopback({r["row"]: r for r in rows}),
-        "table": loopback_table(rows),
+        "table": loopback_table(rows, provenance.commit),
     }
 
 
@@ -728,8 +739,8 @@ def main(argv: list[str] | None = None) -> int:
         "note": f"All {PEERS} processes of a run share this machine's {os.cpu_count()} CPU cores, "
         "one torch thread each.",
     }
-    if "loopback" not in args.parts and "provenance" in previous:
-        # The loopback rows were measured by an earlier invocation: its provenance stays with them.
+    if ("loopback" not in args.parts or args.only) and "provenance" in previous:
+        # Loopback rows measured by an earlier invocation stay: so does its provenance.
         result["earlier_provenance"] = [*previous.get("earlier_provenance", []), previous["provenance"]]
     status = 0
     if "loopback" in args.parts:
