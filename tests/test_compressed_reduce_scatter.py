@@ -93,6 +93,22 @@ def parameters(peer: Peer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in peer.model.parameters()]
 
 
+async def train_identically(peers: list[Peer], steps: int, label: str) -> None:
+    """``steps`` steps on different data per peer; after each, every peer holds p0's parameters,
+    and at the end the swarm has moved."""
+    torch.manual_seed(7)
+    batches = [(torch.randn(32, 64), torch.randint(0, 8, (32,))) for _ in peers]  # different data per peer
+    start = parameters(peers[0])
+    for _ in range(steps):
+        await asyncio.gather(*(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)))
+        reference = parameters(peers[0])
+        for peer in peers[1:]:
+            for mine, theirs in zip(parameters(peer), reference, strict=True):
+                assert torch.equal(mine, theirs), f"{label}: {peer.name} holds other parameters than p0"
+    moved = max(float((a - b).abs().max()) for a, b in zip(parameters(peers[0]), start, strict=True))
+    assert moved > 1e-4, f"{label}: the swarm did not move"
+
+
 def fp32_allreduce_bytes(peer: Peer, n: int) -> int:
     """The payload the fp32 reduce-scatter + all-gather sends per peer per round."""
     total = sum(p.numel() for p in peer.model.parameters())
@@ -106,18 +122,8 @@ def fp32_allreduce_bytes(peer: Peer, n: int) -> int:
 async def test_every_peer_decodes_the_same_values_and_sends_fewer_bytes(case: str, n: int) -> None:
     compression, most = CASES[case]
     async with swarm(swarm_config(n, compression), n) as peers:
-        torch.manual_seed(7)
-        batches = [(torch.randn(32, 64), torch.randint(0, 8, (32,))) for _ in peers]  # different data per peer
-        start = parameters(peers[0])
         sent_before = [p.transport.stats.bytes_sent for p in peers]
-        for _ in range(STEPS):
-            await asyncio.gather(*(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)))
-            reference = parameters(peers[0])
-            for peer in peers[1:]:
-                for mine, theirs in zip(parameters(peer), reference, strict=True):
-                    assert torch.equal(mine, theirs), f"{case}: {peer.name} holds other parameters than p0"
-        moved = max(float((a - b).abs().max()) for a, b in zip(parameters(peers[0]), start, strict=True))
-        assert moved > 1e-4, f"{case}: the swarm did not move"
+        await train_identically(peers, STEPS, case)
         fp32 = fp32_allreduce_bytes(peers[0], n)
         for peer, before in zip(peers, sent_before, strict=True):
             per_round = (peer.transport.stats.bytes_sent - before) / STEPS

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_compressed_reduce_scatter import closure_for, fp32_allreduce_bytes, parameters, swarm, swarm_config
+from test_compressed_reduce_scatter import (
+    closure_for,
+    fp32_allreduce_bytes,
+    parameters,
+    swarm,
+    swarm_config,
+    train_identically,
+)
 
 from p2pdl.errors import AllReduceIncompleteError, FrameSchemaError
 from p2pdl.strategies.allreduce import AllReduceStrategy
@@ -45,17 +52,7 @@ async def test_every_peer_applies_the_same_factors_and_sends_only_them(n: int) -
         assert isinstance(strategy, AllReduceStrategy)
         assert strategy.expected_tensors(f"prs{n}", "p1")["values"].shape == (math.ceil(P_TOTAL / n),)
         assert strategy.expected_tensors(f"qag{n}", "p1")["values"].shape == (math.ceil(Q_TOTAL / n),)
-        torch.manual_seed(7)
-        batches = [(torch.randn(32, 64), torch.randint(0, 8, (32,))) for _ in peers]  # different data per peer
-        start = parameters(peers[0])
-        for _ in range(STEPS):
-            await asyncio.gather(*(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)))
-            reference = parameters(peers[0])
-            for peer in peers[1:]:
-                for mine, theirs in zip(parameters(peer), reference, strict=True):
-                    assert torch.equal(mine, theirs), f"{peer.name} holds other parameters than p0"
-        moved = max(float((a - b).abs().max()) for a, b in zip(parameters(peers[0]), start, strict=True))
-        assert moved > 1e-4, "the swarm did not move"
+        await train_identically(peers, STEPS, "powersgd")
         for peer in peers:
             status = peer.status()["strategy"]
             # Exact counters: the factors' payload, against the fp32 reduce-scatter + all-gather.
