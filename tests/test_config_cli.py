@@ -219,6 +219,16 @@ def test_membership_must_outlast_a_round() -> None:
     assert config.membership.dead_after > config.strategy.round_timeout
 
 
+def test_allreduce_refuses_peer_names_too_long_to_name_a_group_in_a_frame() -> None:
+    long_names = [
+        {"name": f"peer-with-a-long-hostname-{i:02d}.example", "address": f"127.0.0.1:{9000 + i}"} for i in range(8)
+    ]
+    data: dict[str, object] = {"run": {"workload": WORKLOAD}, "peers": long_names, "strategy": {"kind": "allreduce"}}
+    assert any("295 characters, more than 256" in p for p in problems_of(data)), problems_of(data)
+    config_from_mapping({**data, "strategy": {"kind": "gossip"}})  # gossip names no group: accepted
+    config_from_mapping({**data, "peers": long_names[:6]})  # 221 characters: accepted
+
+
 def test_test_configs_keep_membership_above_the_round_timeout(tmp_path: Path) -> None:
     """helpers.write_config: a slow round must time out before membership declares partners dead."""
     names, ports = ["p0", "p1"], free_ports(2)

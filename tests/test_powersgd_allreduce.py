@@ -61,37 +61,43 @@ async def test_every_peer_applies_the_same_factors_and_sends_only_them(n: int) -
             assert expected > 10
 
 
-async def test_the_applied_update_is_the_projection_of_the_mean_gradient() -> None:
+async def test_every_update_is_the_projection_of_the_mean_with_error_feedback_and_warm_start() -> None:
+    """Three steps against a reference written from the paper: M_i = g_i + e_i, P̄ = mean(M_i Q),
+    orthonormalised, Q̄ = mean(M_i^T P̄), update P̄ Q̄^T, e_i = M_i - P̄ Q̄^T, next Q = Q̄. From the
+    second step on, a missing or wrong residual or warm start changes the update."""
     n, lr = 3, 0.05
     async with swarm(swarm_config(n, powersgd()), n) as peers:
         torch.manual_seed(11)
         batches = [(torch.randn(32, 64), torch.randint(0, 8, (32,))) for _ in peers]
-        # Each peer's own gradient at the shared starting point, computed apart from the swarm.
-        twin = [[q.detach().clone().requires_grad_(True) for q in peers[0].model.parameters()] for _ in peers]
-        grads = []
-        for params, (x, y) in zip(twin, batches, strict=True):
-            w1, b1, w2, b2 = params
-            loss = torch.nn.functional.cross_entropy(torch.tanh(x @ w1.T + b1) @ w2.T + b2, y)
-            grads.append(torch.autograd.grad(loss, params))
-        start = parameters(peers[0])
         warm = [q.clone() for q in peers[0].strategy._powersgd._warm]  # type: ignore[attr-defined]
-        await asyncio.gather(*(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)))
-
-        expected = []
-        matrices = iter(warm)
-        for index, before in enumerate(start):
-            per_peer = [g[index] for g in grads]
-            if before.dim() == 1:  # a bias: averaged exactly
-                update = sum(per_peer) / n
-            else:
-                q0 = next(matrices)
-                p_mean = sum(m @ q0 for m in per_peer) / n
-                orthonormalize(p_mean)
-                q_mean = sum(m.T @ p_mean for m in per_peer) / n
-                update = p_mean @ q_mean.T
-            expected.append(before - lr * update)
-        for got, want in zip(parameters(peers[1]), expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        residuals = [[torch.zeros_like(q) for q in peers[0].model.parameters()] for _ in peers]
+        for _ in range(3):
+            start = parameters(peers[0])  # every peer holds these (checked below)
+            grads = []  # each peer's own gradient at the shared point, computed apart from the swarm
+            for (x, y), residual in zip(batches, residuals, strict=True):
+                params = [q.clone().requires_grad_(True) for q in start]
+                w1, b1, w2, b2 = params
+                loss = torch.nn.functional.cross_entropy(torch.tanh(x @ w1.T + b1) @ w2.T + b2, y)
+                grads.append([g + e for g, e in zip(torch.autograd.grad(loss, params), residual, strict=True)])
+            await asyncio.gather(*(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)))
+            expected, matrix = [], 0
+            for index, before in enumerate(start):
+                accumulated = [g[index] for g in grads]
+                if before.dim() == 1:  # a bias: averaged exactly, nothing carried
+                    update = sum(accumulated) / n
+                else:
+                    p_mean = sum(m @ warm[matrix] for m in accumulated) / n
+                    orthonormalize(p_mean)
+                    q_mean = sum(m.T @ p_mean for m in accumulated) / n
+                    update = p_mean @ q_mean.T
+                    for residual, m in zip(residuals, accumulated, strict=True):
+                        residual[index] = m - update
+                    warm[matrix] = q_mean
+                    matrix += 1
+                expected.append(before - lr * update)
+            for peer in peers:
+                for got, want in zip(parameters(peer), expected, strict=True):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 async def test_malformed_factor_kinds_are_refused() -> None:
@@ -116,25 +122,34 @@ def test_orthonormalize_gives_orthonormal_columns_and_zeroes_a_dependent_one() -
     assert float(matrix[:, 2].abs().max()) < 1e-5
 
 
-async def test_factors_whose_sum_overflows_are_refused_before_anything_changes() -> None:
+@pytest.mark.parametrize("phase", ["_p_vector", "_q_vector"])
+async def test_factors_whose_sum_overflows_are_refused_before_anything_changes(phase: str) -> None:
     # Every contribution is finite (the frame decoder refuses NaN and Inf), but two members' huge
-    # P values overflow float32 when summed: the owners refuse the round, naming them, and no
-    # peer's parameters, residuals or warm starts move.
+    # P (or Q) values overflow float32 when summed: the owners refuse the round, naming them, and,
+    # after a good round has left residuals and warm starts to lose, no peer's parameters,
+    # residuals or warm starts move.
     n = 3
     async with swarm(swarm_config(n, powersgd()), n) as peers:
+        await train_identically(peers, 1, "before the hostile round")
         for hostile in peers[1:]:
             rounds = hostile.strategy._powersgd  # type: ignore[attr-defined]
-            honest = rounds._p_vector
+            honest = getattr(rounds, phase)
 
-            def huge(gradients: list[torch.Tensor], honest: Any = honest) -> tuple[Any, torch.Tensor]:
-                accumulated, vector = honest(gradients)
-                return accumulated, torch.full_like(vector, 2e38)
+            def huge(*args: Any, honest: Any = honest) -> Any:
+                result = honest(*args)
+                if isinstance(result, tuple):  # _p_vector: (accumulated, vector)
+                    return result[0], torch.full_like(result[1], 2e38)
+                return torch.full_like(result, 2e38)
 
-            rounds._p_vector = huge
+            setattr(rounds, phase, huge)
         torch.manual_seed(5)
         batches = [(torch.randn(16, 64), torch.randint(0, 8, (16,))) for _ in peers]
         before = [parameters(p) for p in peers]
-        warm = [[q.clone() for q in p.strategy._powersgd._warm] for p in peers]  # type: ignore[attr-defined]
+        kept = [
+            ([q.clone() for q in r._warm], [e.clone() for e in r._residual])
+            for r in (p.strategy._powersgd for p in peers)  # type: ignore[attr-defined]
+        ]
+        assert any(bool(e.any()) for e in kept[0][1]), "the good round left no residual to lose"
         results = await asyncio.gather(
             *(p.step(closure_for(p, x, y)) for p, (x, y) in zip(peers, batches, strict=True)),
             return_exceptions=True,
@@ -142,8 +157,16 @@ async def test_factors_whose_sum_overflows_are_refused_before_anything_changes()
         assert all(isinstance(r, AllReduceIncompleteError) for r in results), results
         assert isinstance(results[0], AllReduceIncompleteError)
         assert set(results[0].missing) == {"p1", "p2"}  # p0 owns chunk 0 and names the two
-        for peer, params, qs in zip(peers, before, warm, strict=True):
+        for peer, params, (warm, residual) in zip(peers, before, kept, strict=True):
             assert all(torch.equal(a, b) for a, b in zip(parameters(peer), params, strict=True))
             rounds = peer.strategy._powersgd  # type: ignore[attr-defined]
-            assert all(torch.equal(a, b) for a, b in zip(rounds._warm, qs, strict=True))
-            assert all(not bool(r.any()) for r in rounds._residual)
+            assert all(torch.equal(a, b) for a, b in zip(rounds._warm, warm, strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(rounds._residual, residual, strict=True))
+
+
+def test_orthonormalize_keeps_the_columns_of_a_tiny_matrix() -> None:
+    # The threshold is relative: columns of a matrix whose entries are ~1e-6 are not "zero".
+    torch.manual_seed(1)
+    matrix = torch.randn(50, 3) * 1e-6
+    orthonormalize(matrix)
+    torch.testing.assert_close(matrix.T @ matrix, torch.eye(3), rtol=0, atol=1e-5)

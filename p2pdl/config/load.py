@@ -30,6 +30,7 @@ from p2pdl.config.sections import (
     observe_problems,
 )
 from p2pdl.config.training import LEGACY_OPTIMIZER_KEYS
+from p2pdl.core.groups import MAX_GROUP_CHARS
 from p2pdl.core.topology import topology_problems
 from p2pdl.errors import ConfigError
 
@@ -116,6 +117,12 @@ class Config(_Validated):
             )
         if self.transport.send_timeout > self.strategy.round_timeout * 100:
             found.append("transport.send_timeout is over 100x strategy.round_timeout; lower it")
+        joined = ",".join(self.peer_names)
+        if self.strategy.kind == "allreduce" and len(joined) > MAX_GROUP_CHARS:
+            found.append(
+                f"peers: allreduce names its group in every frame, and the {len(self.peers)} peer names joined by "
+                f"commas are {len(joined)} characters, more than {MAX_GROUP_CHARS}; use shorter names"
+            )
         if self.strategy.kind == "ps" and self.strategy.server is not None and self.peer(self.strategy.server) is None:
             found.append(f"strategy.server: {self.strategy.server!r} is not in [[peers]]")
         if self.strategy.kind == "ps" and not self.peers:

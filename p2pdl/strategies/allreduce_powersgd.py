@@ -49,8 +49,8 @@ __all__ = ["POWERSGD_KINDS", "PowerSGDRounds", "orthonormalize"]
 # (reduce-scatter, all-gather) kind prefixes of the P phase and of the Q phase; "<prefix><n>".
 POWERSGD_KINDS = (("prs", "pag"), ("qrs", "qag"))
 _MAX_GROUP = 4096
-_EPSILON = 1e-8  # a column of P̄ whose norm is below this becomes zero instead of dividing by it
-_RELATIVE = 1e-5  # ... or below this fraction of its norm before the earlier columns were removed
+_RELATIVE = 1e-5  # a column of P̄ left with less than this fraction of its norm becomes zero
+_TINY = float(torch.finfo(torch.float32).tiny)  # ... as does one whose norm is not a normal float32
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +67,12 @@ class _Matrix:
 def orthonormalize(matrix: torch.Tensor) -> None:
     """Gram-Schmidt on the columns of ``matrix`` (n, r), in place, in column order.
 
-    A column left with less than 1e-5 of its norm (float32 rounding of a column in the span of
-    the earlier ones), or under 1e-8, becomes zero: a rank-deficient mean, e.g. a zero gradient.
-    Plain loops over r columns: the same float operations on every peer, where a LAPACK QR may
-    choose its own blocking.
+    Modified Gram-Schmidt: each earlier column q is removed as ``c <- c - (q . c) q`` with the
+    updated c, then c is divided by its norm. A column left with less than 1e-5 of its norm before
+    the removals (float32 rounding of a column in the span of the earlier ones), or with norm 0 or
+    below the smallest normal float32, becomes zero: a rank-deficient mean, e.g. a zero gradient.
+    The threshold is relative, so small gradients keep their columns. Plain loops over r columns:
+    the same float operations on every peer, where a LAPACK QR may choose its own blocking.
     """
     for column in range(matrix.shape[1]):
         current = matrix[:, column]
@@ -79,7 +81,7 @@ def orthonormalize(matrix: torch.Tensor) -> None:
             basis = matrix[:, earlier]
             current.sub_(torch.dot(basis, current) * basis)
         norm = torch.linalg.vector_norm(current)
-        if float(norm) < max(_EPSILON, _RELATIVE * before):
+        if float(norm) <= max(_TINY, _RELATIVE * before):
             current.zero_()
         else:
             current.div_(norm)
@@ -195,29 +197,44 @@ class PowerSGDRounds:
         q_mean: torch.Tensor,
         gradients: Sequence[torch.Tensor],
     ) -> None:
-        """Step 5: the gradients, the residuals and the warm starts; nothing changed before this."""
-        factors = []
-        for matrix in self._matrices:
-            q = q_mean[matrix.q_offset : matrix.q_offset + matrix.columns * matrix.rank]
-            q = q.view(matrix.columns, matrix.rank).clone()
-            approximation = (self._p_matrix(p_mean, matrix) @ q.T).view_as(gradients[matrix.index])
-            if not bool(torch.isfinite(approximation).all()):
-                raise AllReduceIncompleteError(step, [])  # refused whole, before any gradient is written
-            factors.append((q, approximation))
+        """Step 5: the gradients, the residuals and the warm starts; nothing changed before this.
+
+        Every new gradient is first built in its parameter's dtype, and the round is refused whole
+        (before anything is written) when one is not finite: a finite float32 mean can still
+        exceed a float16 parameter's range.
+        """
+        applied: dict[int, torch.Tensor] = {}
+        owed: dict[int, torch.Tensor] = {}  # what each new gradient stands for, in float32
         offset = 0
         for index in self._plain:
             grad = gradients[index]
             count = grad.numel()
-            grad.copy_(p_mean[offset : offset + count].view_as(grad))
+            owed[index] = p_mean[offset : offset + count].view_as(grad)  # the exact mean
+            applied[index] = owed[index].to(grad.dtype)
             offset += count
-            self._residual[index].zero_()  # averaged exactly: nothing to carry
-        for position, (matrix, (q, approximation)) in enumerate(zip(self._matrices, factors, strict=True)):
+        warm = []
+        for matrix in self._matrices:
+            grad = gradients[matrix.index]
+            q = q_mean[matrix.q_offset : matrix.q_offset + matrix.columns * matrix.rank]
+            q = q.view(matrix.columns, matrix.rank).clone()
+            applied[matrix.index] = (self._p_matrix(p_mean, matrix) @ q.T).view_as(grad).to(grad.dtype)
+            owed[matrix.index] = accumulated[matrix.index]  # M_j: the rest of it is carried over
+            # A zero column of Q̄ (a mean of lower rank than r, an unused parameter) would make the
+            # same column of every later P zero for good: it starts again from the seeded draw.
+            # Every peer holds the same Q̄, so all do.
+            dead = ~q.any(dim=0)
+            if bool(dead.any()):
+                q[:, dead] = self._initial_q(matrix)[:, dead]
+            warm.append(q)
+        if not all(bool(torch.isfinite(g).all()) for g in applied.values()):
+            raise AllReduceIncompleteError(step, [])  # refused whole, before any gradient is written
+        for index, new in applied.items():
             if self._error_feedback:
-                torch.sub(accumulated[matrix.index], approximation, out=self._residual[matrix.index])
-            gradients[matrix.index].copy_(approximation)
-            # A zero mean (an unused parameter) leaves Q̄ = 0, from which P = M Q̄ would stay zero for
-            # good: start again from the seeded draw. Every peer holds the same Q̄, so all do.
-            self._warm[position] = q if bool(q.any()) else self._initial_q(matrix)
+                # What was not applied: a matrix's M_j minus its approximation, a plain parameter's
+                # rounding into its dtype (zero in float32), as applied.
+                torch.sub(owed[index], new.to(torch.float32), out=self._residual[index])
+            gradients[index].copy_(new)
+        self._warm = warm
 
     async def _mean(
         self, step: int, members: tuple[str, ...], phase: int, vector: torch.Tensor, started: float
