@@ -9,16 +9,16 @@ Q_j the warm-started (m, r) factor, the same on every peer (PROTOCOL.md §6):
 2. an fp32 reduce-scatter + all-gather (``prs<n>``/``pag<n>``) averages the vector of every P_j
    together with the parameters that are not compressed (vectors, small or thin matrices), so
    those are averaged exactly on the way;
-3. every peer orthonormalises each mean P̄_j by Gram-Schmidt (the same bytes, the same code) and
-   computes its Q_j = M_j^T P̄_j (m, r);
+3. every peer orthonormalises each mean P̄_j into P̂_j by Gram-Schmidt (the same bytes, the same
+   code) and computes its Q_j = M_j^T P̂_j (m, r);
 4. a second reduce-scatter + all-gather (``qrs<n>``/``qag<n>``) averages the Q_j into Q̄_j;
-5. every peer applies P̄_j Q̄_j^T = P̄_j P̄_j^T mean(M_j), the projection of the mean gradient
-   onto the span of P̄_j, keeps e_j = M_j - P̄_j Q̄_j^T, and keeps Q̄_j as the next warm start.
+5. every peer applies P̂_j Q̄_j^T = P̂_j P̂_j^T mean(M_j), the projection of the mean gradient
+   onto the span of P̂_j, keeps e_j = M_j - P̂_j Q̄_j^T, and keeps Q̄_j as the next warm start.
 
 Each peer sends 2 (n - 1)/n times the factors (and the uncompressed parameters) over the two
 phases, where the all-gather of whole compressed gradients this replaces sent n - 1 times them:
 at 8 peers, 4x fewer bytes. The averaged factors are the same bytes everywhere, so the peers apply
-the same gradient wherever the orthonormalisation and the product P̄ Q̄^T compute the same floats
+the same gradient wherever the orthonormalisation and the product P̂ Q̄^T compute the same floats
 (the same device kind and library: the same caveat as DDP's ``powerSGD_hook``).
 
 Trade-offs. As the paper does, the approximation is of the mean, rank r overall, not the sum of n
