@@ -29,7 +29,11 @@ Figures, per strategy, chaos against failure-free:
 * **longest global stall**: the longest wall-clock gap during which no peer completed a new
   swarm step (the swarm step at time t is the largest step any peer had completed by t). The
   target is ``2 * median step time + detection time``, where the detection time is the
-  membership's ``dead_after`` bound unless ``--detection-seconds`` gives a measured one.
+  membership's ``dead_after`` bound unless ``--detection-seconds`` gives a measured one. The run
+  also measures it (``detection``): per kill and freeze, the seconds from the signal to the first
+  survivor's dead limit crossing, from the peers' "declared dead" log lines; the row's
+  ``stall_target_measured_seconds`` is the same target with the slowest freeze detection of the
+  run, the latency that machine and load actually gave.
 * **bit-identity**: at every snapshot step (every outer step for DiLoCo, every
   ``--snapshot-every`` steps for allreduce) the snapshots of all peers that wrote one are compared
   with ``torch.equal``; the figure is the number of steps compared and of steps that differed.
@@ -83,6 +87,9 @@ STALL_MARKERS = {
     "below quorum": "a peer fell below quorum",
     "downloading state": "a peer resynced",
 }
+# p2pdl/membership/gossip.py logs each death it declares with the silence and the limit it crossed.
+DECLARED_DEAD = re.compile(r"member (\S+) declared dead: silent ([\d.]+) s, limit ([\d.]+) s")
+DETECTION_WINDOW = 30.0  # a declaration this long after a fault no longer belongs to it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,7 +204,7 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
                     event = Event(kind=kind, name=name, step=swarm_step, seconds=seconds)  # type: ignore[arg-type]
                     line = cluster.fire(event, swarm_step)
                     print(f"chaos {strategy}: {now:7.1f} s, swarm step {swarm_step}: {line}", flush=True)
-                    events.append(event.record() | {"at_seconds": round(now, 2)})
+                    events.append(event.record() | {"at_seconds": round(now, 2), "at_wall": round(time.time(), 3)})
                     if kind == "restart":
                         restarting[name] = (now, swarm_step)
                         next_kill += args.kill_every
@@ -266,6 +273,7 @@ def analyse(
         "longest_stall_seconds": round(max(gaps), 3) if gaps else None,
         "longest_stalls": [stall_causes(out, names, start, end) for start, end in longest],
         "attempt_endings": attempt_endings(out, names),
+        "detection": detection_latencies(out, names, events),
         "final_test_loss": statistics.fmean(losses) if losses else None,
         "peers_at_end": sorted(finals),
         "identity": identity,
@@ -297,6 +305,55 @@ def stall_causes(out: Path, names: list[str], start: float, end: float) -> dict[
                 if marker in message:
                     causes[cause] += 1
     return {"seconds": round(end - start, 3), "from_wall": round(start, 3), "causes": dict(sorted(causes.items()))}
+
+
+def detection_latencies(out: Path, names: list[str], events: list[dict[str, Any]]) -> dict[str, Any]:
+    """How long the survivors took to declare each fault's victim dead, measured in this run.
+
+    For each kill and freeze: the seconds from the signal to the moment the victim's silence
+    crossed its dead limit at the *first* survivor that declared it (an exact round ends its
+    attempt then, §11.3) and at the last one, from the peers' "declared dead" log lines. A killed
+    peer that was back before any survivor's limit passed is never declared dead; such events are
+    counted, not timed. Per kind: the events, how many were declared, and the first survivor's
+    latency (median, max)."""
+    crossings: dict[str, list[tuple[float, str]]] = defaultdict(list)  # victim -> (crossed at, survivor)
+    for at, survivor, message in log_lines(out, names):
+        match = DECLARED_DEAD.search(message)
+        if match:
+            crossings[match[1]].append((at - (float(match[2]) - float(match[3])), survivor))
+    per_event = []
+    for event in events:
+        fired = event.get("at_wall")
+        if fired is None:
+            continue
+        seen = sorted(
+            (crossed - fired, survivor)
+            for crossed, survivor in crossings[event["name"]]
+            if survivor != event["name"] and 0 <= crossed - fired <= DETECTION_WINDOW
+        )
+        first: dict[str, float] = {}
+        for latency, survivor in seen:
+            first.setdefault(survivor, latency)  # a survivor's first declaration after this fault
+        per_event.append(
+            {
+                "kind": event["kind"],
+                "name": event["name"],
+                "at_seconds": event["at_seconds"],
+                "first_seconds": round(min(first.values()), 3) if first else None,
+                "last_seconds": round(max(first.values()), 3) if first else None,
+                "survivors_declaring": len(first),
+            }
+        )
+    summary: dict[str, Any] = {"events": per_event}
+    for kind in ("freeze", "restart"):
+        timed = [e["first_seconds"] for e in per_event if e["kind"] == kind and e["first_seconds"] is not None]
+        summary[kind] = {
+            "events": sum(1 for e in per_event if e["kind"] == kind),
+            "declared": len(timed),
+            "first_median_seconds": round(statistics.median(timed), 3) if timed else None,
+            "first_max_seconds": round(max(timed), 3) if timed else None,
+        }
+    return summary
 
 
 def attempt_endings(out: Path, names: list[str]) -> dict[str, int]:
@@ -363,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         if chaotic["median_step_seconds"] is not None:
             row["stall_target_seconds"] = round(2 * chaotic["median_step_seconds"] + detection, 3)
         row["detection_seconds"] = detection
+        measured = chaotic["detection"]["freeze"]["first_max_seconds"]
+        if chaotic["median_step_seconds"] is not None and measured is not None:
+            # The same target with the slowest freeze detection this run actually paid.
+            row["stall_target_measured_seconds"] = round(2 * chaotic["median_step_seconds"] + measured, 3)
         rows.append(row)
     result = {
         "workload": "gpt_tiny",

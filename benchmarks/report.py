@@ -226,6 +226,30 @@ def chaos_rows(document: dict[str, Any]) -> list[str]:
             f"{conflicts_note(identity)}) | "
             f"{len(chaos['events'])} |"
         )
+    measured = [r for r in document["rows"] if "detection" in r["chaos"]]
+    if measured:
+        rows += [
+            "",
+            "| strategy | freezes declared dead | freeze detection, first survivor: median, max "
+            "| kills declared dead | kill detection, first survivor: median, max "
+            "| longest stall (target with the slowest freeze detection) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in measured:
+            detection, chaos = r["chaos"]["detection"], r["chaos"]
+            cells = []
+            for kind in ("freeze", "restart"):
+                figures = detection[kind]
+                cells.append(f"{figures['declared']} of {figures['events']}")
+                cells.append(
+                    f"{figures['first_median_seconds']} s, {figures['first_max_seconds']} s"
+                    if figures["declared"]
+                    else "—"
+                )
+            rows.append(
+                f"| {r['strategy']} | {' | '.join(cells)} | {chaos['longest_stall_seconds']} s "
+                f"({r.get('stall_target_measured_seconds', '—')} s) |"
+            )
     return rows
 
 

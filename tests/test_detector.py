@@ -134,6 +134,10 @@ def test_view_declares_a_silent_member_dead_within_its_bounds(phi_threshold: flo
     assert view.state_of("b", now=last + expected + 0.1) == "dead"
     assert view.tick(now=last + expected + 0.1)
     assert view.deaths == {"b": 1}
+    # The silence crossed the limit 0.1 s before the tick, which is what the log line reports.
+    [(name, silent, limit)] = view.declared_dead
+    assert name == "b" and limit == expected and silent - limit == pytest.approx(0.1)
+    assert not view.tick(now=last + expected + 0.2) and view.declared_dead == []
 
 
 def test_a_member_never_heard_is_given_the_ceiling() -> None:

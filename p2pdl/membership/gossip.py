@@ -41,6 +41,9 @@ from p2pdl.tasks import TaskOwner
 log = logging.getLogger(__name__)
 
 MAX_GOSSIP_BYTES = 1024 * 1024  # one digest, either direction: 4096 members fit with room to spare
+# Logged for each death this peer declares; benchmarks/chaos.py reads the detection latency from it
+# (the silence crossed the limit (silent - limit) seconds before the line's time).
+DECLARED_DEAD_LOG = "member %s declared dead: silent %.3f s, limit %.3f s"
 
 
 def merge_digest(view: MembershipView, body: Any, figures: FigureBook | None = None) -> bool:
@@ -130,6 +133,8 @@ class MembershipGossip:
             self.view.beat()
             self.gossip_once(include_seeds=True)
             if self.view.tick():
+                for name, silent, limit in self.view.declared_dead:
+                    log.info(DECLARED_DEAD_LOG, name, silent, limit)
                 self._on_change()
             await asyncio.sleep(self._config.gossip_interval)
 

@@ -154,6 +154,9 @@ class MembershipView:
         self._last_live: tuple[str, ...] = ()
         self._arrivals: dict[str, ArrivalWindow] = {}  # heartbeat rhythm of each member, as heard here
         self.deaths: dict[str, int] = {}  # per member: times this peer declared it dead (tick)
+        # The last tick's new deaths: (name, seconds silent at the tick, its dead limit then); the
+        # silence crossed the limit (silent - limit) seconds before the tick.
+        self.declared_dead: list[tuple[str, float, float]] = []
         self.paused_seconds = 0.0  # this process's own pauses, forgiven to every member
         self.changes = 0  # bumped whenever the live set changes, so callers can rewire cheaply
 
@@ -307,12 +310,15 @@ class MembershipView:
 
     def tick(self, now: float | None = None) -> bool:
         """Re-evaluate timeouts; returns True when the live set changed since the last call."""
-        live = self.live_names(now)
+        at = time.monotonic() if now is None else now
+        live = self.live_names(at)
         changed = live != self._last_live
-        for name in set(self._last_live) - set(live):
+        self.declared_dead = []
+        for name in sorted(set(self._last_live) - set(live)):
             member = self._members.get(name)
             if member is not None and not member.left:
                 self.deaths[name] = self.deaths.get(name, 0) + 1
+                self.declared_dead.append((name, at - member.heard_at, self.dead_limit(name)))
         self._last_live = live
         if changed:
             self.changes += 1
