@@ -74,6 +74,36 @@ def test_one_long_gap_is_clipped_and_does_not_make_the_detector_lax() -> None:
     assert clipped.dead_after(THRESHOLD, FLOOR, CEILING) < 10.0
 
 
+def test_a_gap_as_long_as_the_dead_limit_is_an_outage_and_no_sample() -> None:
+    kept, dropped = ArrivalWindow(clip=FLOOR), ArrivalWindow(clip=FLOOR)
+    at = 0.0
+    for gap in [1.0] * 8 + [12.0] + [1.0] * 3:  # a 12 s freeze in a short window (a recent restart)
+        at += gap
+        kept.arrived(at)
+        dropped.arrived(at, outage=FLOOR)
+    assert len(dropped) == len(kept) - 1
+    assert kept.dead_after(THRESHOLD, FLOOR, CEILING) > FLOOR  # clipped, it still made the detector lax
+    assert dropped.dead_after(THRESHOLD, FLOOR, CEILING) == FLOOR
+    # Gaps shorter than the limit, however irregular, stay samples: that is how a loaded member's
+    # limit grows.
+    busy = ArrivalWindow(clip=FLOOR)
+    for at in (0.0, 1.0, 5.0, 6.0, 10.5, 11.0):
+        busy.arrived(at, outage=FLOOR + 1.0)
+    assert len(busy) == 5
+
+
+def test_a_thawed_member_is_detected_at_the_floor_when_it_stops_again() -> None:
+    view = make_view()
+    last = feed_heartbeats(view, 30)
+    assert view.dead_limit("b") == FLOOR
+    thawed = last + 12.0  # frozen for 12 s: dead at the floor, then its next counter arrives
+    assert view.state_of("b", now=thawed) == "dead"
+    for beat in range(31, 37):
+        view.merge([Member("b", "127.0.0.1:2", 7, beat)], now=thawed + beat - 31)
+    assert view.state_of("b", now=thawed + 5) == "alive"
+    assert view.dead_limit("b") == FLOOR
+
+
 def test_too_few_samples_fall_back_to_the_ceiling() -> None:
     window = ArrivalWindow()
     for at in (0.0, 1.0, 2.0):
