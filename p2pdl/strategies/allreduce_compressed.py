@@ -48,7 +48,7 @@ import torch
 
 from p2pdl.compression.compressors import Compressor, NoneCompressor, TopKCompressor, build_compressor, wire_bytes
 from p2pdl.compression.dgc import Accumulator, stage_ratio, warmup_stage, warmup_stages
-from p2pdl.config.sections import CompressionConfig
+from p2pdl.config.strategy import CompressionConfig
 from p2pdl.core.mixing import flatten_into, unflatten_into
 from p2pdl.errors import AllReduceIncompleteError, FrameError
 from p2pdl.strategies.base import RoundOutcome, StrategyContext

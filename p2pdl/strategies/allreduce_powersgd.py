@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pdl.compression.compressors import PowerSGDCompressor, key_seed
-from p2pdl.config.sections import CompressionConfig
+from p2pdl.config.strategy import CompressionConfig
 from p2pdl.errors import AllReduceIncompleteError
 from p2pdl.strategies.allreduce_compressed import Parts, Send, scatter_gather
 from p2pdl.strategies.base import RoundOutcome, StrategyContext

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from p2pdl.config.sections import OVERLAP_MAX_BUCKETS
+from p2pdl.config.strategy import OVERLAP_MAX_BUCKETS
 from p2pdl.errors import ConfigError
 
 __all__ = [
