@@ -229,11 +229,11 @@ async def test_a_fresh_state_download_is_served_at_the_end_of_the_donors_next_st
     step has ended and serves that step's result, not the state it held when asked."""
     async with two_peers() as (a, b):
         download = asyncio.create_task(b.fetch_state("a", fresh=True))
-        await wait_until(lambda: len(a._fresh_waiters) == 1)  # held, not served at step 0
+        await wait_until(lambda: len(a.state_service._fresh_waiters) == 1)  # held, not served at step 0
         assert not download.done()
         await asyncio.gather(a.step(zero_closure), b.step(zero_closure))
         assert await asyncio.wait_for(download, 10) == 1  # the state after a's step 0
-        assert a._fresh_waiters == []
+        assert a.state_service._fresh_waiters == []
 
 
 async def test_a_fresh_download_from_a_donor_that_does_not_step_gets_its_current_state() -> None:
@@ -242,7 +242,7 @@ async def test_a_fresh_download_from_a_donor_that_does_not_step_gets_its_current
     async with two_peers() as (a, b):
         a.step_index = 7
         assert await asyncio.wait_for(b.fetch_state("a", fresh=True), 10) == 7
-        assert a._fresh_waiters == []
+        assert a.state_service._fresh_waiters == []
 
 
 @pytest.mark.parametrize("value", ["2", "yes", ""])
@@ -252,7 +252,7 @@ async def test_a_bad_fresh_value_is_a_400_that_names_it(value: str) -> None:
         async with session.get(url, params={"fresh": value}) as response:
             assert response.status == 400
             assert "fresh must be 0 or 1" in await response.text()
-        assert a._fresh_waiters == []
+        assert a.state_service._fresh_waiters == []
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -268,6 +268,6 @@ async def test_a_donor_that_closes_serves_its_held_downloads_the_current_state()
     async with two_peers() as (a, b):
         a.step_index = 5
         download = asyncio.create_task(b.fetch_state("a", fresh=True))
-        await wait_until(lambda: len(a._fresh_waiters) == 1)
+        await wait_until(lambda: len(a.state_service._fresh_waiters) == 1)
         await a.close()
         assert await asyncio.wait_for(download, 10) == 5

@@ -185,10 +185,10 @@ async def test_a_fresh_state_download_is_signed_without_its_query(secret_env: st
     async with swarm(config({"secret_env": secret_env})) as (a, b):
         download = asyncio.create_task(b.fetch_state("a", fresh=True))
         for _ in range(1000):  # until a holds it (10 s at most)
-            if a._fresh_waiters:
+            if a.state_service._fresh_waiters:
                 break
             await asyncio.sleep(0.01)
-        assert a._fresh_waiters, "the fresh download was not held"
+        assert a.state_service._fresh_waiters, "the fresh download was not held"
         await asyncio.gather(a.step(zero), b.step(zero))
         assert await asyncio.wait_for(download, 10) == 1
         assert "missing" not in a.status()["auth_rejected"]["by_reason"]

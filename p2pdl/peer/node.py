@@ -6,54 +6,46 @@ The peer runs the closure and the optimizer step on its single compute thread (s
 keeps serving heartbeats and frames during a step), and calls the strategy around the optimizer
 step. The node itself holds no mixing math, no wire format and no membership protocol: those
 live in the layers below (:mod:`p2pdl.membership.gossip` keeps the view current; the node only
-rewires the graph when the live set changes).
+rewires the graph when the live set changes). State transfer (``GET /state``, joins and resyncs)
+is its :class:`~p2pdl.peer.stateservice.StateService`, telemetry its
+:class:`~p2pdl.peer.telemetry.PeerTelemetry`.
+
+Trade-off: everything that reads or writes the model (the step, the strategy's mixing, a state
+snapshot or load) runs on the one compute thread, one at a time, so none of it needs a lock;
+none of it runs in parallel with the rest either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import os
-import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-import aiohttp
 import torch
-from aiohttp import web
 
 from p2pdl.config import Config, parse_address
 from p2pdl.core.topology import Graph, build_graph
-from p2pdl.errors import (
-    ConfigError,
-    FrameSchemaError,
-    FrameTooLargeError,
-    P2PDLError,
-    TrainingDivergedError,
-    TransportError,
-)
+from p2pdl.errors import ConfigError, TrainingDivergedError, TransportError
 from p2pdl.membership.gossip import MembershipGossip
 from p2pdl.membership.view import MembershipView, Timing
 from p2pdl.net.auth import security_from_config
 from p2pdl.net.transport import Transport
 from p2pdl.obs.digest import LINK_DOWN, LINK_UP, links_of
-from p2pdl.peer.statesync import LENGTH, StateAssembler, StateSnapshot, snapshot_state, state_frames
+from p2pdl.peer.stateservice import StateService
 from p2pdl.peer.telemetry import PeerTelemetry
 from p2pdl.strategies import build_strategy
 from p2pdl.strategies.base import RoundLedger, RoundOutcome, Strategy, StrategyContext
-from p2pdl.wire import decode_frame
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_STATE_CHUNK_BYTES = 16 * 1024 * 1024
 PeerState = Literal["created", "starting", "training", "stopping", "closed"]
 
 
@@ -193,10 +185,15 @@ class Peer:
             on_reject=lambda reason: self.transport.stats.auth_rejected.update([reason]),
         )
         self._compute_seconds = 0.0  # time on the compute thread, for the step's time split
-        # GET /state?fresh=1 (PROTOCOL.md §3.5): downloads waiting for the end of the next step,
-        # and the last steps' wall times, which bound that wait.
-        self._fresh_waiters: list[asyncio.Future[StateSnapshot | None]] = []
-        self._step_walls: deque[float] = deque(maxlen=16)
+        self.state_service = StateService(
+            name=name,
+            model=model,
+            optimizer=optimizer,
+            transport=self.transport,
+            membership=self.membership,
+            config=config.transport,
+            host=self,
+        )
         self.gossip = MembershipGossip(
             view=self.membership,
             transport=self.transport,
@@ -207,7 +204,7 @@ class Peer:
             describe=self._describe_members,
             figures=self.telemetry.figures,
         )
-        self.transport.add_route("GET", "/state", self._state_handler)
+        self.transport.add_route("GET", "/state", self.state_service.state_handler)
         for method, path, handler in self.telemetry.route_table():
             self.transport.add_route(method, path, handler)
         self._strategy: Strategy = build_strategy(
@@ -224,7 +221,7 @@ class Peer:
                 ledger=self.ledger,
                 compression=config.compression,
                 last_step=config.run.steps - 1,
-                resync=self._resync,
+                resync=self.state_service.resync,
                 dead_limit=self.membership.dead_limit,
                 member_steps=self._member_steps,
             )
@@ -343,10 +340,7 @@ class Peer:
         announce = self.state in ("training", "starting")
         self.state = "stopping"
         # Downloads held for the end of a step that will not come get the current state now.
-        waiters, self._fresh_waiters = self._fresh_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.state_service.release_held()
         try:
             if announce:
                 # The strategy's last word first, while every link is still up (leave rewires at once).
@@ -441,79 +435,6 @@ class Peer:
 
     # ------------------------------------------------------------------ state transfer
 
-    async def _state_handler(self, request: web.Request) -> web.StreamResponse:
-        fresh = request.query.get("fresh", "0")
-        if fresh not in ("0", "1"):
-            raise web.HTTPBadRequest(text=f"GET /state: fresh must be 0 or 1, not {fresh[:20]!r}")
-        snapshot = await self._next_step_snapshot() if fresh == "1" else None
-        if snapshot is None:
-            # The strategy says when the live state is consistent (not between an optimizer step
-            # and the step count that goes with it), and what it serves besides (outer state, its
-            # group).
-            async with asyncio.timeout(self.config.transport.state_timeout):
-                await self._strategy.state_ready()
-            snapshot = await self.run_compute(self._snapshot)
-        response = web.StreamResponse(headers={"Content-Type": "application/x-p2pdl-state"})
-        await response.prepare(request)
-        timeout = self.config.transport.send_timeout
-        try:
-            for frame in state_frames(snapshot, self.name, chunk_bytes=_STATE_CHUNK_BYTES):
-                data = await self.transport.encode(frame)
-                async with asyncio.timeout(timeout):
-                    await response.write(LENGTH.pack(len(data)))
-                    await response.write(data)
-            await response.write_eof()
-        except (ConnectionError, aiohttp.ClientError) as exc:
-            # The downloader went away (it gave up, or this peer is closing): its loss, not an error here.
-            log.info("%s: state download aborted by the other side: %s", self.name, exc)
-        return response
-
-    def _snapshot(self) -> StateSnapshot:
-        return snapshot_state(self.model, self.optimizer, self.step_index, self._strategy.served_state())
-
-    def _fresh_hold(self) -> float:
-        """How long a ``fresh`` download waits for the end of this peer's next step: three
-        times its median step (a median of 1 s while none is measured), at least 1 s, at most
-        half the state timeout (PROTOCOL.md §3.5)."""
-        median = statistics.median(self._step_walls) if self._step_walls else 1.0
-        return min(self.config.transport.state_timeout / 2, max(1.0, 3 * median))
-
-    async def _next_step_snapshot(self) -> StateSnapshot | None:
-        """The state at the end of the step in progress (or of the next one), before this peer
-        computes the one after; None when it is not training, closes meanwhile, or no step ends
-        within :meth:`_fresh_hold` (below quorum, at the end of its run): the caller then serves
-        the current state."""
-        if self.state != "training":
-            return None
-        waiter: asyncio.Future[StateSnapshot | None] = asyncio.get_running_loop().create_future()
-        self._fresh_waiters.append(waiter)
-        try:
-            async with asyncio.timeout(self._fresh_hold()):
-                return await waiter
-        except TimeoutError:
-            return None
-        finally:
-            if waiter in self._fresh_waiters:
-                self._fresh_waiters.remove(waiter)
-
-    async def _serve_fresh(self) -> None:
-        """End of a step: one snapshot for every ``fresh`` download waiting, taken before the
-        next step's forward pass, so a joiner has the whole of that step to load it and announce
-        the round it joins (PROTOCOL.md §3.5, §11.5)."""
-        waiters, self._fresh_waiters = self._fresh_waiters, []
-        try:
-            snapshot = await self.run_compute(self._snapshot)
-        except Exception as exc:  # the downloads fail with it; training goes on
-            log.warning("%s: state snapshot failed: %s", self.name, exc)
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            return
-        log.info("%s: serving the state of step %d fresh to %d download(s)", self.name, snapshot.step, len(waiters))
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(snapshot)
-
     async def fetch_state(self, donor: str | None = None, *, at_least: int = 0, fresh: bool = False) -> int:
         """Download parameters, optimizer state and step from a live neighbour; returns the step.
 
@@ -521,68 +442,7 @@ class Peer:
         says so, before anything is loaded, and the next candidate is tried. With ``fresh`` the
         donor serves the state at the end of its next step (PROTOCOL.md §3.5).
         """
-        candidates = [donor] if donor else [n for n in self._graph.neighbors.get(self.name, ())]
-        candidates += [n for n in self.live_members() if n != self.name and n not in candidates]
-        errors = []
-        for name in candidates:
-            address = self.membership.addresses().get(name)
-            if not address:
-                continue
-            try:
-                step = await self._fetch_state_from(name, address, at_least, fresh=fresh)
-            except (P2PDLError, OSError) as exc:
-                errors.append(f"{name}: {exc}")
-                continue
-            log.info("%s: loaded state of step %d from %s", self.name, step, name)
-            if self.hooks is not None:
-                await self.run_compute(functools.partial(self.hooks.state_loaded, step))
-            return step
-        raise TransportError(f"{self.name}: no live peer served its state ({'; '.join(errors) or 'none live'})")
-
-    async def _resync(self, donors: Sequence[str], *, at_least: int = 0, fresh: bool = False) -> int:
-        """Re-admission: a peer that fell behind its group downloads a member's state (the first of
-        ``donors`` that serves one at ``at_least`` or later) and continues from its step."""
-        errors = []
-        for donor in donors:
-            try:
-                return await self.fetch_state(donor, at_least=at_least, fresh=fresh)
-            except (P2PDLError, OSError) as exc:
-                errors.append(str(exc))
-        raise TransportError(f"{self.name}: resync failed: {'; '.join(errors) or 'no donor'}")
-
-    async def _fetch_state_from(self, donor: str, address: str, at_least: int = 0, *, fresh: bool = False) -> int:
-        limits = self.transport.limits
-        assembler = StateAssembler(self.model, self.optimizer, self._strategy.state_specs())
-        loop = asyncio.get_running_loop()
-        timeout = self.config.transport.state_timeout
-        async with (
-            asyncio.timeout(timeout),
-            self.transport.open_stream(
-                address, "/state", timeout, target=donor, params={"fresh": "1"} if fresh else None
-            ) as response,
-        ):
-            if response.status != 200:
-                raise TransportError(f"GET {address}/state: HTTP {response.status}")
-            while not assembler.complete:
-                (length,) = LENGTH.unpack(await _read_state(response.content, LENGTH.size))
-                if length > limits.max_frame_bytes:
-                    raise FrameTooLargeError(f"state frame of {length} bytes is over the cap")
-                data = await _read_state(response.content, length)
-                frame = await loop.run_in_executor(
-                    None, functools.partial(decode_frame, data, limits=limits, known_senders=(donor,))
-                )
-                assembler.feed(frame)
-                if assembler.step is not None and assembler.step < at_least:
-                    raise TransportError(f"{donor} serves the state of step {assembler.step}, before step {at_least}")
-
-        def load() -> int:
-            # Model, optimizer, step and the strategy's state change together on the compute thread.
-            step = assembler.apply()
-            self.step_index = step
-            self._strategy.state_replaced(assembler.extra, assembler.meta)
-            return step
-
-        return await self.run_compute(load)
+        return await self.state_service.fetch_state(donor, at_least=at_least, fresh=fresh)
 
     # ------------------------------------------------------------------ training
 
@@ -646,10 +506,9 @@ class Peer:
             # Another peer keeps the run's clock (a sync parameter server): its step is ours.
             self.step_index = adopted
         self.last_loss = loss
-        if self._fresh_waiters:
-            await self._serve_fresh()
+        await self.state_service.serve_fresh()
         wall = time.perf_counter() - started
-        self._step_walls.append(wall)
+        self.state_service.step_took(wall)
         self.telemetry.step_done(
             wall=wall,
             compute=self._compute_seconds - compute_before,
@@ -708,13 +567,3 @@ class Peer:
             "telemetry": self.telemetry.status(),
             **self.transport.stats.as_dict(),
         }
-
-
-async def _read_state(content: aiohttp.StreamReader, size: int) -> bytes:
-    """The next ``size`` bytes of a state stream; an early end or a broken connection is a typed error."""
-    try:
-        return await content.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        raise FrameSchemaError(f"state stream ended early: {len(exc.partial)} of {size} bytes of a record") from exc
-    except aiohttp.ClientError as exc:
-        raise TransportError(f"state stream broke: {exc}") from exc
