@@ -22,13 +22,14 @@ Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver check
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
 kept, so a peer can serve a resumable state between syncs without stopping.
 
-Without overlap the gradients are views of one flat vector that backward accumulates into (as
-with DDP's ``gradient_as_bucket_view``), so a round copies nothing in. With ``strategy.overlap``
-(H = 1, uncompressed, float32 parameters on the CPU) they live in flat buckets instead, and each
-bucket's reduce-scatter and all-gather start from a backward hook as soon as backward has filled
-it (:mod:`p2pdl.strategies.allreduce_overlap`). The round is the same: one group per attempt,
-every bucket a sub-round of it, applied only when every bucket completed. Each element is
-averaged in rank order either way, so overlap changes no bit of the result.
+Without overlap the gradients are views of one flat vector that backward accumulates into (as with
+DDP's ``gradient_as_bucket_view``), so a round copies nothing in
+(:mod:`p2pdl.strategies.flat_vector`). With ``strategy.overlap`` (H = 1, uncompressed, float32
+parameters on the CPU) they live in flat buckets instead, and each bucket's reduce-scatter and
+all-gather start from a backward hook as soon as backward has filled it
+(:mod:`p2pdl.strategies.allreduce_overlap`). The round is the same: one group per attempt, every
+bucket a sub-round of it, applied only when every bucket completed. Each element is averaged in
+rank order either way, so overlap changes no bit of the result.
 
 With ``[compression]`` on, gradients go through a compressed reduce-scatter that re-compresses
 the partial sums instead (:mod:`p2pdl.strategies.allreduce_compressed`): every peer decodes the
@@ -59,7 +60,7 @@ from p2pdl.core.groups import (
     quorum,
     wire_round,
 )
-from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
+from p2pdl.core.mixing import exact_mean
 from p2pdl.errors import (
     AllReduceIncompleteError,
     FrameSchemaError,
@@ -78,7 +79,7 @@ from p2pdl.strategies.base import (
     StrategyContext,
     wire_dtype,
 )
-from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, piece_layout
+from p2pdl.strategies.buckets import PADDING, GradientBuckets, piece_layout
 from p2pdl.strategies.exact_rounds import (
     ALL_GATHER,
     GROUP_NOTICE,
@@ -89,6 +90,7 @@ from p2pdl.strategies.exact_rounds import (
     GroupNotices,
     first_failure,
 )
+from p2pdl.strategies.flat_vector import FlatVector
 from p2pdl.tasks import TaskOwner, reap
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
@@ -163,12 +165,6 @@ class AllReduceStrategy(StrategyBase):
             )
         self.raw_bytes = 0
         self.payload_bytes = 0
-        # Host-side wire buffers, reused every step: the flat vector (total,) and the averaged chunk,
-        # each followed by zeros so that every chunk of any group size is ceil(total / n) long.
-        # With overlap the buckets replace both (below).
-        flat_size = self._total + MAX_GROUP
-        self._flat = torch.zeros(flat_size, dtype=self._wire_dtype)
-        self._averaged = torch.zeros(flat_size, dtype=self._wire_dtype)
         self._quorum = quorum(len(ctx.configured), self.config.min_peers)
         initial = [n for n in ctx.configured if n in ctx.topology().names]
         self._agreement = Agreement(ctx.name, ctx.configured, initial)  # PROTOCOL.md §11.3
@@ -209,26 +205,19 @@ class AllReduceStrategy(StrategyBase):
             params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
                 self._overlap = OverlapRounds(self, GradientBuckets(params, self.config.bucket_mb))
-                self._flat = self._averaged = torch.zeros(0, dtype=self._wire_dtype)  # the buckets replace them
             else:
                 log.info(
                     "strategy.overlap: parameters are not all float32 on the CPU; gradients are averaged after backward"
                 )
-        # Without overlap (H = 1, uncompressed, parameters of the wire dtype on the CPU): the
-        # gradients are views of the flat vector, as DDP's gradient_as_bucket_view makes them.
-        # before_backward binds them and backward accumulates straight into the flat vector, so a
-        # round has no flatten copy; its result is assembled in the averaged buffer, and applying
-        # it rebinds the gradients there and swaps the two buffers' roles (_swap_buffers): no copy
-        # either. A gradient rebound by other code is copied in once and bound again.
-        self._grad_views: list[torch.Tensor] | None = None
-        self._averaged_views: list[torch.Tensor] = []  # the same views of the averaged buffer
-        self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
-        uncompressed = self._powersgd is None and self._compressed is None
-        if self._overlap is None and self.config.local_steps == 1 and uncompressed:
-            params = [p for _, p in ctx.parameters]
-            if params and all(p.dtype == self._wire_dtype and p.device == self._flat.device for p in params):
-                self._grad_views = flat_views(self._flat, params)
-                self._averaged_views = flat_views(self._averaged, params)
+        # Without overlap the round's input is the flat vector (flat_vector.py). On the plain path
+        # (H = 1, uncompressed, parameters of the wire dtype on the CPU) the gradients are its
+        # views, as DDP's gradient_as_bucket_view makes them: a gradient round copies nothing in
+        # or out. With overlap the buckets replace it.
+        self._flat: FlatVector | None = None
+        if self._overlap is None:
+            uncompressed = self._powersgd is None and self._compressed is None
+            views = self.config.local_steps == 1 and uncompressed
+            self._flat = FlatVector([p for _, p in ctx.parameters], self._wire_dtype, padding=MAX_GROUP, views=views)
 
     # ------------------------------------------------------------------ wire
 
@@ -308,12 +297,6 @@ class AllReduceStrategy(StrategyBase):
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         return grads
-
-    @staticmethod
-    @torch.no_grad()
-    def _write_back(chunks_in_rank_order: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:
-        """Copy the averaged chunks straight into the tensors: one copy, no flat intermediate."""
-        unflatten_chunks_into(chunks_in_rank_order, tensors)
 
     async def _send(self, frames: Mapping[str, Frame]) -> None:
         """Send each distinct frame once to its recipients; a broken link is a missing frame, not an error.
@@ -480,15 +463,17 @@ class AllReduceStrategy(StrategyBase):
         await self._notices.notify(round_index, group, "rs")
         if not others:
             return Attempt(True)
+        flat = self._flat
+        assert flat is not None  # without overlap the round's input is the flat vector
         layout = self._layout(size)
         suffixes = self._piece_kinds(size)
         self._sizes.add(size)
         self._ag_out.clear()
 
         async def piece(start: int, length: int, chunk: int, suffix: str) -> Attempt | None:
-            result = self._averaged  # this attempt's: the buffers swap only after a complete one
+            result = flat.averaged  # this attempt's: the buffers swap only after a complete one
             failed, gathered = await self._scatter_gather(
-                round_index, group, self._flat[start:], result[start:], chunk, suffix, ctx.run_compute
+                round_index, group, flat.local[start:], result[start:], chunk, suffix, ctx.run_compute
             )
             if failed is not None:
                 return failed
@@ -530,10 +515,10 @@ class AllReduceStrategy(StrategyBase):
             if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
                 return Attempt(False, phase="decided")
             applying = time.perf_counter()
-            if self._flat_is_grads:  # the gradients are views of the flat vector: rebind, no copy
-                self._swap_buffers()
+            if flat.grads_are_views:  # the gradients are views of the flat vector: rebind, no copy
+                flat.swap()
             else:
-                await ctx.run_compute(lambda: self._write_back([self._averaged[: self._total]], tensors()))
+                await ctx.run_compute(lambda: flat.write_back(tensors()))
             self.phase_seconds["copies"] += time.perf_counter() - applying
             self._pieces_applied += len(pieces)
             return Attempt(True)
@@ -556,50 +541,14 @@ class AllReduceStrategy(StrategyBase):
         self._backward_started = time.perf_counter()
         if self._overlap is not None:
             self._overlap.arm(step)
-        elif self._grad_views is not None and self.config.local_steps == 1:
-            with torch.no_grad():
-                self._flat[: self._total].zero_()
-            for (_, p), view in zip(self._ctx.parameters, self._grad_views, strict=True):
-                p.grad = view
+        elif self._flat is not None:
+            self._flat.bind_views()  # views only on the H = 1 path (asked for only then)
 
     async def close(self) -> None:
         await self._tasks.cancel_all(self.config.round_timeout)
         if self._overlap is not None:
             self._overlap.close()
         await super().close()
-
-    def _swap_buffers(self) -> None:
-        """Apply a gradient round whose result is in the averaged buffer: bind every gradient to its
-        view of it, and swap the two buffers' roles (as the overlapped buckets rebind theirs). The
-        old flat vector, this peer's own contribution, is the next round's averaged buffer."""
-        assert self._grad_views is not None
-        for (_, p), view in zip(self._ctx.parameters, self._averaged_views, strict=True):
-            p.grad = view
-        # The own chunk of the last piece reaches past the vector: its mean of the members' padding
-        # is 0 from honest peers, but the padding this peer sends must be 0 whatever they sent.
-        self._averaged[self._total :].zero_()
-        self._flat, self._averaged = self._averaged, self._flat
-        self._grad_views, self._averaged_views = self._averaged_views, self._grad_views
-
-    def _views_bound(self) -> bool:
-        """Whether every gradient is still its view of the flat vector (backward accumulated into
-        it): then the round needs no copy, and this check needs no hop to the compute thread."""
-        views = self._grad_views
-        self._flat_is_grads = views is not None and all(
-            is_view(p.grad, view) for (_, p), view in zip(self._ctx.parameters, views, strict=True)
-        )
-        return self._flat_is_grads
-
-    @torch.no_grad()
-    def _into_flat(self, tensors: Sequence[torch.Tensor], *, gradients: bool) -> None:
-        """Copy the round's input into the flat vector (compute thread); gradients that were not
-        the views (:meth:`_views_bound`) are bound to them from here on."""
-        flatten_into(tensors, self._flat[: self._total])
-        views = self._grad_views if gradients else None
-        if views is not None:
-            for (_, p), view in zip(self._ctx.parameters, views, strict=True):
-                p.grad = view
-        self._flat_is_grads = views is not None
 
     async def _average(
         self,
@@ -618,9 +567,12 @@ class AllReduceStrategy(StrategyBase):
         ctx = self._ctx
         started = time.perf_counter() if launch is None else launch.started
         strict = self.config.on_failure == "strict"
-        if launch is None and not (gradients and self._views_bound()):
-            await ctx.run_compute(lambda: self._into_flat(tensors(), gradients=gradients))
-            self.phase_seconds["copies"] += time.perf_counter() - started
+        if launch is None:
+            flat = self._flat
+            assert flat is not None  # without overlap (no launch) the round's input is the flat vector
+            if not (gradients and flat.views_bound()):
+                await ctx.run_compute(lambda: flat.into_flat(tensors(), gradients=gradients))
+                self.phase_seconds["copies"] += time.perf_counter() - started
         first = launch.first if launch is not None else None
         failed: Group | None = None
         adopt: Group | None = None
