@@ -440,7 +440,7 @@ async def _plain_round(names: list[str], *, rebind: bool) -> tuple[list[list[tor
     finally:
         for strategy in strategies:
             await strategy.close()
-    views = [strategy._flat.local_views if strategy._flat else None for strategy in strategies]
+    views = [strategy._rounds.flat.local_views if strategy._rounds.flat else None for strategy in strategies]
     bound = [
         all(is_view(p.grad, view) for p, view in zip(model.parameters(), peer_views or [], strict=True))
         and peer_views is not None

@@ -149,7 +149,7 @@ async def _gradient_round(
         if rebind:
             for p in model.parameters():
                 p.grad = p.grad.clone()  # type: ignore[union-attr]
-        flat = strategy._flat
+        flat = strategy._rounds.flat
         assert flat is not None
         flat.local[strategy._total :].fill_(padding)
         result_buffer = flat.averaged.data_ptr()
@@ -161,7 +161,7 @@ async def _gradient_round(
         assert all(is_view(p.grad, v) for p, v in zip(model.parameters(), flat.local_views or [], strict=True))
         # The views path: backward's gradients, or (rebound) copied in once and bound again.
         assert flat.grads_are_views
-        applied = len(strategy._layout(len(names)))
+        applied = len(strategy._rounds.layout(len(names)))
         assert strategy.status()["pipeline"] == {"pieces": pipeline, "pieces_applied": applied}
         assert not flat.local[strategy._total :].any()  # the padding this peer sends next
 
@@ -210,8 +210,8 @@ async def _diloco_rounds(names: list[str], pipeline: int) -> list[list[torch.Ten
             model(overlap._inputs(10 * step + index)).pow(2).mean().backward()
             strategy._ctx.optimizer.step()
             await strategy.after_optimizer_step(step)
-        assert strategy._flat is not None
-        assert not strategy._flat.grads_are_views  # parameter rounds: written back through write_back
+        assert strategy._rounds.flat is not None
+        assert not strategy._rounds.flat.grads_are_views  # parameter rounds: written back through write_back
 
     try:
         await asyncio.gather(*(peer(i) for i in range(len(names))))

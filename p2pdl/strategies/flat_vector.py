@@ -1,6 +1,6 @@
 """The flat vector of an exact round without overlap: one host buffer whose views are the gradients.
 
-An exact round of :mod:`p2pdl.strategies.allreduce` reduces one flat vector of every
+An exact round (:mod:`p2pdl.strategies.allreduce_round`) reduces one flat vector of every
 parameter, (total,) in the wire dtype, followed by zeros so that every chunk of any group size is
 ``ceil(total / n)`` long. Its result is assembled in a second buffer of the same size, the
 averaged buffer, so the flat vector keeps this peer's own contribution, from which a failed
