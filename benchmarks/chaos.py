@@ -77,7 +77,7 @@ from p2pdl.net.auth import security_from_config  # noqa: E402
 WORKLOAD = REPO / "peers" / "gpt_tiny.py"
 STALLS_KEPT = 5  # the longest stalls whose log lines are classified
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \S+: (.*)$")
-# Log markers of the recovery chain (p2pdl/strategies/allreduce.py) -> the cause they count.
+# Log markers of the recovery chain (p2pdl/strategies/allreduce_round.py, allreduce.py) -> the cause they count.
 STALL_MARKERS = {
     "(deadline)": "attempt ended at its deadline",
     "(not_live:": "attempt ended: member declared dead",
@@ -296,7 +296,7 @@ def log_lines(out: Path, names: list[str]) -> list[tuple[float, str, str]]:
 
 def stall_causes(out: Path, names: list[str], start: float, end: float) -> dict[str, Any]:
     """What the peers logged during one stall (between two new swarm steps): how the attempts
-    ended (``p2pdl.strategies.allreduce`` logs each with its cause), whether a peer waited below
+    ended (``p2pdl.strategies.allreduce_round`` logs each with its cause), whether a peer waited below
     quorum, and the resyncs."""
     causes: Counter[str] = Counter()
     for at, _, message in log_lines(out, names):

@@ -193,7 +193,7 @@ class Timeline:
 
 def _instrument(peer: Any, timeline: Timeline) -> None:
     """Record when each piece of ``reduce_gradients`` runs, without changing what it does."""
-    import p2pdl.strategies.allreduce as strategies_module
+    import p2pdl.strategies.flat_vector as flat_vector_module
     import p2pdl.wire.decode as wire_decode
     import p2pdl.wire.encode as wire_encode
 
@@ -204,11 +204,11 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     # "assemble" is the copy of the members' averaged chunks into the averaged buffer (since
     # 452735c, as each piece's all-gather arrives); before it, the write-back after the decision.
     labels = {
-        "_into_flat": "flatten",
+        "into_flat": "flatten",
         "exact_mean": "reduce(exact_mean)",
         "assemble": "assemble(unflatten_chunks)",
         "write_chunks": "assemble(unflatten_chunks)",
-        "_write_back": "assemble(unflatten_chunks)",
+        "write_back": "assemble(unflatten_chunks)",
     }
 
     def labelled_compute(fn: Callable[[], Any]) -> Any:
@@ -237,8 +237,8 @@ def _instrument(peer: Any, timeline: Timeline) -> None:
     wire_encode.encode_frame_parts = timeline.wrap_sync(
         "  encode_frame_parts(codec thread)", wire_encode.encode_frame_parts
     )
-    strategies_module.unflatten_chunks_into = timeline.wrap_sync(
-        "  unflatten_chunks_into", strategies_module.unflatten_chunks_into
+    flat_vector_module.unflatten_chunks_into = timeline.wrap_sync(
+        "  unflatten_chunks_into", flat_vector_module.unflatten_chunks_into
     )
     # p2pdl.net.transport imported both encoders by name; point it at the timed ones too.
     import p2pdl.net.transport as transport_module

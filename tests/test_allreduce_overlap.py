@@ -440,10 +440,11 @@ async def _plain_round(names: list[str], *, rebind: bool) -> tuple[list[list[tor
     finally:
         for strategy in strategies:
             await strategy.close()
+    views = [strategy._rounds.flat.local_views if strategy._rounds.flat else None for strategy in strategies]
     bound = [
-        all(is_view(p.grad, view) for p, view in zip(model.parameters(), strategy._grad_views or [], strict=True))
-        and strategy._grad_views is not None
-        for model, strategy in zip(models, strategies, strict=True)
+        all(is_view(p.grad, view) for p, view in zip(model.parameters(), peer_views or [], strict=True))
+        and peer_views is not None
+        for model, peer_views in zip(models, views, strict=True)
     ]
     return [[p.grad.clone() for p in model.parameters()] for model in models], bound  # type: ignore[union-attr]
 

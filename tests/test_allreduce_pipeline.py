@@ -149,19 +149,21 @@ async def _gradient_round(
         if rebind:
             for p in model.parameters():
                 p.grad = p.grad.clone()  # type: ignore[union-attr]
-        strategy._flat[strategy._total :].fill_(padding)
-        result_buffer = strategy._averaged.data_ptr()
+        flat = strategy._rounds.flat
+        assert flat is not None
+        flat.local[strategy._total :].fill_(padding)
+        result_buffer = flat.averaged.data_ptr()
         outcome = await strategy.reduce_gradients(0)
         assert outcome is not None and not outcome.missing
         # Applied without a copy: the gradients are now views of the buffer the result was assembled
         # in, which is the next round's flat vector; the old flat vector is the next averaged buffer.
-        assert strategy._flat.data_ptr() == result_buffer
-        assert all(is_view(p.grad, v) for p, v in zip(model.parameters(), strategy._grad_views or [], strict=True))
+        assert flat.local.data_ptr() == result_buffer
+        assert all(is_view(p.grad, v) for p, v in zip(model.parameters(), flat.local_views or [], strict=True))
         # The views path: backward's gradients, or (rebound) copied in once and bound again.
-        assert strategy._flat_is_grads
-        applied = len(strategy._layout(len(names)))
+        assert flat.grads_are_views
+        applied = len(strategy._rounds.layout(len(names)))
         assert strategy.status()["pipeline"] == {"pieces": pipeline, "pieces_applied": applied}
-        assert not strategy._flat[strategy._total :].any()  # the padding this peer sends next
+        assert not flat.local[strategy._total :].any()  # the padding this peer sends next
 
     try:
         await asyncio.gather(*(peer(i) for i in range(len(names))))
@@ -208,7 +210,8 @@ async def _diloco_rounds(names: list[str], pipeline: int) -> list[list[torch.Ten
             model(overlap._inputs(10 * step + index)).pow(2).mean().backward()
             strategy._ctx.optimizer.step()
             await strategy.after_optimizer_step(step)
-        assert not strategy._flat_is_grads  # parameter rounds: written back through _write_back
+        assert strategy._rounds.flat is not None
+        assert not strategy._rounds.flat.grads_are_views  # parameter rounds: written back through write_back
 
     try:
         await asyncio.gather(*(peer(i) for i in range(len(names))))

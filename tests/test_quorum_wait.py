@@ -44,7 +44,7 @@ async def test_two_peers_below_quorum_do_not_answer_each_others_notices_in_a_pin
 
     async def wait(index: int) -> None:
         model = models[index]
-        await strategies[index]._average(0, lambda: [p.data for p in model.parameters()])
+        await strategies[index]._rounds.average(0, lambda: [p.data for p in model.parameters()])
 
     outcomes = await asyncio.gather(wait(0), wait(1), return_exceptions=True)
     assert all(isinstance(o, QuorumLostError) for o in outcomes), outcomes

@@ -16,19 +16,22 @@ without touching a parameter, agree on a new group and redo the same round (``st
 strict majority of the configured peers by default); below it the peer waits for the group to
 re-form, then gives up with :class:`~p2pdl.errors.QuorumLostError`. A peer that finds its group
 ahead of it downloads a member's state and joins the round it reaches, without the group waiting
-for it. The protocol and its failure cases: docs/PROTOCOL.md §11.
+for it. The protocol and its failure cases: docs/PROTOCOL.md §11. The attempts, their phases and
+the redo loop are :class:`~p2pdl.strategies.allreduce_round.AllReduceRounds`'; this class keeps the
+agreement, the resync and the state it serves, and chooses how the gradients reach the round.
 
 Trade-offs: chunks are padded to equal size ceil(total / n), so a receiver checks a frame's shape
 from its kind alone (``rs<n>``/``ag<n>``); with H > 1 a copy of the parameters of the last sync is
 kept, so a peer can serve a resumable state between syncs without stopping.
 
-Without overlap the gradients are views of one flat vector that backward accumulates into (as
-with DDP's ``gradient_as_bucket_view``), so a round copies nothing in. With ``strategy.overlap``
-(H = 1, uncompressed, float32 parameters on the CPU) they live in flat buckets instead, and each
-bucket's reduce-scatter and all-gather start from a backward hook as soon as backward has filled
-it (:mod:`p2pdl.strategies.allreduce_overlap`). The round is the same: one group per attempt,
-every bucket a sub-round of it, applied only when every bucket completed. Each element is
-averaged in rank order either way, so overlap changes no bit of the result.
+Without overlap the gradients are views of one flat vector that backward accumulates into (as with
+DDP's ``gradient_as_bucket_view``), so a round copies nothing in
+(:mod:`p2pdl.strategies.flat_vector`). With ``strategy.overlap`` (H = 1, uncompressed, float32
+parameters on the CPU) they live in flat buckets instead, and each bucket's reduce-scatter and
+all-gather start from a backward hook as soon as backward has filled it
+(:mod:`p2pdl.strategies.allreduce_overlap`). The round is the same: one group per attempt, every
+bucket a sub-round of it, applied only when every bucket completed. Each element is averaged in
+rank order either way, so overlap changes no bit of the result.
 
 With ``[compression]`` on, gradients go through a compressed reduce-scatter that re-compresses
 the partial sums instead (:mod:`p2pdl.strategies.allreduce_compressed`): every peer decodes the
@@ -44,32 +47,17 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from p2pdl.core.groups import (
-    ABORT,
-    Agreement,
-    Group,
-    donor_group,
-    group_meta,
-    quorum,
-    wire_round,
-)
-from p2pdl.core.mixing import exact_mean, flatten_into, unflatten_chunks_into
-from p2pdl.errors import (
-    AllReduceIncompleteError,
-    FrameSchemaError,
-    QuorumLostError,
-    TransportError,
-)
-from p2pdl.faults import at as inject_fault
+from p2pdl.core.groups import Agreement, donor_group, quorum
+from p2pdl.errors import FrameSchemaError, TransportError
 from p2pdl.strategies.allreduce_compressed import CompressedReduceScatter
-from p2pdl.strategies.allreduce_overlap import Launch, OverlapRounds
 from p2pdl.strategies.allreduce_powersgd import PowerSGDRounds
+from p2pdl.strategies.allreduce_round import AllReduceRounds
 from p2pdl.strategies.base import (
     RoundConfig,
     RoundOutcome,
@@ -78,18 +66,9 @@ from p2pdl.strategies.base import (
     StrategyContext,
     wire_dtype,
 )
-from p2pdl.strategies.buckets import PADDING, GradientBuckets, flat_views, is_view, piece_layout
-from p2pdl.strategies.exact_rounds import (
-    ALL_GATHER,
-    GROUP_NOTICE,
-    LOOK_EVERY,
-    REDUCE_SCATTER,
-    Attempt,
-    Behind,
-    GroupNotices,
-    first_failure,
-)
-from p2pdl.tasks import TaskOwner, reap
+from p2pdl.strategies.buckets import PADDING, GradientBuckets
+from p2pdl.strategies.exact_rounds import ALL_GATHER, GROUP_NOTICE, REDUCE_SCATTER, GroupNotices
+from p2pdl.strategies.flat_vector import FlatVector
 from p2pdl.wire import Frame, TensorSpec
 from p2pdl.wire.frame import dtype_name
 
@@ -163,16 +142,9 @@ class AllReduceStrategy(StrategyBase):
             )
         self.raw_bytes = 0
         self.payload_bytes = 0
-        # Host-side wire buffers, reused every step: the flat vector (total,) and the averaged chunk,
-        # each followed by zeros so that every chunk of any group size is ceil(total / n) long.
-        # With overlap the buckets replace both (below).
-        flat_size = self._total + MAX_GROUP
-        self._flat = torch.zeros(flat_size, dtype=self._wire_dtype)
-        self._averaged = torch.zeros(flat_size, dtype=self._wire_dtype)
         self._quorum = quorum(len(ctx.configured), self.config.min_peers)
         initial = [n for n in ctx.configured if n in ctx.topology().names]
         self._agreement = Agreement(ctx.name, ctx.configured, initial)  # PROTOCOL.md §11.3
-        self._sizes: set[int] = set()  # data kinds used, so their mailbox rounds can be closed
         self._adopted: int | None = None  # the step a resync loaded, for the node
         self._skip_local_step = False
         self._consistent = asyncio.Event()  # clear between an applied gradient round and its step
@@ -182,10 +154,6 @@ class AllReduceStrategy(StrategyBase):
         self._round_params: list[torch.Tensor] | None = None
         if self.config.local_steps > 1:
             self._round_params = [p.detach().clone() for _, p in ctx.parameters]
-        # Which of this attempt's all-gather chunks went out (suffixes; "" without buckets): once
-        # all did, the attempt ends only by a decision (PROTOCOL.md §11.4).
-        self._ag_out: set[str] = set()
-        self._pieces_applied = 0  # sub-rounds of applied attempts (one per attempt without pieces)
         self._notices = GroupNotices(
             ctx,
             self._agreement,
@@ -193,10 +161,6 @@ class AllReduceStrategy(StrategyBase):
             round_deadline=self.round_deadline,
             quorum_timeout=self.config.quorum_timeout,
         )
-        # Overlap (H = 1, uncompressed, float32 parameters on the CPU): gradients live in buckets
-        # reduced while backward runs (allreduce_overlap.py).
-        self._overlap: OverlapRounds | None = None
-        self._tasks = TaskOwner(f"{ctx.name}:allreduce")
         # H = 1: seconds per phase of the step, summed (status()["phase_seconds"]): forward and
         # backward (from before_backward to reduce_gradients), the wait in reduce_gradients (the
         # whole exchange without overlap, the buckets' tail with it), and the copies into and out
@@ -205,35 +169,50 @@ class AllReduceStrategy(StrategyBase):
         # thread, so pieces whose copies queue behind each other are not counted twice.
         self.phase_seconds = {"forward_backward": 0.0, "reduce": 0.0, "copies": 0.0}
         self._backward_started: float | None = None
+        # The exact rounds (allreduce_round.py), over the flat vector or the buckets.
+        self._rounds = AllReduceRounds(
+            ctx,
+            self._agreement,
+            self._notices,
+            self._gradient_buffers(),
+            total=self._total,
+            wire_dtype=self._wire_dtype,
+            quorum=self._quorum,
+            strict=self._strict,
+            quorum_timeout=self.config.quorum_timeout,
+            pipeline=self.config.pipeline,
+            phase_seconds=self.phase_seconds,
+            send=self._send,
+            round_deadline=self.round_deadline,
+            observe_round=self.observe_round,
+            catch_up=self._catch_up,
+        )
+
+    def _gradient_buffers(self) -> FlatVector | GradientBuckets:
+        """Where a round's input lives. With overlap (H = 1, uncompressed, float32 parameters on
+        the CPU) the gradients live in buckets reduced while backward runs (allreduce_overlap.py).
+        Otherwise in the flat vector (flat_vector.py), whose views they are on the plain path
+        (H = 1, uncompressed, parameters of the wire dtype on the CPU), as DDP's
+        gradient_as_bucket_view makes them: a gradient round then copies nothing in or out."""
+        params = [p for _, p in self._ctx.parameters]
         if self.config.overlap and self.config.local_steps == 1 and self._powersgd is None:
-            params = [p for _, p in ctx.parameters]
             if params and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
-                self._overlap = OverlapRounds(self, GradientBuckets(params, self.config.bucket_mb))
-                self._flat = self._averaged = torch.zeros(0, dtype=self._wire_dtype)  # the buckets replace them
-            else:
-                log.info(
-                    "strategy.overlap: parameters are not all float32 on the CPU; gradients are averaged after backward"
-                )
-        # Without overlap (H = 1, uncompressed, parameters of the wire dtype on the CPU): the
-        # gradients are views of the flat vector, as DDP's gradient_as_bucket_view makes them.
-        # before_backward binds them and backward accumulates straight into the flat vector, so a
-        # round has no flatten copy; its result is assembled in the averaged buffer, and applying
-        # it rebinds the gradients there and swaps the two buffers' roles (_swap_buffers): no copy
-        # either. A gradient rebound by other code is copied in once and bound again.
-        self._grad_views: list[torch.Tensor] | None = None
-        self._averaged_views: list[torch.Tensor] = []  # the same views of the averaged buffer
-        self._flat_is_grads = False  # this round's gradients are the views (set by _into_flat)
+                return GradientBuckets(params, self.config.bucket_mb)
+            log.info(
+                "strategy.overlap: parameters are not all float32 on the CPU; gradients are averaged after backward"
+            )
         uncompressed = self._powersgd is None and self._compressed is None
-        if self._overlap is None and self.config.local_steps == 1 and uncompressed:
-            params = [p for _, p in ctx.parameters]
-            if params and all(p.dtype == self._wire_dtype and p.device == self._flat.device for p in params):
-                self._grad_views = flat_views(self._flat, params)
-                self._averaged_views = flat_views(self._averaged, params)
+        views = self.config.local_steps == 1 and uncompressed
+        return FlatVector(params, self._wire_dtype, padding=MAX_GROUP, views=views)
 
     # ------------------------------------------------------------------ wire
 
     def _participants(self) -> tuple[str, ...]:
         return self._ctx.topology().names
+
+    @property
+    def _strict(self) -> bool:
+        return self.config.on_failure == "strict"
 
     def round_deadline(self) -> float:
         """Seconds one phase of an attempt (and its decision) waits for the members' frames.
@@ -259,16 +238,6 @@ class AllReduceStrategy(StrategyBase):
     def _chunk_size(self, size: int) -> int:
         return math.ceil(self._total / size)
 
-    def _layout(self, size: int) -> list[tuple[int, int, int]]:
-        """(start, length, chunk) of each piece a group of ``size`` reduces (``strategy.pipeline``)."""
-        return piece_layout(self._total, self.config.pipeline, size)
-
-    def _piece_kinds(self, size: int) -> list[str]:
-        """The data kinds' suffixes of a group of ``size``: "" for the whole vector, "_k" per piece."""
-        if self.config.pipeline == 1:
-            return [""]
-        return [f"_{k}" for k in range(len(self._layout(size)))]
-
     def communication_peers(self) -> tuple[str, ...]:
         return tuple(p for p in self._participants() if p != self._ctx.name)
 
@@ -280,40 +249,27 @@ class AllReduceStrategy(StrategyBase):
         factors = self._powersgd.expected_tensors(kind) if self._powersgd is not None else None
         if factors is not None:
             return factors
-        if self._overlap is not None:
-            spec = self._overlap.expected_tensors(_bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER))
+        overlap = self._rounds.overlap
+        if overlap is not None:
+            spec = overlap.expected_tensors(_bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER))
             if spec is not None:
                 return spec
         compressed = self._compressed.expected_tensors(kind) if self._compressed is not None else None
         if compressed is not None:
             return compressed
         piece = _bucket_kind(kind, REDUCE_SCATTER) or _bucket_kind(kind, ALL_GATHER)
-        if self._overlap is None and self.config.pipeline > 1 and piece is not None:
-            layout = self._layout(piece[0])
+        if overlap is None and self.config.pipeline > 1 and piece is not None:
+            layout = self._rounds.layout(piece[0])
             if piece[1] < len(layout):
                 return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(layout[piece[1]][2],))}
         size = _group_size(kind, REDUCE_SCATTER) or _group_size(kind, ALL_GATHER)
         if size is None or self.config.pipeline > 1:
             raise FrameSchemaError(
                 f"allreduce peers exchange only 'xg', 'rs<n>' and 'ag<n>' frames (and 'rs<n>_<k>', 'ag<n>_<k>' "
-                f"for bucket k < {len(self._overlap.buckets.buckets) if self._overlap else 0} with strategy.overlap, "
+                f"for bucket k < {len(overlap.buckets.buckets) if overlap else 0} with strategy.overlap, "
                 f"for piece k of the group's layout with strategy.pipeline = {self.config.pipeline} > 1), got {kind!r}"
             )
         return {"chunk": TensorSpec(dtype=dtype_name(self._wire_dtype), shape=(self._chunk_size(size),))}
-
-    def _gradients(self) -> list[torch.Tensor]:
-        grads = []
-        for _, p in self._ctx.parameters:
-            if p.grad is None:  # an unused parameter contributes zeros, as DDP does
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        return grads
-
-    @staticmethod
-    @torch.no_grad()
-    def _write_back(chunks_in_rank_order: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:
-        """Copy the averaged chunks straight into the tensors: one copy, no flat intermediate."""
-        unflatten_chunks_into(chunks_in_rank_order, tensors)
 
     async def _send(self, frames: Mapping[str, Frame]) -> None:
         """Send each distinct frame once to its recipients; a broken link is a missing frame, not an error.
@@ -333,371 +289,7 @@ class AllReduceStrategy(StrategyBase):
             if isinstance(result, BaseException):
                 raise result
 
-    # ------------------------------------------------------------------ one round
-
-    async def _gather(
-        self, kind: str, wire: int, others: Sequence[str], round_index: int, group: Group, *, act: bool
-    ) -> tuple[dict[str, Frame], Group | None]:
-        """The members' frames of one phase, until all came, the deadline passed, a pending member
-        is known lost (:meth:`GroupNotices.lost`) or (``act``) a higher proposal that includes this peer appeared."""
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadline = began + self.round_deadline()
-        encoded = group.encoded()
-        got: dict[str, Frame] = {}
-        down_since: dict[str, float] = {}
-        while True:
-            pending = [n for n in others if n not in got]
-            now = loop.time()
-            lost, reason = self._notices.lost(pending, round_index, group, down_since, now)
-            if not pending or now >= deadline or lost:
-                if not lost:  # every frame came, or the deadline passed: a measured phase wait
-                    self.observe_round(now - began)
-                if pending:
-                    self._notices.attempt_endings[reason.partition(":")[0] or "deadline"] += 1
-                    log.info(
-                        "%s: round %d epoch %d %s: no frame from %s after %.2f s (%s)",
-                        self._ctx.name,
-                        round_index,
-                        group.epoch,
-                        kind,
-                        ",".join(pending),
-                        now - began,
-                        reason or "deadline",
-                    )
-                return got, None
-            arrived = await self._ctx.exchange.collect(kind, wire, pending, min(LOOK_EVERY, deadline - now))
-            for sender, frame in arrived.items():
-                # Same wire round means same epoch; a different member list (a conflicting
-                # proposal of the same epoch) makes the contribution unusable: it counts as missing.
-                if frame.meta.get("group") == encoded and frame.step == round_index:
-                    got[sender] = frame
-            adopt = self._notices.read(round_index, group, act=act)
-            if adopt is not None:
-                self._notices.attempt_endings["adopted"] += 1
-                log.info(
-                    "%s: round %d epoch %d %s: adopting epoch %d %s after %.2f s",
-                    self._ctx.name,
-                    round_index,
-                    group.epoch,
-                    kind,
-                    adopt.epoch,
-                    adopt.encoded(),
-                    loop.time() - began,
-                )
-                return got, adopt
-
-    async def _scatter_gather(
-        self,
-        round_index: int,
-        group: Group,
-        local: torch.Tensor,
-        averaged: torch.Tensor,
-        chunk: int,
-        suffix: str,
-        run: Callable[[Callable[[], Any]], Awaitable[Any]],
-    ) -> tuple[Attempt | None, dict[str, Frame]]:
-        """Steps 3 and 5 of PROTOCOL.md §11.3 over one vector: send chunk r of ``local`` to rank r
-        (kind ``rs<n><suffix>``), average the chunk this peer owns in rank order into its chunk of
-        ``averaged`` (on ``run``'s thread) and send it to every member (``ag<n><suffix>``).
-        Returns the failed attempt, or None and the members' all-gather frames."""
-        members, me = group.members, self._ctx.name
-        size, rank = group.size, members.index(me)
-        others = tuple(p for p in members if p != me)
-        wire = wire_round(round_index, group.epoch)
-        meta = group_meta(round_index, group, self._agreement.prev, "rs")
-        rs_kind, ag_kind = f"{REDUCE_SCATTER}{size}{suffix}", f"{ALL_GATHER}{size}{suffix}"
-
-        def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
-            return buffer[index * chunk : (index + 1) * chunk]
-
-        scatter = {
-            p: Frame(
-                kind=rs_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": piece(local, r)}
-            )
-            for r, p in enumerate(members)
-            if p != me
-        }
-        await self._send(scatter)
-        if hold := inject_fault("rs", round_index):  # P2PDL_FAULT: die with the chunks out
-            await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
-        scattered, adopt = await self._gather(rs_kind, wire, others, round_index, group, act=True)
-        if adopt is not None:
-            return Attempt(False, phase="rs", adopt=adopt), {}
-        missing = tuple(p for p in others if p not in scattered)
-        if missing:
-            return Attempt(False, missing, "rs"), {}
-        in_rank_order = [piece(local, rank) if p == me else scattered[p].tensors["chunk"] for p in members]
-        own = piece(averaged, rank)
-        if hold := inject_fault("mean", round_index):  # P2PDL_FAULT: freeze with every rs chunk in hand
-            await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
-        await run(lambda: exact_mean(in_rank_order, own))
-        gather_frame = Frame(kind=ag_kind, sender=me, round=wire, step=round_index, meta=meta, tensors={"chunk": own})
-        # From here on this peer's average is out: some members may be full, so this attempt ends
-        # only by a decision (PROTOCOL.md §11.4).
-        self._ag_out.add(suffix)
-        await self._send(dict.fromkeys(others, gather_frame))
-        if hold := inject_fault("ag", round_index):
-            await asyncio.sleep(hold)  # hang: heartbeats go on, this peer's frames do not
-        gathered, _ = await self._gather(ag_kind, wire, others, round_index, group, act=False)
-        missing = tuple(p for p in others if p not in gathered)
-        if missing:
-            return Attempt(False, missing, "ag"), {}
-        return None, gathered
-
-    @property
-    def _strict(self) -> bool:
-        return self.config.on_failure == "strict"
-
-    async def _failed(self, round_index: int, group: Group, failed: Attempt, *, all_out: bool) -> Attempt:
-        """An attempt that lacked a frame. Before this peer's all-gather chunks all went out, no
-        member can be full: the attempt is aborted here and now. After, the members decide it
-        (a COMMIT raises Behind: this peer downloads the result)."""
-        if all_out and not self._strict:
-            await self._notices.decide(round_index, group, full=False)  # only ABORT returns
-        else:
-            self._notices.abandon(round_index, group.epoch)
-        return failed
-
-    async def _attempt(self, round_index: int, group: Group, tensors: Callable[[], list[torch.Tensor]]) -> Attempt:
-        """One attempt of ``round_index`` over ``group``; the tensors change only if it completes.
-
-        With ``strategy.pipeline`` = P > 1 the flat vector is reduced in pieces (:func:`piece_layout`),
-        each a sub-round of this attempt run at once with the others: a piece's exact mean runs as
-        soon as its chunks are in and its all-gather goes out while later pieces are still in
-        flight. The first piece that fails ends the attempt (the others are cancelled). Each piece
-        assembles its result in the averaged buffer as soon as its all-gather is in (the flat
-        vector, this peer's contribution, stays untouched for a redo); it is applied only when
-        every piece completed and the attempt is decided: the gradient views are rebound to the
-        averaged buffer and the two buffers swap roles (no copy), or the parameters are written
-        from it. Each element is averaged in rank order either way: the bits do not depend on P.
-        """
-        ctx = self._ctx
-        members, me = group.members, ctx.name
-        size = group.size
-        others = tuple(p for p in members if p != me)
-        wire = wire_round(round_index, group.epoch)
-        await self._notices.notify(round_index, group, "rs")
-        if not others:
-            return Attempt(True)
-        layout = self._layout(size)
-        suffixes = self._piece_kinds(size)
-        self._sizes.add(size)
-        self._ag_out.clear()
-
-        async def piece(start: int, length: int, chunk: int, suffix: str) -> Attempt | None:
-            result = self._averaged  # this attempt's: the buffers swap only after a complete one
-            failed, gathered = await self._scatter_gather(
-                round_index, group, self._flat[start:], result[start:], chunk, suffix, ctx.run_compute
-            )
-            if failed is not None:
-                return failed
-
-            @torch.no_grad()
-            def assemble() -> float:  # the members' averaged chunks next to this peer's own
-                began = time.perf_counter()
-                for index, member in enumerate(members):
-                    count = max(0, min(chunk, length - index * chunk))
-                    if member != me and count:
-                        begin = start + index * chunk
-                        result[begin : begin + count].copy_(gathered[member].tensors["chunk"][:count])
-                return time.perf_counter() - began
-
-            # One compute thread runs every job in order: a job of a cancelled attempt still ends
-            # before any job of the next one, so it cannot write into a buffer applied later.
-            self.phase_seconds["copies"] += await ctx.run_compute(assemble)
-            return None
-
-        pieces = [
-            self._tasks.spawn(piece(start, length, chunk, suffix), f"round{round_index}{suffix}")
-            for (start, length, chunk), suffix in zip(layout, suffixes, strict=True)
-        ]
-        try:
-            try:
-                failed = await first_failure(pieces, lambda outcome: outcome)
-            except Behind:
-                if len(self._ag_out) < len(pieces):
-                    self._notices.abandon(round_index, group.epoch)
-                raise
-            finally:
-                # The first failure ends every piece (PROTOCOL.md §6), before the decision below.
-                for task in pieces:
-                    if not task.done():
-                        task.cancel()
-                await reap(pieces, expected=(Behind,))
-            if failed is not None:
-                return await self._failed(round_index, group, failed, all_out=len(self._ag_out) == len(pieces))
-            if not self._strict and await self._notices.decide(round_index, group, full=True) == ABORT:
-                return Attempt(False, phase="decided")
-            applying = time.perf_counter()
-            if self._flat_is_grads:  # the gradients are views of the flat vector: rebind, no copy
-                self._swap_buffers()
-            else:
-                await ctx.run_compute(lambda: self._write_back([self._averaged[: self._total]], tensors()))
-            self.phase_seconds["copies"] += time.perf_counter() - applying
-            self._pieces_applied += len(pieces)
-            return Attempt(True)
-        finally:
-            # Close this attempt's slots (and those of older attempts of any group size).
-            for kind in (
-                f"{prefix}{n}{suffix}"
-                for n in self._sizes
-                for prefix in (REDUCE_SCATTER, ALL_GATHER)
-                for suffix in self._piece_kinds(n)
-            ):
-                ctx.exchange.advance(kind, wire + 1)
-
-    # ------------------------------------------------------------------ gradients into the round
-
-    def before_backward(self, step: int) -> None:
-        """On the compute thread, before the closure: bind the gradients to the flat vector (the
-        plain path) or to the buckets, arming the hooks that start each bucket's exchange as soon
-        as backward has filled it (overlap)."""
-        self._backward_started = time.perf_counter()
-        if self._overlap is not None:
-            self._overlap.arm(step)
-        elif self._grad_views is not None and self.config.local_steps == 1:
-            with torch.no_grad():
-                self._flat[: self._total].zero_()
-            for (_, p), view in zip(self._ctx.parameters, self._grad_views, strict=True):
-                p.grad = view
-
-    async def close(self) -> None:
-        await self._tasks.cancel_all(self.config.round_timeout)
-        if self._overlap is not None:
-            self._overlap.close()
-        await super().close()
-
-    def _swap_buffers(self) -> None:
-        """Apply a gradient round whose result is in the averaged buffer: bind every gradient to its
-        view of it, and swap the two buffers' roles (as the overlapped buckets rebind theirs). The
-        old flat vector, this peer's own contribution, is the next round's averaged buffer."""
-        assert self._grad_views is not None
-        for (_, p), view in zip(self._ctx.parameters, self._averaged_views, strict=True):
-            p.grad = view
-        # The own chunk of the last piece reaches past the vector: its mean of the members' padding
-        # is 0 from honest peers, but the padding this peer sends must be 0 whatever they sent.
-        self._averaged[self._total :].zero_()
-        self._flat, self._averaged = self._averaged, self._flat
-        self._grad_views, self._averaged_views = self._averaged_views, self._grad_views
-
-    def _views_bound(self) -> bool:
-        """Whether every gradient is still its view of the flat vector (backward accumulated into
-        it): then the round needs no copy, and this check needs no hop to the compute thread."""
-        views = self._grad_views
-        self._flat_is_grads = views is not None and all(
-            is_view(p.grad, view) for (_, p), view in zip(self._ctx.parameters, views, strict=True)
-        )
-        return self._flat_is_grads
-
-    @torch.no_grad()
-    def _into_flat(self, tensors: Sequence[torch.Tensor], *, gradients: bool) -> None:
-        """Copy the round's input into the flat vector (compute thread); gradients that were not
-        the views (:meth:`_views_bound`) are bound to them from here on."""
-        flatten_into(tensors, self._flat[: self._total])
-        views = self._grad_views if gradients else None
-        if views is not None:
-            for (_, p), view in zip(self._ctx.parameters, views, strict=True):
-                p.grad = view
-        self._flat_is_grads = views is not None
-
-    async def _average(
-        self,
-        round_index: int,
-        tensors: Callable[[], list[torch.Tensor]],
-        launch: Launch | None = None,
-        *,
-        gradients: bool = False,
-    ) -> RoundOutcome | None:
-        """Replace ``tensors()`` by their exact mean over an agreed group, in place; None when this
-        peer found itself behind and loaded a member's state instead.
-
-        With ``launch`` (overlap) the gradients are already in the buckets, and the first attempt
-        may be running since the first bucket was ready; a redo runs over all buckets at once.
-        """
-        ctx = self._ctx
-        started = time.perf_counter() if launch is None else launch.started
-        strict = self.config.on_failure == "strict"
-        if launch is None and not (gradients and self._views_bound()):
-            await ctx.run_compute(lambda: self._into_flat(tensors(), gradients=gradients))
-            self.phase_seconds["copies"] += time.perf_counter() - started
-        first = launch.first if launch is not None else None
-        failed: Group | None = None
-        adopt: Group | None = None
-        stalled_since: float | None = None
-        waited = False
-        waiting_with: Group | None = None  # the group last waited with below quorum (logged once)
-        while True:
-            live = self._participants()
-            if first is not None:
-                group = first[0]  # proposed (above quorum) when the first bucket was ready
-            else:
-                group = (
-                    adopt if adopt is not None else self._agreement.propose(round_index, live, failed, waited=waited)
-                )
-            adopt, waited = None, False
-            try:
-                if first is not None:
-                    running, first = first[1], None
-                    outcome = await running
-                elif group.size < self._quorum:
-                    if strict:
-                        missing = self._agreement.missing_from(group)
-                        ctx.ledger.record(round_index, missing, started)
-                        raise AllReduceIncompleteError(round_index, missing)
-                    if group != waiting_with:
-                        log.info("%s: round %d: below quorum with %s", ctx.name, round_index, group.encoded())
-                        waiting_with = group
-                    stalled_since = stalled_since if stalled_since is not None else time.monotonic()
-                    adopt = await self._notices.wait_for_quorum(round_index, group, stalled_since)
-                    failed, waited = group, True
-                    continue
-                elif launch is not None:
-                    assert self._overlap is not None
-                    outcome = await self._overlap.attempt(round_index, group, launch)
-                else:
-                    outcome = await self._attempt(round_index, group, tensors)
-            except Behind as behind:
-                if strict or ctx.resync is None:
-                    raise AllReduceIncompleteError(round_index, behind.donors) from None
-                log.info("%s: round %d: behind %s, downloading state", ctx.name, round_index, ",".join(behind.donors))
-                # Tell the members this peer has left the round: none waits for its frames or
-                # proposes it until it announces again from the round it joins (PROTOCOL.md §11.5).
-                await self._notices.notify(round_index, group, "sync")
-                resyncing = time.perf_counter()
-                await self._catch_up(behind.donors)
-                log.info(
-                    "%s: round %d: resynced to step %s in %.2f s",
-                    ctx.name,
-                    round_index,
-                    self._adopted,
-                    time.perf_counter() - resyncing,
-                )
-                return None
-            if outcome.complete:
-                self._agreement.applied(group)
-                self._notices.record_applied(round_index, group.epoch)
-                ctx.ledger.record_group(group.size)
-                if stalled_since is not None:
-                    log.info(
-                        "%s: round %d applied over epoch %d (%d members) %.2f s after its first failure",
-                        ctx.name,
-                        round_index,
-                        group.epoch,
-                        group.size,
-                        time.monotonic() - stalled_since,
-                    )
-                return ctx.ledger.record(round_index, [], started)
-            if strict:
-                ctx.ledger.record(round_index, outcome.missing, started)
-                raise AllReduceIncompleteError(round_index, outcome.missing)
-            ctx.ledger.record_redo(round_index, group.epoch, outcome.phase, outcome.missing)
-            self._agreement.missed(outcome.missing)
-            adopt, failed = outcome.adopt, group
-            stalled_since = stalled_since if stalled_since is not None else time.monotonic()
-            stalled = time.monotonic() - stalled_since
-            if stalled >= self.config.quorum_timeout:
-                raise QuorumLostError(round_index, list(outcome.missing), group.size, self._quorum, stalled)
+    # ------------------------------------------------------------------ resync
 
     async def before_step(self, step: int) -> int | None:
         """A member that gossiped a step past this step's round has completed that round without
@@ -729,8 +321,9 @@ class AllReduceStrategy(StrategyBase):
         self._skip_local_step = False  # no gradient round was taken: the next step is a whole one
         return self.adopted_step()
 
-    async def _catch_up(self, donors: Sequence[str], *, at_least: int = 0) -> None:
+    async def _catch_up(self, donors: Sequence[str], *, at_least: int = 0) -> int:
         """Re-admission: load the state of a member ahead of this peer; join at the donor's round.
+        Returns the step it loaded.
 
         The donors furthest ahead by their gossiped steps are tried first: a member left out of
         the round that the others applied is as far as this peer by its notices, not by its step.
@@ -755,8 +348,16 @@ class AllReduceStrategy(StrategyBase):
         # same step, find it eligible when they propose that round (PROTOCOL.md §11.5). Announced
         # only when it arrives there, it would always be one round late and chase the group.
         await self._notices.notify(joined, self._agreement.propose(joined, self._participants(), None), "rs")
+        return step
 
     # ------------------------------------------------------------------ the node's calls
+
+    def before_backward(self, step: int) -> None:
+        """On the compute thread, before the closure: bind the gradients to the flat vector (the
+        plain path) or to the buckets, arming the hooks that start each bucket's exchange as soon
+        as backward has filled it (overlap)."""
+        self._backward_started = time.perf_counter()
+        self._rounds.before_backward(step)
 
     async def reduce_gradients(self, step: int) -> RoundOutcome | None:
         """H = 1: average gradients before the optimizer step (what DDP does)."""
@@ -770,18 +371,18 @@ class AllReduceStrategy(StrategyBase):
         outcome: RoundOutcome | None
         if self._compressed is not None:
             try:
-                outcome = await self._compressed.run(step, self._gradients)
+                outcome = await self._compressed.run(step, self._rounds.gradients)
             finally:
                 self.raw_bytes, self.payload_bytes = self._compressed.raw_bytes, self._compressed.payload_bytes
         elif self._powersgd is not None:
             try:
-                outcome = await self._powersgd.run(step, self._gradients)
+                outcome = await self._powersgd.run(step, self._rounds.gradients)
             finally:
                 self.raw_bytes, self.payload_bytes = self._powersgd.raw_bytes, self._powersgd.payload_bytes
-        elif self._overlap is not None:
-            outcome = await self._overlap.run(step)
+        elif self._rounds.overlap is not None:
+            outcome = await self._rounds.overlap.run(step)
         else:
-            outcome = await self._average(step, self._gradients, gradients=True)
+            outcome = await self._rounds.average(step, self._rounds.gradients, gradients=True)
         if outcome is not None:
             self._consistent.clear()  # until the optimizer step and the step count that follow it
         self.phase_seconds["reduce"] += time.perf_counter() - reducing
@@ -815,13 +416,17 @@ class AllReduceStrategy(StrategyBase):
         adopted, self._adopted = self._adopted, None
         return adopted
 
+    async def close(self) -> None:
+        await self._rounds.close(self.config.round_timeout)
+        await super().close()
+
     async def _parameter_round(self, step: int) -> RoundOutcome | None:
         """H > 1 (local SGD): average the parameters exactly every H steps."""
         local_steps = self.config.local_steps
         if local_steps == 1 or (step + 1) % local_steps != 0:
             return None
         self._round = step // local_steps
-        return await self._average(self._round, lambda: [p.data for _, p in self._ctx.parameters])
+        return await self._rounds.average(self._round, lambda: [p.data for _, p in self._ctx.parameters])
 
     def _round_applied(self) -> None:
         if self._round_params is not None:
@@ -863,7 +468,7 @@ class AllReduceStrategy(StrategyBase):
                 kept.copy_(p.detach())
 
     def status(self) -> dict[str, Any]:
-        ledger = self._ctx.ledger
+        ledger, overlap = self._ctx.ledger, self._rounds.overlap
         return {
             **super().status(),
             "world_size": len(self._participants()),
@@ -876,8 +481,8 @@ class AllReduceStrategy(StrategyBase):
             **self._notices.status(),
             "compression": self._ctx.compression.kind,
             "payload_compression_ratio": self.raw_bytes / self.payload_bytes if self.payload_bytes else None,
-            "overlap": {"buckets": len(self._overlap.buckets.buckets)} if self._overlap is not None else None,
-            "pipeline": {"pieces": self.config.pipeline, "pieces_applied": self._pieces_applied},
+            "overlap": {"buckets": len(overlap.buckets.buckets)} if overlap is not None else None,
+            "pipeline": {"pieces": self.config.pipeline, "pieces_applied": self._rounds.pieces_applied},
             "phase_seconds": {phase: round(value, 6) for phase, value in self.phase_seconds.items()},
             **({"warmup_stage": self._compressed.stage(self._round)} if self._compressed is not None else {}),
         }

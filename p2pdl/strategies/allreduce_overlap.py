@@ -10,7 +10,8 @@ element is averaged in rank order either way, so overlap changes no bit of the r
 Trade-off: the exact means run on a reduce thread of their own, because the compute thread is
 busy with backward; on a machine with few cores that thread competes with backward.
 :class:`OverlapRounds` owns the buckets, that thread and the step's launch; the group agreement,
-the phases and the decision stay with the strategy (:mod:`p2pdl.strategies.allreduce`).
+the phases, the decision and the redo loop stay with the rounds that own it
+(:class:`~p2pdl.strategies.allreduce_round.AllReduceRounds`).
 """
 
 from __future__ import annotations
@@ -39,26 +40,25 @@ T = TypeVar("T")
 
 
 class ExactRounds(Protocol):
-    """What the overlapped attempt uses of the strategy that owns it (``AllReduceStrategy``): its
-    agreement and notices, its phases over one vector, and its round loop."""
+    """What the overlapped attempt uses of the rounds that own it (``AllReduceRounds``, which
+    imports this module): their agreement and notices, their phases over one vector, and their
+    round loop."""
 
-    _ctx: StrategyContext
-    _agreement: Agreement
-    _notices: GroupNotices
-    _tasks: TaskOwner
-    _quorum: int
-    _wire_dtype: torch.dtype
-    _ag_out: set[str]
+    ctx: StrategyContext
+    agreement: Agreement
+    notices: GroupNotices
+    tasks: TaskOwner
+    quorum: int
+    strict: bool
+    wire_dtype: torch.dtype
+    ag_out: set[str]
     phase_seconds: dict[str, float]
 
-    @property
-    def _strict(self) -> bool: ...
+    def participants(self) -> tuple[str, ...]: ...
 
-    def _participants(self) -> tuple[str, ...]: ...
+    def gradients(self) -> list[torch.Tensor]: ...
 
-    def _gradients(self) -> list[torch.Tensor]: ...
-
-    async def _scatter_gather(
+    async def scatter_gather(
         self,
         round_index: int,
         group: Group,
@@ -69,9 +69,9 @@ class ExactRounds(Protocol):
         run: Callable[[Callable[[], Any]], Awaitable[Any]],
     ) -> tuple[Attempt | None, dict[str, Frame]]: ...
 
-    async def _failed(self, round_index: int, group: Group, failed: Attempt, *, all_out: bool) -> Attempt: ...
+    async def settle_failure(self, round_index: int, group: Group, failed: Attempt, *, all_out: bool) -> Attempt: ...
 
-    async def _average(
+    async def average(
         self,
         round_index: int,
         tensors: Callable[[], list[torch.Tensor]],
@@ -96,10 +96,10 @@ class Launch:
 class OverlapRounds:
     """The buckets of one all-reduce strategy, and the attempts that run while backward does."""
 
-    def __init__(self, strategy: ExactRounds, buckets: GradientBuckets) -> None:
-        self._s = strategy
+    def __init__(self, rounds: ExactRounds, buckets: GradientBuckets) -> None:
+        self._rounds = rounds
         self.buckets = buckets
-        self._reducer = ThreadPoolExecutor(1, thread_name_prefix=f"{strategy._ctx.name}-reduce")
+        self._reducer = ThreadPoolExecutor(1, thread_name_prefix=f"{rounds.ctx.name}-reduce")
         self._launch: Launch | None = None
         self._sizes: set[int] = set()  # group sizes used, so their mailbox rounds can be closed
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,7 +114,7 @@ class OverlapRounds:
             return None
         members, bucket = bucket_kind
         chunk = math.ceil(self.buckets.buckets[bucket].numel / members)
-        return {"chunk": TensorSpec(dtype=dtype_name(self._s._wire_dtype), shape=(chunk,))}
+        return {"chunk": TensorSpec(dtype=dtype_name(self._rounds.wire_dtype), shape=(chunk,))}
 
     def arm(self, step: int) -> None:
         """On the compute thread, before the closure: bind the gradients to the buckets and arm
@@ -142,23 +142,23 @@ class OverlapRounds:
         fails ends the attempt (the others are cancelled), and nothing is applied. Complete: every
         ``.grad`` is rebound to the averaged buffers."""
         buckets = self.buckets
-        await self._s._notices.notify(round_index, group, "rs")
+        await self._rounds.notices.notify(round_index, group, "rs")
         if group.size == 1:
             await launch.backward_done.wait()
             buckets.bind_local()  # the mean of one contribution is itself
             return Attempt(True)
         wire = wire_round(round_index, group.epoch)
         self._sizes.add(group.size)
-        self._s._ag_out.clear()
+        self._rounds.ag_out.clear()
         exchanges = [
-            self._s._tasks.spawn(self._exchange(number, round_index, group, launch), f"bucket{number}")
+            self._rounds.tasks.spawn(self._exchange(number, round_index, group, launch), f"bucket{number}")
             for number in range(len(buckets.buckets))
         ]
         try:
             failed = await first_failure(exchanges, lambda outcome: None if outcome.complete else outcome)
         except Behind:
-            if len(self._s._ag_out) < len(buckets.buckets):
-                self._s._notices.abandon(round_index, group.epoch)
+            if len(self._rounds.ag_out) < len(buckets.buckets):
+                self._rounds.notices.abandon(round_index, group.epoch)
             raise
         finally:
             for task in exchanges:
@@ -170,22 +170,22 @@ class OverlapRounds:
                 for prefix in (REDUCE_SCATTER, ALL_GATHER)
                 for number in range(len(buckets.buckets))
             ):
-                self._s._ctx.exchange.advance(kind, wire + 1)
+                self._rounds.ctx.exchange.advance(kind, wire + 1)
         if failed is not None:
-            all_out = len(self._s._ag_out) == len(buckets.buckets)
-            return await self._s._failed(round_index, group, failed, all_out=all_out)
-        if not self._s._strict and await self._s._notices.decide(round_index, group, full=True) == ABORT:
+            all_out = len(self._rounds.ag_out) == len(buckets.buckets)
+            return await self._rounds.settle_failure(round_index, group, failed, all_out=all_out)
+        if not self._rounds.strict and await self._rounds.notices.decide(round_index, group, full=True) == ABORT:
             return Attempt(False, phase="decided")
         applied = time.perf_counter()
         buckets.bind_averaged()
-        self._s.phase_seconds["copies"] += time.perf_counter() - applied
+        self._rounds.phase_seconds["copies"] += time.perf_counter() - applied
         return Attempt(True)
 
     async def _exchange(self, number: int, round_index: int, group: Group, launch: Launch) -> Attempt:
-        """Reduce-scatter then all-gather of bucket ``number`` (as the strategy's plain attempt, over the
+        """Reduce-scatter then all-gather of bucket ``number`` (as the plain attempt, over the
         bucket's buffers: chunk c = ceil(numel / n), kinds ``rs<n>_<k>`` / ``ag<n>_<k>``)."""
         bucket = self.buckets.buckets[number]
-        members, me = group.members, self._s._ctx.name
+        members, me = group.members, self._rounds.ctx.name
         chunk = math.ceil(bucket.numel / group.size)
 
         def piece(buffer: torch.Tensor, index: int) -> torch.Tensor:
@@ -198,7 +198,7 @@ class OverlapRounds:
             # A non-finite gradient is refused by every receiver: wait until backward is over,
             # when the training loop has replaced it by its overflow sentinel.
             await launch.backward_done.wait()
-        failed, gathered = await self._s._scatter_gather(
+        failed, gathered = await self._rounds.scatter_gather(
             round_index, group, bucket.local, bucket.averaged, chunk, f"_{number}", self.reduce
         )
         if failed is not None:
@@ -225,11 +225,11 @@ class OverlapRounds:
         launch.ready[number].set()
         if launch.first is not None or launch.declined:
             return
-        group = self._s._agreement.propose(step, self._s._participants(), None)
-        if group.size < self._s._quorum:
+        group = self._rounds.agreement.propose(step, self._rounds.participants(), None)
+        if group.size < self._rounds.quorum:
             launch.declined = True  # the round's loop waits for the quorum after backward
             return
-        task = self._s._tasks.spawn(self.attempt(step, group, launch), f"round{step}")
+        task = self._rounds.tasks.spawn(self.attempt(step, group, launch), f"round{step}")
         launch.first = (group, task)
 
     async def run(self, step: int) -> RoundOutcome | None:
@@ -241,7 +241,7 @@ class OverlapRounds:
         for ready in launch.ready:
             ready.set()
         try:
-            return await self._s._average(step, self._s._gradients, launch)
+            return await self._rounds.average(step, self._rounds.gradients, launch)
         finally:
             self._launch = None
             if launch.first is not None and not launch.first[1].done():

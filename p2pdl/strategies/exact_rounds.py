@@ -1,9 +1,9 @@
 """The agreement side of exact rounds: group notices, lost members and the decision (PROTOCOL.md §11).
 
-:mod:`p2pdl.strategies.allreduce` moves the tensors; :class:`GroupNotices` does the talking about
-them: it announces this peer's round, proposal and vote in ``xg`` notices, reads the peers' latest
-ones into the pure :class:`~p2pdl.core.groups.Agreement`, tells which pending members are lost
-(§11.3 step 3), waits below quorum (§11.6) and runs the decision after an all-gather
+:mod:`p2pdl.strategies.allreduce_round` moves the tensors; :class:`GroupNotices` does the talking
+about them: it announces this peer's round, proposal and vote in ``xg`` notices, reads the peers'
+latest ones into the pure :class:`~p2pdl.core.groups.Agreement`, tells which pending members are
+lost (§11.3 step 3), waits below quorum (§11.6) and runs the decision after an all-gather
 (:class:`~p2pdl.core.commit.Decision`, §11.4). It also keeps the counters of all that for
 ``/status``. Trade-off: notices are polled every :data:`LOOK_EVERY` seconds (or at once when one
 arrives) rather than pushed into a state machine, which keeps every wait a bounded loop.
