@@ -31,9 +31,10 @@ Figures, per strategy, chaos against failure-free:
   target is ``2 * median step time + detection time``, where the detection time is the
   membership's ``dead_after`` bound unless ``--detection-seconds`` gives a measured one. The run
   also measures it (``detection``): per kill and freeze, the seconds from the signal to the first
-  survivor's dead limit crossing, from the peers' "declared dead" log lines; the row's
+  survivor's "declared dead" log line about the victim; the row's
   ``stall_target_measured_seconds`` is the same target with the slowest freeze detection of the
-  run, the latency that machine and load actually gave.
+  run (a freeze nobody declared counts as its whole length), the latency that machine and load
+  actually gave.
 * **bit-identity**: at every snapshot step (every outer step for DiLoCo, every
   ``--snapshot-every`` steps for allreduce) the snapshots of all peers that wrote one are compared
   with ``torch.equal``; the figure is the number of steps compared and of steps that differed.
@@ -202,9 +203,10 @@ def run_swarm(args: argparse.Namespace, strategy: str, chaos: bool) -> dict[str,
                     name = rng.choice(sorted(candidates))
                     seconds = args.freeze_seconds if kind == "freeze" else None
                     event = Event(kind=kind, name=name, step=swarm_step, seconds=seconds)  # type: ignore[arg-type]
+                    fired_wall = time.time()  # before the signal: a restart's fire also waits and spawns
                     line = cluster.fire(event, swarm_step)
                     print(f"chaos {strategy}: {now:7.1f} s, swarm step {swarm_step}: {line}", flush=True)
-                    events.append(event.record() | {"at_seconds": round(now, 2), "at_wall": round(time.time(), 3)})
+                    events.append(event.record() | {"at_seconds": round(now, 2), "at_wall": round(fired_wall, 3)})
                     if kind == "restart":
                         restarting[name] = (now, swarm_step)
                         next_kill += args.kill_every
@@ -310,38 +312,43 @@ def stall_causes(out: Path, names: list[str], start: float, end: float) -> dict[
 def detection_latencies(out: Path, names: list[str], events: list[dict[str, Any]]) -> dict[str, Any]:
     """How long the survivors took to declare each fault's victim dead, measured in this run.
 
-    For each kill and freeze: the seconds from the signal to the moment the victim's silence
-    crossed its dead limit at the *first* survivor that declared it (an exact round ends its
-    attempt then, §11.3) and at the last one, from the peers' "declared dead" log lines. A killed
-    peer that was back before any survivor's limit passed is never declared dead; such events are
-    counted, not timed. Per kind: the events, how many were declared, and the first survivor's
-    latency (median, max)."""
-    crossings: dict[str, list[tuple[float, str]]] = defaultdict(list)  # victim -> (crossed at, survivor)
+    For each kill and freeze that fired: the seconds from the signal to the first survivor's
+    "declared dead" log line about the victim (its graph is rebuilt there, which is when the
+    exact rounds stop waiting for the victim, PROTOCOL.md §11.3) and to the last one's, and the
+    first survivor's limit crossing (``crossed_seconds``; the line follows it by up to a quarter
+    of a gossip period plus the event loop's lag). A declaration belongs to a fault if it comes
+    within :data:`DETECTION_WINDOW` seconds and before the next fault on the same victim; a
+    survivor that had a fault of its own from 30 s before the signal on is left out (a restarted
+    one hears of the victim late, through relays). A killed peer that was back before any
+    survivor's limit passed is never declared: such events are counted, not timed. Per kind: the
+    events, how many were declared, and the first survivor's latency (median, max)."""
+    declared: dict[str, list[tuple[float, float, str]]] = defaultdict(list)  # victim -> (line, crossed, survivor)
     for at, survivor, message in log_lines(out, names):
         match = DECLARED_DEAD.search(message)
         if match:
-            crossings[match[1]].append((at - (float(match[2]) - float(match[3])), survivor))
+            declared[match[1]].append((at, at - (float(match[2]) - float(match[3])), survivor))
+    fired = [e for e in events if e.get("at_wall") is not None and e.get("fired_step") is not None]
     per_event = []
-    for event in events:
-        fired = event.get("at_wall")
-        if fired is None:
-            continue
-        seen = sorted(
-            (crossed - fired, survivor)
-            for crossed, survivor in crossings[event["name"]]
-            if survivor != event["name"] and 0 <= crossed - fired <= DETECTION_WINDOW
-        )
-        first: dict[str, float] = {}
-        for latency, survivor in seen:
-            first.setdefault(survivor, latency)  # a survivor's first declaration after this fault
+    for event in fired:
+        start, victim = event["at_wall"], event["name"]
+        later = [e["at_wall"] for e in fired if e["name"] == victim and e["at_wall"] > start]
+        end = min([start + DETECTION_WINDOW, *later])
+        busy = {e["name"] for e in fired if e["name"] != victim and start - 30.0 <= e["at_wall"] <= end}
+        first: dict[str, tuple[float, float]] = {}
+        for line_at, crossed, survivor in sorted(declared[victim]):
+            if survivor != victim and survivor not in busy and start <= line_at <= end:
+                first.setdefault(survivor, (line_at - start, crossed - start))
         per_event.append(
             {
                 "kind": event["kind"],
-                "name": event["name"],
+                "name": victim,
                 "at_seconds": event["at_seconds"],
-                "first_seconds": round(min(first.values()), 3) if first else None,
-                "last_seconds": round(max(first.values()), 3) if first else None,
+                "seconds": event.get("seconds"),
+                "first_seconds": round(min(v[0] for v in first.values()), 3) if first else None,
+                "crossed_seconds": round(min(v[1] for v in first.values()), 3) if first else None,
+                "last_seconds": round(max(v[0] for v in first.values()), 3) if first else None,
                 "survivors_declaring": len(first),
+                "survivors_left_out": sorted(busy),
             }
         )
     summary: dict[str, Any] = {"events": per_event}
@@ -353,6 +360,14 @@ def detection_latencies(out: Path, names: list[str], events: list[dict[str, Any]
             "first_median_seconds": round(statistics.median(timed), 3) if timed else None,
             "first_max_seconds": round(max(timed), 3) if timed else None,
         }
+    # What a freeze cost the swarm at most before the survivors stopped waiting: its detection, or
+    # the whole freeze when nobody declared the victim dead before it thawed.
+    waits = [
+        e["first_seconds"] if e["first_seconds"] is not None else e["seconds"]
+        for e in per_event
+        if e["kind"] == "freeze" and (e["first_seconds"] is not None or e["seconds"] is not None)
+    ]
+    summary["freeze"]["slowest_seconds"] = round(max(waits), 3) if waits else None
     return summary
 
 
@@ -420,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if chaotic["median_step_seconds"] is not None:
             row["stall_target_seconds"] = round(2 * chaotic["median_step_seconds"] + detection, 3)
         row["detection_seconds"] = detection
-        measured = chaotic["detection"]["freeze"]["first_max_seconds"]
+        measured = chaotic["detection"]["freeze"]["slowest_seconds"]
         if chaotic["median_step_seconds"] is not None and measured is not None:
             # The same target with the slowest freeze detection this run actually paid.
             row["stall_target_measured_seconds"] = round(2 * chaotic["median_step_seconds"] + measured, 3)

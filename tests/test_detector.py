@@ -74,22 +74,24 @@ def test_one_long_gap_is_clipped_and_does_not_make_the_detector_lax() -> None:
     assert clipped.dead_after(THRESHOLD, FLOOR, CEILING) < 10.0
 
 
-def test_a_gap_as_long_as_the_dead_limit_is_an_outage_and_no_sample() -> None:
+def test_a_lone_outage_is_no_sample_but_a_recurring_one_is() -> None:
     kept, dropped = ArrivalWindow(clip=FLOOR), ArrivalWindow(clip=FLOOR)
     at = 0.0
     for gap in [1.0] * 8 + [12.0] + [1.0] * 3:  # a 12 s freeze in a short window (a recent restart)
         at += gap
         kept.arrived(at)
-        dropped.arrived(at, outage=FLOOR)
+        dropped.arrived(at, outage=gap >= FLOOR)
     assert len(dropped) == len(kept) - 1
     assert kept.dead_after(THRESHOLD, FLOOR, CEILING) > FLOOR  # clipped, it still made the detector lax
     assert dropped.dead_after(THRESHOLD, FLOOR, CEILING) == FLOOR
-    # Gaps shorter than the limit, however irregular, stay samples: that is how a loaded member's
-    # limit grows.
-    busy = ArrivalWindow(clip=FLOOR)
-    for at in (0.0, 1.0, 5.0, 6.0, 10.5, 11.0):
-        busy.arrived(at, outage=FLOOR + 1.0)
-    assert len(busy) == 5
+    # A live member on a loaded machine that stalls past the limit every few beats looks like a
+    # freeze each time; its stalls must still count, or it is declared dead at every one of them.
+    busy, at = ArrivalWindow(clip=FLOOR), 0.0
+    for beat in range(80):
+        gap = 6.0 if beat >= 20 and beat % 5 == 4 else 1.0  # regular at first: its limit is the floor
+        at += gap
+        busy.arrived(at, outage=gap >= busy.dead_after(THRESHOLD, FLOOR, CEILING))
+    assert busy.dead_after(THRESHOLD, FLOOR, CEILING) > 6.0
 
 
 def test_a_thawed_member_is_detected_at_the_floor_when_it_stops_again() -> None:

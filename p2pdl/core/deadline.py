@@ -69,32 +69,45 @@ def silence_for_phi(threshold: float, mean: float, std: float) -> float:
     return high
 
 
+OUTAGE_RECUR = 20  # an outage within this many arrivals of the last one left out is kept
+
+
 class ArrivalWindow:
     """The last :data:`WINDOW` heartbeat inter-arrival times of one member (seconds).
 
     ``clip``: intervals longer than this are recorded as this long. One long gap (a stall while
     the receiver started up) says no more about the rhythm than a gap of the floor does, and
     unclipped it would keep the detector lax for the next hundred heartbeats. None: no clipping.
-    A gap the caller calls an *outage* (the member was dead for part of it) is not recorded at
-    all, as Cassandra's detector ignores intervals above its maximum: even clipped to the floor,
-    one such gap in a short window (a member restarted a minute ago) lifted its limit from 5 s to
-    8 s in the chaos benchmark, so the members that fail were the ones detected slowest.
+
+    A gap that the caller calls an *outage* (the member was dead here for part of it) is left out
+    when it is the only one among the last :data:`OUTAGE_RECUR` arrivals: even clipped to the
+    floor, one freeze in a short window (a member restarted a minute ago) lifted its limit from
+    5 s to 7-8 s in the chaos benchmark, so the members that had failed once were detected
+    slowest. An outage that recurs is kept (clipped): a live member on a loaded machine that
+    stalls past its limit every few beats looks the same as a freeze to the detector, and its
+    limit must still grow, or it would be declared dead at every stall.
     """
 
     def __init__(self, size: int = WINDOW, clip: float | None = None) -> None:
         self._intervals: deque[float] = deque(maxlen=size)
         self._last: float | None = None
         self._clip = clip
+        self._since_outage: int | None = None  # arrivals since the last outage left out
 
     def __len__(self) -> int:
         return len(self._intervals)
 
-    def arrived(self, at: float, outage: float | None = None) -> None:
+    def arrived(self, at: float, *, outage: bool = False) -> None:
         """A fresh heartbeat at local time ``at``; the gap since the previous one is a sample,
-        unless it is ``outage`` seconds or longer (the caller's dead limit: an outage, no rhythm)."""
+        unless ``outage`` and no other outage came in the last :data:`OUTAGE_RECUR` arrivals."""
         if self._last is not None and at > self._last:
             gap = at - self._last
-            if outage is None or gap < outage:
+            lone = outage and (self._since_outage is None or self._since_outage >= OUTAGE_RECUR)
+            if self._since_outage is not None:
+                self._since_outage += 1
+            if lone:
+                self._since_outage = 0
+            else:
                 self._intervals.append(gap if self._clip is None else min(gap, self._clip))
         self._last = at
 

@@ -3,7 +3,7 @@
 :class:`MembershipGossip` drives a :class:`~p2pdl.membership.view.MembershipView` over a
 :class:`~p2pdl.net.transport.Transport`. Every ``gossip_interval`` it bumps its own heartbeat,
 starts one push-pull exchange with up to ``fanout`` live members (plus bootstrap seeds and members
-believed dead), and re-runs the failure detector. Whenever the live set changes it calls
+believed dead); it re-runs the failure detector four times a period. Whenever the live set changes it calls
 ``on_change``; what a change means (a rewire) is the node's business.
 
 Trade-off: each exchange runs in its own task, at most one in flight per address, bounded by
@@ -44,6 +44,10 @@ MAX_GOSSIP_BYTES = 1024 * 1024  # one digest, either direction: 4096 members fit
 # Logged for each death this peer declares; benchmarks/chaos.py reads the detection latency from it
 # (the silence crossed the limit (silent - limit) seconds before the line's time).
 DECLARED_DEAD_LOG = "member %s declared dead: silent %.3f s, limit %.3f s"
+# The detector runs this many times per gossip period, so a death takes effect within a quarter
+# period of the silence crossing its limit instead of up to a whole one (the rounds and the graph
+# see members only through the graph this rebuilds).
+DETECTOR_LOOKS = 4
 
 
 def merge_digest(view: MembershipView, body: Any, figures: FigureBook | None = None) -> bool:
@@ -129,14 +133,20 @@ class MembershipGossip:
     # ------------------------------------------------------------------ the period
 
     async def _loop(self) -> None:
+        look = self._config.gossip_interval / DETECTOR_LOOKS
         while True:
             self.view.beat()
             self.gossip_once(include_seeds=True)
-            if self.view.tick():
-                for name, silent, limit in self.view.declared_dead:
-                    log.info(DECLARED_DEAD_LOG, name, silent, limit)
-                self._on_change()
-            await asyncio.sleep(self._config.gossip_interval)
+            for _ in range(DETECTOR_LOOKS):
+                self._detect()
+                await asyncio.sleep(look)
+
+    def _detect(self) -> None:
+        """Re-run the failure detector; a death takes effect (rewire, rounds end) from here."""
+        if self.view.tick():
+            for name, silent, limit in self.view.declared_dead:
+                log.info(DECLARED_DEAD_LOG, name, silent, limit)
+            self._on_change()
 
     def targets(self, *, include_seeds: bool) -> dict[str, str | None]:
         """Up to ``fanout`` live members, plus seeds and members believed dead (address -> name)."""

@@ -7,8 +7,8 @@ heartbeat) pair (van Renesse et al. 1998). Each peer decides **locally** that a 
 ``suspect`` when its counter has not advanced for ``suspect_after`` seconds and ``dead`` when
 its silence reaches a limit learnt from that member's own heartbeat rhythm: a phi-accrual
 detector (:mod:`p2pdl.core.deadline`) over the measured inter-arrival times (each clipped at
-``suspect_after``, so one long stall does not make it lax for long; a gap that reached the dead
-limit is an outage and no sample at all), crossing
+``suspect_after``, so one long stall does not make it lax for long; a silence that reached the
+dead limit is an outage, left out unless another came within the last 20 arrivals), crossing
 ``phi_threshold``, clamped to ``[suspect_after, dead_after]`` (before enough heartbeats are
 measured, and with ``phi_threshold = 0``, the limit is ``dead_after``; a member whose counter
 was heard once and never advanced since is dead at ``suspect_after``). A regular peer is thus
@@ -300,8 +300,10 @@ class MembershipView:
                 # A new life has its own rhythm; gaps beyond the floor are recorded as the floor.
                 self._arrivals[incoming.name] = ArrivalWindow(clip=self.timing.suspect_after)
             if current is None or incoming.version > current.version:
-                # A gap that reached the dead limit was an outage (a freeze, a partition), not rhythm.
-                self._arrivals[incoming.name].arrived(at, outage=self.dead_limit(incoming.name))
+                # Silent here (no counter, no frame) for the whole dead limit: an outage (a freeze,
+                # a partition), which says little about the member's rhythm unless it recurs.
+                outage = current is not None and at - current.heard_at >= self.dead_limit(incoming.name)
+                self._arrivals[incoming.name].arrived(at, outage=outage)
             self._members[incoming.name] = replace(incoming, heard_at=at)
             self._heard.add(incoming.name)
         self._forget_tombstones(at)
