@@ -12,7 +12,8 @@ freeze: it cannot even close its sockets) or SIGKILL. The latency is, per surviv
 time from just before the signal until that peer's ``GET /members`` first shows p3 ``dead``
 (polled every 0.1 s). Each case runs once idle and once with ``--busy`` processes spinning
 ``while True: pass`` beside the peers, so the machine is oversubscribed. The detector promises
-a latency between the floor and the ceiling (plus up to one gossip period for the tick), and
+a latency between the floor and the ceiling (``GET /members`` judges the silence when asked; the
+graph and the rounds act on it at the detector's next run, four times a gossip period), and
 no live peer declared dead: ``false_deaths`` is how much the survivors' ``declared_dead``
 counters for one another grew between the signal and the victim's removal.
 
